@@ -32,6 +32,14 @@ class ProtocolAbort(QKDError):
         self.reason = reason
 
 
+class PeerAbort(ProtocolAbort):
+    """The peer announced that it aborted the round identified by ``block_id``."""
+
+    def __init__(self, stage: str, reason: str, block_id: str | None) -> None:
+        super().__init__(stage, f"peer aborted: {reason}")
+        self.block_id = block_id
+
+
 class ChannelError(QKDError):
     """The classical channel failed: closed, timed out, or a malformed frame."""
 

@@ -16,6 +16,7 @@ the authentication layer uses them to MAC whole round transcripts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,11 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qkdstack.bits import BitArray
-from qkdstack.errors import ChannelError
+from qkdstack.errors import ChannelError, PeerAbort
 from qkdstack.transport.codec import decode_message, encode_message
 
 SENT = "sent"
 RECEIVED = "received"
+
+ABORT_KIND = "round.abort"
+"""Message kind a party sends when it aborts; the peer's ``recv`` raises ProtocolAbort on it."""
 
 FrameObserver = Callable[[str, bytes], None]
 """Called with (direction, frame bytes) for every frame sent or received."""
@@ -127,16 +131,27 @@ class Channel(ABC):
         await self._send_frame(frame)
 
     async def recv(self, expect: str | None = None) -> Message:
-        """Receive the next message; if ``expect`` is given, any other kind is a protocol error."""
+        """Receive the next message; if ``expect`` is given, any other kind is a protocol error.
+
+        A peer's abort message (``round.abort``) raises :class:`~qkdstack.errors.PeerAbort` with its reason.
+        """
         frame = await self._recv_frame()
         kind, fields, disclosed = decode_message(frame)
         for observer in self._observers:
             observer(RECEIVED, frame)
         msg = Message(kind, fields, disclosed)
         self.stats.record(msg.stage, RECEIVED, len(frame), len(disclosed) if disclosed else 0)
+        if kind == ABORT_KIND and expect != ABORT_KIND:
+            raise PeerAbort(str(fields.get("stage", "peer")), str(fields.get("reason", "no reason given")),
+                            fields.get("block_id"))
         if expect is not None and kind != expect:
             raise ChannelError(f"expected message {expect!r}, received {kind!r}")
         return msg
+
+    async def send_abort(self, stage: str, reason: str, block_id: str | None = None) -> None:
+        """Tell the peer this party aborted round ``block_id`` (best effort: a dead channel is ignored)."""
+        with contextlib.suppress(Exception):  # the round is already lost; the local abort stands
+            await self.send(ABORT_KIND, stage=stage, reason=reason, block_id=block_id)
 
     @abstractmethod
     async def _send_frame(self, frame: bytes) -> None: ...
