@@ -1,0 +1,722 @@
+"""Persistent key store of a key management entity (KME): SQLite (default) or PostgreSQL.
+
+Design (see docs/kms.md for the full story):
+
+* **Chunks.** A distilled key block accepted by both sites is cut into fixed-size chunks of
+  ``chunk_bits`` bits (default 256; a trailing remainder shorter than a chunk is dropped).
+  Chunk ``i`` of block ``block_id`` on link ``link_id`` gets the ID
+  ``uuid5(CHUNK_NAMESPACE, f"{link_id}\\0{block_id}\\0{i}")``: both sites derive the same IDs from
+  data both know (the block ID is agreed in the round), without extra messages and without
+  a single key bit in the ID.
+* **Pools.** Chunk ``i`` belongs to pool ``i % 2``. The KME whose ID sorts first serves its own
+  master SAEs from pool 0, the other from pool 1, so the two sites never pick the same chunk for
+  two different keys even when both serve ``enc_keys`` at the same moment (see kms/kme.py).
+* **Keys.** A delivered key of ``size`` bits (a multiple of 8) consumes ``ceil(size / chunk_bits)``
+  chunks of one pool; its key ID is the ID of its first chunk; its bytes are the concatenated
+  chunks truncated to ``size / 8`` bytes (the unused tail of the last chunk is erased with it).
+* **States.** chunk: available -> reserved -> erased.  key: pending (master site, peer not yet
+  confirmed) -> reserved (slave site, waiting for its slave SAE(s)) -> done. Delivery reads the
+  bytes and erases them (``material = NULL``) in the same transaction that records the delivery,
+  so a key is handed out at most once even if the process is killed at any instant.
+* **Group commit.** Every operation runs on one worker thread with its own database connection.
+  Operations queued together run in one transaction, each inside its own SAVEPOINT (a failing
+  operation rolls back alone), and no caller sees a result before the COMMIT returned. With
+  SQLite ``synchronous=FULL`` a delivery is durable before its key leaves the store.
+
+Key bytes never appear in logs, reprs or exception messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import queue
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qkdstack.errors import ConfigError, KeyStoreError
+
+log = logging.getLogger(__name__)
+
+CHUNK_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:qkdstack:kms:chunk")
+"""Namespace of the name-based (RFC 9562 version 5) chunk UUIDs."""
+
+AVAILABLE, RESERVED, ERASED = 0, 1, 2
+"""Chunk states."""
+KEY_PENDING, KEY_RESERVED, KEY_DONE = 0, 1, 2
+"""Key states: pending at the master site until the peer confirmed; reserved at the slave site."""
+
+_MAX_BATCH = 128
+
+
+class KeyNotFound(KeyStoreError):
+    """One or more requested keys do not exist here or were already delivered to this SAE."""
+
+
+class KeyNotAuthorized(KeyStoreError):
+    """The requesting SAE is not among the slave SAEs the keys were reserved for."""
+
+
+class InsufficientKeys(KeyStoreError):
+    """Not enough available key material in the requested pool."""
+
+
+class StoreFull(KeyStoreError):
+    """Adding the block would exceed the link's capacity."""
+
+
+def chunk_id(link_id: str, block_id: str, index: int) -> str:
+    """The deterministic UUID of chunk ``index`` of block ``block_id`` on ``link_id``."""
+    return str(uuid.uuid5(CHUNK_NAMESPACE, f"{link_id}\0{block_id}\0{index}"))
+
+
+def chunks_per_key(size_bits: int, chunk_bits: int) -> int:
+    return max(1, math.ceil(size_bits / chunk_bits))
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    """Capacity and water marks of one link, counted in chunks (all pools, not yet erased).
+
+    ``capacity``: :meth:`KeyStore.add_block` refuses a block that would exceed it.
+    ``high_water``: :meth:`KeyStore.is_full` turns true here; key generation pauses.
+    ``low_water``: :meth:`KeyStore.is_low` turns true below it; generation should resume
+    (the gap between the two marks gives hysteresis).
+    """
+
+    capacity: int = 1 << 20
+    high_water: int = (1 << 20) - (1 << 16)
+    low_water: int = 1 << 18
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.low_water <= self.high_water <= self.capacity:
+            raise ConfigError("link limits need 0 <= low_water <= high_water <= capacity")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Key ``key_id`` made of ``chunk_ids`` (in order), ``size_bits`` long. No key material."""
+
+    key_id: str
+    chunk_ids: tuple[str, ...]
+    size_bits: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"key_ID": self.key_id, "chunk_IDs": list(self.chunk_ids), "size": self.size_bits}
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Reservation:
+        try:
+            key_id = str(uuid.UUID(str(obj["key_ID"])))
+            chunk_ids = tuple(str(uuid.UUID(str(c))) for c in obj["chunk_IDs"])
+            size = int(obj["size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KeyStoreError("malformed reservation in peer message") from exc
+        if not chunk_ids or chunk_ids[0] != key_id or size <= 0 or size % 8:
+            raise KeyStoreError("inconsistent reservation in peer message")
+        return cls(key_id, chunk_ids, size)
+
+
+@dataclass(frozen=True)
+class DeliveredKey:
+    """A key handed out: its ID and bytes (the bytes are kept out of the repr)."""
+
+    key_id: str
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class LinkCounts:
+    """Chunk counts of one link: ``available[pool]``, ``reserved``, ``erased``; ``keys_waiting``
+    counts keys reserved here for slave SAEs not yet fetched."""
+
+    available: tuple[int, int]
+    reserved: int
+    erased: int
+    keys_waiting: int
+
+    @property
+    def stored(self) -> int:
+        return self.available[0] + self.available[1] + self.reserved
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: one connection each, used only from the store's worker thread.
+
+
+class _Backend:
+    placeholder = "?"
+    blob = "BLOB"
+    bigint = "INTEGER"
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def schema(self) -> list[str]:
+        b, big = self.blob, self.bigint
+        return [
+            f"""CREATE TABLE IF NOT EXISTS qkd_blocks (
+                link_id TEXT NOT NULL, block_id TEXT NOT NULL, seq {big} NOT NULL,
+                n_chunks INTEGER NOT NULL, chunk_bits INTEGER NOT NULL, added_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (link_id, block_id))""",
+            f"""CREATE TABLE IF NOT EXISTS qkd_chunks (
+                chunk_id TEXT PRIMARY KEY, link_id TEXT NOT NULL, block_seq {big} NOT NULL,
+                idx INTEGER NOT NULL, pool SMALLINT NOT NULL, state SMALLINT NOT NULL,
+                key_id TEXT, pos INTEGER, material {b})""",
+            """CREATE INDEX IF NOT EXISTS qkd_chunks_avail
+                ON qkd_chunks (link_id, pool, block_seq, idx) WHERE state = 0""",
+            "CREATE INDEX IF NOT EXISTS qkd_chunks_key ON qkd_chunks (key_id)",
+            """CREATE TABLE IF NOT EXISTS qkd_keys (
+                key_id TEXT PRIMARY KEY, link_id TEXT NOT NULL, size_bits INTEGER NOT NULL,
+                master_sae TEXT NOT NULL, slaves TEXT NOT NULL, remaining TEXT NOT NULL,
+                state SMALLINT NOT NULL, local_master SMALLINT NOT NULL, created_at DOUBLE PRECISION NOT NULL)""",
+            "CREATE INDEX IF NOT EXISTS qkd_keys_pending ON qkd_keys (link_id) WHERE state = 0",
+        ]
+
+
+class _SQLiteBackend(_Backend):
+    def __init__(self, path: Path, synchronous: str) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Create the database and its WAL/shared-memory companions 0600 *before* SQLite opens them
+        # (SQLite then keeps the mode; it also copies the main file's mode to files it creates).
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            os.chmod(p, 0o600)
+        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=True)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.conn.execute("PRAGMA secure_delete=ON")  # freed pages (erased keys) are overwritten with zeros
+        self.conn.execute("PRAGMA busy_timeout=10000")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.conn.executemany(sql, rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _PostgresBackend(_Backend):
+    placeholder = "%s"
+    blob = "BYTEA"
+    bigint = "BIGINT"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        try:
+            self.conn = psycopg.connect(url, autocommit=True)
+        except psycopg.Error as exc:
+            raise KeyStoreError(f"cannot connect to the PostgreSQL key store: {type(exc).__name__}") from None
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        cur = self.conn.execute(self._sql(sql), params, prepare=False)
+        return cur.fetchall() if cur.description is not None else []
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(self._sql(sql), rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _in(n: int) -> str:
+    return "(" + ",".join("?" * n) + ")"
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations: plain functions run inside a transaction on the worker thread.
+
+
+def _op_add_block(db: _Backend, link_id: str, block_id: str, key: bytes, chunk_bits: int, limits: LinkLimits) -> int:
+    nbytes = chunk_bits // 8
+    n = len(key) // nbytes
+    if db.execute("SELECT 1 FROM qkd_blocks WHERE link_id = ? AND block_id = ?", (link_id, block_id)):
+        raise KeyStoreError(f"block {block_id!r} is already stored on link {link_id!r}")
+    stored = db.execute("SELECT COUNT(*) FROM qkd_chunks WHERE link_id = ? AND state < 2", (link_id,))[0][0]
+    if stored + n > limits.capacity:
+        raise StoreFull(f"link {link_id!r} is full ({stored} of {limits.capacity} chunks); block not stored")
+    seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM qkd_blocks WHERE link_id = ?", (link_id,))[0][0]
+    db.execute(
+        "INSERT INTO qkd_blocks (link_id, block_id, seq, n_chunks, chunk_bits, added_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (link_id, block_id, seq, n, chunk_bits, time.time()),
+    )
+    rows = [
+        (chunk_id(link_id, block_id, i), link_id, seq, i, i % 2, AVAILABLE, key[i * nbytes : (i + 1) * nbytes])
+        for i in range(n)
+    ]
+    db.executemany(
+        "INSERT INTO qkd_chunks (chunk_id, link_id, block_seq, idx, pool, state, material)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return n
+
+
+def _op_reserve(
+    db: _Backend,
+    link_id: str,
+    pool: int,
+    number: int,
+    size_bits: int,
+    chunk_bits: int,
+    master: str,
+    slaves: list[str],
+) -> list[Reservation]:
+    per_key = chunks_per_key(size_bits, chunk_bits)
+    need = number * per_key
+    rows = db.execute(
+        "SELECT chunk_id FROM qkd_chunks WHERE link_id = ? AND pool = ? AND state = 0 ORDER BY block_seq, idx LIMIT ?",
+        (link_id, pool, need),
+    )
+    if len(rows) < need:
+        raise InsufficientKeys(f"link {link_id!r} holds {len(rows)} chunks for this direction, {need} needed")
+    ids = [r[0] for r in rows]
+    out: list[Reservation] = []
+    updates = []
+    now = time.time()
+    key_rows = []
+    slaves_json = json.dumps(sorted(slaves))
+    for k in range(number):
+        group = tuple(ids[k * per_key : (k + 1) * per_key])
+        out.append(Reservation(group[0], group, size_bits))
+        updates.extend((group[0], pos, cid) for pos, cid in enumerate(group))
+        key_rows.append((group[0], link_id, size_bits, master, slaves_json, "[]", KEY_PENDING, 1, now))
+    db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ? AND state = 0", updates)
+    db.executemany(
+        "INSERT INTO qkd_keys (key_id, link_id, size_bits, master_sae, slaves, remaining, state, local_master,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        key_rows,
+    )
+    return out
+
+
+def _op_accept(
+    db: _Backend,
+    link_id: str,
+    pool: int,
+    reservations: list[Reservation],
+    chunk_bits: int,
+    master: str,
+    slaves: list[str],
+) -> None:
+    slaves_json = json.dumps(sorted(slaves))
+    now = time.time()
+    updates = []
+    key_rows = []
+    for r in reservations:
+        if len(r.chunk_ids) != chunks_per_key(r.size_bits, chunk_bits):
+            raise KeyStoreError(f"reservation {r.key_id} has the wrong number of chunks for its size")
+        existing = db.execute("SELECT link_id, size_bits FROM qkd_keys WHERE key_id = ?", (r.key_id,))
+        if existing:
+            # Idempotent retry of the same reservation (the answer to the first try was lost).
+            have = db.execute("SELECT chunk_id FROM qkd_chunks WHERE key_id = ? ORDER BY pos", (r.key_id,))
+            if existing[0] != (link_id, r.size_bits) or tuple(c[0] for c in have) != r.chunk_ids:
+                raise KeyStoreError(f"key {r.key_id} is already reserved differently")
+            continue
+        found = db.execute(
+            f"SELECT chunk_id, link_id, pool, state FROM qkd_chunks WHERE chunk_id IN {_in(len(r.chunk_ids))}",
+            r.chunk_ids,
+        )
+        if len(found) != len(r.chunk_ids):
+            raise KeyStoreError(f"key {r.key_id}: chunks unknown here (block not stored yet?)")
+        for _cid, lk, pl, st in found:
+            if lk != link_id or pl != pool:
+                raise KeyStoreError(f"key {r.key_id}: chunk from another link or the other site's pool")
+            if st != AVAILABLE:
+                raise KeyStoreError(f"key {r.key_id}: chunk no longer available")
+        updates.extend((r.key_id, pos, cid) for pos, cid in enumerate(r.chunk_ids))
+        key_rows.append((r.key_id, link_id, r.size_bits, master, slaves_json, slaves_json, KEY_RESERVED, 0, now))
+    db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ?", updates)
+    db.executemany(
+        "INSERT INTO qkd_keys (key_id, link_id, size_bits, master_sae, slaves, remaining, state, local_master,"
+        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        key_rows,
+    )
+
+
+def _read_and_erase(db: _Backend, key_rows: list[tuple[str, int]], erase: set[str]) -> list[DeliveredKey]:
+    """Concatenate each key's chunks; erase the chunks of keys in ``erase`` (same transaction)."""
+    ids = [k for k, _ in key_rows]
+    parts: dict[str, list[bytes]] = {k: [] for k in ids}
+    for kid, material in db.execute(
+        f"SELECT key_id, material FROM qkd_chunks WHERE key_id IN {_in(len(ids))} ORDER BY key_id, pos", ids
+    ):
+        if material is None:
+            raise KeyStoreError("key material already erased")  # cannot happen if states are consistent
+        parts[kid].append(bytes(material))
+    out = [DeliveredKey(kid, b"".join(parts[kid])[: size // 8]) for kid, size in key_rows]
+    if erase:
+        e = sorted(erase)
+        db.execute(f"UPDATE qkd_chunks SET state = 2, material = NULL WHERE key_id IN {_in(len(e))}", e)
+    return out
+
+
+def _op_deliver_master(db: _Backend, key_ids: list[str]) -> list[DeliveredKey]:
+    rows = db.execute(f"SELECT key_id, size_bits, state FROM qkd_keys WHERE key_id IN {_in(len(key_ids))}", key_ids)
+    info = {r[0]: r for r in rows}
+    for k in key_ids:
+        if k not in info or info[k][2] != KEY_PENDING:
+            raise KeyNotFound("one or more keys specified are not found on KME")
+    out = _read_and_erase(db, [(k, info[k][1]) for k in key_ids], set(key_ids))
+    db.execute(f"UPDATE qkd_keys SET state = 2 WHERE key_id IN {_in(len(key_ids))}", key_ids)
+    return out
+
+
+def _op_deliver_slave(db: _Backend, key_ids: list[str], sae_id: str, master: str | None) -> list[DeliveredKey]:
+    rows = db.execute(
+        f"SELECT key_id, size_bits, state, slaves, remaining, master_sae, local_master FROM qkd_keys"
+        f" WHERE key_id IN {_in(len(key_ids))}",
+        key_ids,
+    )
+    info = {r[0]: r for r in rows}
+    unauthorized = False
+    for k in key_ids:
+        r = info.get(k)
+        if r is None or r[6] == 1 or (master is not None and r[5] != master):
+            raise KeyNotFound("one or more keys specified are not found on KME")
+        if sae_id not in json.loads(r[3]):
+            unauthorized = True
+    if unauthorized:
+        raise KeyNotAuthorized("the requesting SAE is not a slave SAE of one or more keys specified")
+    for k in key_ids:
+        r = info[k]
+        if r[2] != KEY_RESERVED or sae_id not in json.loads(r[4]):
+            raise KeyNotFound("one or more keys specified are not found on KME")
+    erase: set[str] = set()
+    updates = []
+    for k in key_ids:
+        remaining = [s for s in json.loads(info[k][4]) if s != sae_id]
+        if not remaining:
+            erase.add(k)
+        updates.append((json.dumps(remaining), KEY_DONE if not remaining else KEY_RESERVED, k))
+    out = _read_and_erase(db, [(k, info[k][1]) for k in key_ids], erase)
+    db.executemany("UPDATE qkd_keys SET remaining = ?, state = ? WHERE key_id = ?", updates)
+    return out
+
+
+def _op_release(db: _Backend, key_ids: list[str]) -> int:
+    """Undo a pending reservation whose key bits never left this site (the peer refused it)."""
+    rows = db.execute(f"SELECT key_id FROM qkd_keys WHERE key_id IN {_in(len(key_ids))} AND state = 0", key_ids)
+    ids = [r[0] for r in rows]
+    if ids:
+        db.execute(f"UPDATE qkd_chunks SET state = 0, key_id = NULL, pos = NULL WHERE key_id IN {_in(len(ids))}", ids)
+        db.execute(f"DELETE FROM qkd_keys WHERE key_id IN {_in(len(ids))}", ids)
+    return len(ids)
+
+
+def _op_discard(db: _Backend, link_id: str, chunk_ids: list[str]) -> int:
+    """Erase these chunks (whatever their state) and close the keys they belonged to."""
+    if not chunk_ids:
+        return 0
+    ph = _in(len(chunk_ids))
+    keys = db.execute(
+        f"SELECT DISTINCT key_id FROM qkd_chunks WHERE chunk_id IN {ph} AND key_id IS NOT NULL", chunk_ids
+    )
+    rows = db.execute(f"SELECT COUNT(*) FROM qkd_chunks WHERE chunk_id IN {ph} AND state < 2", chunk_ids)
+    db.execute(
+        f"UPDATE qkd_chunks SET state = 2, material = NULL WHERE link_id = ? AND chunk_id IN {ph}",
+        [link_id, *chunk_ids],
+    )
+    k = [r[0] for r in keys]
+    if k:
+        db.execute(f"UPDATE qkd_keys SET state = 2, remaining = '[]' WHERE key_id IN {_in(len(k))}", k)
+    return rows[0][0]
+
+
+def _op_pending(db: _Backend, link_id: str) -> list[Reservation]:
+    rows = db.execute(
+        "SELECT k.key_id, k.size_bits, c.chunk_id FROM qkd_keys k JOIN qkd_chunks c ON c.key_id = k.key_id"
+        " WHERE k.link_id = ? AND k.state = 0 ORDER BY k.key_id, c.pos",
+        (link_id,),
+    )
+    groups: dict[str, tuple[int, list[str]]] = {}
+    for kid, size, cid in rows:
+        groups.setdefault(kid, (size, []))[1].append(cid)
+    return [Reservation(k, tuple(c), s) for k, (s, c) in groups.items()]
+
+
+def _op_counts(db: _Backend, link_id: str) -> LinkCounts:
+    avail = [0, 0]
+    reserved = erased = 0
+    for pool, state, n in db.execute(
+        "SELECT pool, state, COUNT(*) FROM qkd_chunks WHERE link_id = ? GROUP BY pool, state", (link_id,)
+    ):
+        if state == AVAILABLE:
+            avail[pool] += n
+        elif state == RESERVED:
+            reserved += n
+        else:
+            erased += n
+    waiting = db.execute("SELECT COUNT(*) FROM qkd_keys WHERE link_id = ? AND state = 1", (link_id,))[0][0]
+    return LinkCounts((avail[0], avail[1]), reserved, erased, waiting)
+
+
+def _op_chunk_states(db: _Backend, link_id: str) -> dict[str, tuple[int, str | None]]:
+    """chunk ID -> (state, key ID) of every chunk of a link (audits and tests; no key material)."""
+    return {
+        r[0]: (r[1], r[2])
+        for r in db.execute("SELECT chunk_id, state, key_id FROM qkd_chunks WHERE link_id = ?", (link_id,))
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class KeyStore:
+    """The key store: one API over SQLite or PostgreSQL, used from asyncio code.
+
+    Open with :func:`open_store`. All methods are coroutines; each is one transaction (group
+    committed with whatever other operations are queued at the same moment).
+    """
+
+    def __init__(
+        self,
+        backend_factory: Callable[[], _Backend],
+        *,
+        chunk_bits: int = 256,
+        limits: LinkLimits | None = None,
+        description: str = "",
+    ) -> None:
+        if chunk_bits <= 0 or chunk_bits % 8:
+            raise ConfigError("chunk_bits must be a positive multiple of 8")
+        self.chunk_bits = chunk_bits
+        self.default_limits = limits or LinkLimits()
+        self._limits: dict[str, LinkLimits] = {}
+        self.description = description
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._worker, args=(backend_factory, ready), name="qkd-keystore", daemon=True
+        )
+        self._thread.start()
+        err = ready.get()
+        if err is not None:
+            self._thread.join()
+            raise err
+
+    def __repr__(self) -> str:
+        return f"KeyStore({self.description}, chunk_bits={self.chunk_bits})"
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def _worker(self, factory: Callable[[], _Backend], ready: queue.SimpleQueue) -> None:
+        try:
+            db = factory()
+            db.begin()
+            for stmt in db.schema():
+                db.execute(stmt)
+            db.execute("COMMIT")
+        except Exception as exc:
+            ready.put(exc if isinstance(exc, KeyStoreError) else KeyStoreError(f"cannot open key store: {exc}"))
+            return
+        ready.put(None)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    break
+                batch = [item]
+                stop = False
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                self._run_batch(db, batch)
+                if stop:
+                    break
+        finally:
+            db.close()
+
+    def _run_batch(self, db: _Backend, batch: list) -> None:
+        results: list[tuple[bool, Any]] = []
+        try:
+            db.begin()
+            for fn, args, _loop, _fut in batch:
+                db.execute("SAVEPOINT op")
+                try:
+                    res = fn(db, *args)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO SAVEPOINT op")
+                    db.execute("RELEASE SAVEPOINT op")
+                    if not isinstance(exc, KeyStoreError):
+                        log.error("key store operation %s failed: %s", fn.__name__, type(exc).__name__)
+                        exc = KeyStoreError(f"key store operation failed: {type(exc).__name__}")
+                    results.append((False, exc))
+                else:
+                    db.execute("RELEASE SAVEPOINT op")
+                    results.append((True, res))
+            db.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                db.execute("ROLLBACK")
+            log.error("key store transaction failed: %s", type(exc).__name__)
+            err = KeyStoreError(f"key store transaction failed: {type(exc).__name__}")
+            results = [(False, err)] * len(batch)
+        for (_fn, _args, loop, fut), (ok, value) in zip(batch, results, strict=True):
+            loop.call_soon_threadsafe(_settle, fut, ok, value)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._closed:
+            raise KeyStoreError("the key store is closed")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.put((fn, args, loop, fut))
+        # Shield: once queued, the operation runs and commits even if the caller is cancelled.
+        return await asyncio.shield(fut)
+
+    # -- public API ------------------------------------------------------------------------
+
+    def set_limits(self, link_id: str, limits: LinkLimits) -> None:
+        """Capacity and water marks of ``link_id`` (default: the store's ``limits``)."""
+        self._limits[link_id] = limits
+
+    def limits(self, link_id: str) -> LinkLimits:
+        return self._limits.get(link_id, self.default_limits)
+
+    async def add_block(self, link_id: str, block_id: str, key: bytes) -> int:
+        """Store a distilled key block agreed by both sites; returns the number of chunks stored.
+
+        ``key`` holds the block's bits packed MSB first (``BitArray.to_bytes()``). Call it with the
+        same ``link_id``, ``block_id`` and bytes at both sites. Raises :class:`StoreFull` beyond capacity.
+        """
+        if not isinstance(key, bytes | bytearray | memoryview):
+            raise KeyStoreError("key block must be bytes")
+        if not block_id:
+            raise KeyStoreError("block_id must not be empty")
+        return await self._call(
+            _op_add_block, link_id, str(block_id), bytes(key), self.chunk_bits, self.limits(link_id)
+        )
+
+    async def reserve(
+        self, link_id: str, pool: int, number: int, size_bits: int, master: str, slaves: Sequence[str]
+    ) -> list[Reservation]:
+        """Reserve ``number`` keys of ``size_bits`` from ``pool`` for a local master SAE (state pending)."""
+        if size_bits <= 0 or size_bits % 8 or number <= 0:
+            raise KeyStoreError("number must be positive and size a positive multiple of 8")
+        return await self._call(_op_reserve, link_id, pool, number, size_bits, self.chunk_bits, master, list(slaves))
+
+    async def accept(
+        self, link_id: str, pool: int, reservations: Sequence[Reservation], master: str, slaves: Sequence[str]
+    ) -> None:
+        """Peer side: reserve the keys the peer chose (from its ``pool``) for our slave SAEs. Idempotent."""
+        await self._call(_op_accept, link_id, pool, list(reservations), self.chunk_bits, master, list(slaves))
+
+    async def deliver_master(self, key_ids: Sequence[str]) -> list[DeliveredKey]:
+        """Master side, after the peer confirmed: return the keys' bytes and erase them."""
+        return await self._call(_op_deliver_master, list(key_ids))
+
+    async def deliver_slave(self, key_ids: Sequence[str], sae_id: str, master: str | None = None) -> list[DeliveredKey]:
+        """Slave side: return the keys to ``sae_id`` once; erase each when all its slaves have it.
+
+        Raises :class:`KeyNotFound` (unknown, other master, or already delivered to this SAE) or
+        :class:`KeyNotAuthorized` (the SAE is not a slave of the keys). All or nothing.
+        """
+        ids = list(dict.fromkeys(key_ids))
+        if len(ids) != len(key_ids):
+            raise KeyNotFound("one or more keys specified are not found on KME")
+        return await self._call(_op_deliver_slave, ids, sae_id, master)
+
+    async def release(self, key_ids: Sequence[str]) -> int:
+        """Return pending reservations to the pool (only when the peer surely did not reserve them)."""
+        return await self._call(_op_release, list(key_ids))
+
+    async def discard(self, link_id: str, chunk_ids: Sequence[str]) -> int:
+        """Erase chunks whatever their state (recovery of reservations whose outcome is unknown)."""
+        return await self._call(_op_discard, link_id, list(chunk_ids))
+
+    async def pending(self, link_id: str) -> list[Reservation]:
+        """Reservations of local master SAEs the peer has not confirmed (to resolve after a crash)."""
+        return await self._call(_op_pending, link_id)
+
+    async def counts(self, link_id: str) -> LinkCounts:
+        return await self._call(_op_counts, link_id)
+
+    async def chunk_states(self, link_id: str) -> dict[str, tuple[int, str | None]]:
+        return await self._call(_op_chunk_states, link_id)
+
+    async def is_full(self, link_id: str) -> bool:
+        """True at or above the high-water mark: the node should pause key generation on this link."""
+        return (await self.counts(link_id)).stored >= self.limits(link_id).high_water
+
+    async def is_low(self, link_id: str) -> bool:
+        """True below the low-water mark: the node should (re)start key generation on this link."""
+        return (await self.counts(link_id)).stored < self.limits(link_id).low_water
+
+    def close(self) -> None:
+        """Finish queued operations and close the database connection."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+
+def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
+    if fut.cancelled():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def open_store(
+    location: str | os.PathLike[str],
+    *,
+    chunk_bits: int = 256,
+    limits: LinkLimits | None = None,
+    synchronous: str = "FULL",
+) -> KeyStore:
+    """Open (creating if needed) a key store.
+
+    ``location``: a ``postgresql://`` (or ``postgres://``) URL selects PostgreSQL (psycopg 3);
+    anything else is a SQLite file path (created 0600 with its -wal/-shm files, WAL mode).
+    ``synchronous``: SQLite's ``synchronous`` pragma; ``FULL`` (default) makes every delivery
+    durable across power loss before the key leaves the store; ``NORMAL`` survives process
+    crashes (kill -9) but not power loss.
+    """
+    loc = os.fspath(location)
+    if loc.startswith(("postgresql://", "postgres://")):
+        return KeyStore(lambda: _PostgresBackend(loc), chunk_bits=chunk_bits, limits=limits, description="postgresql")
+    if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
+        raise ConfigError("synchronous must be FULL, NORMAL or EXTRA")
+    sync = synchronous.upper()
+    return KeyStore(
+        lambda: _SQLiteBackend(Path(loc), sync), chunk_bits=chunk_bits, limits=limits, description=f"sqlite:{loc}"
+    )
