@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkdstack.errors import QKDError
+from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, toeplitz_hash, toeplitz_hash_naive
+
+
+def _random_instance(seed: int, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 2, n, dtype=np.uint8), rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.data())
+def test_fft_equals_naive_on_small_sizes(n, data):
+    m = data.draw(st.integers(1, n))
+    key, seed = _random_instance(data.draw(st.integers(0, 2**32)), n, m)
+    out = toeplitz_hash(key, seed, m)
+    assert out.dtype == np.uint8 and out.shape == (m,)
+    assert np.array_equal(out, toeplitz_hash_naive(key, seed, m))
+
+
+@pytest.mark.parametrize("n,m", [(1, 1), (2, 1), (2, 2), (7, 7), (63, 1), (64, 64), (65, 33), (129, 128), (1001, 1)])
+def test_edge_sizes(n, m):
+    key, seed = _random_instance(n * 1000 + m, n, m)
+    assert np.array_equal(toeplitz_hash(key, seed, m), toeplitz_hash_naive(key, seed, m))
+
+
+def test_all_ones_worst_case_sums():
+    """All-ones inputs give the largest convolution sums (n); parity of n must come out exactly."""
+    for n, m in [(1000, 1000), (4097, 17)]:
+        key = np.ones(n, np.uint8)
+        seed = np.ones(n + m - 1, np.uint8)
+        assert np.array_equal(toeplitz_hash(key, seed, m), np.full(m, n & 1, np.uint8))
+
+
+def test_matrix_convention():
+    """T[i, j] = seed[i - j + n - 1]: a unit key vector e_j selects column j of T."""
+    n, m = 5, 3
+    seed = np.array([1, 0, 0, 1, 1, 0, 1], dtype=np.uint8)
+    for j in range(n):
+        key = np.zeros(n, np.uint8)
+        key[j] = 1
+        expected = [seed[i - j + n - 1] for i in range(m)]
+        assert toeplitz_hash(key, seed, m).tolist() == expected
+
+
+def test_large_spot_check_against_direct_parities():
+    """A 2*10^5-bit hash: selected output bits recomputed as parities of seed window AND key."""
+    n, m = 200_003, 100_001
+    key, seed = _random_instance(7, n, m)
+    out = toeplitz_hash(key, seed, m)
+    rng = np.random.default_rng(8)
+    for i in [0, 1, m - 1, *rng.integers(0, m, 60).tolist()]:
+        window = seed[i : i + n][::-1]  # row i of T: seed[i - j + n - 1] for j = 0..n-1
+        assert out[i] == int(np.bitwise_and(window, key).sum()) & 1
+
+
+@pytest.mark.parametrize("n,m,seed_len", [(10, 0, 9), (10, 11, 20), (10, 5, 13), (0, 1, 0)])
+def test_bad_sizes_rejected(n, m, seed_len):
+    with pytest.raises(ValueError):
+        toeplitz_hash(np.zeros(n, np.uint8), np.zeros(seed_len, np.uint8), m)
+
+
+def test_inexact_fft_result_fails_closed(monkeypatch):
+    """If the float result strays 0.3 from an integer, the hash refuses instead of rounding."""
+    import scipy.fft
+
+    real_irfft = scipy.fft.irfft
+    monkeypatch.setattr(scipy.fft, "irfft", lambda *a, **k: real_irfft(*a, **k) + 0.3)
+    key, seed = _random_instance(1, 100, 50)
+    with pytest.raises(ToeplitzPrecisionError) as info:
+        toeplitz_hash(key, seed, 50)
+    assert isinstance(info.value, QKDError)
