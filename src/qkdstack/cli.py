@@ -17,6 +17,7 @@ from qkdstack.errors import QKDError
 # Sub-command modules under qkdstack.commands, in the order `--help` lists them.
 COMMANDS: list[str] = [
     "keyrate",
+    "tunnel",
 ]
 
 
