@@ -229,7 +229,7 @@ def make_crl(
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` atomically; the file has ``mode`` before any byte is written.
 
     ``tempfile.mkstemp`` creates the temporary file 0600 with ``O_EXCL``; it is chmod-ed to ``mode``
@@ -258,18 +258,18 @@ def write_private_key(path: str | os.PathLike[str], key: PrivateKey, password: b
         serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
     )
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-    _atomic_write(path, pem, 0o600)
+    atomic_write(path, pem, 0o600)
 
 
 def write_certificate(path: str | os.PathLike[str], cert: x509.Certificate | Sequence[x509.Certificate]) -> None:
     """Write one certificate or a chain (leaf first) as PEM to ``path`` (mode 0644)."""
     certs = [cert] if isinstance(cert, x509.Certificate) else list(cert)
-    _atomic_write(path, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs), 0o644)
+    atomic_write(path, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs), 0o644)
 
 
 def write_crl(path: str | os.PathLike[str], crl: x509.CertificateRevocationList) -> None:
     """Write a CRL as PEM to ``path`` (mode 0644)."""
-    _atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def load_private_key(path: str | os.PathLike[str], password: bytes | None = None) -> PrivateKey:

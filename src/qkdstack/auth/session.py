@@ -1,0 +1,131 @@
+"""Authenticating a whole post-processing round with one Wegman–Carter tag per direction.
+
+Usage at each party (``role`` is ``"alice"`` or ``"bob"``; both use the same ``round_id``)::
+
+    auth = await begin_round(channel, pool, role, round_id)   # attaches the transcript observer,
+                                                             # exchanges pool state, reserves keys
+    ... run the round's stages on ``channel`` ...             # every frame is recorded
+    outcome = await auth.finish(round_key)                   # tags exchanged and verified
+    store(outcome.key_for_store, pending=outcome.pending_round_id)
+    commit(outcome.committed_round_ids); drop(outcome.dropped_round_ids)
+
+Nothing of the round may be used before :meth:`RoundAuthenticator.finish` returns: it raises
+:class:`~qkdstack.errors.AuthenticationError` when the peer's tag does not verify (or
+:class:`~qkdstack.errors.PeerAbort` when the peer refused ours), and the round must then be thrown
+away. If the round aborts for another reason before ``finish``, call :meth:`RoundAuthenticator.abandon`
+(the reserved pads stay burnt).
+
+Message order: Alice sends ``auth.sync`` then Bob answers with his; at the end Alice sends
+``auth.tag``; Bob verifies it and only then sends his ``auth.tag`` (so Alice's accepting Bob's tag
+proves Bob accepted hers), or ``round.abort`` if it failed. The tag messages are outside the transcript
+they authenticate. Key bits consumed per round: one 128-bit pad per direction, plus a 128-bit
+hash key per direction when it is refreshed (see :mod:`qkdstack.auth.pool`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkdstack.auth.pool import AuthKeyPool, RoundKeys, RoundOutcome
+from qkdstack.auth.wegman_carter import A_TO_B, ALICE, B_TO_A, BOB, TranscriptMac, WegmanCarterMac
+from qkdstack.errors import AuthenticationError, ConfigError
+
+SYNC_KIND = "auth.sync"
+TAG_KIND = "auth.tag"
+
+
+def round_epsilon(transcript_bytes: int) -> float:
+    """Forgery probability of a round: two tags (one per direction) on a transcript of that many bytes."""
+    from qkdstack.auth.wegman_carter import poly1305_epsilon
+
+    return 2 * poly1305_epsilon(transcript_bytes)
+
+
+class RoundAuthenticator:
+    """One round's authentication state at one party; made by :func:`begin_round`."""
+
+    def __init__(self, channel: Any, pool: AuthKeyPool, transcript: TranscriptMac, keys: RoundKeys) -> None:
+        self.channel = channel
+        self.pool = pool
+        self.transcript = transcript
+        self.keys = keys
+        self.role = transcript.role
+        self._done = False
+
+    def __repr__(self) -> str:
+        return f"RoundAuthenticator(role={self.role!r}, round_id={self.keys.round_id}, done={self._done})"
+
+    def _tag(self, direction: str) -> bytes:
+        return self.transcript.tag(WegmanCarterMac(self.keys.hash_key[direction]), self.keys.pad[direction])
+
+    def _verify(self, direction: str, tag: Any) -> None:
+        ok = isinstance(tag, bytes) and self.transcript.verify(
+            WegmanCarterMac(self.keys.hash_key[direction]), self.keys.pad[direction], tag
+        )
+        if not ok:
+            self.pool.fail_round(self.keys, [direction])
+            raise AuthenticationError(
+                f"the peer's transcript tag for round {self.keys.round_id} on link {self.pool.link_id} did not "
+                f"verify: the classical messages were altered, dropped, injected or reordered, or the peer "
+                f"does not hold this link's authentication key; the round is discarded"
+            )
+
+    async def finish(self, round_key: bytes) -> RoundOutcome:
+        """Exchange and verify the transcript tags; on success refill the pool from ``round_key``.
+
+        Returns the :class:`~qkdstack.auth.pool.RoundOutcome` (``key_for_store`` is the round key
+        minus the refill slice, ``epsilon`` the round's forgery probability).
+        """
+        if self._done:
+            raise ConfigError("this round was already finished or abandoned.")
+        self._done = True
+        self.transcript.detach()
+        eps = round_epsilon(self.transcript.byte_length)
+        if self.role == ALICE:
+            await self.channel.send(TAG_KIND, tag=self._tag(A_TO_B))
+            msg = await self.channel.recv(TAG_KIND)
+            self._verify(B_TO_A, msg.fields.get("tag"))
+        else:
+            msg = await self.channel.recv(TAG_KIND)
+            try:
+                self._verify(A_TO_B, msg.fields.get("tag"))
+            except AuthenticationError:
+                await self.channel.send_abort("authentication", "transcript tag did not verify")
+                raise
+            await self.channel.send(TAG_KIND, tag=self._tag(B_TO_A))
+        return self.pool.complete_round(self.keys, round_key, epsilon=eps)
+
+    def abandon(self) -> None:
+        """The round aborted before its tags were exchanged: stop recording; keep the burns."""
+        self._done = True
+        self.transcript.detach()
+
+
+async def begin_round(channel: Any, pool: AuthKeyPool, role: str, round_id: int) -> RoundAuthenticator:
+    """Start recording the transcript on ``channel``, exchange pool state and reserve the round's keys.
+
+    Call before the round's first message. Raises :class:`~qkdstack.errors.KeyPoolExhausted` when the
+    pool cannot pay for the round, :class:`~qkdstack.errors.AuthenticationError` when the two pools
+    cannot be reconciled.
+    """
+    if role not in (ALICE, BOB):
+        raise ConfigError(f"role must be 'alice' or 'bob', not {role!r}.")
+    tm = TranscriptMac(role, pool.link_id, round_id)
+    tm.attach(channel)
+    try:
+        mine = pool.sync_state()
+        if role == ALICE:
+            await channel.send(SYNC_KIND, round_id=round_id, state=mine)
+            peer = await channel.recv(SYNC_KIND)
+        else:
+            peer = await channel.recv(SYNC_KIND)
+            await channel.send(SYNC_KIND, round_id=round_id, state=mine)
+        if peer.fields.get("round_id") != round_id:
+            raise AuthenticationError(
+                f"the peer is authenticating round {peer.fields.get('round_id')!r}, this end round {round_id}"
+            )
+        keys = pool.reserve_round(peer.fields.get("state"), round_id)
+    except BaseException:
+        tm.detach()
+        raise
+    return RoundAuthenticator(channel, pool, tm, keys)
