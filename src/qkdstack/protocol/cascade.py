@@ -1,0 +1,492 @@
+"""Cascade error correction (Brassard & Salvail 1993), batched and with measured leakage.
+
+Alice holds the reference key, Bob a noisy copy; after Cascade Bob's key equals Alice's
+with high probability. Roles and messages (all kinds start with ``"cascade."``):
+
+1. ``cascade.start`` (Alice → Bob): a public permutation seed from :mod:`secrets`, the key
+   length and the block sizes of every pass (public), and — disclosed — the parity of every
+   top-level block of every pass. For passes ≥ 2 the last block's parity is *not* sent:
+   it is implied by the parity of the whole key, which the pass-1 parities already give
+   (the "block parity inference" of Martinez-Mateo et al. 2015, Sec. 4).
+2. ``cascade.ask`` (Bob → Alice), answered by ``cascade.parities`` (Alice → Bob): Bob runs
+   the BINARY searches of *every* block whose parity disagrees, in every active pass, at the
+   same time. One ask lists the left half (pass, start, end — public descriptors) of the
+   current range of every open search; Alice answers with the parities of those ranges
+   (disclosed). Bob derives the right half's parity from the parent's, so each level of
+   every search costs one disclosed bit and all searches share one round trip per level.
+3. When a search ends on a single bit, Bob flips it. The flip toggles the parity of the
+   block holding that bit in every other active pass (the cascade effect); every block
+   that becomes odd is searched in the same batched fashion, together with the searches
+   still running. Before each level Bob re-checks each open search against its known
+   Alice parity, so a search whose range lost its odd disagreement to a flip elsewhere is
+   dropped instead of misled (the block is reopened if it is still odd).
+4. Pass i+1 starts, without any extra message, when no search of passes ≤ i is open.
+5. ``cascade.done`` (Bob → Alice) ends the stage.
+
+Sub-block reuse: for every block, Bob remembers the path (leaf and Alice's parities of the
+ranges along it) of the last search completed there. When the block is reopened, the
+search first walks down that path for free — the parities are already public — and asks
+only below the point where it leaves it.
+
+Leakage is whatever crossed the channel as ``disclosed`` bits: Alice's parities. Bob sends
+only public range descriptors; which ranges he asks about reveals where the *errors* are,
+which (for noise independent of the key) says nothing about Alice's key beyond the parities
+already counted. ``CascadeResult.leaked_bits`` is read from the channel counters.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qkdstack.bits import BitArray
+from qkdstack.errors import ConfigError, ProtocolAbort
+from qkdstack.protocol import cascade_kernels as K
+from qkdstack.protocol.channel import Channel
+
+__all__ = [
+    "MIN_QBER",
+    "SCHEDULES",
+    "CascadeResult",
+    "CascadeSchedule",
+    "alice",
+    "block_sizes",
+    "bob",
+    "get_schedule",
+]
+
+STAGE = "cascade"
+MIN_QBER = 1e-3
+"""Floor applied to the QBER estimate: an estimate of 0 would make the first blocks unbounded."""
+
+
+@dataclass(frozen=True)
+class CascadeSchedule:
+    """Block sizes and number of passes of a Cascade variant, as data.
+
+    ``initial_block(Q)`` gives k1. Passes 2, 3, … take their sizes from ``fixed_blocks``
+    (functions of Q) while those last; after that each pass multiplies the previous size by
+    ``growth`` (``math.inf``: half the key). Every size is clamped to [1, ⌈n/2⌉].
+    """
+
+    name: str
+    passes: int
+    initial_block: Callable[[float], int]
+    growth: float = 2.0
+    fixed_blocks: tuple[Callable[[float], int], ...] = ()
+    citation: str = ""
+
+    def block_sizes(self, qber: float, n: int) -> list[int]:
+        """Block size of every pass for QBER estimate ``qber`` and key length ``n``."""
+        q = _clamp_qber(qber)
+        cap = max(1, -(-n // 2))
+        sizes = [int(self.initial_block(q))]
+        for i in range(1, self.passes):
+            if i - 1 < len(self.fixed_blocks):
+                sizes.append(int(self.fixed_blocks[i - 1](q)))
+            elif math.isinf(self.growth):
+                sizes.append(cap)
+            else:
+                sizes.append(int(math.ceil(sizes[-1] * self.growth)))
+        return [min(cap, max(1, k)) for k in sizes]
+
+
+def _alpha(q: float) -> float:
+    return math.log2(1.0 / q) - 0.5
+
+
+ORIGINAL = CascadeSchedule(
+    name="original",
+    passes=4,
+    initial_block=lambda q: math.ceil(0.73 / q),
+    growth=2.0,
+    citation="Brassard & Salvail, EUROCRYPT 1993, as stated in Martinez-Mateo et al., QIC 15 (2015), Sec. 3: "
+    "k1 = ceil(0.73/Q), k_i = 2 k_(i-1), 4 passes",
+)
+
+OPTIMIZED = CascadeSchedule(
+    name="optimized",
+    passes=14,
+    initial_block=lambda q: 2 ** math.ceil(_alpha(q)),
+    growth=math.inf,
+    fixed_blocks=(lambda q: 2 ** math.ceil((_alpha(q) + 12.0) / 2.0), lambda q: 4096),
+    citation="Martinez-Mateo, Pacher, Peev, Ciurana, Martin, QIC 15 (2015), arXiv:1407.3257, Sec. 5, "
+    "'Cascade opt. (8)': alpha = log2(1/Q) - 1/2, k1 = 2^ceil(alpha), k2 = 2^ceil((alpha+12)/2), "
+    "k3 = 4096, k_i = n/2 for i >= 4, 14 passes, block sizes powers of two",
+)
+
+SCHEDULES: dict[str, CascadeSchedule] = {s.name: s for s in (ORIGINAL, OPTIMIZED)}
+
+
+def get_schedule(schedule: CascadeSchedule | str) -> CascadeSchedule:
+    """Resolve a schedule name (``"original"``, ``"optimized"``) or pass a schedule through."""
+    if isinstance(schedule, CascadeSchedule):
+        if schedule.passes < 1:
+            raise ConfigError(f"schedule.passes must be at least 1, got {schedule.passes}")
+        return schedule
+    try:
+        return SCHEDULES[schedule]
+    except (KeyError, TypeError):
+        raise ConfigError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}") from None
+
+
+def _clamp_qber(qber: float) -> float:
+    try:
+        q = float(qber)
+    except (TypeError, ValueError):
+        raise ConfigError(f"qber_estimate must be a number, got {qber!r}") from None
+    if not math.isfinite(q) or q < 0.0 or q >= 0.5:
+        raise ConfigError(f"qber_estimate must lie in [0, 0.5), got {q!r}")
+    return max(q, MIN_QBER)
+
+
+def block_sizes(schedule: CascadeSchedule | str, qber: float, n: int) -> list[int]:
+    """Block sizes of every pass of ``schedule`` for QBER ``qber`` and key length ``n``."""
+    return get_schedule(schedule).block_sizes(qber, n)
+
+
+@dataclass
+class CascadeResult:
+    """The outcome at one party.
+
+    ``key``: Bob's corrected bits, or Alice's unchanged bits (uint8 0/1). ``leaked_bits``:
+    disclosed bits that crossed the channel in this run (both directions, from the
+    channel's counters). ``round_trips``: message exchanges (Bob's asks plus the closing
+    done; equals the messages Alice sent). ``errors_corrected``: bits Bob flipped (0 at
+    Alice). Cascade cannot tell whether errors remain; the verification stage does.
+    """
+
+    key: np.ndarray = field(repr=False)
+    leaked_bits: int
+    round_trips: int
+    passes: int
+    errors_corrected: int
+    block_sizes: list[int]
+
+
+def _check_key(key: np.ndarray) -> np.ndarray:
+    arr = np.asarray(key)
+    if arr.ndim != 1:
+        raise ConfigError("key must be a one-dimensional array of bits")
+    if arr.size and (arr.dtype.kind not in "biu" or int(arr.max(initial=0)) > 1 or int(arr.min(initial=0)) < 0):
+        raise ConfigError("key must contain only the bits 0 and 1")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _blocks(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.arange(0, n, k, dtype=np.int64)
+    ends = np.minimum(starts + k, n)
+    return starts, ends
+
+
+def _derive_permutations(seed: int, n: int, passes: int) -> np.ndarray:
+    """Permutation parameters of every pass (pass 1: identity) from the public seed."""
+    rng = np.random.default_rng(seed)
+    params = np.empty((passes, K.NPARAM), dtype=np.uint64)
+    params[0] = K.identity_params(n)
+    for j in range(1, passes):
+        params[j] = K.make_permutation_params(rng, n)
+    return params
+
+
+def _snapshot(channel: Channel) -> tuple[int, int]:
+    return channel.stats.disclosed_bits(STAGE), channel.stats.messages(STAGE, "sent")
+
+
+async def alice(
+    channel: Channel,
+    key: np.ndarray,
+    qber_estimate: float,
+    schedule: CascadeSchedule | str = "optimized",
+    *,
+    seed_rng: np.random.Generator | None = None,
+) -> CascadeResult:
+    """Alice's side: publish top-level parities, then answer Bob's batched parity questions.
+
+    ``seed_rng`` (tests and benchmarks only) draws the public permutation seed
+    reproducibly; by default it comes from :mod:`secrets`.
+    """
+    bits = _check_key(key)
+    sched = get_schedule(schedule)
+    n = bits.size
+    sizes = sched.block_sizes(qber_estimate, n)
+    leak0, sent0 = _snapshot(channel)
+    seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else secrets.randbits(63)
+    params = _derive_permutations(seed, n, sched.passes)
+    prefixes: list[np.ndarray | None] = [None] * sched.passes
+
+    def prefix(j: int) -> np.ndarray:
+        pre = prefixes[j]
+        if pre is None:
+            pre = prefixes[j] = K.prefix_parity(bits, params[j])
+        return pre
+
+    tops = []
+    for j, k in enumerate(sizes):
+        starts, ends = _blocks(n, k)
+        if j > 0:  # the last block's parity is implied by the key's parity (pass 1)
+            starts, ends = starts[:-1], ends[:-1]
+        pre = prefix(j)
+        tops.append(pre[ends] ^ pre[starts])
+    top_bits = np.concatenate(tops) if tops else np.zeros(0, np.uint8)
+    await channel.send(
+        "cascade.start",
+        disclosed=BitArray.from_bits(top_bits),
+        seed=seed,
+        n=n,
+        block_sizes=np.asarray(sizes, dtype=np.int64),
+        schedule=sched.name,
+    )
+    answered = top_bits.size
+    while True:
+        msg = await channel.recv()
+        if msg.kind == "cascade.done":
+            break
+        if msg.kind != "cascade.ask":
+            raise ProtocolAbort(STAGE, f"unexpected message {msg.kind!r} during Cascade")
+        p = np.asarray(msg["p"], dtype=np.int64)
+        s = np.asarray(msg["s"], dtype=np.int64)
+        e = np.asarray(msg["e"], dtype=np.int64)
+        if not (p.shape == s.shape == e.shape and p.ndim == 1):
+            raise ProtocolAbort(STAGE, "malformed parity question")
+        if p.size and (p.min() < 0 or p.max() >= sched.passes or s.min() < 0 or e.max() > n or np.any(s >= e)):
+            raise ProtocolAbort(STAGE, "parity question outside the key")
+        answered += p.size
+        if answered > n:
+            raise ProtocolAbort(STAGE, "Bob asked for more parities than the key has bits")
+        out = np.empty(p.size, dtype=np.uint8)
+        for j in np.unique(p):
+            sel = p == j
+            pre = prefix(int(j))
+            out[sel] = pre[e[sel]] ^ pre[s[sel]]
+        await channel.send("cascade.parities", disclosed=BitArray.from_bits(out))
+    leak1, sent1 = _snapshot(channel)
+    return CascadeResult(
+        key=bits.copy(),
+        leaked_bits=leak1 - leak0,
+        round_trips=sent1 - sent0,
+        passes=int(msg.fields.get("passes", sched.passes)),
+        errors_corrected=0,
+        block_sizes=sizes,
+    )
+
+
+class _Searches:
+    """The open binary searches, one row each (struct of arrays)."""
+
+    __slots__ = ("a", "b", "bits", "d", "e", "leaf", "on", "p", "rbits", "s")
+
+    def __init__(self) -> None:
+        z = np.zeros(0, dtype=np.int64)
+        self.p, self.b, self.s, self.e, self.d, self.leaf = z, z, z, z, z, z
+        self.a = np.zeros(0, dtype=np.uint8)
+        self.bits, self.rbits = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)
+        self.on = np.zeros(0, dtype=bool)
+
+    def __len__(self) -> int:
+        return self.p.size
+
+    def keep(self, mask: np.ndarray) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name)[mask])
+
+    def extend(self, other: _Searches) -> None:
+        for name in self.__slots__:
+            setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
+
+
+class _Bob:
+    """Bob's state: working key, per-pass Fenwick trees, top-level mismatches, searches."""
+
+    def __init__(self, bits: np.ndarray, sizes: list[int], params: np.ndarray, top: list[np.ndarray]) -> None:
+        self.key = bits
+        self.n = bits.size
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.params = params
+        self.alice_top = top
+        nblocks = [-(-self.n // k) for k in sizes]
+        self.mism_off = np.concatenate([[0], np.cumsum(nblocks)]).astype(np.int64)
+        self.mism = np.zeros(int(self.mism_off[-1]), dtype=np.uint8)
+        self.trees = np.zeros((len(sizes), self.n + 1), dtype=np.uint8)
+        self.rec_leaf = np.full(self.mism.size, -1, dtype=np.int64)
+        self.rec_bits = np.zeros(self.mism.size, dtype=np.uint64)
+        self.active = 0
+        self.searches = _Searches()
+        self.corrected = 0
+
+    def activate(self) -> None:
+        """Start the next pass: Bob's own top-level parities against Alice's."""
+        j = self.active
+        pre = K.prefix_parity(self.key, self.params[j])
+        K.fenwick_from_prefix(pre, self.trees[j])
+        starts, ends = _blocks(self.n, int(self.sizes[j]))
+        lo, hi = self.mism_off[j], self.mism_off[j + 1]
+        self.mism[lo:hi] = (pre[ends] ^ pre[starts]) ^ self.alice_top[j]
+        self.active += 1
+
+    def _parity(self, p: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
+        return K.fenwick_range_parity(self.trees, p, s, e)
+
+    def _open_odd_blocks(self) -> int:
+        """Open a search at the root of every odd block (active passes) that has none."""
+        odd = np.flatnonzero(self.mism[: self.mism_off[self.active]])
+        if odd.size == 0:
+            return 0
+        if len(self.searches):
+            busy = self.mism_off[self.searches.p] + self.searches.b
+            odd = odd[~np.isin(odd, busy)]
+            if odd.size == 0:
+                return 0
+        p = np.searchsorted(self.mism_off, odd, side="right") - 1
+        b = odd - self.mism_off[p]
+        k = self.sizes[p]
+        new = _Searches()
+        new.p, new.b = p, b
+        new.s = b * k
+        new.e = np.minimum(new.s + k, self.n)
+        new.d = np.zeros(odd.size, dtype=np.int64)
+        top_alice = np.empty(odd.size, dtype=np.uint8)
+        for j in np.unique(p):
+            sel = p == j
+            top_alice[sel] = self.alice_top[int(j)][b[sel]]
+        new.a = top_alice
+        new.bits = top_alice.astype(np.uint64)
+        new.leaf = self.rec_leaf[odd]
+        new.rbits = self.rec_bits[odd]
+        new.on = new.leaf >= 0
+        self.searches.extend(new)
+        return odd.size
+
+    def _free_descent(self) -> None:
+        """Walk searches down the recorded path of their block while its parities are known."""
+        S = self.searches
+        while True:
+            idx = np.flatnonzero(S.on & (S.e - S.s > 1))
+            if idx.size == 0:
+                break
+            s, e, leaf = S.s[idx], S.e[idx], S.leaf[idx]
+            mid = s + (e - s) // 2
+            left = leaf < mid
+            cs = np.where(left, s, mid)
+            ce = np.where(left, mid, e)
+            d1 = S.d[idx] + 1
+            pa = ((S.rbits[idx] >> d1.astype(np.uint64)) & np.uint64(1)).astype(np.uint8)
+            pb = self._parity(S.p[idx], cs, ce)
+            follow = (pa ^ pb) == 1
+            # follow the recorded path, or step to the sibling (parity known by difference)
+            ns = np.where(follow, cs, np.where(left, mid, s))
+            ne = np.where(follow, ce, np.where(left, e, mid))
+            na = np.where(follow, pa, S.a[idx] ^ pa)
+            S.s[idx], S.e[idx], S.a[idx], S.d[idx] = ns, ne, na, d1
+            S.bits[idx] |= na.astype(np.uint64) << d1.astype(np.uint64)
+            S.on[idx] = follow
+
+    def resolve(self) -> None:
+        """Local work until every open search needs a parity from Alice (or none is open)."""
+        while True:
+            S = self.searches
+            if len(S):
+                odd = (self._parity(S.p, S.s, S.e) ^ S.a) == 1
+                if not odd.all():
+                    S.keep(odd)
+                self._free_descent()
+                done = (S.e - S.s) == 1
+            else:
+                done = np.zeros(0, dtype=bool)
+            if done.any():
+                flat = self.mism_off[S.p[done]] + S.b[done]
+                self.rec_leaf[flat] = S.s[done]
+                self.rec_bits[flat] = S.bits[done]
+                xs = np.unique(K.originals(self.params, S.p[done], S.s[done]))
+                S.keep(~done)
+                K.apply_corrections(
+                    xs, self.key, self.trees, self.params, self.active, self.sizes, self.mism, self.mism_off
+                )
+                self.corrected += xs.size
+                self._open_odd_blocks()
+                continue
+            if self._open_odd_blocks():
+                continue
+            if len(S) == 0 and self.active < self.sizes.size:
+                self.activate()
+                continue
+            return
+
+    def question(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        S = self.searches
+        mid = S.s + (S.e - S.s) // 2
+        return S.p, S.s, mid
+
+    def answer(self, parities: np.ndarray) -> None:
+        S = self.searches
+        mid = S.s + (S.e - S.s) // 2
+        mine = self._parity(S.p, S.s, mid)
+        left = (parities ^ mine) == 1
+        S.a = np.where(left, parities, S.a ^ parities)
+        S.s = np.where(left, S.s, mid)
+        S.e = np.where(left, mid, S.e)
+        S.d = S.d + 1
+        S.bits |= S.a.astype(np.uint64) << S.d.astype(np.uint64)
+        S.on[:] = False
+
+
+async def bob(
+    channel: Channel,
+    key: np.ndarray,
+    qber_estimate: float,
+    schedule: CascadeSchedule | str = "optimized",
+) -> CascadeResult:
+    """Bob's side: drive the batched binary searches and correct his copy of the key."""
+    bits = _check_key(key).copy()
+    sched = get_schedule(schedule)
+    n = bits.size
+    sizes = sched.block_sizes(qber_estimate, n)
+    leak0, sent0 = _snapshot(channel)
+    start = await channel.recv(expect="cascade.start")
+    theirs = [int(x) for x in np.asarray(start["block_sizes"]).tolist()]
+    if int(start["n"]) != n:
+        raise ProtocolAbort(STAGE, f"key length mismatch: Alice has {int(start['n'])} bits, Bob {n}")
+    if theirs != sizes:
+        raise ProtocolAbort(STAGE, f"block schedule mismatch: Alice uses {theirs}, Bob {sizes}")
+    seed = int(start["seed"])
+    params = _derive_permutations(seed, n, sched.passes)
+    disclosed = start.disclosed
+    nblocks = [-(-n // k) for k in sizes]
+    expected = nblocks[0] + sum(nb - 1 for nb in nblocks[1:])
+    if disclosed is None or len(disclosed) != expected:
+        raise ProtocolAbort(STAGE, "cascade.start carries the wrong number of parities")
+    flat = disclosed.to_bits()
+    top = [flat[: nblocks[0]]]
+    total = int(np.bitwise_xor.reduce(top[0], initial=0))
+    pos = nblocks[0]
+    for nb in nblocks[1:]:
+        part = flat[pos : pos + nb - 1]
+        pos += nb - 1
+        last = total ^ int(np.bitwise_xor.reduce(part, initial=0))
+        top.append(np.concatenate([part, np.array([last], dtype=np.uint8)]))
+
+    state = _Bob(bits, sizes, params, top)
+    while True:
+        state.resolve()
+        if len(state.searches) == 0:
+            break
+        p, s, e = state.question()
+        await channel.send("cascade.ask", p=p.astype(np.uint8), s=s.astype(np.int64), e=e.astype(np.int64))
+        reply = await channel.recv(expect="cascade.parities")
+        if reply.disclosed is None or len(reply.disclosed) != p.size:
+            raise ProtocolAbort(STAGE, "cascade.parities carries the wrong number of parities")
+        state.answer(reply.disclosed.to_bits())
+    await channel.send("cascade.done", passes=state.active)
+    leak1, sent1 = _snapshot(channel)
+    return CascadeResult(
+        key=state.key,
+        leaked_bits=leak1 - leak0,
+        round_trips=sent1 - sent0,
+        passes=state.active,
+        errors_corrected=state.corrected,
+        block_sizes=sizes,
+    )

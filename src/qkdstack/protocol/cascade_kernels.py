@@ -1,0 +1,191 @@
+"""Compiled kernels for Cascade: keyed permutations, prefix parities, Fenwick trees.
+
+Cascade needs, for every pass, the key read in a shuffled order and the parities of many
+ranges of that order. Materialising a fresh uniformly random permutation of 10^6 indices
+costs ~70 ms with :meth:`numpy.random.Generator.permutation` (and as much again for its
+inverse) — more than the whole time budget of a 20 Mbit/s Cascade — so the shuffles here
+are *keyed pseudo-random permutations* evaluated per index in both directions:
+
+    x ↦ A3 ∘ X2 ∘ A2 ∘ X1 ∘ A1 (x)   on [0, 2^m),  2^m ≥ n, with cycle walking into [0, n),
+
+where ``A_i(x) = a_i x + b_i mod 2^m`` (``a_i`` odd) and ``X_i(x) = x ⊕ (x >> s_i)``. Both
+layers are bijections of [0, 2^m), so the composition is one; restricting it to [0, n)
+by cycle walking (apply again while the image is ≥ n) keeps it a bijection of [0, n).
+The parameters ``a_i, b_i`` are drawn from a :class:`numpy.random.Generator` seeded with
+the public seed Alice sent, so both parties derive the same permutation. The permutation
+is public; its only job is to scatter positions that were neighbours in earlier passes,
+and the multiply (carries move low bits up) followed by the xorshift (high bits down)
+does that (the benchmarks measure the resulting efficiency and frame error rate).
+
+Bob's key changes while the searches run, so his range parities come from one Fenwick
+(binary indexed) tree per pass over the permuted key: O(log n) per parity and per
+correction. Alice's key never changes, so her range parities are two look-ups in a prefix
+XOR array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# Layout of one pass's permutation parameters (uint64 array of length NPARAM).
+P_MODE, P_N, P_MASK, P_A1, P_B1, P_A2, P_B2, P_A3, P_B3, P_S1, P_S2, P_IA1, P_IA2, P_IA3, P_IT1, P_IT2 = range(16)
+NPARAM = 16
+
+
+def make_permutation_params(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Draw one keyed permutation of [0, n) from ``rng`` (the shared, seeded Generator)."""
+    m = max(1, int(n - 1).bit_length()) if n > 1 else 1
+    size = 1 << m
+    words = rng.integers(0, size, size=6, dtype=np.uint64)
+    a = [int(words[0]) | 1, int(words[2]) | 1, int(words[4]) | 1]
+    b = [int(words[1]), int(words[3]), int(words[5])]
+    s1 = max(1, (m + 1) // 2)
+    s2 = max(1, m // 3 + 1)
+    p = np.zeros(NPARAM, dtype=np.uint64)
+    p[P_MODE] = 1
+    p[P_N] = n
+    p[P_MASK] = size - 1
+    p[P_A1], p[P_B1], p[P_A2], p[P_B2], p[P_A3], p[P_B3] = a[0], b[0], a[1], b[1], a[2], b[2]
+    p[P_S1], p[P_S2] = s1, s2
+    p[P_IA1], p[P_IA2], p[P_IA3] = (pow(x, -1, size) for x in a)
+    p[P_IT1] = -(-m // s1)
+    p[P_IT2] = -(-m // s2)
+    return p
+
+
+def identity_params(n: int) -> np.ndarray:
+    """Parameters of the identity permutation (pass 1 reads the key in order)."""
+    p = np.zeros(NPARAM, dtype=np.uint64)
+    p[P_N] = n
+    return p
+
+
+@njit(cache=True, inline="always")
+def _round_fwd(x, p):
+    mask = p[P_MASK]
+    x = (p[P_A1] * x + p[P_B1]) & mask
+    x ^= x >> p[P_S1]
+    x = (p[P_A2] * x + p[P_B2]) & mask
+    x ^= x >> p[P_S2]
+    x = (p[P_A3] * x + p[P_B3]) & mask
+    return x
+
+
+@njit(cache=True, inline="always")
+def _unxorshift(y, s, iters):
+    x = y
+    for _ in range(np.int64(iters)):
+        x = y ^ (x >> s)
+    return x
+
+
+@njit(cache=True, inline="always")
+def _round_inv(y, p):
+    mask = p[P_MASK]
+    x = (p[P_IA3] * (y - p[P_B3])) & mask
+    x = _unxorshift(x, p[P_S2], p[P_IT2])
+    x = (p[P_IA2] * (x - p[P_B2])) & mask
+    x = _unxorshift(x, p[P_S1], p[P_IT1])
+    x = (p[P_IA1] * (x - p[P_B1])) & mask
+    return x
+
+
+@njit(cache=True, inline="always")
+def perm_fwd(i, p):
+    """Original key index read at position ``i`` of the pass's shuffled order."""
+    if p[P_MODE] == 0:
+        return np.int64(i)
+    n = p[P_N]
+    x = _round_fwd(np.uint64(i), p)
+    while x >= n:
+        x = _round_fwd(x, p)
+    return np.int64(x)
+
+
+@njit(cache=True, inline="always")
+def perm_inv(x, p):
+    """Position of original index ``x`` in the pass's shuffled order."""
+    if p[P_MODE] == 0:
+        return np.int64(x)
+    n = p[P_N]
+    y = _round_inv(np.uint64(x), p)
+    while y >= n:
+        y = _round_inv(y, p)
+    return np.int64(y)
+
+
+@njit(cache=True)
+def prefix_parity(key, p):
+    """Prefix XOR of the key read in shuffled order: out[i] = key[π(0)] ⊕ … ⊕ key[π(i-1)]."""
+    n = key.size
+    out = np.empty(n + 1, np.uint8)
+    out[0] = 0
+    acc = np.uint8(0)
+    if p[P_MODE] == 0:
+        for i in range(n):
+            acc ^= key[i]
+            out[i + 1] = acc
+    else:
+        for i in range(n):
+            acc ^= key[perm_fwd(i, p)]
+            out[i + 1] = acc
+    return out
+
+
+@njit(cache=True)
+def fenwick_from_prefix(prefix, tree):
+    """Fill ``tree`` (length n+1) so that node i holds the XOR of the bits (i - lowbit(i), i]."""
+    n = prefix.size - 1
+    tree[0] = 0
+    for i in range(1, n + 1):
+        tree[i] = prefix[i] ^ prefix[i - (i & -i)]
+
+
+@njit(cache=True, inline="always")
+def _fen_prefix(tree, i):
+    acc = np.uint8(0)
+    while i > 0:
+        acc ^= tree[i]
+        i -= i & -i
+    return acc
+
+
+@njit(cache=True)
+def fenwick_range_parity(trees, passes, starts, ends):
+    """Parities of ranges [starts, ends) of each search's pass, from Bob's Fenwick trees."""
+    out = np.empty(starts.size, np.uint8)
+    for t in range(starts.size):
+        tree = trees[passes[t]]
+        out[t] = _fen_prefix(tree, ends[t]) ^ _fen_prefix(tree, starts[t])
+    return out
+
+
+@njit(cache=True)
+def originals(params, passes, positions):
+    """Original key indices of shuffled ``positions`` in the given passes."""
+    out = np.empty(positions.size, np.int64)
+    for t in range(positions.size):
+        out[t] = perm_fwd(positions[t], params[passes[t]])
+    return out
+
+
+@njit(cache=True)
+def apply_corrections(xs, key, trees, params, active, block_size, mism, mism_off):
+    """Flip Bob's bits ``xs`` (distinct original indices) and update every active pass.
+
+    For each pass < ``active``: toggle the Fenwick tree at the bit's shuffled position and
+    the parity mismatch of the top-level block that holds it.
+    """
+    n = key.size
+    for t in range(xs.size):
+        x = xs[t]
+        key[x] ^= 1
+        for j in range(active):
+            pos = perm_inv(x, params[j])
+            tree = trees[j]
+            i = pos + 1
+            while i <= n:
+                tree[i] ^= 1
+                i += i & -i
+            mism[mism_off[j] + pos // block_size[j]] ^= 1
