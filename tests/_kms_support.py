@@ -74,3 +74,134 @@ def factory_fixture(backend: str, tmp_path):
     f = StoreFactory(backend, tmp_path)
     yield f
     f.close_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# PKI for the mTLS tests: one CA per site, server certs for both KMEs, SAE client certs.
+
+
+class PKI:
+    """Certificates on disk: ``tls(site)`` server files, ``client(name)`` -> (cert, key, ca) paths."""
+
+    def __init__(self, root) -> None:
+        import datetime
+
+        from qkdstack.certs import generate_key, issue_certificate, make_ca, write_certificate, write_private_key
+
+        self.root = root
+        self.files: dict[str, tuple[str, str, str]] = {}
+        cas = {site: make_ca(f"site {site} CA") for site in ("A", "B", "rogue")}
+        for site, (cert, _key) in cas.items():
+            write_certificate(root / f"ca_{site}.pem", cert)
+
+        def issue(name: str, site: str, cn: str, *, server: bool = False, **kw) -> None:
+            ca_cert, ca_key = cas[site]
+            key = generate_key("ec-p256")
+            cert = issue_certificate(
+                ca_cert,
+                ca_key,
+                cn,
+                key.public_key(),
+                client=not server,
+                server=server,
+                ip_addresses=["127.0.0.1"] if server else (),
+                dns_names=["localhost"] if server else (),
+                **kw,
+            )
+            write_certificate(root / f"{name}.pem", cert)
+            write_private_key(root / f"{name}.key", key)
+            self.files[name] = (str(root / f"{name}.pem"), str(root / f"{name}.key"), str(root / f"ca_{site}.pem"))
+
+        issue("kme_A", "A", "KME_A", server=True)
+        issue("kme_B", "B", "KME_B", server=True)
+        issue("SAE_A", "A", "SAE_A")
+        issue("SAE_A2", "A", "SAE_A2")
+        issue("SAE_B", "B", "SAE_B")
+        issue("SAE_C", "B", "SAE_C")
+        issue("SAE_X", "A", "SAE_X")  # valid certificate of site A, but not a registered SAE
+        issue("rogue", "rogue", "SAE_A")  # right name, wrong CA
+        now = datetime.datetime.now(datetime.UTC)
+        issue(
+            "expired",
+            "A",
+            "SAE_A",
+            not_before=now - datetime.timedelta(days=10),
+            not_after=now - datetime.timedelta(days=1),
+        )
+
+    def tls(self, site: str):
+        from qkdstack.kms.etsi014 import TLSFiles
+
+        cert, key, ca = self.files[f"kme_{site}"]
+        return TLSFiles(cert, key, ca)
+
+    def client_context(self, name: str | None, server_site: str):
+        """An SSL context for a client named ``name`` (None: no client certificate) of ``server_site``."""
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.root / f"ca_{server_site}.pem"))
+        if name is not None:
+            cert, key, _ = self.files[name]
+            ctx.load_cert_chain(cert, key)
+        return ctx
+
+
+class Sites:
+    """Two KMEs (A and B) on stores of one backend, linked in process, optionally serving ETSI 014."""
+
+    def __init__(self, factory: StoreFactory, *, key_size: int = 256, blocks: int = 4, block_bytes: int = 32 * 64):
+        self.factory = factory
+        self.key_size = key_size
+        self.blocks = blocks
+        self.block_bytes = block_bytes
+
+    async def start(self, pki: PKI | None = None) -> Sites:
+        import contextlib
+
+        from qkdstack.kms.etsi014 import serve_etsi014
+        from qkdstack.kms.kme import KME, KMEConfig, link_pair
+
+        self.a = KME(
+            KMEConfig("KME_A", "KME_B", frozenset({"SAE_A", "SAE_A2"}), key_size=self.key_size),
+            self.factory("a", chunk_bits=self.key_size),
+        )
+        self.b = KME(
+            KMEConfig("KME_B", "KME_A", frozenset({"SAE_B", "SAE_C"}), key_size=self.key_size),
+            self.factory("b", chunk_bits=self.key_size),
+        )
+        self.link_ab, self.link_ba = link_pair(self.a, self.b)
+        await self.a.attach_peer(self.link_ab)
+        await self.b.attach_peer(self.link_ba)
+        self.blocks_added = []
+        for i in range(self.blocks):
+            await self.add_block(f"round-{i}")
+        self._stack = contextlib.AsyncExitStack()
+        if pki is not None:
+            self.srv_a = await self._stack.enter_async_context(serve_etsi014(self.a, "127.0.0.1", 0, pki.tls("A")))
+            self.srv_b = await self._stack.enter_async_context(serve_etsi014(self.b, "127.0.0.1", 0, pki.tls("B")))
+        return self
+
+    async def add_block(self, block_id: str) -> None:
+        block = secrets.token_bytes(self.block_bytes)
+        await self.a.add_block(block_id, block)
+        await self.b.add_block(block_id, block)
+        self.blocks_added.append(block_id)
+
+    async def agree(self) -> None:
+        """Both stores hold the same chunks, and every chunk's state is consistent across the sites."""
+        link = self.a.config.link_id
+        sa, sb = await self.a.store.chunk_states(link), await self.b.store.chunk_states(link)
+        assert set(sa) == set(sb)
+        for cid in sa:
+            (st_a, k_a), (st_b, k_b) = sa[cid], sb[cid]
+            if st_a == 0 or st_b == 0:
+                assert st_a == st_b == 0, (cid, sa[cid], sb[cid])
+            elif k_a and k_b:
+                assert k_a == k_b
+        for kme in (self.a, self.b):
+            assert await kme.store.pending(link) == []
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+        await self.a.close()
+        await self.b.close()

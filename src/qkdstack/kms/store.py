@@ -706,7 +706,7 @@ def open_store(
     """Open (creating if needed) a key store.
 
     ``location``: a ``postgresql://`` (or ``postgres://``) URL selects PostgreSQL (psycopg 3);
-    anything else is a SQLite file path (created 0600 with its -wal/-shm files, WAL mode).
+    ``sqlite:///PATH`` or anything else is a SQLite file path (created 0600 with its -wal/-shm files, WAL mode).
     ``synchronous``: SQLite's ``synchronous`` pragma; ``FULL`` (default) makes every delivery
     durable across power loss before the key leaves the store; ``NORMAL`` survives process
     crashes (kill -9) but not power loss.
@@ -714,6 +714,8 @@ def open_store(
     loc = os.fspath(location)
     if loc.startswith(("postgresql://", "postgres://")):
         return KeyStore(lambda: _PostgresBackend(loc), chunk_bits=chunk_bits, limits=limits, description="postgresql")
+    if loc.startswith("sqlite:///"):
+        loc = loc.removeprefix("sqlite:///")  # SQLAlchemy style: sqlite:///rel.db, sqlite:////abs/path.db
     if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
         raise ConfigError("synchronous must be FULL, NORMAL or EXTRA")
     sync = synchronous.upper()

@@ -1,0 +1,403 @@
+"""The key management entity (KME) of one site: the service layer shared by ETSI 014 and in-unit delivery.
+
+A :class:`KME` owns the site's :class:`~qkdstack.kms.store.KeyStore` and talks to the peer site's KME
+over a :class:`PeerLink` (an authenticated request/response link; the node provides the real one,
+:class:`InProcessPeerLink` connects two KMEs in one process). Every check of the ETSI GS QKD 014
+semantics (number and size limits, extensions, who may fetch which key) lives here, so the REST
+server (kms/etsi014.py) and the Unix-socket server (kms/local.py) only translate.
+
+Key ID agreement (docs/kms.md has the message formats):
+
+* The chunks of every key block have the same IDs at both sites (kms/store.py).
+* Chunks with an even index are pool 0, odd are pool 1. The KME whose ID sorts first serves its
+  own master SAEs from pool 0, the other from pool 1. Each pool has exactly one site that chooses
+  from it, so concurrent ``enc_keys`` calls at both sites can never pick the same chunk.
+* ``enc_keys`` at the master's site: (1) reserve chunks locally (state *pending*, one
+  transaction); (2) ask the peer to reserve exactly these chunks for the named slave SAE(s)
+  (``kms.reserve``, one transaction there, idempotent); (3) only after the peer confirmed, read
+  the key bytes and erase them (one transaction) and answer the SAE.
+* If the peer refuses, nothing left the site: the reservation is released. If the outcome is
+  unknown (timeout, link failure, crash), the pending keys are erased at both sites with
+  ``kms.discard`` (retried by :meth:`KME.resync` until the peer acknowledges): safe whatever the
+  peer did, and the two stores agree again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from qkdstack.errors import ChannelError, ConfigError, QKDError
+from qkdstack.kms.store import (
+    InsufficientKeys,
+    KeyNotAuthorized,
+    KeyNotFound,
+    KeyStore,
+    KeyStoreError,
+    Reservation,
+    chunks_per_key,
+)
+
+log = logging.getLogger(__name__)
+
+MSG_NOT_FOUND = "one or more keys specified are not found on KME"
+
+
+class KMEError(QKDError):
+    """A request refused with an ETSI GS QKD 014 status (400, 401, 503) and an Error body."""
+
+    def __init__(self, status: int, message: str, details: Sequence[dict[str, Any]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.details = list(details)
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+class PeerLink(Protocol):
+    """An authenticated request/response link to the peer KME.
+
+    ``request`` sends one JSON-compatible dict and returns the peer's answer (the dict the peer's
+    :meth:`KME.handle_peer` returned). It raises :class:`~qkdstack.errors.ChannelError` (or
+    ``OSError`` / ``asyncio.TimeoutError``) when the outcome is unknown.
+    """
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class InProcessPeerLink:
+    """A :class:`PeerLink` to a KME in the same process (tests, simulations, benchmarks).
+
+    Messages go through a JSON round trip so nothing is shared by reference. ``down = True``
+    makes requests fail before delivery; ``lose_replies = True`` delivers the request but loses
+    the answer (the outcome-unknown case).
+    """
+
+    def __init__(self, remote: KME, local_kme_id: str) -> None:
+        self.remote = remote
+        self.local_kme_id = local_kme_id
+        self.down = False
+        self.lose_replies = False
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.down:
+            raise ChannelError("peer link is down")
+        answer = await self.remote.handle_peer(self.local_kme_id, json.loads(json.dumps(message)))
+        if self.lose_replies:
+            raise ChannelError("peer link lost the answer")
+        return json.loads(json.dumps(answer))
+
+
+def link_pair(a: KME, b: KME) -> tuple[InProcessPeerLink, InProcessPeerLink]:
+    """Two in-process links: the first for ``a`` (to ``b``), the second for ``b`` (to ``a``)."""
+    return InProcessPeerLink(b, a.config.kme_id), InProcessPeerLink(a, b.config.kme_id)
+
+
+@dataclass(frozen=True)
+class KMEConfig:
+    """What a KME needs to know.
+
+    ``sae_ids``: the SAEs at this site (the subject CN of their client certificates).
+    ``link_id``: the store's link name; by default ``"<lower id>|<higher id>"`` (the same at both sites).
+    Sizes are in bits; ``key_size`` is the default size and also the store's chunk size.
+    """
+
+    kme_id: str
+    peer_kme_id: str
+    sae_ids: frozenset[str] = field(default_factory=frozenset)
+    key_size: int = 256
+    min_key_size: int = 64
+    max_key_size: int = 8192
+    max_key_per_request: int = 128
+    max_SAE_ID_count: int = 8  # noqa: N815  (the specification's name)
+    peer_timeout_s: float = 10.0
+    link_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.kme_id or not self.peer_kme_id or self.kme_id == self.peer_kme_id:
+            raise ConfigError("kme_id and peer_kme_id must be non-empty and different")
+        object.__setattr__(self, "sae_ids", frozenset(self.sae_ids))
+        for name in ("key_size", "min_key_size", "max_key_size"):
+            v = getattr(self, name)
+            if v <= 0 or v % 8:
+                raise ConfigError(f"{name} must be a positive multiple of 8 bits, got {v}")
+        if not self.min_key_size <= self.key_size <= self.max_key_size:
+            raise ConfigError("key_size must lie between min_key_size and max_key_size")
+        if self.max_key_per_request < 1 or self.max_SAE_ID_count < 0:
+            raise ConfigError("max_key_per_request must be >= 1 and max_SAE_ID_count >= 0")
+        if not self.link_id:
+            object.__setattr__(self, "link_id", "|".join(sorted((self.kme_id, self.peer_kme_id))))
+
+    @property
+    def own_pool(self) -> int:
+        """The pool this site's master SAEs are served from."""
+        return 0 if self.kme_id < self.peer_kme_id else 1
+
+
+def _key_entry(key_id: str, key: bytes) -> dict[str, str]:
+    return {"key_ID": key_id, "key": base64.b64encode(key).decode("ascii")}
+
+
+class KME:
+    """One site's key management entity. Attach the peer with :meth:`attach_peer`."""
+
+    def __init__(self, config: KMEConfig, store: KeyStore) -> None:
+        if store.chunk_bits != config.key_size:
+            raise ConfigError("the key store's chunk size must equal the KME's key_size")
+        self.config = config
+        self.store = store
+        self.peer: PeerLink | None = None
+        self.remote_sae_ids: frozenset[str] = frozenset()
+        self._background: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return f"KME({self.config.kme_id!r}, peer={self.config.peer_kme_id!r})"
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    async def attach_peer(self, link: PeerLink) -> None:
+        """Use ``link`` for the peer KME: exchange SAE lists (``kms.hello``) and resolve pending keys.
+
+        Call it whenever the authenticated node link (re)connects. Raises ChannelError if the
+        peer does not answer or is not the configured peer KME.
+        """
+        self.peer = link
+        answer = await self._peer_request(
+            {"type": "kms.hello", "kme_ID": self.config.kme_id, "SAE_IDs": sorted(self.config.sae_ids)}
+        )
+        if answer.get("kme_ID") != self.config.peer_kme_id or not answer.get("ok"):
+            self.peer = None
+            raise ChannelError(f"the peer link does not lead to KME {self.config.peer_kme_id!r}")
+        self.remote_sae_ids = frozenset(str(s) for s in answer.get("SAE_IDs", []))
+        await self.resync()
+
+    def detach_peer(self) -> None:
+        self.peer = None
+
+    async def add_block(self, block_id: str, key: bytes) -> int:
+        """Store an accepted key block (identical call at both sites). Returns the chunks stored."""
+        return await self.store.add_block(self.config.link_id, block_id, key)
+
+    async def is_full(self) -> bool:
+        return await self.store.is_full(self.config.link_id)
+
+    async def is_low(self) -> bool:
+        return await self.store.is_low(self.config.link_id)
+
+    async def resync(self) -> int:
+        """Erase, at both sites, keys whose peer reservation has an unknown outcome. Returns keys resolved."""
+        pending = await self.store.pending(self.config.link_id)
+        if not pending or self.peer is None:
+            return 0
+        await self._discard_both(pending)
+        return len(pending)
+
+    async def close(self) -> None:
+        for t in list(self._background):
+            t.cancel()
+        for t in list(self._background):
+            with contextlib.suppress(BaseException):
+                await t
+
+    # -- peer protocol ---------------------------------------------------------------------
+
+    async def _peer_request(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.peer is None:
+            raise ChannelError("no peer link attached")
+        answer = await asyncio.wait_for(self.peer.request(message), self.config.peer_timeout_s)
+        if not isinstance(answer, dict):
+            raise ChannelError("malformed answer from the peer KME")
+        return answer
+
+    async def _discard_both(self, reservations: Sequence[Reservation]) -> None:
+        chunks = [c for r in reservations for c in r.chunk_ids]
+        answer = await self._peer_request({"type": "kms.discard", "link_ID": self.config.link_id, "chunk_IDs": chunks})
+        if not answer.get("ok"):
+            raise ChannelError("the peer KME refused to discard keys")
+        await self.store.discard(self.config.link_id, chunks)
+
+    def _discard_later(self, reservations: Sequence[Reservation]) -> None:
+        async def run() -> None:
+            try:
+                await self._discard_both(reservations)
+            except (QKDError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "could not discard %d unconfirmed keys yet (%s); resync will retry",
+                    len(reservations),
+                    type(exc).__name__,
+                )
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def handle_peer(self, sender_kme_id: str, message: dict[str, Any]) -> dict[str, Any]:
+        """Answer one request from the peer KME (the node calls this for every ``kms.*`` message).
+
+        ``sender_kme_id`` is the authenticated identity of the sender. Always returns a dict;
+        ``{"ok": False, "error": ...}`` on refusal.
+        """
+        if sender_kme_id != self.config.peer_kme_id:
+            return {"ok": False, "error": "unknown peer KME"}
+        kind = message.get("type")
+        try:
+            if kind == "kms.hello":
+                self.remote_sae_ids = frozenset(str(s) for s in message.get("SAE_IDs", []))
+                return {"ok": True, "kme_ID": self.config.kme_id, "SAE_IDs": sorted(self.config.sae_ids)}
+            if kind == "kms.reserve":
+                return await self._peer_reserve(message)
+            if kind == "kms.discard":
+                if message.get("link_ID") != self.config.link_id:
+                    return {"ok": False, "error": "unknown link"}
+                chunks = [str(uuid.UUID(str(c))) for c in message.get("chunk_IDs", [])]
+                return {"ok": True, "erased": await self.store.discard(self.config.link_id, chunks)}
+        except (KeyStoreError, ValueError, TypeError) as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": False, "error": "unknown message type"}
+
+    async def _peer_reserve(self, message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("link_ID") != self.config.link_id:
+            return {"ok": False, "error": "unknown link"}
+        master = str(message.get("master_SAE_ID", ""))
+        slaves = [str(s) for s in message.get("slave_SAE_IDs", [])]
+        if not slaves or any(s not in self.config.sae_ids for s in slaves):
+            return {"ok": False, "error": "unknown slave SAE", "code": "unknown_slave"}
+        reservations = [Reservation.from_wire(k) for k in message.get("keys", [])]
+        await self.store.accept(self.config.link_id, 1 - self.config.own_pool, reservations, master, slaves)
+        return {"ok": True}
+
+    # -- ETSI GS QKD 014 semantics ---------------------------------------------------------
+
+    def _check_sae(self, sae_id: str) -> None:
+        if sae_id not in self.config.sae_ids:
+            raise KMEError(401, "SAE is not registered at this KME", [{"SAE_ID": sae_id}])
+
+    def _check_slave(self, slave: str) -> None:
+        if slave not in self.remote_sae_ids:
+            raise KMEError(400, "slave SAE ID is not known to the peer KME", [{"slave_SAE_ID": slave}])
+
+    async def status(self, master_sae: str, slave_sae: str) -> dict[str, Any]:
+        """ETSI 014 Status for the master SAE ``master_sae`` and slave SAE ``slave_sae``."""
+        self._check_sae(master_sae)
+        self._check_slave(slave_sae)
+        c = self.config
+        counts = await self.store.counts(c.link_id)
+        per_key = chunks_per_key(c.key_size, self.store.chunk_bits)
+        return {
+            "source_KME_ID": c.kme_id,
+            "target_KME_ID": c.peer_kme_id,
+            "master_SAE_ID": master_sae,
+            "slave_SAE_ID": slave_sae,
+            "key_size": c.key_size,
+            "stored_key_count": counts.available[c.own_pool] // per_key,
+            "max_key_count": self.store.limits(c.link_id).capacity // 2 // per_key,
+            "max_key_per_request": c.max_key_per_request,
+            "max_key_size": c.max_key_size,
+            "min_key_size": c.min_key_size,
+            "max_SAE_ID_count": c.max_SAE_ID_count,
+        }
+
+    async def enc_keys(
+        self,
+        master_sae: str,
+        slave_sae: str,
+        number: int | None = None,
+        size: int | None = None,
+        additional_slave_SAE_IDs: Sequence[str] | None = None,
+        extension_mandatory: Sequence[Any] | None = None,
+        extension_optional: Sequence[Any] | None = None,
+    ) -> dict[str, Any]:
+        """ETSI 014 Get key: reserve keys at both sites, then hand them to the master SAE (Key container)."""
+        c = self.config
+        self._check_sae(master_sae)
+        number = 1 if number is None else number
+        size = c.key_size if size is None else size
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= c.max_key_per_request:
+            raise KMEError(400, f"number shall be between 1 and max_key_per_request ({c.max_key_per_request})")
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
+            raise KMEError(400, "size shall be a multiple of 8")
+        if not c.min_key_size <= size <= c.max_key_size:
+            raise KMEError(
+                400, f"size shall be between min_key_size ({c.min_key_size}) and max_key_size ({c.max_key_size})"
+            )
+        if extension_mandatory:
+            names = sorted({str(k) for ext in extension_mandatory if isinstance(ext, dict) for k in ext})
+            raise KMEError(
+                400,
+                "not all extension_mandatory parameters are supported",
+                [{"extension_mandatory_unsupported": names}],
+            )
+        # extension_optional: none supported, ignored as the specification allows.
+        slaves = [slave_sae, *(additional_slave_SAE_IDs or [])]
+        if len(set(slaves)) != len(slaves):
+            raise KMEError(400, "slave SAE IDs must be distinct")
+        if len(slaves) - 1 > c.max_SAE_ID_count:
+            raise KMEError(400, f"at most max_SAE_ID_count ({c.max_SAE_ID_count}) additional slave SAE IDs")
+        for s in slaves:
+            self._check_slave(s)
+        if self.peer is None:
+            raise KMEError(503, "the peer KME is not connected")
+        try:
+            reservations = await self.store.reserve(c.link_id, c.own_pool, number, size, master_sae, slaves)
+        except InsufficientKeys:
+            raise KMEError(503, "not enough keys available for this request") from None
+        except KeyStoreError as exc:
+            raise KMEError(503, "key store error", [{"reason": str(exc)}]) from None
+        ids = [r.key_id for r in reservations]
+        message = {
+            "type": "kms.reserve",
+            "link_ID": c.link_id,
+            "master_SAE_ID": master_sae,
+            "slave_SAE_IDs": slaves,
+            "keys": [r.to_wire() for r in reservations],
+        }
+        try:
+            answer = await self._peer_request(message)
+        except (QKDError, OSError, TimeoutError, asyncio.CancelledError) as exc:
+            self._discard_later(reservations)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise KMEError(503, "the peer KME did not confirm the reservation") from None
+        if not answer.get("ok"):
+            await self.store.release(ids)  # the peer reserved nothing: the bits never left this site
+            if answer.get("code") == "unknown_slave":
+                raise KMEError(400, "slave SAE ID is not known to the peer KME", [{"slave_SAE_IDs": slaves}])
+            raise KMEError(503, "the peer KME refused the reservation", [{"reason": str(answer.get("error"))}])
+        try:
+            keys = await self.store.deliver_master(ids)
+        except KeyStoreError:
+            raise KMEError(503, "key store error during delivery") from None
+        return {"keys": [_key_entry(k.key_id, k.key) for k in keys]}
+
+    async def dec_keys(self, slave_sae: str, master_sae: str, key_ids: Sequence[Any]) -> dict[str, Any]:
+        """ETSI 014 Get key with key IDs: the slave SAE fetches keys the master SAE took (Key container)."""
+        self._check_sae(slave_sae)
+        if not key_ids:
+            raise KMEError(400, "key_ID or key_IDs is required")
+        if len(key_ids) > self.config.max_key_per_request:
+            raise KMEError(400, f"at most max_key_per_request ({self.config.max_key_per_request}) key IDs")
+        try:
+            ids = [str(uuid.UUID(str(k))) for k in key_ids]
+        except ValueError:
+            raise KMEError(400, MSG_NOT_FOUND, [{"reason": "key_ID is not a UUID"}]) from None
+        try:
+            keys = await self.store.deliver_slave(ids, slave_sae, master_sae)
+        except KeyNotAuthorized:
+            raise KMEError(401, "the SAE is not authorized to get one or more keys specified") from None
+        except KeyNotFound:
+            raise KMEError(400, MSG_NOT_FOUND) from None
+        except KeyStoreError:
+            raise KMEError(503, "key store error during delivery") from None
+        return {"keys": [_key_entry(k.key_id, k.key) for k in keys]}
