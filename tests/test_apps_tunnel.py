@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.client
 import http.server
+import shutil
 import threading
 import urllib.error
 import urllib.request
@@ -91,7 +93,9 @@ async def test_http_through_tunnel_with_rekeys(http_service, otp):
             assert entry.stats.qkd_bits_otp >= 8 * (len(BODY) + len(upload))
             assert entry.stats.qkd_bits_otp == exit_.stats.qkd_bits_otp
         else:
-            assert entry.stats.rekeys >= 2 and exit_.stats.rekeys == entry.stats.rekeys
+            # Hard limit: no key protects more than rekey_bytes in one direction.
+            assert entry.stats.rekeys >= len(BODY) // (32 * 1024) + len(upload) // (32 * 1024)
+            assert exit_.stats.rekeys == entry.stats.rekeys
             assert entry.stats.qkd_bits_rekey == 256 * entry.stats.rekeys
         assert entry.stats.qkd_bits_handshake == 2 * 256 == exit_.stats.qkd_bits_handshake
         assert master.delivered_bits == slave.delivered_bits and master.awaiting_slave == 0
@@ -180,3 +184,37 @@ def test_config_errors_name_the_field():
         TunnelConfig("entry", ("h", 1), ("h", 2), rekey_bytes=1).validate()
     with pytest.raises(ConfigError, match="mode"):
         TunnelConfig("middle", ("h", 1), ("h", 2)).validate()
+
+
+async def test_rekey_without_qkd_key_fails_closed(http_service):
+    """Key for the handshake but none for the first rekey: the connection ends, no data under a stale key."""
+    entry, exit_, master, _ = await start_pair(http_service, rekey_bytes=32 * 1024, capacity_bits=256)
+    try:
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError, http.client.HTTPException)):
+            got = await asyncio.to_thread(fetch, f"http://127.0.0.1:{entry.port}/")
+            assert got == BODY  # unreachable: the transfer must not complete
+        await settle(entry, exit_)
+        assert any("rekey needs a fresh QKD key" in e for e in entry.stats.errors), entry.stats.errors
+        assert entry.stats.rekeys == 0 and master.remaining_bits == 0
+    finally:
+        await entry.close()
+        await exit_.close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_through_tunnel(http_service):
+    """A stock client, unchanged: curl fetches through the entry port."""
+    entry, exit_, _, _ = await start_pair(http_service, rekey_bytes=64 * 1024)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "--max-time", "20", f"http://127.0.0.1:{entry.port}/x",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert out == BODY
+        await settle(entry, exit_)
+        assert entry.stats.rekeys >= 2 and entry.stats.errors == []
+    finally:
+        await entry.close()
+        await exit_.close()

@@ -59,11 +59,12 @@ from qkdstack.transport.tcp import TcpChannel
 
 log = logging.getLogger(__name__)
 
-DATA, CLOSE, REKEY, REKEY_ACK, OTP_DATA, PAD, PAD_REQUEST = 1, 2, 3, 4, 5, 6, 7
+DATA, CLOSE, REKEY, REKEY_ACK, OTP_DATA, PAD, PAD_REQUEST, REKEY_REQUEST = 1, 2, 3, 4, 5, 6, 7, 8
 _HEADER = struct.Struct(">IBIQ")
 _TAG = 16
 _DIR_I2R, _DIR_R2I = b"\x00", b"\x01"
 _MAX_CONTROL = 64 * 1024
+_MAX_RECORD = 1 << 20
 
 
 def parse_hostport(value: str, name: str) -> tuple[str, int]:
@@ -96,7 +97,7 @@ class TunnelConfig:
             raise ConfigError(f"rekey-seconds must be positive, got {self.rekey_seconds}")
         if self.rekey_bytes < 1024:
             raise ConfigError(f"rekey-bytes must be at least 1024, got {self.rekey_bytes}")
-        if not 1 <= self.record_bytes <= 1 << 20:
+        if not 1 <= self.record_bytes <= _MAX_RECORD:
             raise ConfigError(f"record-bytes must be in 1..1048576, got {self.record_bytes}")
         if self.qkd_key_bits < 128 or self.qkd_key_bits % 8:
             raise ConfigError(f"qkd-key-bits must be a multiple of 8 and at least 128, got {self.qkd_key_bits}")
@@ -153,7 +154,10 @@ class _Link:
         self._send_seq = self._recv_seq = 0
         self._next: hybrid.HybridSession | None = None
         self._rekey_pending = False
-        self._epoch_bytes = 0
+        self._rekeyed = asyncio.Event()  # set whenever this side's send key changes
+        self._requested_epoch = -1  # exit side: epoch for which a REKEY_REQUEST was sent
+        self._sent_bytes = 0  # data bytes sent under the current send key
+        self._recv_bytes = 0  # data bytes received under the current receive key
         self._epoch_start = time.monotonic()
         # OTP state: pad for what we send, pad for what we receive.
         self.send_pad, self.recv_pad = PadStream(), PadStream()
@@ -195,7 +199,7 @@ class _Link:
                 raise EOFError from None
             raise ChannelError("tunnel connection closed inside a record header") from None
         length, rtype, epoch, seq = _HEADER.unpack(header)
-        limit = (self.cfg.record_bytes if rtype in (DATA, OTP_DATA) else _MAX_CONTROL) + _TAG
+        limit = (_MAX_RECORD if rtype in (DATA, OTP_DATA) else _MAX_CONTROL) + _TAG
         if length < _TAG or length > limit:
             raise ChannelError(f"tunnel record of {length} bytes refused (limit {limit})")
         if seq != self._recv_seq:
@@ -231,13 +235,16 @@ class _Link:
     # ---- rekeying ---------------------------------------------------------------------
 
     def _due(self) -> bool:
+        limit = self.cfg.rekey_bytes
         return (
-            self._epoch_bytes >= self.cfg.rekey_bytes or time.monotonic() - self._epoch_start >= self.cfg.rekey_seconds
+            self._sent_bytes >= limit
+            or self._recv_bytes >= limit
+            or time.monotonic() - self._epoch_start >= self.cfg.rekey_seconds
         )
 
-    async def maybe_rekey(self) -> None:
-        """Entry side: start a rekey if one is due and none is in flight."""
-        if not self.initiator or self._rekey_pending or not self._due():
+    async def maybe_rekey(self, force: bool = False) -> None:
+        """Entry side: start a rekey if one is due (or ``force``) and none is in flight."""
+        if not self.initiator or self._rekey_pending or not (force or self._due()):
             return
         self._rekey_pending = True
         try:
@@ -249,7 +256,9 @@ class _Link:
             await self._write_record(REKEY, struct.pack(">I", new.epoch) + qkd.key_id.encode())
             self._send_aead = AESGCM(new.i2r_key)
             self._send_epoch = new.epoch
+            self._sent_bytes = 0
         self._next = new
+        self._rekeyed.set()
         self.stats.qkd_bits_rekey += qkd.size_bits
         log.info(
             "%s: rekey to epoch %d started with QKD key %s (%d bits)", self.name, new.epoch, qkd.key_id, qkd.size_bits
@@ -271,7 +280,9 @@ class _Link:
             await self._write_record(REKEY_ACK, struct.pack(">I", new.epoch))
             self._send_aead = AESGCM(new.r2i_key)
             self._send_epoch = new.epoch
+            self._sent_bytes = self._recv_bytes = 0
         self.session = new
+        self._rekeyed.set()
         self.stats.rekeys += 1
         self.stats.qkd_bits_rekey += qkd.size_bits
         log.info("%s: rekeyed to epoch %d with QKD key %s (%d bits)", self.name, epoch, key_id, qkd.size_bits)
@@ -283,10 +294,34 @@ class _Link:
         self._recv_epoch = self._next.epoch
         self.session, self._next = self._next, None
         self._rekey_pending = False
-        self._epoch_bytes = 0
+        self._recv_bytes = 0
         self._epoch_start = time.monotonic()
+        self._rekeyed.set()
         self.stats.rekeys += 1
         log.info("%s: rekey to epoch %d complete", self.name, self.session.epoch)
+
+    async def _before_send(self, n: int) -> None:
+        """Hold a data record until the send key has room for it (at most ``rekey_bytes`` per key).
+
+        The entry rekeys itself; the exit asks with a ``REKEY_REQUEST`` and waits for the
+        entry's ``REKEY``. A record larger than the limit still goes out alone under a fresh key.
+        """
+        while self._sent_bytes and self._sent_bytes + n > self.cfg.rekey_bytes:
+            self._rekeyed.clear()
+            if self.initiator and not self._rekey_pending:
+                await self.maybe_rekey(force=True)
+                continue
+            if not self.initiator and self._requested_epoch != self.session.epoch:
+                self._requested_epoch = self.session.epoch
+                await self.send(REKEY_REQUEST, struct.pack(">I", self.session.epoch))
+            await self._rekeyed.wait()
+
+    async def _on_rekey_request(self, payload: bytes) -> None:
+        if not self.initiator or len(payload) != 4:
+            raise ChannelError("unexpected or malformed REKEY_REQUEST record")
+        # A request for an epoch already left behind (a rekey crossed it) needs nothing.
+        if struct.unpack(">I", payload)[0] == self.session.epoch:
+            await self.maybe_rekey(force=True)
 
     # ---- one-time pad -------------------------------------------------------------------
 
@@ -364,8 +399,9 @@ class _Link:
                 k = POLY1305_ONE_TIME.key_bytes
                 await self._write_record(OTP_DATA, data, otp=(material[:k], material[k:]))
         else:
+            await self._before_send(len(data))
             await self.send(DATA, data)
-            self._epoch_bytes += len(data)
+            self._sent_bytes += len(data)
             await self.maybe_rekey()
 
     async def pump_out(self, plain: asyncio.StreamReader) -> None:
@@ -397,7 +433,7 @@ class _Link:
                 plain.write(payload)
                 await plain.drain()
                 if rtype == DATA:
-                    self._epoch_bytes += len(payload)
+                    self._recv_bytes += len(payload)
                     await self.maybe_rekey()
             elif rtype == CLOSE:
                 self.got_close = True
@@ -414,6 +450,8 @@ class _Link:
                 await self._on_pad(payload)
             elif rtype == PAD_REQUEST:
                 await self._on_pad_request(payload)
+            elif rtype == REKEY_REQUEST:
+                await self._on_rekey_request(payload)
             else:
                 raise ChannelError(f"unknown tunnel record type {rtype}")
 
@@ -552,18 +590,17 @@ class Tunnel:
         log.info("%s: tunnel up, QKD key %s (%d bits)", link.name, link.session.key_id, link.session.qkd_bits_consumed)
         out = asyncio.create_task(link.pump_out(plain_r))
         inn = asyncio.create_task(link.pump_in(plain_w))
-        tasks = {out, inn}
-        tick = asyncio.create_task(link.timer()) if timer else None
+        # The rekey timer is watched too: if it cannot get a QKD key, the connection must end.
+        pending = {out, inn} | ({asyncio.create_task(link.timer())} if timer else set())
         try:
-            while tasks:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
-                    tasks.discard(t)
                     t.result()
-                if out.done() and link.got_close:
+                if out.done() and (inn.done() or link.got_close):
                     break
         finally:
-            for t in [*tasks, *([tick] if tick else [])]:
+            for t in pending:
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
