@@ -15,8 +15,8 @@ from :mod:`qkdstack.theory.device`) to the security bounds:
   evaluated without finite-size terms (the dashed asymptotic curve of their Fig. 1).
 
 Optional optimisation (scipy.optimize): μ for the asymptotic methods (bounded Brent), and
-{μ1, μ2, p_μ1, p_μ2, p_Z} for ``lim2014`` (bounded Nelder–Mead from a few fixed starting
-points, as Lim 2014 optimise {q_x, p_μ1, p_μ2, μ1, μ2}; μ3 stays as given, Lim fix it at
+{μ1, μ2, p_μ1, p_μ2, p_Z} for ``lim2014`` (a fixed-seed Sobol sample, then bounded Nelder–Mead
+from the best points, as Lim 2014 optimise {q_x, p_μ1, p_μ2, μ1, μ2}; μ3 stays as given, Lim fix it at
 2×10^−4). Detector dead time is not part of these formulas (nor of Lim 2014's model).
 """
 
@@ -293,11 +293,11 @@ def optimize_lim2014(
     # Coarse global stage: a scrambled Sobol sample of the box (fixed seed, so deterministic),
     # then Nelder-Mead from the given configuration and the best sample points.
     p1_0 = src.intensity_probs[0]
-    given = np.array([src.intensities[0], src.intensities[1], p1_0, src.intensity_probs[1] / (1 - p1_0), pz0])
+    x_given = np.array([src.intensities[0], src.intensities[1], p1_0, src.intensity_probs[1] / (1 - p1_0), pz0])
     sample = qmc.scale(qmc.Sobol(d=len(bounds), scramble=True, seed=12345).random(n_sample), lower, upper)
     values = np.array([objective(x) for x in sample])
     order = np.argsort(values)[:n_starts]
-    starts = [np.clip(given[: len(bounds)], lower, upper), *(sample[i] for i in order)]
+    starts = [np.clip(x_given[: len(bounds)], lower, upper), *(sample[i] for i in order)]
     best_x, best_f = None, math.inf
     for x0 in starts:
         res = minimize(
