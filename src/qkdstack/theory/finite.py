@@ -200,10 +200,11 @@ def gamma(a: float, b: float, c: float, d: float) -> float:
         return math.inf
     if b <= 0 or b >= 1:
         return 0.0
-    arg = (c + d) / (c * d * (1 - b) * b) * 21**2 / (a * a)
-    if arg <= 1:
+    # log2 of the argument computed term by term: a² underflows for ε_sec below ~1e-160.
+    log_arg = math.log2(c + d) - math.log2(c) - math.log2(d) - math.log2((1 - b) * b) + 2 * math.log2(21 / a)
+    if log_arg <= 0:
         return 0.0
-    return math.sqrt((c + d) * (1 - b) * b / (c * d * _LN2) * math.log2(arg))
+    return math.sqrt((c + d) * (1 - b) * b / (c * d * _LN2) * log_arg)
 
 
 def lim2014_bounds(counts: DecoyCounts, eps_sec: float, *, finite: bool = True) -> DecoyBounds:
