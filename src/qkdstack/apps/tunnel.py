@@ -517,10 +517,13 @@ class Tunnel:
         async with self._server:
             await self._server.serve_forever()
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 1.0) -> None:
+        """Stop listening; connections get ``grace_s`` seconds to finish, then are cut."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self._tasks:  # let connections that are finishing finish, then cut the rest
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -528,6 +531,11 @@ class Tunnel:
                 await task
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Cancellation only comes from close(); end quietly (asyncio 3.11 logs cancelled handler tasks).
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._handle(reader, writer)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
