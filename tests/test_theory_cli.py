@@ -96,3 +96,16 @@ def test_bad_parameters_exit_2_with_one_sentence(argv: list[str], capsys: pytest
     assert exc_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "error" in err and "Traceback" not in err
+
+
+def test_optimised_mu_below_listed_decoy_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    """With e_d = 8 % the infinite-decoy optimum μ ≈ 0.13 lies below the (ignored) decoy 0.3."""
+    out = run_json(capsys, "--misalignment", "0.08", "--decoys", "0.3,0", "--optimize", "--distance-km", "0")
+    pt = out["points"][0]
+    assert pt["intensities"] == [pytest.approx(pt["detail"]["mu"])]
+    assert 0.05 < pt["detail"]["mu"] < 0.3 and pt["rate_per_pulse"] > 0
+
+
+def test_lossless_fibre_has_unbounded_distance(capsys: pytest.CaptureFixture[str]) -> None:
+    out = run_json(capsys, "--attenuation", "0", "--distance-km", "10")
+    assert out["max_distance_km"] is None and out["max_distance_unbounded"] is True

@@ -135,9 +135,12 @@ def ma2005_expected_rate(params: DeviceParams, method: str, f_ec: float, *, opti
         raise ConfigError(f"method must be 'infinite' or 'vacuum-weak' here, got {method!r}")
     res = optimize_mu(rate, low=low, high=max(1.5, low * 2)) if optimize else rate(params.source.intensities[0])
     if optimize and res.mu != params.source.intensities[0]:
-        mus = list(params.source.intensities)
-        mus[0] = res.mu
-        params = replace(params, source=replace(params.source, intensities=tuple(mus)))
+        mus = (res.mu, *params.source.intensities[1:])
+        try:
+            params = replace(params, source=replace(params.source, intensities=mus))
+        except ConfigError:
+            # The infinite-decoy optimum fell below a listed decoy (which that method ignores).
+            params = replace(params, source=replace(params.source, intensities=(res.mu,), intensity_probs=(1.0,)))
     return ExpectedRate(
         method=method,
         rate_per_pulse=res.rate_per_pulse,
