@@ -68,8 +68,13 @@ def test_inexact_fft_result_fails_closed(monkeypatch):
     """If the float result strays 0.3 from an integer, the hash refuses instead of rounding."""
     import scipy.fft
 
-    real_irfft = scipy.fft.irfft
-    monkeypatch.setattr(scipy.fft, "irfft", lambda *a, **k: real_irfft(*a, **k) + 0.3)
+    real_ifft = scipy.fft.ifft
+
+    def drifting_ifft(x, *args, axis=-1, **kwargs):
+        out = real_ifft(x, *args, axis=axis, **kwargs)
+        return out + 0.3 if axis == 0 else out  # the last inverse step
+
+    monkeypatch.setattr(scipy.fft, "ifft", drifting_ifft)
     key, seed = _random_instance(1, 100, 50)
     with pytest.raises(ToeplitzPrecisionError) as info:
         toeplitz_hash(key, seed, 50)
