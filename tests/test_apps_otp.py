@@ -117,3 +117,13 @@ def test_xor_bytes():
     a, b = bytes(range(256)), bytes(reversed(range(256)))
     assert xor_bytes(a, b) == bytes(x ^ y for x, y in zip(a, b, strict=True))
     assert xor_bytes(b"", b"") == b""
+
+
+def test_one_time_mac_is_poly1305_keyed_r_then_s():
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+    from qkdstack.apps.otp import ONE_TIME_MAC
+
+    key = hashlib.sha256(b"k").digest()
+    assert ONE_TIME_MAC.key_bytes == 32
+    assert ONE_TIME_MAC.tag(key, b"message") == Poly1305.generate_tag(key, b"message")

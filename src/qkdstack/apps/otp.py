@@ -15,9 +15,9 @@ Key consumed per message of n bytes: n bytes of pad plus 32 bytes of MAC key, fe
 ONE key request (ETSI 014 ``enc_keys`` is all or none): when the source cannot cover the
 whole message, nothing is fetched and :class:`~qkdstack.errors.KeyStoreError` is raised.
 
-The MAC is pluggable (:class:`OneTimeMac`): the default :data:`POLY1305_ONE_TIME` uses
-``cryptography``'s Poly1305 directly with a fresh (r, s) per message; the authentication
-layer's Wegman–Carter MAC (``qkdstack.auth.wegman_carter``) fits the same interface.
+The MAC is the authentication layer's :class:`~qkdstack.auth.wegman_carter.WegmanCarterMac`
+used with a fresh hash key r *and* a fresh pad s per message (:data:`ONE_TIME_MAC`), so no
+key-recycling argument is needed; any :class:`OneTimeMac` can be passed instead.
 
 :class:`PadStream` is the streaming form used by the tunnel's ``--otp`` mode: an ordered
 queue of QKD keys consumed byte by byte, never twice, with consumed bytes overwritten.
@@ -32,12 +32,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cryptography.hazmat.primitives.poly1305 import Poly1305
-
 from qkdstack.apps.keysource import KeySource, QKDKey, plan_request, source_limits
+from qkdstack.auth.wegman_carter import HASH_KEY_BYTES, PAD_BYTES, TAG_BYTES, WegmanCarterMac
 from qkdstack.errors import AuthenticationError, ChannelError, KeyStoreError
 
-TAG_LEN = 16
+TAG_LEN = TAG_BYTES
 
 
 class OneTimeMac(Protocol):
@@ -49,17 +48,17 @@ class OneTimeMac(Protocol):
     def tag(self, key: bytes, message: bytes) -> bytes: ...
 
 
-class Poly1305OneTime:
-    """Poly1305 with one-time (r, s) = (key[:16], key[16:32]) from QKD key: a Wegman–Carter MAC."""
+class WegmanCarterOneTime:
+    """Wegman–Carter (Poly1305) with a one-time hash key r = key[:16] and pad s = key[16:32]."""
 
-    key_bytes = 32
-    tag_bytes = TAG_LEN
+    key_bytes = HASH_KEY_BYTES + PAD_BYTES
+    tag_bytes = TAG_BYTES
 
     def tag(self, key: bytes, message: bytes) -> bytes:
-        return Poly1305.generate_tag(key, message)
+        return WegmanCarterMac(key[:HASH_KEY_BYTES]).tag(message, key[HASH_KEY_BYTES : self.key_bytes])
 
 
-POLY1305_ONE_TIME = Poly1305OneTime()
+ONE_TIME_MAC = WegmanCarterOneTime()
 
 
 def xor_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bytes:
@@ -110,7 +109,7 @@ class OtpMessage:
         return f"OtpMessage(keys={len(self.key_ids)}, ciphertext_bytes={len(self.ciphertext)})"
 
 
-def key_bytes_needed(message_len: int, mac: OneTimeMac = POLY1305_ONE_TIME) -> int:
+def key_bytes_needed(message_len: int, mac: OneTimeMac = ONE_TIME_MAC) -> int:
     """QKD key bytes one message of ``message_len`` bytes consumes: pad plus MAC key."""
     return message_len + mac.key_bytes
 
@@ -123,7 +122,7 @@ def _split(keys: Sequence[QKDKey], message_len: int, mac: OneTimeMac) -> tuple[b
     return material[: mac.key_bytes], material[mac.key_bytes : need]
 
 
-async def otp_encrypt(source: KeySource, plaintext: bytes, mac: OneTimeMac = POLY1305_ONE_TIME) -> OtpMessage:
+async def otp_encrypt(source: KeySource, plaintext: bytes, mac: OneTimeMac = ONE_TIME_MAC) -> OtpMessage:
     """Encrypt ``plaintext`` with fresh QKD key (master side); refuses, consuming nothing, if short of key."""
     max_bits, max_keys = source_limits(source)
     number, size_bits = plan_request(key_bytes_needed(len(plaintext), mac), max_bits, max_keys)
@@ -133,7 +132,7 @@ async def otp_encrypt(source: KeySource, plaintext: bytes, mac: OneTimeMac = POL
     return OtpMessage(msg.key_ids, msg.ciphertext, mac.tag(mac_key, msg.authenticated_data()))
 
 
-async def otp_decrypt(source: KeySource, message: OtpMessage, mac: OneTimeMac = POLY1305_ONE_TIME) -> bytes:
+async def otp_decrypt(source: KeySource, message: OtpMessage, mac: OneTimeMac = ONE_TIME_MAC) -> bytes:
     """Verify and decrypt (slave side); a bad tag raises AuthenticationError and yields nothing.
 
     The keys are consumed either way (a key once fetched is never handed out again).

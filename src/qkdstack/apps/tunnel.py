@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from qkdstack.apps import hybrid
 from qkdstack.apps.keysource import KeySource, QKDKey, plan_request, source_limits
-from qkdstack.apps.otp import POLY1305_ONE_TIME, PadStream, xor_bytes
+from qkdstack.apps.otp import ONE_TIME_MAC, PadStream, xor_bytes
 from qkdstack.errors import AuthenticationError, ChannelError, ConfigError, KeyStoreError, QKDError
 from qkdstack.transport.tcp import TcpChannel
 
@@ -181,7 +181,7 @@ class _Link:
         else:
             mac_key, pad = otp
             ct = xor_bytes(payload, pad)
-            body = ct + POLY1305_ONE_TIME.tag(mac_key, aad + ct)
+            body = ct + ONE_TIME_MAC.tag(mac_key, aad + ct)
         self._send_seq += 1
         self.writer.write(header + body)
         await self.writer.drain()
@@ -216,12 +216,12 @@ class _Link:
             if not self.cfg.otp:
                 raise ChannelError("one-time-pad record on a tunnel not in OTP mode")
             try:
-                material = self.recv_pad.take(POLY1305_ONE_TIME.key_bytes + n)
+                material = self.recv_pad.take(ONE_TIME_MAC.key_bytes + n)
             except KeyStoreError:
                 raise ChannelError("one-time-pad record beyond the announced pad") from None
-            mac_key, pad = material[: POLY1305_ONE_TIME.key_bytes], material[POLY1305_ONE_TIME.key_bytes :]
+            mac_key, pad = material[: ONE_TIME_MAC.key_bytes], material[ONE_TIME_MAC.key_bytes :]
             ct, tag = body[:n], body[n:]
-            if not hmac.compare_digest(POLY1305_ONE_TIME.tag(mac_key, aad + ct), tag):
+            if not hmac.compare_digest(ONE_TIME_MAC.tag(mac_key, aad + ct), tag):
                 raise AuthenticationError("tunnel one-time-pad record failed Wegman–Carter authentication")
             payload = xor_bytes(ct, pad)
         else:
@@ -392,11 +392,11 @@ class _Link:
 
     async def send_data(self, data: bytes) -> None:
         if self.cfg.otp:
-            need = POLY1305_ONE_TIME.key_bytes + len(data)
+            need = ONE_TIME_MAC.key_bytes + len(data)
             await self._ensure_send_pad(need)
             async with self._lock:
                 material = self.send_pad.take(need)
-                k = POLY1305_ONE_TIME.key_bytes
+                k = ONE_TIME_MAC.key_bytes
                 await self._write_record(OTP_DATA, data, otp=(material[:k], material[k:]))
         else:
             await self._before_send(len(data))
