@@ -113,3 +113,82 @@ async def test_tunnel_over_etsi014(sites, pki):
             await exit_.close()
             srv.close()
     await sites.agree()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _wait_listening(port: int, proc) -> None:
+    for _ in range(300):
+        if proc.returncode is not None:
+            raise AssertionError(f"tunnel process exited early with {proc.returncode}")
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        w.close()
+        return
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+@pytest.mark.slow
+async def test_cli_tunnel_processes_carry_http(sites, pki, tmp_path):
+    """`qkdstack tunnel` as two processes (entry at A, exit at B) with ETSI 014 keys; a stock client through it."""
+    import signal
+    import sys
+    from pathlib import Path
+
+    body = bytes(range(256)) * 800
+
+    async def service(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(service, "127.0.0.1", 0)
+    exit_port, entry_port = _free_port(), _free_port()
+    exe = str(Path(sys.executable).with_name("qkdstack"))
+
+    def args(mode, listen, connect, sae_name, srv_url, peer):
+        cert, key, ca = pki.files[sae_name]
+        return [exe, "tunnel", "--mode", mode, "--listen", f"127.0.0.1:{listen}", "--connect", f"127.0.0.1:{connect}",
+                "--kme-url", srv_url, "--cert", cert, "--key", key, "--ca", ca, "--peer-sae", peer,
+                "--rekey-bytes", "65536"]  # fmt: skip
+
+    procs = []
+    try:
+        service_port = srv.sockets[0].getsockname()[1]
+        for a in (
+            args("exit", exit_port, service_port, "SAE_B", sites.srv_b.url, "SAE_A"),
+            args("entry", entry_port, exit_port, "SAE_A", sites.srv_a.url, "SAE_B"),
+        ):
+            procs.append(await asyncio.create_subprocess_exec(*a, stderr=asyncio.subprocess.PIPE))
+        await _wait_listening(exit_port, procs[0])
+        await _wait_listening(entry_port, procs[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", entry_port)
+        writer.write(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        got = b""
+        while chunk := await asyncio.wait_for(reader.read(65536), 20):
+            got += chunk
+        writer.close()
+        assert got.endswith(b"\r\n\r\n" + body) and got.startswith(b"HTTP/1.0 200")
+    finally:
+        logs = []
+        for p in procs:
+            if p.returncode is None:
+                p.send_signal(signal.SIGINT)
+            _, err = await asyncio.wait_for(p.communicate(), 20)
+            logs.append(err.decode())
+        srv.close()
+    entry_log = logs[1]
+    assert "rekey to epoch 2 complete" in entry_log, entry_log
+    assert "QKD key consumed" in entry_log
+    await sites.agree()
