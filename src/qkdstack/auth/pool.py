@@ -51,6 +51,7 @@ tag computed from the change leaves the node.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import stat
@@ -188,7 +189,8 @@ class AuthKeyPool:
     Make one with :meth:`from_seed` (bootstrap: PSK bytes, or the key of a signature-authenticated
     first round) or :meth:`load`. Parameters: ``target_pad_bytes`` - pad balance per direction that
     refills aim at (default 512 bytes = 32 rounds); ``hash_reserve_bytes`` - hash-key balance per
-    direction refills keep (default 32 = two keys); ``max_skip`` - how far (bytes) a peer's cursor
+    direction refills keep (default 64 = four keys: the link survives four failed verifications in a
+    row before it needs a successful round); ``max_skip`` - how far (bytes) a peer's cursor
     may be ahead before the round is refused.
     """
 
@@ -199,7 +201,7 @@ class AuthKeyPool:
         path: str | os.PathLike[str] | None = None,
         persist: Callable[[bytes], None] | None = None,
         target_pad_bytes: int = 512,
-        hash_reserve_bytes: int = 2 * HASH_KEY_BYTES,
+        hash_reserve_bytes: int = 4 * HASH_KEY_BYTES,
         max_skip: int = 8 * PAD_BYTES,
     ) -> None:
         if not link_id:
@@ -220,6 +222,7 @@ class AuthKeyPool:
         self._pending: list[_Segment] = []
         self._seed_end: dict[str, dict[str, int]] = {d: {k: 0 for k in KINDS} for d in DIRECTIONS}
         self._seed_retired = False
+        self._last_round_id = SEED_ROUND_ID
         self._stats: dict[str, Any] = {
             "consumed_bytes": {d: 0 for d in DIRECTIONS},
             "refilled_bytes": {d: 0 for d in DIRECTIONS},
@@ -333,10 +336,11 @@ class AuthKeyPool:
         consumed then) and :class:`KeyPoolExhausted` when the pool cannot pay for the round.
         """
         peer = _parse_sync(peer_state)
-        last = max([*self._committed_tail, *(s.round_id for s in self._pending)], default=SEED_ROUND_ID)
+        last = self._last_round_id
         if round_id <= last:
             raise AuthenticationError(
-                f"round id {round_id} of link {self.link_id} is not newer than the last one ({last}); refusing a replay"
+                f"round id {round_id} of link {self.link_id} is not newer than the last ({last}); refusing a replay "
+                f"(every round, aborted ones included, needs a new, larger id)"
             )
         mine_c = set(self._committed_tail)
         mine_p = {s.round_id for s in self._pending}
@@ -393,6 +397,7 @@ class AuthKeyPool:
                 self._stats["hash_key_refreshes"][d] += 1
             self._stats["consumed_bytes"][d] += consumed[d]
         self._stats["rounds_reserved"] += 1
+        self._last_round_id = round_id
         self.save()
         keep_pending = sorted((mine_p & set(peer["pending"])) - set(promote))
         meta = {
@@ -484,6 +489,16 @@ class AuthKeyPool:
 
     # ------------------------------------------------------------------------------- persistence
 
+    def lockstep_digest(self) -> str:
+        """SHA-256 (hex) of everything that must be equal at both ends: key bytes, cursors, round ids.
+
+        Two sites can compare it to confirm their pools are in step without showing key bytes.
+        """
+        doc = json.loads(self.to_bytes())
+        for k in ("stats", "last_round_id"):
+            doc.pop(k)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
     def to_bytes(self) -> bytes:
         """The serialised pool (contains key material: store it 0600)."""
         doc = {
@@ -499,6 +514,7 @@ class AuthKeyPool:
             "committed_tail": self._committed_tail,
             "seed_end": self._seed_end,
             "seed_retired": self._seed_retired,
+            "last_round_id": self._last_round_id,
             "pending": [
                 {"round_id": s.round_id, "parts": {d: {k: s.parts[d][k].hex() for k in KINDS} for d in DIRECTIONS}}
                 for s in self._pending
@@ -544,6 +560,7 @@ class AuthKeyPool:
             pool._committed_tail = [int(x) for x in doc["committed_tail"]]
             pool._seed_end = {d: {k: int(doc["seed_end"][d][k]) for k in KINDS} for d in DIRECTIONS}
             pool._seed_retired = bool(doc["seed_retired"])
+            pool._last_round_id = int(doc["last_round_id"])
             pool._pending = [
                 _Segment(
                     int(s["round_id"]),
