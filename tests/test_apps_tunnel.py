@@ -218,3 +218,21 @@ async def test_curl_through_tunnel(http_service):
     finally:
         await entry.close()
         await exit_.close()
+
+
+async def test_otp_uses_the_last_key_then_refuses(http_service):
+    """OTP mode with little key: small exchanges use what is left; when pad runs out the connection ends."""
+    # Handshake (256 bits) plus ~3 KB of pad: too little for a refill, enough for a short request.
+    entry, exit_, master, _ = await start_pair(http_service, otp=True, capacity_bits=256 + 8 * 3000)
+    try:
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError, http.client.HTTPException)):
+            got = await asyncio.to_thread(fetch, f"http://127.0.0.1:{entry.port}/")
+            assert got == BODY  # unreachable: 200 kB cannot be covered by 3 kB of pad
+        await settle(entry, exit_)
+        assert entry.stats.qkd_bits_otp > 0  # the request itself went out under the remaining pad
+        assert any("not enough key" in e for e in entry.stats.errors), entry.stats.errors
+        # The refused request took nothing: what is left is exactly what the pad fetches did not use.
+        assert master.remaining_bits == 8 * 3000 - entry.stats.qkd_bits_otp > 0
+    finally:
+        await entry.close()
+        await exit_.close()

@@ -326,10 +326,21 @@ class _Link:
     # ---- one-time pad -------------------------------------------------------------------
 
     async def _fetch_pad(self, nbytes: int) -> list[QKDKey]:
+        """Fetch at least ``nbytes`` of pad: a refill's worth if the store has it, else just ``nbytes``.
+
+        Each request is all or none, so a refused refill leaves nothing half-used.
+        """
         max_bits, max_keys = source_limits(self.keys)
-        nbytes = min(max(nbytes, self.cfg.otp_refill_bytes), (max_bits // 8) * max_keys)
-        number, size_bits = plan_request(nbytes, max_bits, max_keys)
-        keys = await self.keys.get_new_keys(number, size_bits)
+        cap = (max_bits // 8) * max_keys
+        want = min(max(nbytes, self.cfg.otp_refill_bytes), cap)
+        number, size_bits = plan_request(want, max_bits, max_keys)
+        try:
+            keys = await self.keys.get_new_keys(number, size_bits)
+        except KeyStoreError:
+            if want <= nbytes:
+                raise
+            number, size_bits = plan_request(nbytes, max_bits, max_keys)
+            keys = await self.keys.get_new_keys(number, size_bits)
         bits = number * size_bits
         self.stats.qkd_bits_otp += bits
         log.info("%s: fetched %d QKD keys (%d bits) for the one-time pad", self.name, number, bits)

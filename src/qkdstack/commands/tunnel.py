@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rekey-bytes", type=int, default=64 * 1024 * 1024, help="rekey after this many bytes (default 64 MiB)"
     )
     p.add_argument("--otp", action="store_true", help="one-time-pad mode: QKD key for every byte")
+    p.add_argument(
+        "--otp-refill-bytes", type=int, default=65536, help="one-time pad fetched per key request (default 65536)"
+    )
     p.add_argument("--qkd-key-bits", type=int, default=256, help="QKD key per handshake/rekey, bits (default 256)")
     p.add_argument("--record-bytes", type=int, default=16384, help="largest data record, bytes (default 16384)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -87,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         otp=args.otp,
         record_bytes=args.record_bytes,
         qkd_key_bits=args.qkd_key_bits,
+        otp_refill_bytes=args.otp_refill_bytes,
     )
     config.validate()
     for path, flag in ((args.cert, "cert"), (args.key, "key"), (args.ca, "ca")):
