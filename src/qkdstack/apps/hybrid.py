@@ -57,7 +57,10 @@ ID, and only after checking the initiator's pre-confirmation tag does the respon
 slave) fetch that key by ID. A tampered ciphertext or public key therefore aborts the
 handshake before any QKD key is spent (ML-KEM's implicit rejection turns a tampered
 ciphertext into an unrelated secret, which the tag exposes). A missing or already-used key
-ID fails closed (KeyStoreError, the peer is told ``hybrid.abort``). Final key confirmation:
+ID fails closed (KeyStoreError, the peer is told ``hybrid.abort``). Only the QKD key
+authenticates the peer (ML-KEM and X25519 are ephemeral): an active attacker who relays two
+separate ML-KEM/X25519 runs passes both pre-confirmations and is caught at the final
+confirmation, after one QKD key was fetched. It learns nothing, but can burn that key. Final key confirmation:
 each side sends HMAC-SHA-384 over ``SHA-384(T)`` under its own confirmation key from OKM,
 checked with :func:`hmac.compare_digest`.
 
