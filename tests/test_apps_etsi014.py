@@ -74,6 +74,17 @@ async def test_tampered_handshake_spends_no_kms_key(sites, pki):
         assert (await a.status())["stored_key_count"] == before
 
 
+async def test_request_beyond_the_store_fails_closed_and_takes_nothing(sites, pki):
+    async with sae(pki, "SAE_A", sites.srv_a, "SAE_B") as a:
+        before = (await a.status())["stored_key_count"]
+        with pytest.raises(KeyStoreError, match=r"HTTP (400|503)"):
+            await a.get_new_keys(128, 8192)  # 1 Mbit; the sites hold 64 kbit
+        assert (await a.status())["stored_key_count"] == before
+        with pytest.raises(KeyStoreError, match="one request"):
+            await otp_encrypt(a, bytes(200_000))  # more than 128 keys of 8192 bits: refused before asking
+    await sites.agree()
+
+
 async def test_unregistered_sae_is_refused(sites, pki):
     async with sae(pki, "SAE_X", sites.srv_a, "SAE_B") as x:
         with pytest.raises(AuthenticationError, match="401"):
