@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
 "$VENV/bin/ruff" check src tests benchmarks
+# The OpenPGP web-of-trust tests need GnuPG (Debian package gnupg); install it where it is missing and we are root.
+if ! command -v gpg >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnupg >&2
+fi
 if [ -z "${QKDSTACK_TEST_PG_URL:-}" ] && [ -x scripts/pg-test-server.sh ]; then
   eval "$(bash scripts/pg-test-server.sh start)"
   trap 'bash scripts/pg-test-server.sh stop >/dev/null 2>&1 || true' EXIT
