@@ -22,7 +22,10 @@ def test_fft_equals_naive_on_small_sizes(n, data):
     assert np.array_equal(out, toeplitz_hash_naive(key, seed, m))
 
 
-@pytest.mark.parametrize("n,m", [(1, 1), (2, 1), (2, 2), (7, 7), (63, 1), (64, 64), (65, 33), (129, 128), (1001, 1)])
+@pytest.mark.parametrize(
+    "n,m",
+    [(1, 1), (2, 1), (2, 2), (7, 7), (63, 1), (64, 64), (65, 33), (129, 128), (1001, 1), (3001, 2999), (4096, 4096)],
+)
 def test_edge_sizes(n, m):
     key, seed = _random_instance(n * 1000 + m, n, m)
     assert np.array_equal(toeplitz_hash(key, seed, m), toeplitz_hash_naive(key, seed, m))

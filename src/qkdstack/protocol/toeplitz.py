@@ -123,11 +123,11 @@ def _smooth_numbers(limit: int) -> list[int]:
 
 @lru_cache(maxsize=64)
 def _shape(length: int) -> tuple[int, int]:
-    """Four-step matrix shape ``(C, R)``: both 5-smooth, ``C * R >= length`` minimal, then most square."""
+    """Four-step matrix shape ``(C, R)``: 5-smooth, ``R`` even, ``C * R >= length`` minimal, then most square."""
     root = math.isqrt(length)
     best: tuple[tuple[int, float], int, int] | None = None
     for rows in _smooth_numbers(4 * root + 4):
-        if rows * 16 < root:
+        if rows % 2 or rows * 16 < root:
             continue
         cols = scipy.fft.next_fast_len(-(-length // rows))
         score = (rows * cols, abs(math.log(rows / cols)))
@@ -164,47 +164,85 @@ def _twiddle(a: np.ndarray, n_total: int, sign: float) -> None:
 
 
 @njit(cache=True)
-def _spectrum_product(y: np.ndarray) -> None:
-    """Turn ``Y = FFT(seed + i*key)`` (four-step layout) into ``FFT(seed) * FFT(key)`` in place.
+def _mirror_product(z: np.ndarray, r: int, c: int) -> complex:
+    """``FFT(seed) * FFT(key)`` at four-step position ``[r, c]`` of ``z = FFT(seed + i*key)``.
 
-    Entry ``[k2, k1]`` holds frequency ``k = k2 + C*k1``; its mirror ``-k mod N`` sits at
-    ``[0, -k1 mod R]`` when ``k2 = 0`` and at ``[C - k2, R - 1 - k1]`` otherwise. Each pair is
-    read once and both entries written: ``P[k] = (Z[k]^2 - conj(Z[-k])^2) / (4i)``.
+    Position ``[r, c]`` holds frequency ``k = r + C*c``; its mirror ``-k mod N`` sits at
+    ``[0, -c mod R]`` when ``r = 0`` and at ``[C - r, R - 1 - c]`` otherwise, and
+    ``S[k] * K[k] = (Z[k]^2 - conj(Z[-k])^2) / (4i)``.
     """
-    rows, cols = y.shape
-    quarter_over_i = -0.25j
+    rows, cols = z.shape
+    mirror = z[0, (cols - c) % cols] if r == 0 else z[rows - r, cols - 1 - c]
+    here = z[r, c]
+    return (here * here - mirror.conjugate() ** 2) * -0.25j
+
+
+@njit(cache=True)
+def _half_length_spectrum(z: np.ndarray) -> np.ndarray:
+    """Spectrum ``Q`` of length ``N/2`` whose inverse is ``p[2j] + i*p[2j+1]``, ``p = seed (*) key``.
+
+    The product spectrum ``P`` is Hermitian (``p`` is real), so a complex inverse of length
+    ``N`` would waste half its work. With ``E[k] = (P[k] + P[k + N/2]) / 2`` (spectrum of the
+    even samples) and ``O[k] = (P[k] - P[k + N/2]) * w^(-k) / 2`` (odd samples, ``w =
+    exp(-2*pi*i/N)``), ``Q = E + i*O``. ``k + N/2`` is column ``c + R/2`` of the same row, so
+    ``Q`` has the four-step layout ``(C, R/2)`` for length ``N/2``.
+    """
+    rows, cols = z.shape
+    half = cols // 2
+    n_total = rows * cols
+    row_turn = np.empty(rows, np.complex128)
+    col_turn = np.empty(half, np.complex128)
     for r in range(rows):
-        pr = (rows - r) % rows
-        for c in range(cols):
-            pc = (cols - c) % cols if r == 0 else cols - 1 - c
-            k = r + rows * c
-            kp = pr + rows * pc
-            if k < kp:
-                z = y[r, c]
-                zp = y[pr, pc]
-                y[r, c] = (z * z - zp.conjugate() ** 2) * quarter_over_i
-                y[pr, pc] = (zp * zp - z.conjugate() ** 2) * quarter_over_i
-            elif k == kp:
-                z = y[r, c]
-                y[r, c] = (z * z - z.conjugate() ** 2) * quarter_over_i
+        angle = 2.0 * math.pi * r / n_total
+        row_turn[r] = complex(math.cos(angle), math.sin(angle))
+    for c in range(half):
+        angle = 2.0 * math.pi * c / cols
+        col_turn[c] = complex(math.cos(angle), math.sin(angle))
+    q = np.empty((rows, half), np.complex128)
+    for r in range(rows):
+        for c in range(half):
+            low = _mirror_product(z, r, c)
+            high = _mirror_product(z, r, c + half)
+            q[r, c] = 0.5 * (low + high) + 0.5j * (low - high) * (row_turn[r] * col_turn[c])
+    return q
+
+
+@njit(cache=True)
+def _interleave(seed: np.ndarray, key: np.ndarray, cols: int, rows: int) -> np.ndarray:
+    """The ``(C, R)`` complex matrix ``seed + i*key``, zero-padded to ``C*R``, in one pass."""
+    z = np.empty((cols, rows), np.complex128)
+    flat = z.reshape(-1)
+    for j in range(flat.size):
+        re = float(seed[j]) if j < seed.size else 0.0
+        im = float(key[j]) if j < key.size else 0.0
+        flat[j] = complex(re, im)
+    return z
+
+
+@njit(cache=True)
+def _round_parity(values: np.ndarray, out: np.ndarray) -> float:
+    """Write ``round(values) mod 2`` to ``out``; return the largest distance to the nearest integer."""
+    worst = 0.0
+    for i in range(values.size):
+        nearest = np.rint(values[i])
+        worst = max(worst, abs(values[i] - nearest))
+        out[i] = np.uint8(int(nearest) & 1)
+    return worst
 
 
 def _cyclic_convolution(seed: np.ndarray, key: np.ndarray) -> np.ndarray:
     """Cyclic convolution (float64, length ``C*R >= seed.size``) of two 0/1 vectors, natural order."""
-    length = seed.size
-    cols, rows = _shape(length)
-    z = np.zeros((cols, rows), np.complex128)
-    flat = z.reshape(-1).view(np.float64)
-    flat[0 : 2 * length : 2] = seed
-    flat[1 : 2 * key.size : 2] = key
+    cols, rows = _shape(seed.size)
+    z = _interleave(seed, key, cols, rows)
     z = scipy.fft.fft(z, axis=0, overwrite_x=True, workers=_WORKERS)
     _twiddle(z, cols * rows, -1.0)
     z = scipy.fft.fft(z, axis=1, overwrite_x=True, workers=_WORKERS)
-    _spectrum_product(z)
-    z = scipy.fft.ifft(z, axis=1, overwrite_x=True, workers=_WORKERS)
-    _twiddle(z, cols * rows, 1.0)
-    z = scipy.fft.ifft(z, axis=0, overwrite_x=True, workers=_WORKERS)
-    return z.reshape(-1).real
+    q = _half_length_spectrum(z)
+    del z
+    q = scipy.fft.ifft(q, axis=1, overwrite_x=True, workers=_WORKERS)
+    _twiddle(q, cols * rows // 2, 1.0)
+    q = scipy.fft.ifft(q, axis=0, overwrite_x=True, workers=_WORKERS)
+    return q.reshape(-1).view(np.float64)
 
 
 def toeplitz_hash(key_bits: np.ndarray, seed_bits: np.ndarray, m: int) -> np.ndarray:
@@ -216,11 +254,11 @@ def toeplitz_hash(key_bits: np.ndarray, seed_bits: np.ndarray, m: int) -> np.nda
     (:class:`ToeplitzPrecisionError`).
     """
     key, seed, n = _check_args(key_bits, seed_bits, m)
-    middle = _cyclic_convolution(seed, key)[n - 1 : n - 1 + m]
-    nearest = np.rint(middle)
-    if float(np.max(np.abs(middle - nearest))) > MAX_ROUNDING_ERROR:
+    middle = _cyclic_convolution(seed.astype(np.uint8, copy=False), key.astype(np.uint8, copy=False))[n - 1 : n - 1 + m]
+    out = np.empty(m, np.uint8)
+    if _round_parity(middle, out) > MAX_ROUNDING_ERROR:
         raise ToeplitzPrecisionError("FFT convolution rounding error exceeds 0.25; refusing an inexact hash")
-    return (nearest.astype(np.int64) & 1).astype(np.uint8)
+    return out
 
 
 def toeplitz_hash_naive(key_bits: np.ndarray, seed_bits: np.ndarray, m: int) -> np.ndarray:
