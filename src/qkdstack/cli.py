@@ -16,6 +16,7 @@ from qkdstack.errors import QKDError
 
 # Sub-command modules under qkdstack.commands, in the order `--help` lists them.
 COMMANDS: list[str] = [
+    "simulate",
     "keyrate",
     "tunnel",
 ]

@@ -102,7 +102,7 @@ class Transmitter:
 
     def _materialise(self, indices: np.ndarray) -> None:
         """Draw settings for pulses of this frame not yet materialised (no light reached Bob from them)."""
-        indices = np.unique(np.asarray(indices, dtype=np.uint64))
+        indices = _sorted_union(np.asarray(indices, dtype=np.uint64))
         if indices.size and int(indices[-1]) >= self._n_pulses:
             raise ValueError("pulse index beyond the frame")
         new = indices[~np.isin(indices, self._store["index"], assume_unique=True)]
@@ -133,6 +133,17 @@ class Transmitter:
         self._materialise(detected)
         pos = np.searchsorted(self._store["index"], np.asarray(detected, dtype=np.uint64))
         return SimulatorGroundTruth(eve_knows=self._store["ek"][pos], photon_number=self._store["n"][pos])
+
+
+def _sorted_union(*arrays: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of the concatenation (np.unique hashes; sorting is faster here)."""
+    merged = np.sort(np.concatenate(arrays))
+    if merged.size == 0:
+        return merged
+    keep = np.empty(merged.size, bool)
+    keep[0] = True
+    np.not_equal(merged[1:], merged[:-1], out=keep[1:])
+    return merged[keep]
 
 
 @njit(cache=True)
@@ -191,7 +202,7 @@ class Receiver:
         # Dark counts: an independent sparse Bernoulli(p_dc) process per detector over all gates.
         p_dc = rec.dark_count_per_detector
         dark = [sample_events(n_pulses, np.array([p_dc]), self.rng)[0].astype(np.uint64) for _ in (0, 1)]
-        index = np.unique(np.concatenate([light.pulse_index, *dark]))
+        index = _sorted_union(light.pulse_index, *dark)
         mask = np.zeros(index.size, np.uint8)
         pos_light = np.searchsorted(index, light.pulse_index)
         mask[pos_light] |= photon_mask
