@@ -1,4 +1,4 @@
-"""Toeplitz hashing over GF(2), computed exactly with a real FFT.
+"""Toeplitz hashing over GF(2), computed exactly with a floating-point FFT convolution.
 
 Convention
 ----------
@@ -22,7 +22,7 @@ Algorithm
 The convolution is computed as a *cyclic* convolution of length ``N = C * R >= n + m - 1``
 (``C`` and ``R`` 5-smooth and close to ``sqrt(N)``). Cyclic index ``k`` holds ``c[k] + c[k +
 N]``; for the indices we read, ``k >= n - 1``, so ``k + N >= 2n + m - 2`` lies past the last
-linear index ``2n + m - 3``: no wrap-around reaches them. Three measured tricks make it fast
+linear index ``2n + m - 3``: no wrap-around reaches them. Four measured tricks make it fast
 (see ``docs/amplification.md`` for the figures):
 
 * both real inputs ride in one complex array, ``z = seed + i*key``, so one complex FFT ``Z``
@@ -33,6 +33,9 @@ linear index ``2n + m - 3``: no wrap-around reaches them. Three measured tricks 
   convolution never needs to undo: the inverse runs the same steps backwards. Batches of
   small transforms stay in cache, where one pocketfft transform of ``1.5e7`` points is
   memory-bound and 2-3x slower on the 2-core machine;
+* the product spectrum is Hermitian (the convolution is real), so instead of a complex
+  inverse of length ``N`` it is folded into a spectrum of length ``N/2`` whose inverse is
+  ``p[2j] + i*p[2j+1]`` (even and odd samples; see :func:`_half_length_spectrum`);
 * twiddle factors are products of two table entries ``w^(k2*a) * w^(k2*A*b)`` with
   ``j1 = a + A*b`` and ``A = ceil(sqrt(R))``, each entry computed by ``cos``/``sin`` of an
   exactly reduced angle ``2*pi*((k2*a) mod N)/N``, so the tables cost ``O(C sqrt R)`` and
@@ -48,14 +51,14 @@ and Stability of Numerical Algorithms*, 2nd ed., Thm 24.2 for the transform itse
 
     |c_hat[k] - c[k]| <= ||seed||_2 * ||key||_2 * ((1 + u)^(3L) * (1 + u*sqrt(5))^(3L+1) * (1 + beta)^(3L) - 1)
 
-with ``u = 2**-53``, ``L`` the number of butterfly levels (``log2 N`` for radix 2; the
-four-step split adds one twiddle level, so ``L <= log2 N + 1``) and ``beta`` the relative
-error of the twiddle factors (``<= 3u`` here). The complex packing replaces ``||seed||_2 *
-||key||_2`` by ``||z||_2^2 = |seed| + |key| <= 2n + m`` (Parseval: the error of ``Z[k]^2 -
-conj(Z[-k])^2`` is bounded by that of ``|Z[k]|^2 + |Z[-k]|^2``) and adds one multiplication
-level, absorbed by counting ``L + 1``. The bound is then at most about ``3(L+1)(1 + sqrt 5 +
-3) u (2n + m) < 20 (L+1) u (2n + m)``: for ``n = m = 10**7`` (``L <= 26``) it is ``< 2e-6``,
-five orders of magnitude below the ``0.5`` at which rounding to the nearest integer could go
+with ``u = 2**-53``, ``L`` the number of levels of rounded multiplications and ``beta`` the
+relative error of the twiddle factors (``<= 3u`` here). ``L = log2 N`` for a radix-2 FFT;
+the four-step twiddle, the product formula and the even/odd fold each add one level, so
+``L <= log2 N + 3``. The complex packing replaces ``||seed||_2 * ||key||_2`` by ``||z||_2^2 =
+|seed| + |key| <= 2n + m`` (Parseval: the error of ``Z[k]^2 - conj(Z[-k])^2`` is bounded by
+that of ``|Z[k]|^2 + |Z[-k]|^2``). The bound is then at most about ``3L(1 + sqrt 5 + 3) u
+(2n + m) < 20 L u (2n + m)``: for ``n = m = 10**7`` (``L <= 28``) it is ``< 2e-6``, five
+orders of magnitude below the ``0.5`` at which rounding to the nearest integer could go
 wrong; it stays below ``1e-3`` up to ``n = m = 2**31``.
 
 Because pocketfft is a mixed-radix implementation rather than the radix-2 algorithm the
