@@ -1,0 +1,142 @@
+"""Parameter estimation: test-basis errors per intensity and the decoy-state bounds.
+
+Bob discloses his test-basis (X) bits (they never become key), Alice counts the errors
+per intensity class and announces the counts. Both parties then hold the same public
+counts — key-basis and test-basis detections per intensity, test-basis errors per
+intensity — and compute the same finite-size decoy-state bounds of Lim, Curty, Walenta,
+Xu and Zbinden, PRA 89, 022307 (2014), Eqs. (2)–(5): the vacuum and single-photon
+key-basis counts and the single-photon phase-error rate.
+
+The round aborts here, before any key bit is disclosed, when the test-basis QBER or the
+phase-error bound exceeds its tolerance, or when even an optimistic error-correction
+leakage would leave no key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from qkdstack.bits import BitArray
+from qkdstack.errors import ProtocolAbort
+from qkdstack.protocol.channel import Channel
+from qkdstack.protocol.sifting import SiftedKey
+from qkdstack.theory.entropy import binary_entropy
+from qkdstack.theory.finite import DecoyBounds, DecoyCounts, lim2014_bounds, lim2014_secret_length
+
+STAGE = "estimation"
+
+
+@dataclass(frozen=True)
+class EstimationPolicy:
+    """Tolerances and the public protocol parameters both parties agreed in advance."""
+
+    intensities: tuple[float, ...]
+    intensity_probs: tuple[float, ...]
+    eps_sec: float = 1e-10
+    eps_cor: float = 1e-15
+    max_qber: float = 0.11
+    max_phase_error: float = 0.2
+    min_key_bits: int = 1000
+    ec_efficiency_guess: float = 1.1
+    """f used only to decide early whether a key is possible; the final length uses measured leakage."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What both parties agree on after estimation."""
+
+    counts: DecoyCounts
+    bounds: DecoyBounds
+    qber_test: float
+    expected_length: int
+
+    def to_dict(self) -> dict:
+        return {
+            "key_counts": list(self.counts.key_counts),
+            "test_counts": list(self.counts.test_counts),
+            "test_errors": list(self.counts.test_errors),
+            "qber_test": self.qber_test,
+            "phase_error_bound": self.bounds.phase_error,
+            "s_key_0": self.bounds.s_key_0,
+            "s_key_1": self.bounds.s_key_1,
+            "expected_length": self.expected_length,
+        }
+
+
+def _per_class(classes: np.ndarray, n_classes: int, weights: np.ndarray | None = None) -> tuple[int, ...]:
+    counts = np.bincount(classes, weights=weights, minlength=n_classes)[:n_classes]
+    return tuple(int(c) for c in np.rint(counts))
+
+
+def _assess(sifted: SiftedKey, test_errors: tuple[int, ...], policy: EstimationPolicy) -> Estimate:
+    """Both parties' identical computation from the public counts; raises ProtocolAbort."""
+    k = len(policy.intensities)
+    n_key = sifted.key_bits.size
+    if n_key < policy.min_key_bits:
+        raise ProtocolAbort(
+            STAGE, f"too few detections: {n_key} key-basis bits, fewer than the minimum of {policy.min_key_bits}"
+        )
+    counts = DecoyCounts(
+        intensities=policy.intensities,
+        probabilities=policy.intensity_probs,
+        key_counts=_per_class(sifted.key_intensity, k),
+        test_counts=_per_class(sifted.test_intensity, k),
+        test_errors=test_errors,
+    )
+    n_test = sum(counts.test_counts)
+    if n_test == 0:
+        raise ProtocolAbort(STAGE, "no test-basis detections to estimate the error rate from")
+    qber = sum(test_errors) / n_test
+    if qber > policy.max_qber:
+        raise ProtocolAbort(
+            STAGE, f"QBER {100 * qber:.2f}% in the test basis exceeds the tolerance {100 * policy.max_qber:.2f}%"
+        )
+    bounds = lim2014_bounds(counts, policy.eps_sec)
+    if bounds.s_test_1 <= 0 or bounds.s_key_1 <= 0:
+        raise ProtocolAbort(
+            STAGE,
+            f"too few detections: {n_key} key-basis and {n_test:.0f} test-basis bits cannot bound any single-photon "
+            f"events at ε_sec = {policy.eps_sec:g}; use longer frames",
+        )
+    if not bounds.phase_error <= policy.max_phase_error:
+        raise ProtocolAbort(
+            STAGE,
+            f"phase-error bound {100 * bounds.phase_error:.2f}% exceeds the tolerance "
+            f"{100 * policy.max_phase_error:.2f}% (too few single photons or an eavesdropper)",
+        )
+    optimistic_leak = math.ceil(policy.ec_efficiency_guess * n_key * binary_entropy(max(qber, 1e-4)))
+    expected = lim2014_secret_length(counts, optimistic_leak, policy.eps_sec, policy.eps_cor).length
+    if expected <= 0:
+        raise ProtocolAbort(
+            STAGE,
+            f"no secret key possible: the finite-key bound leaves {expected} bits from {n_key} key-basis bits "
+            f"(single-photon bound {bounds.s_key_1:.0f}, phase error {100 * bounds.phase_error:.2f}%)",
+        )
+    return Estimate(counts, bounds, qber, expected)
+
+
+async def alice(channel: Channel, sifted: SiftedKey, policy: EstimationPolicy) -> Estimate:
+    """Alice counts test-basis errors per intensity from Bob's disclosed test bits."""
+    msg = await channel.recv(expect="estimation.test_bits")
+    bob_bits = msg["bits"].to_bits()
+    if bob_bits.size != sifted.test_bits.size:
+        raise ProtocolAbort(STAGE, "Bob's test-basis bits do not match the sifted count")
+    errors = _per_class(sifted.test_intensity, len(policy.intensities), (bob_bits != sifted.test_bits).astype(float))
+    await channel.send("estimation.test_errors", errors=list(errors))
+    return _assess(sifted, errors, policy)
+
+
+async def bob(channel: Channel, sifted: SiftedKey, policy: EstimationPolicy) -> Estimate:
+    """Bob discloses his test-basis bits and receives the error counts."""
+    await channel.send("estimation.test_bits", bits=BitArray.from_bits(sifted.test_bits))
+    msg = await channel.recv(expect="estimation.test_errors")
+    errors = tuple(int(e) for e in msg["errors"])
+    if len(errors) != len(policy.intensities) or any(e < 0 for e in errors):
+        raise ProtocolAbort(STAGE, "malformed test-basis error counts")
+    per_class_tests = _per_class(sifted.test_intensity, len(policy.intensities))
+    if any(e > n for e, n in zip(errors, per_class_tests, strict=True)):
+        raise ProtocolAbort(STAGE, "Alice reported more test-basis errors than test-basis bits")
+    return _assess(sifted, errors, policy)

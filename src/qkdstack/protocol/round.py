@@ -1,0 +1,244 @@
+"""One distillation round: sifting → estimation → Cascade → verification → amplification.
+
+:func:`alice` and :func:`bob` each run their party's half over a shared
+:class:`~qkdstack.protocol.channel.Channel` and return a
+:class:`~qkdstack.protocol.keyblock.KeyBlock` or an
+:class:`~qkdstack.protocol.keyblock.Abort`. Nothing partial survives an abort: the
+round's intermediate bits go out of scope and no key is returned.
+
+The secret length is Lim et al., PRA 89, 022307 (2014), Eq. (1), evaluated with the
+*measured* counts and the *measured* leakage: every bit the channel counted as disclosed
+in the Cascade and verification stages. We subtract the verification tag bits as
+measured leakage *and* keep Eq. (1)'s log2(2/ε_cor) term, which is conservative by at most
+a few hundred bits per block.
+
+Round framing: Alice opens with ``round.start`` (a fresh block ID from the OS CSPRNG and
+the protocol parameters, which Bob checks against his own configuration); Bob answers
+``round.ready``. Abort notices left over from an earlier round on a long-lived channel
+are skipped at this point by their block ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qkdstack.errors import ChannelError, ConfigError, PeerAbort, ProtocolAbort
+from qkdstack.physics.params import SourceParams
+from qkdstack.physics.records import AliceRecord, DetectionRecord, Frame
+from qkdstack.protocol import amplification, cascade, estimation, sifting, verification
+from qkdstack.protocol.channel import Channel, Message, channel_pair
+from qkdstack.protocol.estimation import Estimate, EstimationPolicy
+from qkdstack.protocol.keyblock import Abort, KeyBlock, RoundOutcome
+from qkdstack.theory.finite import lim2014_secret_length
+
+LEAKING_STAGES = ("cascade", "verification")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Everything both parties must agree on before a round (checked at ``round.start``)."""
+
+    policy: EstimationPolicy
+    cascade_schedule: str = "optimized"
+    min_qber_estimate: float = 0.005
+    """Floor of the QBER estimate handed to Cascade (a zero estimate would make blocks unbounded)."""
+
+    @classmethod
+    def for_source(cls, source: SourceParams, **kwargs: Any) -> RoundConfig:
+        """A config whose public decoy parameters are those of ``source``; kwargs go to the policy or here."""
+        own = {k: kwargs.pop(k) for k in ("cascade_schedule", "min_qber_estimate") if k in kwargs}
+        policy = EstimationPolicy(source.intensities, source.intensity_probs, **kwargs)
+        return cls(policy, **own)
+
+    def public_parameters(self) -> dict[str, Any]:
+        params = asdict(self.policy)
+        params["intensities"] = list(params["intensities"])
+        params["intensity_probs"] = list(params["intensity_probs"])
+        params["cascade_schedule"] = self.cascade_schedule
+        params["min_qber_estimate"] = self.min_qber_estimate
+        return params
+
+
+@dataclass
+class _Timer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _disclosed(channel: Channel) -> dict[str, int]:
+    return {stage: channel.stats.disclosed_bits(stage) for stage in LEAKING_STAGES}
+
+
+def _qber_hint(estimate: Estimate, config: RoundConfig) -> float:
+    """The Cascade QBER estimate: the test-basis QBER, which both parties know, floored."""
+    return max(estimate.qber_test, config.min_qber_estimate)
+
+
+async def _guarded(
+    channel: Channel, block_id: str, timer: _Timer, body: Callable[[], Awaitable[KeyBlock]]
+) -> RoundOutcome:
+    """Run a party's round body; turn failures into an Abort and tell the peer."""
+    try:
+        return await body()
+    except PeerAbort as exc:
+        return Abort(block_id, exc.stage, exc.reason, dict(timer.seconds))
+    except ProtocolAbort as exc:
+        await channel.send_abort(exc.stage, exc.reason, block_id)
+        return Abort(block_id, exc.stage, exc.reason, dict(timer.seconds))
+    except (ChannelError, ValueError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        await channel.send_abort("round", reason, block_id)
+        return Abort(block_id, "round", reason, dict(timer.seconds))
+
+
+async def _recv_fresh(channel: Channel, kind: str, block_id: str | None = None) -> Message:
+    """Receive ``kind``, skipping abort notices that belong to an earlier round than ``block_id``."""
+    while True:
+        try:
+            return await channel.recv(expect=kind)
+        except PeerAbort as exc:
+            if block_id is not None and exc.block_id == block_id:
+                raise
+
+
+def _final_length(estimate: Estimate, leakage: dict[str, int], config: RoundConfig):
+    policy = config.policy
+    result = lim2014_secret_length(estimate.counts, sum(leakage.values()), policy.eps_sec, policy.eps_cor)
+    if result.length <= 0:
+        raise ProtocolAbort(
+            "amplification",
+            f"no secret key left: the finite-key length is {result.length} bits after {sum(leakage.values())} "
+            f"disclosed bits",
+        )
+    return result
+
+
+def _key_block(
+    block_id: str,
+    key,
+    estimate: Estimate,
+    key_errors: int,
+    leakage: dict[str, int],
+    finite,
+    config: RoundConfig,
+    timer: _Timer,
+    stats: dict[str, Any],
+) -> KeyBlock:
+    n_key = sum(estimate.counts.key_counts)
+    return KeyBlock(
+        block_id=block_id,
+        key=key,
+        eps_sec=config.policy.eps_sec,
+        eps_cor=config.policy.eps_cor,
+        bound="lim2014",
+        counts=estimate.to_dict(),
+        qber_key=key_errors / n_key if n_key else 0.0,
+        qber_test=estimate.qber_test,
+        leakage_bits=dict(leakage),
+        finite_key=finite.to_dict(),
+        stage_seconds=dict(timer.seconds),
+        stats=stats,
+    )
+
+
+def _check_key_qber(errors: int, n_key: int, config: RoundConfig) -> None:
+    qber = errors / n_key if n_key else 0.0
+    if qber > config.policy.max_qber:
+        raise ProtocolAbort(
+            "cascade",
+            f"QBER {100 * qber:.2f}% in the key basis exceeds the tolerance {100 * config.policy.max_qber:.2f}%",
+        )
+
+
+async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> RoundOutcome:
+    """Alice's half of a round."""
+    block_id = str(uuid.uuid4())  # uuid4 draws from os.urandom
+    timer = _Timer()
+    before = _disclosed(channel)
+
+    async def body() -> KeyBlock:
+        await channel.send("round.start", block_id=block_id, parameters=config.public_parameters())
+        await _recv_fresh(channel, "round.ready", block_id)
+        with timer.stage("sifting"):
+            sifted = await sifting.alice(channel, record)
+        with timer.stage("estimation"):
+            estimate = await estimation.alice(channel, sifted, config.policy)
+        with timer.stage("cascade"):
+            corrected = await cascade.alice(channel, sifted.key_bits, _qber_hint(estimate, config),
+                                            config.cascade_schedule)
+        with timer.stage("verification"):
+            await verification.alice(channel, corrected.key, config.policy.eps_cor)
+            key_errors = int((await channel.recv(expect="verification.key_errors"))["errors"])
+            _check_key_qber(key_errors, sifted.key_bits.size, config)
+        after = _disclosed(channel)
+        leakage = {s: after[s] - before[s] for s in LEAKING_STAGES}
+        with timer.stage("amplification"):
+            finite = _final_length(estimate, leakage, config)
+            amplified = await amplification.alice(channel, corrected.key, finite.length)
+        stats = {"detections": sifted.detections, "cascade_round_trips": corrected.round_trips,
+                 "cascade_passes": corrected.passes}
+        return _key_block(block_id, amplified.key, estimate, key_errors, leakage, finite, config, timer, stats)
+
+    return await _guarded(channel, block_id, timer, body)
+
+
+async def bob(channel: Channel, record: DetectionRecord, config: RoundConfig) -> RoundOutcome:
+    """Bob's half of a round."""
+    timer = _Timer()
+    before = _disclosed(channel)
+    start = await _recv_fresh(channel, "round.start")
+    block_id = str(start["block_id"])
+
+    async def body() -> KeyBlock:
+        mine = config.public_parameters()
+        theirs = start["parameters"]
+        for name, value in mine.items():
+            if theirs.get(name) != value:
+                raise ProtocolAbort("round", f"configuration mismatch: Alice has {name}={theirs.get(name)!r}, "
+                                             f"Bob has {value!r}")
+        await channel.send("round.ready", block_id=block_id)
+        with timer.stage("sifting"):
+            sifted = await sifting.bob(channel, record)
+        with timer.stage("estimation"):
+            estimate = await estimation.bob(channel, sifted, config.policy)
+        with timer.stage("cascade"):
+            corrected = await cascade.bob(channel, sifted.key_bits, _qber_hint(estimate, config),
+                                          config.cascade_schedule)
+        with timer.stage("verification"):
+            await verification.bob(channel, corrected.key, config.policy.eps_cor)
+            key_errors = int(np.count_nonzero(corrected.key != sifted.key_bits))
+            await channel.send("verification.key_errors", errors=key_errors)
+            _check_key_qber(key_errors, sifted.key_bits.size, config)
+        after = _disclosed(channel)
+        leakage = {s: after[s] - before[s] for s in LEAKING_STAGES}
+        with timer.stage("amplification"):
+            finite = _final_length(estimate, leakage, config)
+            amplified = await amplification.bob(channel, corrected.key, finite.length)
+        stats = {"detections": sifted.detections, "cascade_round_trips": corrected.round_trips,
+                 "cascade_passes": corrected.passes}
+        return _key_block(block_id, amplified.key, estimate, key_errors, leakage, finite, config, timer, stats)
+
+    return await _guarded(channel, block_id, timer, body)
+
+
+async def run_in_memory(frame: Frame, config: RoundConfig) -> tuple[RoundOutcome, RoundOutcome]:
+    """Run both halves of a round over an in-memory channel pair: (Alice's outcome, Bob's)."""
+    if frame.alice.n_pulses != frame.bob.n_pulses:
+        raise ConfigError("frame records disagree on the number of pulses")
+    a_chan, b_chan = channel_pair()
+    return tuple(await asyncio.gather(alice(a_chan, frame.alice, config), bob(b_chan, frame.bob, config)))
