@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from qkdstack.auth import psk as psk_mod
 from qkdstack.auth.pool import AuthKeyPool
-from qkdstack.auth.session import begin_round
+from qkdstack.auth.session import authenticate_peer, authenticate_round, begin_round
 from qkdstack.auth.wegman_carter import (
     A_TO_B,
     B_TO_A,
@@ -274,8 +274,11 @@ async def test_tampering_detected_and_link_recovers(attack):
         rid = 3
     else:
         rid = 2
+    ca._timeout = cb._timeout = 0.5  # a dropped frame leaves one side waiting
     ra, rb = await _round(ca, cb, pa, pb, rid, secrets.token_bytes(4000))
     assert isinstance(ra, Exception) and isinstance(rb, Exception), (ra, rb)
+    if attack == "flip":
+        assert isinstance(rb, AuthenticationError) and "did not verify" in str(rb)  # caught by the MAC
     # the honest channel comes back: a fresh channel pair, next round id
     ca, cb = channel_pair(2)
     oa, ob = await _round(ca, cb, pa, pb, rid + 1, secrets.token_bytes(4000))
@@ -403,3 +406,38 @@ async def test_leaked_psk_cannot_forge_later_rounds(tmp_path):
     cm, cb3 = channel_pair(2)
     rm, rb = await _round(cm, cb3, AuthKeyPool.from_seed("A-B", leaked), fresh_b, 1, secrets.token_bytes(4000))
     assert not isinstance(rb, Exception) and not isinstance(rm, Exception)
+
+
+async def test_authenticate_round_and_peer():
+    pa, pb = _pools()
+    ca, cb = channel_pair(2)
+    key = secrets.token_bytes(3000)
+
+    async def stages_a():
+        await ca.send("test.data", v=b"a")
+        await ca.recv("test.data")
+        return key
+
+    async def stages_b():
+        await cb.recv("test.data")
+        await cb.send("test.data", v=b"b")
+        return key
+
+    oa, ob = await asyncio.gather(
+        authenticate_round(ca, pa, "alice", 1, stages_a), authenticate_round(cb, pb, "bob", 1, stages_b)
+    )
+    assert oa.key_for_store == ob.key_for_store
+    oa, ob = await asyncio.gather(authenticate_peer(ca, pa, "alice", 2), authenticate_peer(cb, pb, "bob", 2))
+    assert oa.committed_round_ids == [1] and oa.refill_bits == 0 and oa.key_for_store == b""
+    # a node with another pool (wrong identity) is refused at connection
+    stranger = AuthKeyPool.from_seed("A-B", secrets.token_bytes(512))
+    ra, rb = await asyncio.gather(
+        authenticate_peer(ca, stranger, "alice", 3), authenticate_peer(cb, pb, "bob", 3), return_exceptions=True
+    )
+    assert isinstance(rb, AuthenticationError) and isinstance(ra, AuthenticationError)  # out of step
+    # same counters but different key material: the tag itself fails
+    honest_b = AuthKeyPool.from_seed("A-B", secrets.token_bytes(512))
+    ra, rb = await asyncio.gather(
+        authenticate_peer(ca, stranger, "alice", 4), authenticate_peer(cb, honest_b, "bob", 4), return_exceptions=True
+    )
+    assert isinstance(rb, AuthenticationError) and "did not verify" in str(rb) and isinstance(ra, PeerAbort)

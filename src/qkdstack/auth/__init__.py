@@ -15,7 +15,7 @@ See docs/authentication.md for the life cycle and the security argument.
 
 from qkdstack.auth.bootstrap import begin_bootstrap_round, pki_signer, pki_verifier
 from qkdstack.auth.pool import AuthKeyPool, RoundOutcome
-from qkdstack.auth.session import begin_round, round_epsilon
+from qkdstack.auth.session import authenticate_peer, authenticate_round, begin_round, round_epsilon
 from qkdstack.auth.wegman_carter import TranscriptMac, WegmanCarterMac, poly1305_epsilon
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "RoundOutcome",
     "TranscriptMac",
     "WegmanCarterMac",
+    "authenticate_peer",
+    "authenticate_round",
     "begin_bootstrap_round",
     "begin_round",
     "pki_signer",

@@ -24,6 +24,7 @@ hash key per direction when it is refreshed (see :mod:`qkdstack.auth.pool`).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qkdstack.auth.pool import AuthKeyPool, RoundKeys, RoundOutcome
@@ -129,3 +130,30 @@ async def begin_round(channel: Any, pool: AuthKeyPool, role: str, round_id: int)
         tm.detach()
         raise
     return RoundAuthenticator(channel, pool, tm, keys)
+
+
+async def authenticate_round(
+    channel: Any, pool: AuthKeyPool, role: str, round_id: int, stages: Callable[[], Awaitable[bytes]]
+) -> RoundOutcome:
+    """Run ``stages()`` (the round's post-processing, returning the round key) under one transcript MAC.
+
+    Equivalent to :func:`begin_round`, ``stages()``, :meth:`RoundAuthenticator.finish`, with
+    :meth:`RoundAuthenticator.abandon` if the stages raise.
+    """
+    auth = await begin_round(channel, pool, role, round_id)
+    try:
+        round_key = await stages()
+    except BaseException:
+        auth.abandon()
+        raise
+    return await auth.finish(round_key)
+
+
+async def authenticate_peer(channel: Any, pool: AuthKeyPool, role: str, round_id: int) -> RoundOutcome:
+    """Entity authentication on a (re)connection: an empty round whose tags prove both ends hold the pool.
+
+    Costs one pad per direction (256 bits, plus hash keys if due) and refills nothing. It also
+    settles any pending round (``committed_round_ids``/``dropped_round_ids``) before new key is made.
+    """
+    auth = await begin_round(channel, pool, role, round_id)
+    return await auth.finish(b"")
