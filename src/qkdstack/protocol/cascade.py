@@ -257,6 +257,10 @@ async def alice(
         starts, ends = _blocks(n, k)
         if j > 0:  # the last block's parity is implied by the key's parity (pass 1)
             starts, ends = starts[:-1], ends[:-1]
+            if starts.size <= 1:  # late passes (n/2 blocks): one parity, no prefix array unless asked
+                one = [K.perm_range_parity(bits, params[j], 0, k)] if starts.size else []
+                tops.append(np.array(one, dtype=np.uint8))
+                continue
         pre = prefix(j)
         tops.append(pre[ends] ^ pre[starts])
     top_bits = np.concatenate(tops) if tops else np.zeros(0, np.uint8)
@@ -339,6 +343,7 @@ class _Bob:
         self.mism_off = np.concatenate([[0], np.cumsum(nblocks)]).astype(np.int64)
         self.mism = np.zeros(int(self.mism_off[-1]), dtype=np.uint8)
         self.trees = np.zeros((len(sizes), self.n + 1), dtype=np.uint8)
+        self.built = np.zeros(len(sizes), dtype=np.uint8)
         self.rec_leaf = np.full(self.mism.size, -1, dtype=np.int64)
         self.rec_bits = np.zeros(self.mism.size, dtype=np.uint64)
         self.active = 0
@@ -347,22 +352,39 @@ class _Bob:
         self.lookahead = 0
         self._two = np.zeros(0, dtype=bool)
 
-    def activate(self) -> None:
-        """Start the next pass: Bob's own top-level parities against Alice's."""
-        j = self.active
+    def _build(self, j: int) -> np.ndarray:
+        """Fenwick tree of pass ``j`` over Bob's current key; returns the prefix parities."""
         pre = K.prefix_parity(self.key, self.params[j])
         K.fenwick_from_prefix(pre, self.trees[j])
-        starts, ends = _blocks(self.n, int(self.sizes[j]))
+        self.built[j] = 1
+        return pre
+
+    def activate(self) -> None:
+        """Start the next pass: Bob's own top-level parities against Alice's.
+
+        A pass of at most two blocks (the late n/2 passes) needs one shuffled-range parity;
+        its Fenwick tree is only built if one of its blocks is ever searched.
+        """
+        j = self.active
+        k = int(self.sizes[j])
+        starts, ends = _blocks(self.n, k)
         lo, hi = self.mism_off[j], self.mism_off[j + 1]
-        self.mism[lo:hi] = (pre[ends] ^ pre[starts]) ^ self.alice_top[j]
+        if j > 0 and starts.size <= 2:
+            total = int(np.count_nonzero(self.key)) & 1
+            first = int(K.perm_range_parity(self.key, self.params[j], 0, k))
+            mine = np.array([first, first ^ total][: starts.size], dtype=np.uint8)
+        else:
+            pre = self._build(j)
+            mine = pre[ends] ^ pre[starts]
+        self.mism[lo:hi] = mine ^ self.alice_top[j]
         self.active += 1
 
     def _parity(self, p: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
         return K.fenwick_range_parity(self.trees, p, s, e)
 
-    def _open_odd_blocks(self) -> int:
-        """Open a search at the root of every odd block (active passes) that has none."""
-        odd = np.flatnonzero(self.mism[: self.mism_off[self.active]])
+    def _open_odd_blocks(self, candidates: np.ndarray) -> int:
+        """Open a search at the root of every odd candidate block that has none."""
+        odd = np.unique(candidates[self.mism[candidates] == 1])
         if odd.size == 0:
             return 0
         if len(self.searches):
@@ -373,6 +395,9 @@ class _Bob:
         p = np.searchsorted(self.mism_off, odd, side="right") - 1
         b = odd - self.mism_off[p]
         k = self.sizes[p]
+        for j in np.unique(p):
+            if not self.built[j]:
+                self._build(int(j))
         new = _Searches()
         new.p, new.b = p, b
         new.s = b * k
@@ -415,12 +440,18 @@ class _Bob:
             S.on[idx] = follow
 
     def resolve(self) -> None:
-        """Local work until every open search needs a parity from Alice (or none is open)."""
+        """Local work until every open search needs a parity from Alice (or none is open).
+
+        Only blocks that may have turned odd are examined: those touched by a correction,
+        those whose search was dropped, and all blocks of a newly activated pass.
+        """
+        cand: list[np.ndarray] = []
         while True:
             S = self.searches
             if len(S):
                 odd = (self._parity(S.p, S.s, S.e) ^ S.a) == 1
                 if not odd.all():
+                    cand.append(self.mism_off[S.p[~odd]] + S.b[~odd])
                     S.keep(odd)
                 self._free_descent()
                 done = (S.e - S.s) == 1
@@ -432,16 +463,30 @@ class _Bob:
                 self.rec_bits[flat] = S.bits[done]
                 xs = np.unique(K.originals(self.params, S.p[done], S.s[done]))
                 S.keep(~done)
-                K.apply_corrections(
-                    xs, self.key, self.trees, self.params, self.active, self.sizes, self.mism, self.mism_off
+                cand.append(
+                    K.apply_corrections(
+                        xs,
+                        self.key,
+                        self.trees,
+                        self.built,
+                        self.params,
+                        self.active,
+                        self.sizes,
+                        self.mism,
+                        self.mism_off,
+                    )
                 )
                 self.corrected += xs.size
-                self._open_odd_blocks()
                 continue
-            if self._open_odd_blocks():
-                continue
+            if cand:
+                opened = self._open_odd_blocks(np.concatenate(cand))
+                cand = []
+                if opened:
+                    continue
             if len(S) == 0 and self.active < self.sizes.size:
+                j = self.active
                 self.activate()
+                cand.append(np.arange(self.mism_off[j], self.mism_off[j + 1]))
                 continue
             return
 

@@ -134,6 +134,15 @@ def prefix_parity(key, p):
 
 
 @njit(cache=True)
+def perm_range_parity(key, p, start, end):
+    """Parity of positions [start, end) of the key read in shuffled order (no prefix array)."""
+    acc = np.uint8(0)
+    for i in range(start, end):
+        acc ^= key[perm_fwd(i, p)]
+    return acc
+
+
+@njit(cache=True)
 def fenwick_from_prefix(prefix, tree):
     """Fill ``tree`` (length n+1) so that node i holds the XOR of the bits (i - lowbit(i), i]."""
     n = prefix.size - 1
@@ -171,21 +180,27 @@ def originals(params, passes, positions):
 
 
 @njit(cache=True)
-def apply_corrections(xs, key, trees, params, active, block_size, mism, mism_off):
+def apply_corrections(xs, key, trees, built, params, active, block_size, mism, mism_off):
     """Flip Bob's bits ``xs`` (distinct original indices) and update every active pass.
 
-    For each pass < ``active``: toggle the Fenwick tree at the bit's shuffled position and
-    the parity mismatch of the top-level block that holds it.
+    For each pass < ``active``: toggle the Fenwick tree (if built) at the bit's shuffled
+    position and the parity mismatch of the top-level block that holds it. Returns the
+    flat indices of the top-level blocks touched (candidates for new searches).
     """
     n = key.size
+    touched = np.empty(xs.size * active, np.int64)
     for t in range(xs.size):
         x = xs[t]
         key[x] ^= 1
         for j in range(active):
             pos = perm_inv(x, params[j])
-            tree = trees[j]
-            i = pos + 1
-            while i <= n:
-                tree[i] ^= 1
-                i += i & -i
-            mism[mism_off[j] + pos // block_size[j]] ^= 1
+            if built[j]:
+                tree = trees[j]
+                i = pos + 1
+                while i <= n:
+                    tree[i] ^= 1
+                    i += i & -i
+            blk = mism_off[j] + pos // block_size[j]
+            mism[blk] ^= 1
+            touched[t * active + j] = blk
+    return touched
