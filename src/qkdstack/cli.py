@@ -18,6 +18,7 @@ from qkdstack.errors import QKDError
 COMMANDS: list[str] = [
     "simulate",
     "keyrate",
+    "distill",
     "tunnel",
 ]
 

@@ -1,0 +1,177 @@
+"""``qkdstack distill``: simulate frames and distill keys from them in memory.
+
+Each round simulates one frame of the device (same flags as ``qkdstack simulate``) and
+runs the whole post-processing over an in-memory channel: sifting, parameter
+estimation, Cascade, verification and privacy amplification. It prints what an operator
+checks: sifted bits, QBER in both bases, the Cascade efficiency
+f = leak_EC / (n·h(QBER)) and its round trips, the verification result, the final key
+length with ε_sec and ε_cor, the secret key rate (bit/pulse and bit/s at the source's
+repetition rate) and the time per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from qkdstack.commands.device_args import add_device_arguments, device_params_from_args
+from qkdstack.commands.simulate import _pulses
+from qkdstack.errors import ConfigError
+from qkdstack.physics.device import SimulatedDevice, check_pulses
+from qkdstack.physics.eve import parse_eve
+from qkdstack.protocol.cascade import SCHEDULES
+from qkdstack.protocol.keyblock import Abort, KeyBlock
+from qkdstack.protocol.round import RoundConfig, run_in_memory
+from qkdstack.theory.entropy import binary_entropy
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``distill`` sub-command."""
+    parser = subparsers.add_parser(
+        "distill",
+        help="simulate frames and distill secret keys from them (in memory)",
+        description="Simulate frames of the decoy-state BB84 device and run the complete post-processing on "
+        "each: sifting, finite-key parameter estimation, Cascade, verification, privacy amplification.",
+    )
+    add_device_arguments(parser)
+    parser.add_argument("--pulses", type=_pulses, default=100_000_000, help="pulses per frame (default 1e8)")
+    parser.add_argument("--eve", default="none",
+                        help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION (default none)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the device simulation (default: random)")
+    parser.add_argument("--rounds", type=int, default=1, help="frames to distill one after another (default 1)")
+    parser.add_argument("--eps-sec", type=float, default=1e-10, help="secrecy parameter ε_sec (default 1e-10)")
+    parser.add_argument("--eps-cor", type=float, default=1e-15, help="correctness parameter ε_cor (default 1e-15)")
+    parser.add_argument("--max-qber", type=float, default=0.11, help="abort above this QBER (default 0.11)")
+    parser.add_argument("--max-phase-error", type=float, default=0.2,
+                        help="abort above this phase-error bound (default 0.2)")
+    parser.add_argument("--cascade-schedule", choices=sorted(SCHEDULES), default="optimized",
+                        help="Cascade block-size schedule (default optimized)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def _round_report(outcome: KeyBlock | Abort, pulses: int, rep_rate: float, wall_s: float) -> dict[str, Any]:
+    if isinstance(outcome, Abort):
+        return {**outcome.to_dict(), "stage_seconds": outcome.stage_seconds, "wall_seconds": wall_s}
+    meta = outcome.to_dict()
+    n_key = int(sum(meta["counts"]["key_counts"]))
+    n_test = int(sum(meta["counts"]["test_counts"]))
+    h = binary_entropy(outcome.qber_key) if outcome.qber_key > 0 else 0.0
+    leak_ec = outcome.leakage_bits["cascade"]
+    return {
+        "block_id": outcome.block_id,
+        "aborted": False,
+        "pulses": pulses,
+        "detections": meta["stats"]["detections"],
+        "sifted_key_bits": n_key,
+        "sifted_test_bits": n_test,
+        "qber_z": outcome.qber_key,
+        "qber_x": outcome.qber_test,
+        "phase_error_bound": meta["finite_key"]["phase_error"],
+        "cascade_efficiency": leak_ec / (n_key * h) if h > 0 else None,
+        "cascade_round_trips": meta["stats"]["cascade_round_trips"],
+        "leakage_bits": outcome.leakage_bits,
+        "verification": "passed",
+        "key_bits": outcome.length,
+        "eps_sec": outcome.eps_sec,
+        "eps_cor": outcome.eps_cor,
+        "secret_key_rate_bit_per_pulse": outcome.length / pulses,
+        "secret_key_rate_bit_per_s": outcome.length / pulses * rep_rate,
+        "stage_seconds": meta["stage_seconds"],
+        "wall_seconds": wall_s,
+        "finite_key": {k: v for k, v in meta["finite_key"].items() if k not in ("counts", "bounds")},
+    }
+
+
+def _print_round(r: dict[str, Any], out) -> None:
+    if r["aborted"]:
+        print(f"round {r['block_id'][:8]}  ABORTED in {r['stage']}: {r['reason']}", file=out)
+        return
+    f = r["cascade_efficiency"]
+    rows = [
+        ("pulses", f"{r['pulses']:.3g}"),
+        ("detections", f"{r['detections']}"),
+        ("sifted bits (key Z / test X)", f"{r['sifted_key_bits']} / {r['sifted_test_bits']}"),
+        ("QBER Z / X", f"{100 * r['qber_z']:.3f} % / {100 * r['qber_x']:.3f} %"),
+        ("phase-error bound", f"{100 * r['phase_error_bound']:.2f} %"),
+        ("Cascade efficiency f", "n/a (no errors)" if f is None else f"{f:.3f}"),
+        ("Cascade round trips", f"{r['cascade_round_trips']}"),
+        ("disclosed bits (Cascade / verification)",
+         f"{r['leakage_bits']['cascade']} / {r['leakage_bits']['verification']}"),
+        ("verification", r["verification"]),
+        ("secret key", f"{r['key_bits']} bits"),
+        ("ε_sec / ε_cor", f"{r['eps_sec']:g} / {r['eps_cor']:g}"),
+        ("secret key rate", f"{r['secret_key_rate_bit_per_pulse']:.3e} bit/pulse = "
+                            f"{r['secret_key_rate_bit_per_s']:.4g} bit/s"),
+        ("time per stage", ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in r["stage_seconds"].items())),
+    ]
+    print(f"round {r['block_id'][:8]}", file=out)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}", file=out)
+
+
+def _progress(done: int, total: int, accepted: int, bits: int) -> None:
+    if total <= 1:
+        return
+    width = 30
+    filled = int(width * done / total)
+    bar = "#" * filled + "." * (width - filled)
+    end = "\n" if done == total else ""
+    print(f"\r[{bar}] {done}/{total} rounds, {accepted} accepted, {bits} secret bits", end=end, file=sys.stderr,
+          flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = device_params_from_args(args)
+    pulses = check_pulses(args.pulses)
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
+    config = RoundConfig.for_source(
+        params.source, eps_sec=args.eps_sec, eps_cor=args.eps_cor, max_qber=args.max_qber,
+        max_phase_error=args.max_phase_error, cascade_schedule=args.cascade_schedule,
+    )
+    device = SimulatedDevice(params, eve=parse_eve(args.eve), seed=args.seed)
+    reports = []
+    secret_bits = accepted = 0
+    start = time.perf_counter()
+    for i in range(args.rounds):
+        t0 = time.perf_counter()
+        frame = device.run_frame(pulses)
+        sim_s = time.perf_counter() - t0
+        alice_out, _bob_out = asyncio.run(run_in_memory(frame, config))
+        report = _round_report(alice_out, pulses, params.source.rep_rate_hz, time.perf_counter() - t0)
+        report["simulation_seconds"] = sim_s
+        reports.append(report)
+        if not report["aborted"]:
+            accepted += 1
+            secret_bits += report["key_bits"]
+        if not args.json and args.rounds == 1:
+            _print_round(report, sys.stdout)
+        _progress(i + 1, args.rounds, accepted, secret_bits)
+    wall = time.perf_counter() - start
+    total_pulses = pulses * args.rounds
+    summary = {
+        "rounds": args.rounds,
+        "accepted": accepted,
+        "aborted": args.rounds - accepted,
+        "secret_bits": secret_bits,
+        "secret_key_rate_bit_per_pulse": secret_bits / total_pulses,
+        "secret_key_rate_bit_per_s": secret_bits / total_pulses * params.source.rep_rate_hz,
+        "wall_seconds": wall,
+    }
+    if args.json:
+        json.dump({"summary": summary, "rounds": reports}, sys.stdout, indent=2, default=float)
+        print()
+    elif args.rounds > 1:
+        for r in reports:
+            if r["aborted"]:
+                _print_round(r, sys.stdout)
+        print(f"{accepted}/{args.rounds} rounds accepted, {secret_bits} secret bits, "
+              f"{summary['secret_key_rate_bit_per_s']:.4g} bit/s at {params.source.rep_rate_hz:.3g} Hz "
+              f"({wall:.1f} s wall)")
+    return 0 if accepted else 1
