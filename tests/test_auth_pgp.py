@@ -25,10 +25,12 @@ def web(tmp_path_factory):
     node = GpgKeyring(base / "node")
     rings = [world, node]
     fprs = {}
-    for name in ["F", "M1", "M2", "M3", "P_full", "P_two", "P_three", "P_none", "P_rev", "P_exp"]:
+    for name in ["F", "F2", "M1", "M2", "M3", "P_full", "P_two", "P_three", "P_none", "P_rev", "P_exp", "P_deep"]:
         expire = "1d" if name == "P_exp" else "2y"
         fprs[name] = world.generate_key(f"{name} <{name.lower()}@qkd.test>", expire=expire)
     world.certify(fprs["F"], fprs["P_full"])
+    world.certify(fprs["F"], fprs["F2"])  # F2 is valid only through F (depth 2) ...
+    world.certify(fprs["F2"], fprs["P_deep"])  # ... and introduces P_deep (depth 3)
     world.certify(fprs["F"], fprs["P_rev"])
     world.certify(fprs["F"], fprs["P_exp"])
     for m in ("M1", "M2"):
@@ -43,6 +45,7 @@ def web(tmp_path_factory):
     for name, level in (("F", "full"), ("M1", "marginal"), ("M2", "marginal"), ("M3", "marginal")):
         node.certify(fprs["O"], fprs[name])  # the node vouches for its introducers' keys
         node.set_owner_trust(fprs[name], level)
+    node.set_owner_trust(fprs["F2"], "full")
     yield world, node, fprs
     for r in rings:
         r.close()
@@ -77,6 +80,19 @@ def test_expired_peer_refused(web):
     with pytest.raises(PeerRefused) as ei:
         future.accept_peer(f["P_exp"])
     assert ei.value.reason == "expired"
+
+
+def test_certification_depth(web):
+    _, node, f = web
+    node.accept_peer(f["F2"])
+    node.accept_peer(f["P_deep"])  # O -> F -> F2 -> P_deep
+    shallow = GpgKeyring(node.homedir, max_cert_depth=2)  # O certifies F (1), F certifies P_full and F2 (2)
+    try:
+        with pytest.raises(PeerRefused):
+            shallow.accept_peer(f["P_deep"])
+        shallow.accept_peer(f["P_full"])
+    finally:
+        GpgKeyring(node.homedir).validity(f["O"])
 
 
 def test_unknown_key_refused(web):
