@@ -76,14 +76,15 @@ def alias_table(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @njit(inline="always", cache=True)
 def alias_draw(word: np.uint64, threshold: np.ndarray, alias: np.ndarray) -> int:
-    """One draw from an alias table using a single 64-bit word (column from its top bits, then a threshold)."""
+    """One draw from an alias table using a single 64-bit word (column from its top bits, then a threshold).
+
+    Branch-free select: the threshold comparison is unpredictable, and a mispredicted
+    branch costs more than the arithmetic.
+    """
     x = float(word >> np.uint64(11)) * _TWO_M53 * threshold.size
-    col = int(x)
-    if col >= threshold.size:
-        col = threshold.size - 1
-    if x - col < threshold[col]:
-        return col
-    return alias[col]
+    col = min(int(x), threshold.size - 1)
+    other = np.int64(alias[col])
+    return other + (col - other) * np.int64(x - col < threshold[col])
 
 
 GAP_TABLE_MAX = 4096
@@ -243,15 +244,10 @@ def _sample_detections_kernel(
         r = alias_draw(w, threshold, alias)
         b = np.uint8(w & np.uint64(1))
         pat = row_pattern[r]
-        if pat == 1:
-            bob = b
-            mask = np.uint8(1) << b
-        elif pat == 2:
-            bob = np.uint8(1) - b
-            mask = np.uint8(1) << bob
-        else:
-            bob = np.uint8((w >> np.uint64(1)) & np.uint64(1))
-            mask = np.uint8(3)
+        both = np.uint8(pat == 3)
+        squash = np.uint8((w >> np.uint64(1)) & np.uint64(1))
+        bob = ((b ^ np.uint8(pat == 2)) & np.uint8(1 - both)) | (squash & both)
+        mask = (np.uint8(1) << bob) | (np.uint8(3) * both)
         out_index[count] = np.uint64(pos)
         out_k[count] = row_k[r]
         out_a[count] = row_a[r]
