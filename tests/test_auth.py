@@ -441,3 +441,56 @@ async def test_authenticate_round_and_peer():
         authenticate_peer(ca, stranger, "alice", 4), authenticate_peer(cb, honest_b, "bob", 4), return_exceptions=True
     )
     assert isinstance(rb, AuthenticationError) and "did not verify" in str(rb) and isinstance(ra, PeerAbort)
+
+
+@pytest.mark.parametrize("field", ["pending", "tail", "cursor", "r_index"])
+async def test_tampered_sync_state_only_costs_key(field):
+    """A man in the middle rewriting Alice's pool state: the round fails, no pad is reused, the link recovers."""
+    from qkdstack.transport.codec import decode_message, encode_message
+
+    pa, pb = _pools()
+    ca, cb = channel_pair(1)
+    for rid in (1, 2, 3):
+        await _round(ca, cb, pa, pb, rid, secrets.token_bytes(4000))
+
+    def rewrite(frame):
+        kind, fields, disclosed = decode_message(frame)
+        st_ = fields["state"]
+        if field == "pending":
+            st_["pending"] = []
+        elif field == "tail":
+            st_["tail"] = st_["tail"][:-1]
+            st_["count"] -= 1
+        elif field == "cursor":
+            st_[A_TO_B][1] += 16
+        else:
+            st_[B_TO_A][2] = 0
+        return encode_message(kind, fields, disclosed)
+
+    used_before = pb.report()["directions"][A_TO_B]["consumed_bytes"]
+    _Relay(ca, 0, rewrite)
+    ra, rb = await _round(ca, cb, pa, pb, 4, secrets.token_bytes(4000))
+    assert isinstance(ra, Exception) and isinstance(rb, Exception)
+    assert pb.report()["directions"][A_TO_B]["consumed_bytes"] >= used_before
+    ca, cb = channel_pair(2)
+    oa, ob = await _round(ca, cb, pa, pb, 5, secrets.token_bytes(4000))
+    assert not isinstance(oa, Exception) and not isinstance(ob, Exception), (oa, ob)
+    assert pa.lockstep_digest() == pb.lockstep_digest()
+
+
+def test_persist_callback_and_corrupt_state(tmp_path):
+    saved = []
+    pool = AuthKeyPool.from_seed("A-B", secrets.token_bytes(256), persist=saved.append)
+    pool.reserve_round(pool.sync_state(), 1)
+    assert len(saved) == 2  # after seeding and after the write-ahead reservation
+    again = AuthKeyPool.from_bytes(saved[-1])
+    assert again.lockstep_digest() == pool.lockstep_digest()
+    with pytest.raises(ConfigError, match=r"malformed|unknown format"):
+        AuthKeyPool.from_bytes(b'{"format": "qkdstack-auth-pool", "version": 1}')
+    with pytest.raises(ConfigError):
+        AuthKeyPool.from_bytes(b"[]")
+    p = tmp_path / "pool.json"
+    p.write_bytes(saved[-1])
+    p.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        AuthKeyPool.load(p)

@@ -577,7 +577,7 @@ class AuthKeyPool:
                     int(dd["r_index"]),
                 )
             pool._stats = doc["stats"]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError("authentication pool state is malformed.") from None
