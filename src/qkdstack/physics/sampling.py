@@ -52,25 +52,49 @@ def new_key(rng: np.random.Generator) -> np.uint64:
 
 
 def alias_table(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Walker/Vose alias table (threshold, alias) for a probability vector (normalised here)."""
+    """Walker/Vose alias table (threshold, alias) for a probability vector (normalised here).
+
+    Vose, IEEE Trans. Softw. Eng. 17(9), 972 (1991): column i keeps i with probability
+    threshold[i] and otherwise gives alias[i]; each column has mass 1/size.
+    """
     p = np.asarray(prob, dtype=np.float64)
-    size = p.size
-    if size == 0:
+    if p.size == 0:
         raise ValueError("alias table of an empty distribution")
-    scaled = p * (size / p.sum())
+    return _vose(p * (p.size / p.sum()))
+
+
+@njit(cache=True)
+def _vose(scaled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    size = scaled.size
+    scaled = scaled.copy()
     threshold = np.ones(size)
-    alias = np.arange(size, dtype=np.int32)
-    small = [i for i in range(size) if scaled[i] < 1.0]
-    large = [i for i in range(size) if scaled[i] >= 1.0]
-    while small and large:
-        s = small.pop()
-        g = large.pop()
+    alias = np.arange(size).astype(np.int32)
+    small = np.empty(size, np.int64)
+    large = np.empty(size, np.int64)
+    n_small = 0
+    n_large = 0
+    for i in range(size):
+        if scaled[i] < 1.0:
+            small[n_small] = i
+            n_small += 1
+        else:
+            large[n_large] = i
+            n_large += 1
+    while n_small > 0 and n_large > 0:
+        n_small -= 1
+        s = small[n_small]
+        n_large -= 1
+        g = large[n_large]
         threshold[s] = scaled[s]
         alias[s] = g
         scaled[g] = scaled[g] + scaled[s] - 1.0
-        (small if scaled[g] < 1.0 else large).append(g)
-    for i in small + large:  # leftovers are 1 up to rounding
-        threshold[i] = 1.0
+        if scaled[g] < 1.0:
+            small[n_small] = g
+            n_small += 1
+        else:
+            large[n_large] = g
+            n_large += 1
+    # Leftovers are 1 up to rounding: they keep their own column (threshold 1).
     return threshold, alias
 
 
@@ -87,8 +111,8 @@ def alias_draw(word: np.uint64, threshold: np.ndarray, alias: np.ndarray) -> int
     return other + (col - other) * np.int64(x - col < threshold[col])
 
 
-GAP_TABLE_MAX = 4096
-"""Largest gap covered by one draw from the gap table (48 KiB: stays in cache)."""
+GAP_TABLE_MAX = 16384
+"""Largest gap covered by one draw from the gap table (192 KiB: stays in L2)."""
 
 
 def gap_table(p: float) -> tuple[np.ndarray, np.ndarray, np.int64, float]:
