@@ -132,6 +132,28 @@ def test_encoding_is_injective_on_lengths():
 # ------------------------------------------------------------------------------------- rounds
 
 
+@pytest.fixture(autouse=True)
+def no_pad_reuse(monkeypatch):
+    """Record every pad and hash key each pool hands out; at the end, no pad was handed out twice."""
+    seen: dict[tuple[int, str], list[bytes]] = {}
+    hash_keys: dict[tuple[int, str], set[bytes]] = {}
+    original = AuthKeyPool.reserve_round
+
+    def recording(self, peer_state, round_id):
+        keys = original(self, peer_state, round_id)
+        for d in (A_TO_B, B_TO_A):
+            seen.setdefault((id(self), d), []).append(keys.pad[d])
+            hash_keys.setdefault((id(self), d), set()).add(keys.hash_key[d])
+        return keys
+
+    monkeypatch.setattr(AuthKeyPool, "reserve_round", recording)
+    yield seen
+    for (_, d), pads in seen.items():
+        assert len(pads) == len(set(pads)), f"a {d} pad was used twice"
+    for (pool_id, d), hs in hash_keys.items():
+        assert not hs & set(seen.get((pool_id, d), [])), "a byte string served as hash key and pad"
+
+
 async def _round(ca: Channel, cb: Channel, pa: AuthKeyPool, pb: AuthKeyPool, rid: int, key: bytes, tamper=None):
     async def alice():
         auth = await begin_round(ca, pa, "alice", rid)
@@ -195,6 +217,7 @@ async def test_rounds_in_lockstep_and_accounting(tmp_path):
     assert rep["rounds_authenticated"] == 8 and rep["verification_failures"] == 0
     assert rep["consumed_bits"] == sum(8 * pa.report()["directions"][d]["consumed_bytes"] for d in (A_TO_B, B_TO_A))
     assert rep["bootstrap_seed_retired"]
+    assert 0 < rep["epsilon_total"] < 8 * 2 * poly1305_epsilon(10_000)
     assert stat.S_IMODE((tmp_path / "a.pool").stat().st_mode) == 0o600
     # a restart keeps the pool: reload both and continue
     pa2, pb2 = AuthKeyPool.load(tmp_path / "a.pool"), AuthKeyPool.load(tmp_path / "b.pool")

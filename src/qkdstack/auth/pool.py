@@ -230,6 +230,7 @@ class AuthKeyPool:
             "rounds_authenticated": 0,
             "verification_failures": 0,
             "rounds_reserved": 0,
+            "epsilon_sum": 0.0,
         }
 
     def __repr__(self) -> str:
@@ -300,6 +301,9 @@ class AuthKeyPool:
             "rounds_reserved": self._stats["rounds_reserved"],
             "verification_failures": self._stats["verification_failures"],
             "rounds_affordable": self.rounds_affordable(),
+            # Portmann (2014): the error of all rounds so far is at most the sum of the per-round epsilons
+            # (each tag's forgery bound), plus the distance of the pool's key from uniform (epsilon' of QKD)
+            "epsilon_total": self._stats.get("epsilon_sum", 0.0),
             "committed_rounds": self._committed_count,
             "pending_round_ids": [s.round_id for s in self._pending],
             "bootstrap_seed_retired": self._seed_retired,
@@ -448,6 +452,7 @@ class AuthKeyPool:
                 self._stats["refilled_bytes"][d] += n
         self._pending = [_Segment(keys.round_id, parts)]
         self._stats["rounds_authenticated"] += 1
+        self._stats["epsilon_sum"] = self._stats.get("epsilon_sum", 0.0) + epsilon
         self.save()
         return RoundOutcome(
             round_id=keys.round_id,
@@ -460,7 +465,7 @@ class AuthKeyPool:
             epsilon=epsilon,
         )
 
-    def fail_round(self, keys: RoundKeys, failed_directions: list[str]) -> None:
+    def fail_round(self, keys: RoundKeys, failed_directions: list[str], epsilon: float = 0.0) -> None:
         """A tag of ``failed_directions`` did not verify here: discard those hash keys (Portmann 2014).
 
         Everything else stays as :meth:`reserve_round` persisted it (pads burnt, merge not applied).
@@ -470,6 +475,7 @@ class AuthKeyPool:
                 raise ConfigError(f"direction must be one of {DIRECTIONS}, not {d!r}.")
             self._dirs[d].r, self._dirs[d].r_index = None, -1
         self._stats["verification_failures"] += 1
+        self._stats["epsilon_sum"] = self._stats.get("epsilon_sum", 0.0) + epsilon
         self.save()
 
     # ------------------------------------------------------------------------------- internals

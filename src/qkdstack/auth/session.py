@@ -64,7 +64,7 @@ class RoundAuthenticator:
             WegmanCarterMac(self.keys.hash_key[direction]), self.keys.pad[direction], tag
         )
         if not ok:
-            self.pool.fail_round(self.keys, [direction])
+            self.pool.fail_round(self.keys, [direction], round_epsilon(self.transcript.byte_length))
             raise AuthenticationError(
                 f"the peer's transcript tag for round {self.keys.round_id} on link {self.pool.link_id} did not "
                 f"verify: the classical messages were altered, dropped, injected or reordered, or the peer "
