@@ -22,7 +22,7 @@ import numpy as np
 from qkdstack.errors import ConfigError
 from qkdstack.physics.detectors import dead_gates, resolve_clicks
 from qkdstack.physics.eve import Eavesdropper, NoEve
-from qkdstack.physics.optics import PATTERN_BOTH, PATTERN_NONE, PATTERN_R, PATTERN_W, EventTable, event_table
+from qkdstack.physics.optics import PATTERN_NONE, EventTable, event_table
 from qkdstack.physics.params import DeviceParams
 from qkdstack.physics.records import AliceRecord, DetectionRecord, Frame, SimulatorGroundTruth
 from qkdstack.physics.sampling import DetectionSampler, new_key, sample_rows
@@ -54,28 +54,13 @@ def check_afterpulse_mode(mode: str) -> AfterpulseMode:
     return mode  # type: ignore[return-value]
 
 
-def detector_mask(pattern: np.ndarray, alice_bit: np.ndarray) -> np.ndarray:
-    """Detector mask (bit d = detector d fired) from a click pattern relative to Alice's bit."""
-    b = alice_bit.astype(np.uint8)
-    one_r = np.left_shift(np.uint8(1), b)
-    one_w = np.left_shift(np.uint8(1), np.uint8(1) - b)
-    return np.where(
-        pattern == PATTERN_R, one_r, np.where(pattern == PATTERN_W, one_w, np.where(pattern == PATTERN_BOTH, 3, 0))
-    ).astype(np.uint8)
+def materialise_quiet_pulses(quiet: EventTable, classes: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Settings of pulses known to have produced no primary click (the gates of pure after-pulses).
 
-
-def materialise_quiet_pulses(
-    quiet: EventTable, classes: np.ndarray | None, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """Settings of pulses known to have produced no primary click (after-pulse gates).
-
-    Drawn from P(k, a, β, n, ek | no event), or from P(· | class k, no event) per entry when
-    ``classes`` is given (same-class after-pulses). Returns columns k, a, beta, n, ek, bit.
+    Entry i is drawn from P(a, β, n, ek | class ``classes[i]``, no primary click), with a
+    fresh uniform bit for Alice. Returns columns k, a, beta, n, ek, bit.
     """
-    size = 0 if classes is None else classes.size
-    rows = np.empty(size, np.int32)
-    if classes is None:
-        raise ValueError("classes required")
+    rows = np.empty(classes.size, np.int32)
     for c in np.unique(classes):
         sel = classes == c
         cand = np.nonzero(quiet.k == c)[0]
