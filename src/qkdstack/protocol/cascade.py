@@ -71,8 +71,8 @@ class CascadeSchedule:
     ``initial_block(Q)`` gives k1. Passes 2, 3, … take their sizes from ``fixed_blocks``
     (functions of Q) while those last; after that each pass multiplies the previous size by
     ``growth`` (``math.inf``: half the key). Every size is clamped to [1, ⌈n/2⌉].
-    ``lookahead``: when at most this many searches are open, each asks two levels per round
-    trip (one extra parity per search and round trip; 0 = never).
+    ``lookahead``: when at most max(lookahead, lookahead_per_bit * n) searches are open, each
+    asks two levels per round trip (one extra parity per search and round trip; 0 = never).
     """
 
     name: str
@@ -81,6 +81,7 @@ class CascadeSchedule:
     growth: float = 2.0
     fixed_blocks: tuple[Callable[[float], int], ...] = ()
     lookahead: int = 0
+    lookahead_per_bit: float = 0.0
     citation: str = ""
 
     def block_sizes(self, qber: float, n: int) -> list[int]:
@@ -129,7 +130,7 @@ def _batched_k1(q: float) -> int:
 
 def _batched_k2(q: float) -> int:
     k1 = _batched_k1(q)
-    return (4 if k1 * q < 0.85 else 2) * k1
+    return (4 if k1 * q < 0.7 else 3 if k1 * q < 0.9 else 2) * k1
 
 
 BATCHED = CascadeSchedule(
@@ -139,9 +140,11 @@ BATCHED = CascadeSchedule(
     growth=math.inf,
     fixed_blocks=(_batched_k2, lambda q: 4096),
     lookahead=8,
+    lookahead_per_bit=5e-5,
     citation="qkdstack variant tuned for few round trips, following the guidelines of Martinez-Mateo et al. (2015) "
-    "(power-of-two blocks, k3 = 4096, then n/2, 14 passes): k1 = 2^round(log2(0.9/Q)) so that k1*Q lies in "
-    "[0.64, 1.27), k2 = 4 k1 if k1*Q < 0.85 else 2 k1, and two-level look-ahead once at most 8 searches are open. "
+    "(power-of-two k1, k3 = 4096, then n/2, 14 passes): k1 = 2^round(log2(0.9/Q)) so that k1*Q lies in "
+    "[0.64, 1.27), k2 = 4 k1 if k1*Q < 0.7, 3 k1 if < 0.9, else 2 k1, and two-level look-ahead once at most "
+    "max(8, 5e-5 n) searches are open. "
     "The round trips are set by the serial pass-1/pass-2 cascade chains, whose length grows with k1*Q and k2/k1",
 )
 
@@ -575,7 +578,7 @@ async def bob(
         top.append(np.concatenate([part, np.array([last], dtype=np.uint8)]))
 
     state = _Bob(bits, sizes, params, top)
-    state.lookahead = sched.lookahead
+    state.lookahead = max(sched.lookahead, round(sched.lookahead_per_bit * n))
     while True:
         state.resolve()
         if len(state.searches) == 0:
