@@ -517,3 +517,17 @@ def test_persist_callback_and_corrupt_state(tmp_path):
     p.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         AuthKeyPool.load(p)
+
+
+def test_stale_round_cannot_complete():
+    """Completing an older reservation after a newer one would rewind cursors: refused."""
+    pool, _ = _pools()
+    old = pool.reserve_round(pool.sync_state(), 1)
+    new = pool.reserve_round(pool.sync_state(), 2)  # round 1 was abandoned without release()
+    with pytest.raises(ConfigError, match="not the round being authenticated"):
+        pool.complete_round(old, secrets.token_bytes(100))
+    with pytest.raises(ConfigError):
+        pool.fail_round(old, [A_TO_B])
+    pool.complete_round(new, secrets.token_bytes(100))
+    with pytest.raises(ConfigError):
+        pool.complete_round(new, secrets.token_bytes(100))  # twice

@@ -223,6 +223,7 @@ class AuthKeyPool:
         self._seed_end: dict[str, dict[str, int]] = {d: {k: 0 for k in KINDS} for d in DIRECTIONS}
         self._seed_retired = False
         self._last_round_id = SEED_ROUND_ID
+        self._in_flight: int | None = None  # the round reserved and not yet completed, failed or released
         self._stats: dict[str, Any] = {
             "consumed_bytes": {d: 0 for d in DIRECTIONS},
             "refilled_bytes": {d: 0 for d in DIRECTIONS},
@@ -339,6 +340,8 @@ class AuthKeyPool:
         Raises :class:`AuthenticationError` when the states cannot be reconciled (nothing is
         consumed then) and :class:`KeyPoolExhausted` when the pool cannot pay for the round.
         """
+        # a round still in flight was abandoned without release(): its burns stand, it can no longer complete
+        self._in_flight = None
         peer = _parse_sync(peer_state)
         last = self._last_round_id
         if round_id <= last:
@@ -402,6 +405,7 @@ class AuthKeyPool:
             self._stats["consumed_bytes"][d] += consumed[d]
         self._stats["rounds_reserved"] += 1
         self._last_round_id = round_id
+        self._in_flight = round_id
         self.save()
         keep_pending = sorted((mine_p & set(peer["pending"])) - set(promote))
         meta = {
@@ -422,6 +426,8 @@ class AuthKeyPool:
         ``target_pad_bytes``, in the order a2b-hash, a2b-pad, b2a-hash, b2a-pad; a short key gives
         what it has in that order. It stays pending until a later round commits it.
         """
+        self._check_in_flight(keys)
+        self._in_flight = None
         view = keys._view
         meta = keys.meta
         for s in [s for s in self._pending if s.round_id in meta["keep_pending"]]:
@@ -430,6 +436,9 @@ class AuthKeyPool:
         if committed and not meta["seed_retired"]:
             self._retire_seed(view)
             meta["seed_retired"] = True
+        for d in DIRECTIONS:  # never move a cursor back, whatever view is adopted
+            for k in KINDS:
+                view[d].stream(k).skip_to(self._dirs[d].stream(k).cursor)
         self._dirs = view
         self._seed_retired = meta["seed_retired"]
         self._committed_tail = (self._committed_tail + committed)[-_TAIL:]
@@ -470,6 +479,8 @@ class AuthKeyPool:
 
         Everything else stays as :meth:`reserve_round` persisted it (pads burnt, merge not applied).
         """
+        self._check_in_flight(keys)
+        self._in_flight = None
         for d in failed_directions:
             if d not in DIRECTIONS:
                 raise ConfigError(f"direction must be one of {DIRECTIONS}, not {d!r}.")
@@ -477,6 +488,15 @@ class AuthKeyPool:
         self._stats["verification_failures"] += 1
         self._stats["epsilon_sum"] = self._stats.get("epsilon_sum", 0.0) + epsilon
         self.save()
+
+    def release(self, keys: RoundKeys) -> None:
+        """The round ended without a verification result (aborted, channel lost): keep the burns only."""
+        if self._in_flight == keys.round_id:
+            self._in_flight = None
+
+    def _check_in_flight(self, keys: RoundKeys) -> None:
+        if self._in_flight != keys.round_id:
+            raise ConfigError(f"round {keys.round_id} of link {self.link_id} is not the round being authenticated.")
 
     # ------------------------------------------------------------------------------- internals
 

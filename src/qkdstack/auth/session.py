@@ -82,24 +82,29 @@ class RoundAuthenticator:
         self._done = True
         self.transcript.detach()
         eps = round_epsilon(self.transcript.byte_length)
-        if self.role == ALICE:
-            await self.channel.send(TAG_KIND, tag=self._tag(A_TO_B))
-            msg = await self.channel.recv(TAG_KIND)
-            self._verify(B_TO_A, msg.fields.get("tag"))
-        else:
-            msg = await self.channel.recv(TAG_KIND)
-            try:
-                self._verify(A_TO_B, msg.fields.get("tag"))
-            except AuthenticationError:
-                await self.channel.send_abort("authentication", "transcript tag did not verify")
-                raise
-            await self.channel.send(TAG_KIND, tag=self._tag(B_TO_A))
+        try:
+            if self.role == ALICE:
+                await self.channel.send(TAG_KIND, tag=self._tag(A_TO_B))
+                msg = await self.channel.recv(TAG_KIND)
+                self._verify(B_TO_A, msg.fields.get("tag"))
+            else:
+                msg = await self.channel.recv(TAG_KIND)
+                try:
+                    self._verify(A_TO_B, msg.fields.get("tag"))
+                except AuthenticationError:
+                    await self.channel.send_abort("authentication", "transcript tag did not verify")
+                    raise
+                await self.channel.send(TAG_KIND, tag=self._tag(B_TO_A))
+        except BaseException:
+            self.pool.release(self.keys)  # no-op when _verify already recorded the failure
+            raise
         return self.pool.complete_round(self.keys, round_key, epsilon=eps)
 
     def abandon(self) -> None:
         """The round aborted before its tags were exchanged: stop recording; keep the burns."""
         self._done = True
         self.transcript.detach()
+        self.pool.release(self.keys)
 
 
 async def begin_round(channel: Any, pool: AuthKeyPool, role: str, round_id: int) -> RoundAuthenticator:
