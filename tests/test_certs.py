@@ -101,6 +101,11 @@ def test_files_roundtrip_and_permissions(tmp_path, pki):
     crl = certs.make_crl(ca, ca_key, [scert.serial_number])
     certs.write_crl(tmp_path / "ca.crl", crl)
     loaded = certs.load_crl(tmp_path / "ca.crl")
+    other_ca, other_key = certs.make_ca("Other CA", key_kind="ml-dsa-65")
+    certs.write_crl(tmp_path / "all.crl", [crl, certs.make_crl(other_ca, other_key, [7])])
+    both = certs.load_crls(tmp_path / "all.crl")
+    assert [c.issuer for c in both] == [ca.subject, other_ca.subject]
+    assert both[1].is_signature_valid(other_ca.public_key())
     assert loaded.is_signature_valid(ca.public_key())
     assert loaded.get_revoked_certificate_by_serial_number(scert.serial_number) is not None
     encrypted = tmp_path / "enc.key"

@@ -267,9 +267,12 @@ def write_certificate(path: str | os.PathLike[str], cert: x509.Certificate | Seq
     atomic_write(path, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs), 0o644)
 
 
-def write_crl(path: str | os.PathLike[str], crl: x509.CertificateRevocationList) -> None:
-    """Write a CRL as PEM to ``path`` (mode 0644)."""
-    atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+def write_crl(
+    path: str | os.PathLike[str], crl: x509.CertificateRevocationList | Sequence[x509.CertificateRevocationList]
+) -> None:
+    """Write one CRL or several (e.g. the classical and the ML-DSA CA's) as PEM to ``path`` (mode 0644)."""
+    crls = [crl] if isinstance(crl, x509.CertificateRevocationList) else list(crl)
+    atomic_write(path, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in crls), 0o644)
 
 
 def load_private_key(path: str | os.PathLike[str], password: bytes | None = None) -> PrivateKey:
@@ -296,8 +299,18 @@ def load_certificates(path: str | os.PathLike[str]) -> list[x509.Certificate]:
 
 
 def load_crl(path: str | os.PathLike[str]) -> x509.CertificateRevocationList:
-    """Load a PEM CRL."""
-    return x509.load_pem_x509_crl(Path(path).read_bytes())
+    """Load the first PEM CRL in ``path``."""
+    return load_crls(path)[0]
+
+
+def load_crls(path: str | os.PathLike[str]) -> list[x509.CertificateRevocationList]:
+    """Load every PEM CRL in ``path`` (a bundle written by :func:`write_crl`)."""
+    text = Path(path).read_bytes()
+    marker = b"-----BEGIN X509 CRL-----"
+    crls = [x509.load_pem_x509_crl(marker + part) for part in text.split(marker)[1:]]
+    if not crls:
+        raise ConfigError(f"{path} holds no PEM CRL.")
+    return crls
 
 
 def common_name(cert: x509.Certificate) -> str:
