@@ -18,7 +18,7 @@ Key recycling
 Portmann ("Key recycling in authentication", IEEE TIT 60(7), 4383 (2014)) proves that with an
 ``epsilon``-almost-strongly-universal family whose output is one-time padded, the *hash key* ``r`` may be
 reused for many tags while only the pad is consumed per tag; the composed protocol is
-``rounds*(messages*epsilon + epsilon')``-secure (his Theorem 5 / Corollary 6; ``epsilon'`` is the
+``rounds*(messages*epsilon + epsilon')``-secure (``epsilon'`` is the
 distance of the initial key from uniform). His proof is written for XOR pads; it uses only that
 the pad is a uniform element of the group in which the hash differences are bounded, so it carries
 over to Poly1305's ``Z_{2^128}``. The reuse is allowed only while every verification has
