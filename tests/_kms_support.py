@@ -200,6 +200,7 @@ class Sites:
                 assert k_a == k_b
         for kme in (self.a, self.b):
             assert await kme.store.pending(link) == []
+            assert await kme.store.counts(link) == await kme.store.recount(link)
 
     async def stop(self) -> None:
         await self._stack.aclose()

@@ -66,6 +66,8 @@ def test_sigkill_during_delivery_never_delivers_twice(tmp_path):
             sa, sb = await a.chunk_states(link), await b.chunk_states(link)
             assert set(sa) == set(sb) and len(sa) == 6 * 200
             assert await a.pending(link) == [] == await b.pending(link)
+            assert await a.counts(link) == await a.recount(link)
+            assert await b.counts(link) == await b.recount(link)
             unexplained = set()
             for cid, (st_a, k_a) in sa.items():
                 st_b, k_b = sb[cid]

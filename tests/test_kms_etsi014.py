@@ -9,8 +9,8 @@ import uuid
 
 import httpx
 import pytest
-from _kms_support import BACKENDS, PKI, Sites, factory_fixture
 
+from _kms_support import BACKENDS, PKI, Sites, factory_fixture
 from qkdstack.kms.kme import KME
 
 NOT_FOUND = "one or more keys specified are not found on KME"

@@ -69,6 +69,7 @@ async def test_master_reserve_peer_accept_deliver_identical(store_factory):
     for s in (a, b):
         states = await s.chunk_states(LINK)
         assert all(states[c][0] == ERASED for r in res for c in r.chunk_ids)
+        assert await s.counts(LINK) == await s.recount(LINK)
 
 
 async def test_slave_rules_and_partial_sizes(store_factory):
@@ -148,6 +149,7 @@ async def test_release_and_discard(store_factory):
     assert await a.pending(LINK) == []
     c = await a.counts(LINK)
     assert c.available == (0, 2) and c.erased == 2 and c.reserved == 0
+    assert c == await a.recount(LINK)
 
 
 async def test_capacity_and_water_marks(store_factory):
@@ -171,6 +173,7 @@ async def test_concurrent_reservations_never_share_chunks(store_factory):
     delivered = await asyncio.gather(*(s.deliver_master([r.key_id for r in res]) for res in results))
     keys = [k.key for batch in delivered for k in batch]
     assert len(set(keys)) == len(keys)
+    assert await s.counts(LINK) == await s.recount(LINK)
 
 
 async def test_restart_keeps_state(store_factory):

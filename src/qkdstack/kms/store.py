@@ -29,6 +29,7 @@ Key bytes never appear in logs, reprs or exception messages.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -137,13 +138,11 @@ class DeliveredKey:
 
 @dataclass(frozen=True)
 class LinkCounts:
-    """Chunk counts of one link: ``available[pool]``, ``reserved``, ``erased``; ``keys_waiting``
-    counts keys reserved here for slave SAEs not yet fetched."""
+    """Chunk counts of one link: ``available[pool]``, ``reserved``, ``erased``."""
 
     available: tuple[int, int]
     reserved: int
     erased: int
-    keys_waiting: int
 
     @property
     def stored(self) -> int:
@@ -187,6 +186,11 @@ class _Backend:
                 master_sae TEXT NOT NULL, slaves TEXT NOT NULL, remaining TEXT NOT NULL,
                 state SMALLINT NOT NULL, local_master SMALLINT NOT NULL, created_at DOUBLE PRECISION NOT NULL)""",
             "CREATE INDEX IF NOT EXISTS qkd_keys_pending ON qkd_keys (link_id) WHERE state = 0",
+            # Chunk counts per (link, pool, state), kept in the same transactions as the chunks, so the
+            # ETSI status and the water marks cost one small query instead of a table scan.
+            f"""CREATE TABLE IF NOT EXISTS qkd_counts (
+                link_id TEXT NOT NULL, pool SMALLINT NOT NULL, state SMALLINT NOT NULL, n {big} NOT NULL,
+                PRIMARY KEY (link_id, pool, state))""",
         ]
 
 
@@ -200,7 +204,8 @@ class _SQLiteBackend(_Backend):
             fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
             os.chmod(p, 0o600)
-        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=True)
+        # The store serialises all use of the connection (worker thread or a lock), possibly across threads.
+        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous}")
         self.conn.execute("PRAGMA secure_delete=ON")  # freed pages (erased keys) are overwritten with zeros
@@ -250,6 +255,29 @@ class _PostgresBackend(_Backend):
         self.conn.close()
 
 
+def _bump(db: _Backend, link_id: str, changes: dict[tuple[int, int], int]) -> None:
+    """Add ``changes[(pool, state)]`` to the chunk counters of ``link_id``."""
+    rows = [(link_id, pool, state, n) for (pool, state), n in changes.items() if n]
+    if rows:
+        db.executemany(
+            "INSERT INTO qkd_counts (link_id, pool, state, n) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (link_id, pool, state) DO UPDATE SET n = qkd_counts.n + excluded.n",
+            rows,
+        )
+
+
+def _move(db: _Backend, link_id: str, where: str, params: Sequence[Any], to_state: int) -> None:
+    """Count the chunks matching ``where`` by (pool, state) and book them over to ``to_state``."""
+    changes: dict[tuple[int, int], int] = {}
+    for pool, state, n in db.execute(
+        f"SELECT pool, state, COUNT(*) FROM qkd_chunks WHERE {where} GROUP BY pool, state", params
+    ):
+        if state != to_state:
+            changes[(pool, state)] = changes.get((pool, state), 0) - n
+            changes[(pool, to_state)] = changes.get((pool, to_state), 0) + n
+    _bump(db, link_id, changes)
+
+
 def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
@@ -263,7 +291,7 @@ def _op_add_block(db: _Backend, link_id: str, block_id: str, key: bytes, chunk_b
     n = len(key) // nbytes
     if db.execute("SELECT 1 FROM qkd_blocks WHERE link_id = ? AND block_id = ?", (link_id, block_id)):
         raise KeyStoreError(f"block {block_id!r} is already stored on link {link_id!r}")
-    stored = db.execute("SELECT COUNT(*) FROM qkd_chunks WHERE link_id = ? AND state < 2", (link_id,))[0][0]
+    stored = db.execute("SELECT COALESCE(SUM(n), 0) FROM qkd_counts WHERE link_id = ? AND state < 2", (link_id,))[0][0]
     if stored + n > limits.capacity:
         raise StoreFull(f"link {link_id!r} is full ({stored} of {limits.capacity} chunks); block not stored")
     seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM qkd_blocks WHERE link_id = ?", (link_id,))[0][0]
@@ -280,6 +308,7 @@ def _op_add_block(db: _Backend, link_id: str, block_id: str, key: bytes, chunk_b
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
+    _bump(db, link_id, {(0, AVAILABLE): (n + 1) // 2, (1, AVAILABLE): n // 2})
     return n
 
 
@@ -313,6 +342,7 @@ def _op_reserve(
         updates.extend((group[0], pos, cid) for pos, cid in enumerate(group))
         key_rows.append((group[0], link_id, size_bits, master, slaves_json, "[]", KEY_PENDING, 1, now))
     db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ? AND state = 0", updates)
+    _bump(db, link_id, {(pool, AVAILABLE): -need, (pool, RESERVED): need})
     db.executemany(
         "INSERT INTO qkd_keys (key_id, link_id, size_bits, master_sae, slaves, remaining, state, local_master,"
         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -358,6 +388,7 @@ def _op_accept(
         updates.extend((r.key_id, pos, cid) for pos, cid in enumerate(r.chunk_ids))
         key_rows.append((r.key_id, link_id, r.size_bits, master, slaves_json, slaves_json, KEY_RESERVED, 0, now))
     db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ?", updates)
+    _bump(db, link_id, {(pool, AVAILABLE): -len(updates), (pool, RESERVED): len(updates)})
     db.executemany(
         "INSERT INTO qkd_keys (key_id, link_id, size_bits, master_sae, slaves, remaining, state, local_master,"
         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -369,16 +400,22 @@ def _read_and_erase(db: _Backend, key_rows: list[tuple[str, int]], erase: set[st
     """Concatenate each key's chunks; erase the chunks of keys in ``erase`` (same transaction)."""
     ids = [k for k, _ in key_rows]
     parts: dict[str, list[bytes]] = {k: [] for k in ids}
-    for kid, material in db.execute(
-        f"SELECT key_id, material FROM qkd_chunks WHERE key_id IN {_in(len(ids))} ORDER BY key_id, pos", ids
+    changes: dict[tuple[str, int], int] = {}
+    for kid, material, link_id, pool in db.execute(
+        f"SELECT key_id, material, link_id, pool FROM qkd_chunks WHERE key_id IN {_in(len(ids))} ORDER BY key_id, pos",
+        ids,
     ):
         if material is None:
             raise KeyStoreError("key material already erased")  # cannot happen if states are consistent
         parts[kid].append(bytes(material))
+        if kid in erase:
+            changes[(link_id, pool)] = changes.get((link_id, pool), 0) + 1
     out = [DeliveredKey(kid, b"".join(parts[kid])[: size // 8]) for kid, size in key_rows]
     if erase:
         e = sorted(erase)
         db.execute(f"UPDATE qkd_chunks SET state = 2, material = NULL WHERE key_id IN {_in(len(e))}", e)
+        for (link_id, pool), n in changes.items():
+            _bump(db, link_id, {(pool, RESERVED): -n, (pool, ERASED): n})
     return out
 
 
@@ -427,8 +464,13 @@ def _op_deliver_slave(db: _Backend, key_ids: list[str], sae_id: str, master: str
 
 def _op_release(db: _Backend, key_ids: list[str]) -> int:
     """Undo a pending reservation whose key bits never left this site (the peer refused it)."""
-    rows = db.execute(f"SELECT key_id FROM qkd_keys WHERE key_id IN {_in(len(key_ids))} AND state = 0", key_ids)
+    rows = db.execute(
+        f"SELECT key_id, link_id FROM qkd_keys WHERE key_id IN {_in(len(key_ids))} AND state = 0", key_ids
+    )
     ids = [r[0] for r in rows]
+    for link_id in {r[1] for r in rows}:
+        sub = [r[0] for r in rows if r[1] == link_id]
+        _move(db, link_id, f"key_id IN {_in(len(sub))}", sub, AVAILABLE)
     if ids:
         db.execute(f"UPDATE qkd_chunks SET state = 0, key_id = NULL, pos = NULL WHERE key_id IN {_in(len(ids))}", ids)
         db.execute(f"DELETE FROM qkd_keys WHERE key_id IN {_in(len(ids))}", ids)
@@ -444,6 +486,7 @@ def _op_discard(db: _Backend, link_id: str, chunk_ids: list[str]) -> int:
         f"SELECT DISTINCT key_id FROM qkd_chunks WHERE chunk_id IN {ph} AND key_id IS NOT NULL", chunk_ids
     )
     rows = db.execute(f"SELECT COUNT(*) FROM qkd_chunks WHERE chunk_id IN {ph} AND state < 2", chunk_ids)
+    _move(db, link_id, f"link_id = ? AND chunk_id IN {ph}", [link_id, *chunk_ids], ERASED)
     db.execute(
         f"UPDATE qkd_chunks SET state = 2, material = NULL WHERE link_id = ? AND chunk_id IN {ph}",
         [link_id, *chunk_ids],
@@ -469,6 +512,20 @@ def _op_pending(db: _Backend, link_id: str) -> list[Reservation]:
 def _op_counts(db: _Backend, link_id: str) -> LinkCounts:
     avail = [0, 0]
     reserved = erased = 0
+    for pool, state, n in db.execute("SELECT pool, state, n FROM qkd_counts WHERE link_id = ?", (link_id,)):
+        if state == AVAILABLE:
+            avail[pool] += n
+        elif state == RESERVED:
+            reserved += n
+        else:
+            erased += n
+    return LinkCounts((avail[0], avail[1]), reserved, erased)
+
+
+def _op_recount(db: _Backend, link_id: str) -> LinkCounts:
+    """Counts by a full scan of the chunks (audit of the counters kept by every operation)."""
+    avail = [0, 0]
+    reserved = erased = 0
     for pool, state, n in db.execute(
         "SELECT pool, state, COUNT(*) FROM qkd_chunks WHERE link_id = ? GROUP BY pool, state", (link_id,)
     ):
@@ -478,8 +535,7 @@ def _op_counts(db: _Backend, link_id: str) -> LinkCounts:
             reserved += n
         else:
             erased += n
-    waiting = db.execute("SELECT COUNT(*) FROM qkd_keys WHERE link_id = ? AND state = 1", (link_id,))[0][0]
-    return LinkCounts((avail[0], avail[1]), reserved, erased, waiting)
+    return LinkCounts((avail[0], avail[1]), reserved, erased)
 
 
 def _op_chunk_states(db: _Backend, link_id: str) -> dict[str, tuple[int, str | None]]:
@@ -498,6 +554,11 @@ class KeyStore:
 
     Open with :func:`open_store`. All methods are coroutines; each is one transaction (group
     committed with whatever other operations are queued at the same moment).
+
+    ``inline=True`` (SQLite's default) runs each batch on the event-loop thread: every operation
+    queued during one loop iteration goes into one transaction, with no thread hand-over (a loaded
+    machine can take milliseconds to schedule a worker thread). ``inline=False`` (PostgreSQL's
+    default, whose statements are network round trips) runs batches on a worker thread.
     """
 
     def __init__(
@@ -507,6 +568,7 @@ class KeyStore:
         chunk_bits: int = 256,
         limits: LinkLimits | None = None,
         description: str = "",
+        inline: bool = False,
     ) -> None:
         if chunk_bits <= 0 or chunk_bits % 8:
             raise ConfigError("chunk_bits must be a positive multiple of 8")
@@ -516,6 +578,16 @@ class KeyStore:
         self.description = description
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self.inline = inline
+        self._thread: threading.Thread | None = None
+        if inline:
+            self._db = self._open(backend_factory)
+            self._lock = threading.Lock()
+            self._pending: list = []
+            self._flush_scheduled = False
+            self._committing = False
+            self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qkd-keystore-commit")
+            return
         ready: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._worker, args=(backend_factory, ready), name="qkd-keystore", daemon=True
@@ -531,15 +603,25 @@ class KeyStore:
 
     # -- worker ----------------------------------------------------------------------------
 
-    def _worker(self, factory: Callable[[], _Backend], ready: queue.SimpleQueue) -> None:
+    @staticmethod
+    def _open(factory: Callable[[], _Backend]) -> _Backend:
         try:
             db = factory()
             db.begin()
             for stmt in db.schema():
                 db.execute(stmt)
             db.execute("COMMIT")
+        except KeyStoreError:
+            raise
         except Exception as exc:
-            ready.put(exc if isinstance(exc, KeyStoreError) else KeyStoreError(f"cannot open key store: {exc}"))
+            raise KeyStoreError(f"cannot open key store: {type(exc).__name__}: {exc}") from None
+        return db
+
+    def _worker(self, factory: Callable[[], _Backend], ready: queue.SimpleQueue) -> None:
+        try:
+            db = self._open(factory)
+        except KeyStoreError as exc:
+            ready.put(exc)
             return
         ready.put(None)
         try:
@@ -564,40 +646,107 @@ class KeyStore:
         finally:
             db.close()
 
-    def _run_batch(self, db: _Backend, batch: list) -> None:
+    @staticmethod
+    def _exec_batch(db: _Backend, batch: list) -> list[tuple[bool, Any]]:
+        """BEGIN and run each operation in its own SAVEPOINT; the caller commits."""
         results: list[tuple[bool, Any]] = []
+        db.begin()
+        for fn, args, _loop, _fut in batch:
+            db.execute("SAVEPOINT op")
+            try:
+                res = fn(db, *args)
+            except Exception as exc:
+                db.execute("ROLLBACK TO SAVEPOINT op")
+                db.execute("RELEASE SAVEPOINT op")
+                if not isinstance(exc, KeyStoreError):
+                    log.error("key store operation %s failed: %s", fn.__name__, type(exc).__name__)
+                    exc = KeyStoreError(f"key store operation failed: {type(exc).__name__}")
+                results.append((False, exc))
+            else:
+                db.execute("RELEASE SAVEPOINT op")
+                results.append((True, res))
+        return results
+
+    @staticmethod
+    def _failed(db: _Backend, batch: list, exc: BaseException) -> list[tuple[bool, Any]]:
+        with contextlib.suppress(Exception):
+            db.execute("ROLLBACK")
+        log.error("key store transaction failed: %s", type(exc).__name__)
+        err = KeyStoreError(f"key store transaction failed: {type(exc).__name__}")
+        return [(False, err)] * len(batch)
+
+    @staticmethod
+    def _deliver(batch: list, results: list[tuple[bool, Any]]) -> None:
+        """Hand results to the callers (only ever after the COMMIT returned)."""
         try:
-            db.begin()
-            for fn, args, _loop, _fut in batch:
-                db.execute("SAVEPOINT op")
-                try:
-                    res = fn(db, *args)
-                except Exception as exc:
-                    db.execute("ROLLBACK TO SAVEPOINT op")
-                    db.execute("RELEASE SAVEPOINT op")
-                    if not isinstance(exc, KeyStoreError):
-                        log.error("key store operation %s failed: %s", fn.__name__, type(exc).__name__)
-                        exc = KeyStoreError(f"key store operation failed: {type(exc).__name__}")
-                    results.append((False, exc))
-                else:
-                    db.execute("RELEASE SAVEPOINT op")
-                    results.append((True, res))
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for (_fn, _args, loop, fut), (ok, value) in zip(batch, results, strict=True):
+            if loop is running:
+                _settle(fut, ok, value)
+            else:
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
+
+    def _run_batch(self, db: _Backend, batch: list) -> None:
+        """Worker-thread mode: the whole transaction on this thread."""
+        try:
+            results = self._exec_batch(db, batch)
             db.execute("COMMIT")
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                db.execute("ROLLBACK")
-            log.error("key store transaction failed: %s", type(exc).__name__)
-            err = KeyStoreError(f"key store transaction failed: {type(exc).__name__}")
-            results = [(False, err)] * len(batch)
-        for (_fn, _args, loop, fut), (ok, value) in zip(batch, results, strict=True):
-            loop.call_soon_threadsafe(_settle, fut, ok, value)
+            results = self._failed(db, batch, exc)
+        self._deliver(batch, results)
+
+    def _flush(self) -> None:
+        """Inline mode: statements on the loop thread, the COMMIT (fsync) on a helper thread.
+
+        While a COMMIT is in flight no new transaction starts; operations queue up and form the
+        next batch (group commit that grows with the disk's latency).
+        """
+        self._flush_scheduled = False
+        if self._committing or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._lock.acquire()
+        try:
+            results = self._exec_batch(self._db, batch)
+        except Exception as exc:
+            results = self._failed(self._db, batch, exc)
+            self._lock.release()
+            self._deliver(batch, results)
+            self._schedule_flush()
+            return
+        self._committing = True
+        loop = asyncio.get_running_loop()
+        commit = loop.run_in_executor(self._committer, self._db.execute, "COMMIT")
+
+        def done(f: asyncio.Future) -> None:
+            nonlocal results
+            exc = f.exception()
+            if exc is not None:
+                results = self._failed(self._db, batch, exc)
+            self._committing = False
+            self._lock.release()
+            self._deliver(batch, results)
+            self._schedule_flush()
+
+        commit.add_done_callback(done)
+
+    def _schedule_flush(self) -> None:
+        if self._pending and not self._flush_scheduled and not self._committing:
+            self._flush_scheduled = True
+            self._pending[0][2].call_soon(self._flush)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._closed:
             raise KeyStoreError("the key store is closed")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.put((fn, args, loop, fut))
+        if self.inline:
+            self._pending.append((fn, args, loop, fut))
+            self._schedule_flush()
+        else:
+            self._queue.put((fn, args, loop, fut))
         # Shield: once queued, the operation runs and commits even if the caller is cancelled.
         return await asyncio.shield(fut)
 
@@ -668,6 +817,10 @@ class KeyStore:
     async def counts(self, link_id: str) -> LinkCounts:
         return await self._call(_op_counts, link_id)
 
+    async def recount(self, link_id: str) -> LinkCounts:
+        """:meth:`counts` recomputed by a full scan (audits; must equal :meth:`counts`)."""
+        return await self._call(_op_recount, link_id)
+
     async def chunk_states(self, link_id: str) -> dict[str, tuple[int, str | None]]:
         return await self._call(_op_chunk_states, link_id)
 
@@ -683,6 +836,14 @@ class KeyStore:
         """Finish queued operations and close the database connection."""
         if not self._closed:
             self._closed = True
+            if self._thread is None:
+                with self._lock:  # waits for a COMMIT in flight
+                    for _fn, _args, loop, fut in self._pending:
+                        loop.call_soon_threadsafe(_settle, fut, False, KeyStoreError("the key store is closed"))
+                    self._pending = []
+                    self._db.close()
+                self._committer.shutdown(wait=True)
+                return
             self._queue.put(None)
             self._thread.join()
 
@@ -702,6 +863,7 @@ def open_store(
     chunk_bits: int = 256,
     limits: LinkLimits | None = None,
     synchronous: str = "FULL",
+    inline: bool | None = None,
 ) -> KeyStore:
     """Open (creating if needed) a key store.
 
@@ -709,7 +871,8 @@ def open_store(
     ``sqlite:///PATH`` or anything else is a SQLite file path (created 0600 with its -wal/-shm files, WAL mode).
     ``synchronous``: SQLite's ``synchronous`` pragma; ``FULL`` (default) makes every delivery
     durable across power loss before the key leaves the store; ``NORMAL`` survives process
-    crashes (kill -9) but not power loss.
+    crashes (kill -9) but not power loss. ``inline``: see :class:`KeyStore` (default: True for
+    SQLite, False for PostgreSQL).
     """
     loc = os.fspath(location)
     if loc.startswith(("postgresql://", "postgres://")):
@@ -720,5 +883,9 @@ def open_store(
         raise ConfigError("synchronous must be FULL, NORMAL or EXTRA")
     sync = synchronous.upper()
     return KeyStore(
-        lambda: _SQLiteBackend(Path(loc), sync), chunk_bits=chunk_bits, limits=limits, description=f"sqlite:{loc}"
+        lambda: _SQLiteBackend(Path(loc), sync),
+        chunk_bits=chunk_bits,
+        limits=limits,
+        description=f"sqlite:{loc}",
+        inline=True if inline is None else inline,
     )
