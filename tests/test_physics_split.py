@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from qkdstack.errors import ChannelError
 from qkdstack.physics.device import QKDDevice, SimulatedDevice
 from qkdstack.physics.eve import Eavesdropper, InterceptResend, NoEve, PhotonNumberSplitting
 from qkdstack.physics.params import ChannelParams, DeviceParams, ReceiverParams, SourceParams, Z
@@ -96,3 +97,5 @@ def test_light_carries_no_classical_record() -> None:
     assert k.size == dark_only.size
     # Asking again returns the same settings (materialised once).
     np.testing.assert_array_equal(tx.alice_record(dark_only).lookup(dark_only)[2], bit)
+    with pytest.raises(ChannelError):
+        tx.alice_record(np.array([1_000_000], dtype=np.uint64))

@@ -58,6 +58,10 @@ def _float(text: str) -> float:
     return value
 
 
+parse_float = _float
+"""Public name of the finite-float argparse type (``_float`` stays for existing importers)."""
+
+
 def parse_float_list(text: str) -> tuple[float, ...]:
     """A comma-separated list of finite floats; an empty string (or ``none``) is the empty list."""
     text = text.strip()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from qkdstack.errors import ChannelError
 from qkdstack.physics.detectors import dead_gates, resolve_clicks
 from qkdstack.physics.device import check_pulses
 from qkdstack.physics.eve import Eavesdropper, NoEve
@@ -104,7 +105,7 @@ class Transmitter:
         """Draw settings for pulses of this frame not yet materialised (no light reached Bob from them)."""
         indices = _sorted_union(np.asarray(indices, dtype=np.uint64))
         if indices.size and int(indices[-1]) >= self._n_pulses:
-            raise ValueError("pulse index beyond the frame")
+            raise ChannelError("peer announced pulse indices beyond the frame Alice sent")
         new = indices[~np.isin(indices, self._store["index"], assume_unique=True)]
         if new.size == 0:
             return
