@@ -22,7 +22,7 @@ Algorithm
 The convolution is computed as a *cyclic* convolution of length ``N = C * R >= n + m - 1``
 (``C`` and ``R`` 5-smooth and close to ``sqrt(N)``). Cyclic index ``k`` holds ``c[k] + c[k +
 N]``; for the indices we read, ``k >= n - 1``, so ``k + N >= 2n + m - 2`` lies past the last
-linear index ``2n + m - 3``: no wrap-around reaches them. Four measured tricks make it fast
+linear index ``2n + m - 3``: no wrap-around reaches them. Five measured tricks make it fast
 (see ``docs/amplification.md`` for the figures):
 
 * both real inputs ride in one complex array, ``z = seed + i*key``, so one complex FFT ``Z``
@@ -40,6 +40,8 @@ linear index ``2n + m - 3``: no wrap-around reaches them. Four measured tricks m
   ``j1 = a + A*b`` and ``A = ceil(sqrt(R))``, each entry computed by ``cos``/``sin`` of an
   exactly reduced angle ``2*pi*((k2*a) mod N)/N``, so the tables cost ``O(C sqrt R)`` and
   every twiddle has a relative error of at most about ``3u``.
+* the two complex work arrays are kept per thread and zeroed after use (:class:`_Workspace`):
+  on this machine first-touching fresh pages costs more than an FFT pass.
 
 Exactness
 ---------
