@@ -1,11 +1,12 @@
 """Throughput of privacy amplification (Toeplitz hashing) and error verification (Poly1305).
 
 Input bits per second, best of a few repetitions (the machine is shared, so the best run is
-the least disturbed one); ``*_cpu_s`` is the process CPU time of the best run (both FFT
-threads summed), a figure less disturbed by other users of the machine than wall time.
-Toeplitz at n = 10^6 and 10^7 input bits with m = n/2 and n/10
-output bits; verification (one party's tag computation, 128-bit tags, eps_cor = 1e-15) at
-n = 10^7. Run: ``.venv/bin/python benchmarks/run_all.py amplification``.
+the least disturbed one); ``*_cpu_s`` is the smallest process CPU time (both FFT threads
+summed), a figure less disturbed by other users of the machine than wall time. Toeplitz at
+n = 10^6 and 10^7 input bits with m = n/2 and n/10 output bits; the amplification stage
+(both parties over the in-memory channel) at n = 10^7, m = n/2; verification (both parties,
+one 128-bit tag, eps_cor = 1e-15) at n = 10^7.
+Run: ``.venv/bin/python benchmarks/run_all.py amplification``.
 """
 
 from __future__ import annotations

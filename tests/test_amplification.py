@@ -71,3 +71,22 @@ def test_repr_hides_key_bits():
     key = BitArray.from_bits([1, 0, 1, 1, 0, 0, 1, 0, 1])
     text = repr(amplification.AmplificationResult(key, 17))
     assert "9 bits" in text and "seed_bits=17" in text and "\\x" not in text and "b'" not in text
+
+
+async def test_seed_is_drawn_from_secrets(monkeypatch):
+    """The seed Alice sends is exactly what the OS CSPRNG (secrets.token_bytes) returned."""
+    import secrets
+
+    drawn: list[bytes] = []
+    real = secrets.token_bytes
+
+    def recording(nbytes):
+        drawn.append(real(nbytes))
+        return drawn[-1]
+
+    monkeypatch.setattr(amplification.secrets, "token_bytes", recording)
+    a, b = channel_pair(timeout=10)
+    await amplification.alice(a, _key(1000), 500)
+    msg = await b.recv(expect="amplification.seed")
+    assert len(drawn) == 1 and len(msg["seed"]) == 1499
+    assert msg["seed"] == BitArray.from_bytes(drawn[0], 1499)

@@ -83,3 +83,26 @@ async def test_bad_eps_cor_rejected(eps):
     a, _ = channel_pair(timeout=1)
     with pytest.raises(ConfigError, match="eps_cor"):
         await verification.alice(a, _key(10), eps)
+
+
+async def test_hash_keys_are_drawn_from_secrets(monkeypatch):
+    import secrets
+
+    drawn: list[bytes] = []
+    real = secrets.token_bytes
+
+    def recording(nbytes):
+        drawn.append(real(nbytes))
+        return drawn[-1]
+
+    monkeypatch.setattr(verification.secrets, "token_bytes", recording)
+    a, b = channel_pair(timeout=10)
+    key = _key(300)
+    _, msg = await asyncio.gather(verification.alice(a, key, 1e-12), _bob_peek(b, key))
+    assert drawn == [msg["hash_keys"]] and len(drawn[0]) == 32
+
+
+async def _bob_peek(channel, key):
+    msg = await channel.recv(expect="verification.tag")
+    await channel.send("verification.result", ok=True)
+    return msg
