@@ -16,6 +16,7 @@ key never meets the same hash twice.
 
 from __future__ import annotations
 
+import operator
 import secrets
 from dataclasses import dataclass
 
@@ -42,20 +43,21 @@ class AmplificationResult:
         return f"AmplificationResult(key=<{len(self.key)} bits>, seed_bits={self.seed_bits})"
 
 
-def _check(key: np.ndarray, output_length: int) -> np.ndarray:
+def _check(key: np.ndarray, output_length: int) -> tuple[np.ndarray, int]:
     key = np.asarray(key)
     if key.ndim != 1:
         raise ValueError("the key must be a one-dimensional 0/1 array")
+    output_length = operator.index(output_length)
     if not 0 < output_length <= key.size:
         raise ProtocolAbort(
             STAGE, f"output length {output_length} bits is not in 1..{key.size} (the verified key length)"
         )
-    return key
+    return key, output_length
 
 
 async def alice(channel: Channel, key: np.ndarray, output_length: int) -> AmplificationResult:
     """Alice's side: draw and send a fresh Toeplitz seed from the CSPRNG, hash her key."""
-    key = _check(key, output_length)
+    key, output_length = _check(key, output_length)
     seed_len = key.size + output_length - 1
     seed = BitArray.from_bytes(secrets.token_bytes((seed_len + 7) // 8), seed_len)
     await channel.send(f"{STAGE}.seed", seed=seed, n_bits=key.size, output_length=output_length)
@@ -65,7 +67,7 @@ async def alice(channel: Channel, key: np.ndarray, output_length: int) -> Amplif
 
 async def bob(channel: Channel, key: np.ndarray, output_length: int) -> AmplificationResult:
     """Bob's side: receive Alice's seed, check the lengths agree, hash his key."""
-    key = _check(key, output_length)
+    key, output_length = _check(key, output_length)
     msg = await channel.recv(expect=f"{STAGE}.seed")
     seed = msg["seed"]
     if msg["n_bits"] != key.size or msg["output_length"] != output_length:
