@@ -90,3 +90,16 @@ async def test_seed_is_drawn_from_secrets(monkeypatch):
     msg = await b.recv(expect="amplification.seed")
     assert len(drawn) == 1 and len(msg["seed"]) == 1499
     assert msg["seed"] == BitArray.from_bytes(drawn[0], 1499)
+
+
+async def test_inexact_fft_aborts_the_stage(monkeypatch):
+    import scipy.fft
+
+    real_ifft = scipy.fft.ifft
+    monkeypatch.setattr(
+        scipy.fft, "ifft", lambda x, *a, axis=-1, **k: real_ifft(x, *a, axis=axis, **k) + 0.3 * (axis == 0)
+    )
+    a, _ = channel_pair(timeout=1)
+    with pytest.raises(ProtocolAbort, match="rounding error") as info:
+        await amplification.alice(a, _key(200), 100)
+    assert info.value.stage == "amplification"

@@ -25,7 +25,7 @@ import numpy as np
 from qkdstack.bits import BitArray
 from qkdstack.errors import ProtocolAbort
 from qkdstack.protocol.channel import Channel
-from qkdstack.protocol.toeplitz import toeplitz_hash
+from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, toeplitz_hash
 
 __all__ = ["AmplificationResult", "alice", "bob"]
 
@@ -55,14 +55,21 @@ def _check(key: np.ndarray, output_length: int) -> tuple[np.ndarray, int]:
     return key, output_length
 
 
+def _hash(key: np.ndarray, seed: BitArray, output_length: int) -> BitArray:
+    """The Toeplitz hash as a packed BitArray; an untrusted (inexact) FFT result aborts the round."""
+    try:
+        return BitArray.from_bits(toeplitz_hash(key, seed.to_bits(), output_length))
+    except ToeplitzPrecisionError as exc:
+        raise ProtocolAbort(STAGE, str(exc)) from exc
+
+
 async def alice(channel: Channel, key: np.ndarray, output_length: int) -> AmplificationResult:
     """Alice's side: draw and send a fresh Toeplitz seed from the CSPRNG, hash her key."""
     key, output_length = _check(key, output_length)
     seed_len = key.size + output_length - 1
     seed = BitArray.from_bytes(secrets.token_bytes((seed_len + 7) // 8), seed_len)
     await channel.send(f"{STAGE}.seed", seed=seed, n_bits=key.size, output_length=output_length)
-    out = toeplitz_hash(key, seed.to_bits(), output_length)
-    return AmplificationResult(BitArray.from_bits(out), seed_len)
+    return AmplificationResult(_hash(key, seed, output_length), seed_len)
 
 
 async def bob(channel: Channel, key: np.ndarray, output_length: int) -> AmplificationResult:
@@ -77,5 +84,4 @@ async def bob(channel: Channel, key: np.ndarray, output_length: int) -> Amplific
         )
     if not isinstance(seed, BitArray) or len(seed) != key.size + output_length - 1:
         raise ProtocolAbort(STAGE, "Alice's Toeplitz seed is malformed or of the wrong length")
-    out = toeplitz_hash(key, seed.to_bits(), output_length)
-    return AmplificationResult(BitArray.from_bits(out), len(seed))
+    return AmplificationResult(_hash(key, seed, output_length), len(seed))
