@@ -19,6 +19,8 @@ COMMANDS: list[str] = [
     "simulate",
     "keyrate",
     "distill",
+    "init",
+    "node",
     "tunnel",
 ]
 

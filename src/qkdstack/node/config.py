@@ -78,9 +78,9 @@ class DeviceSection:
     extra_loss_db: float = 0.0
     misalignment: float = 0.01
     rep_rate_hz: float = 1e9
-    intensities: list[float] = field(default_factory=lambda: [0.5, 0.1, 0.0])
-    intensity_probs: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
-    basis_prob_z: float = 0.9
+    intensities: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.0])
+    intensity_probs: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2])
+    basis_prob_z: float = 0.8
     detector_efficiency: float = 0.1
     dark_count: float = 1e-6
     afterpulse: float = 0.0
@@ -132,30 +132,33 @@ class AuthSection:
     bootstrap: str = "psk"
     psk_file: str = ""
     """psk: the pre-shared key file, identical at both sites."""
-    ca_cert: str = ""
-    """pki: the operator CA certificates (classical and ML-DSA), PEM."""
-    cert: str = ""
-    """pki: this node's certificate chain (classical and ML-DSA), PEM."""
-    key: str = ""
-    """pki: this node's private keys (classical and ML-DSA), PEM."""
-    crl: str = ""
-    """pki: certificate revocation list(s), PEM (optional)."""
+    ca_certs: str = ""
+    """pki: the operator's root certificates (classical and ML-DSA-65), one PEM bundle."""
+    crls: str = ""
+    """pki: the CAs' certificate revocation lists, one PEM bundle."""
+    classical_cert: str = ""
+    """pki: this node's classical (Ed25519/ECDSA) certificate chain, leaf first."""
+    classical_key: str = ""
+    pq_cert: str = ""
+    """pki: this node's ML-DSA-65 certificate chain, leaf first."""
+    pq_key: str = ""
     gpg_home: str = ""
-    """pgp: this node's GnuPG home with its key and its trust settings."""
+    """pgp: this node's GnuPG home with its key, its introducers' trust and the peer's key."""
+    own_fingerprint: str = ""
     peer_fingerprint: str = ""
-    """pgp: the OpenPGP key fingerprint the peer must prove (validity comes from the web of trust)."""
-    pool_reserve_bits: int = 4096
-    """Authentication key kept in reserve per direction, refilled from each accepted round."""
+    """pgp: the OpenPGP key the peer must prove; it is accepted only if the web of trust makes it valid."""
 
     def __post_init__(self) -> None:
         if self.bootstrap not in BOOTSTRAPS:
             raise field_error("auth", "bootstrap", f"must be one of {', '.join(BOOTSTRAPS)}, got {self.bootstrap!r}")
-        required = {"psk": ("psk_file",), "pki": ("ca_cert", "cert", "key"), "pgp": ("gpg_home", "peer_fingerprint")}
+        required = {
+            "psk": ("psk_file",),
+            "pki": ("ca_certs", "crls", "classical_cert", "classical_key", "pq_cert", "pq_key"),
+            "pgp": ("gpg_home", "own_fingerprint", "peer_fingerprint"),
+        }
         for name in required[self.bootstrap]:
             if not getattr(self, name):
                 raise field_error("auth", name, f"is required with bootstrap = {self.bootstrap!r}")
-        if self.pool_reserve_bits < 1024:
-            raise field_error("auth", "pool_reserve_bits", f"must be at least 1024, got {self.pool_reserve_bits}")
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,8 @@ class KmsSection:
     """SAE IDs at this site (client certificate common names admitted to ETSI 014)."""
     local_socket: str = ""
     """Path of the in-unit delivery Unix socket (empty: disabled)."""
-    local_uids: list[int] = field(default_factory=list)
+    local_users: list[str] = field(default_factory=list)
+    """In-unit delivery: ``"UID:SAE_ID"`` entries, the local users admitted and the SAE each one is."""
 
     def __post_init__(self) -> None:
         if not (self.store.startswith("sqlite:///") or self.store.startswith(("postgresql://", "postgres://"))):
@@ -184,6 +188,17 @@ class KmsSection:
             raise field_error("kms", "high_water_keys",
                               "must satisfy 0 < low_water_keys < high_water_keys ≤ capacity_keys")
         parse_address("kms", "etsi_listen", self.etsi_listen)
+        self.local_uid_map()
+
+    def local_uid_map(self) -> dict[int, str]:
+        """``local_users`` as {uid: SAE ID}."""
+        out = {}
+        for entry in self.local_users:
+            uid, sep, sae = entry.partition(":")
+            if not sep or not uid.isdigit() or not sae:
+                raise field_error("kms", "local_users", f"entries must be UID:SAE_ID, got {entry!r}")
+            out[int(uid)] = sae
+        return out
 
 
 @dataclass(frozen=True)

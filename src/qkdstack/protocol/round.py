@@ -106,7 +106,7 @@ async def _guarded(
         return Abort(block_id, "round", reason, dict(timer.seconds))
 
 
-async def _recv_fresh(channel: Channel, kind: str, block_id: str | None = None) -> Message:
+async def recv_fresh(channel: Channel, kind: str, block_id: str | None = None) -> Message:
     """Receive ``kind``, skipping abort notices that belong to an earlier round than ``block_id``."""
     while True:
         try:
@@ -173,7 +173,7 @@ async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> R
 
     async def body() -> KeyBlock:
         await channel.send("round.start", block_id=block_id, parameters=config.public_parameters())
-        await _recv_fresh(channel, "round.ready", block_id)
+        await recv_fresh(channel, "round.ready", block_id)
         with timer.stage("sifting"):
             sifted = await sifting.alice(channel, record)
         with timer.stage("estimation"):
@@ -201,7 +201,7 @@ async def bob(channel: Channel, record: DetectionRecord, config: RoundConfig) ->
     """Bob's half of a round."""
     timer = _Timer()
     before = _disclosed(channel)
-    start = await _recv_fresh(channel, "round.start")
+    start = await recv_fresh(channel, "round.start")
     block_id = str(start["block_id"])
 
     async def body() -> KeyBlock:

@@ -1,0 +1,48 @@
+"""``qkdstack init``: write a ready two-site deployment (see :mod:`qkdstack.node.deployment`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from qkdstack.errors import ConfigError
+from qkdstack.node.config import BOOTSTRAPS
+from qkdstack.node.deployment import write_deployment
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "init",
+        help="write configurations, keys and certificates for a two-site deployment",
+        description="Write a ready two-site deployment: node configurations, the bootstrap credentials "
+        "(pre-shared key, PKI certificates or OpenPGP keys), the sites' TLS CAs, KME server certificates "
+        "and the key consumers' (SAEs') client certificates.",
+    )
+    parser.add_argument("--sites", default="A,B", help="the two site names, transmitter first (default A,B)")
+    parser.add_argument("--out", required=True, help="folder to write (must be new or empty)")
+    parser.add_argument("--bootstrap", choices=BOOTSTRAPS, default="psk", help="trust anchor of the first round")
+    parser.add_argument("--base-port", type=int, default=7100, help="first of the loopback ports (default 7100)")
+    parser.add_argument("--distance-km", type=float, default=25.0, help="simulated fibre length (default 25 km)")
+    parser.add_argument("--pulses-per-frame", type=int, default=60_000_000, help="pulses per round (default 6e7)")
+    parser.add_argument("--store", default="sqlite:///data/keys.db",
+                        help="key store: sqlite:///PATH (default) or a postgresql:// URL")
+    parser.add_argument("--sae", action="append", default=[], metavar="SITE=ID[,ID]",
+                        help="SAE IDs at a site (default SAE_<site>); repeat per site")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    sae_ids = {site: [f"SAE_{site}"] for site in sites}
+    for entry in args.sae:
+        site, _, ids = entry.partition("=")
+        if site not in sae_ids or not ids:
+            raise ConfigError(f"--sae must be SITE=ID[,ID] with SITE one of {', '.join(sites)}, got {entry!r}")
+        sae_ids[site] = [i.strip() for i in ids.split(",") if i.strip()]
+    layouts = write_deployment(
+        args.out, sites, bootstrap=args.bootstrap, base_port=args.base_port, distance_km=args.distance_km,
+        pulses_per_frame=args.pulses_per_frame, store=args.store, sae_ids=sae_ids,
+    )
+    for layout in layouts.values():
+        print(f"site {layout.name}: {layout.config}  (ETSI 014 at {layout.etsi_url}, SAEs {', '.join(layout.sae_ids)})")
+    print(f"next: see {args.out}/README.txt")
+    return 0

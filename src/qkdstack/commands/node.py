@@ -1,0 +1,37 @@
+"""``qkdstack node --config site.toml``: run one site (see :mod:`qkdstack.node.service`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from qkdstack.node.config import load_config
+from qkdstack.node.service import Node
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "node",
+        help="run one site: device half, authenticated post-processing, key store and ETSI 014 server",
+        description="Run one QKD site from its configuration file until interrupted (or until "
+        "[protocol] rounds rounds are done, after which it keeps serving keys).",
+    )
+    parser.add_argument("--config", required=True, help="the site's TOML configuration")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=run)
+
+
+async def _main(node: Node) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, node.stop.set)
+    await node.run()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    node = Node(load_config(args.config))
+    asyncio.run(_main(node))
+    return 0

@@ -1,0 +1,68 @@
+"""The quantum channel between two node processes: it carries only what a fibre carries.
+
+The transmitter's node sends, per frame, the :class:`~qkdstack.physics.split.Light` that
+reaches the receiver (pulse index, photon number, polarisation basis and bit of the
+photons) and nothing of Alice's classical record. Indices travel as varint gaps, the
+basis and bit as packed bits. This connection stands in for the fibre in simulations; it
+is not part of the classical channel and is not authenticated (a fibre is not either:
+tampering with it shows up as errors, which the protocol measures).
+
+:class:`TransmitterRecord` adapts Alice's transmitter to what sifting needs (``n_pulses``
+and ``lookup``): settings of pulses from which no light arrived are materialised on
+demand, exactly as :meth:`~qkdstack.physics.split.Transmitter.alice_record` does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qkdstack.bits import BitArray
+from qkdstack.errors import ChannelError
+from qkdstack.physics.split import Light, Transmitter
+from qkdstack.protocol.channel import Channel
+from qkdstack.transport.varint import decode_increasing, encode_increasing
+
+KIND = "quantum.light"
+
+
+async def send_light(channel: Channel, light: Light, frame_id: int) -> None:
+    """Send one frame's arriving light."""
+    await channel.send(
+        KIND,
+        frame_id=frame_id,
+        n_pulses=light.n_pulses,
+        count=len(light),
+        indices=encode_increasing(light.pulse_index),
+        photons=light.photons.astype(np.uint8) if len(light) and light.photons.max() < 256 else light.photons,
+        basis=BitArray.from_bits(light.basis),
+        bit=BitArray.from_bits(light.bit),
+    )
+
+
+async def recv_light(channel: Channel) -> tuple[int, Light]:
+    """Receive one frame's light: (frame ID, light)."""
+    msg = await channel.recv(expect=KIND)
+    count = int(msg["count"])
+    photons = np.asarray(msg["photons"]).astype(np.uint16)
+    basis, bit = msg["basis"].to_bits(), msg["bit"].to_bits()
+    if not (photons.size == basis.size == bit.size == count):
+        raise ChannelError("malformed light frame on the quantum channel")
+    index = decode_increasing(msg["indices"], count)
+    n_pulses = int(msg["n_pulses"])
+    if count and int(index[-1]) >= n_pulses:
+        raise ChannelError("light frame has a pulse index beyond the frame")
+    return int(msg["frame_id"]), Light(n_pulses, index, photons, basis, bit)
+
+
+class TransmitterRecord:
+    """Alice's record of the current frame, looked up by pulse index (see module docstring)."""
+
+    def __init__(self, transmitter: Transmitter, n_pulses: int) -> None:
+        self._tx = transmitter
+        self.n_pulses = n_pulses
+
+    def lookup(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._tx.alice_record(indices).lookup(indices)
+
+    def __repr__(self) -> str:
+        return f"TransmitterRecord(n_pulses={self.n_pulses})"
