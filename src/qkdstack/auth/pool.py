@@ -269,6 +269,11 @@ class AuthKeyPool:
 
     # ------------------------------------------------------------------------------- accounting
 
+    @property
+    def last_round_id(self) -> int:
+        """The newest round ID this pool reserved keys for (the next round must be newer)."""
+        return self._last_round_id
+
     def balance_bytes(self, direction: str) -> int:
         """Pad bytes left for ``direction`` (committed, unconsumed)."""
         return self._dirs[direction].pad.balance
@@ -360,10 +365,10 @@ class AuthKeyPool:
             )
         view = copy.deepcopy(self._dirs)
         seed_retired = self._seed_retired
-        for s in self._pending:
-            if s.round_id in promote:
-                self._commit_segment(view, s)
-        if promote and not seed_retired:
+        promoted = [s for s in self._pending if s.round_id in promote]
+        for s in promoted:
+            self._commit_segment(view, s)
+        if not seed_retired and any(s.size for s in promoted):
             seed_retired = True
             self._retire_seed(view)
         consumed = {d: 0 for d in DIRECTIONS}
@@ -430,10 +435,13 @@ class AuthKeyPool:
         self._in_flight = None
         view = keys._view
         meta = keys.meta
-        for s in [s for s in self._pending if s.round_id in meta["keep_pending"]]:
+        kept = [s for s in self._pending if s.round_id in meta["keep_pending"]]
+        for s in kept:
             self._commit_segment(view, s)
         committed = sorted(meta["promote"] + meta["keep_pending"])
-        if committed and not meta["seed_retired"]:
+        # the seed is retired once QKD key has replaced it, not when an empty round (entity
+        # authentication on reconnection) is committed: that would leave nothing to pay with
+        if any(s.size for s in kept) and not meta["seed_retired"]:
             self._retire_seed(view)
             meta["seed_retired"] = True
         for d in DIRECTIONS:  # never move a cursor back, whatever view is adopted
