@@ -247,13 +247,14 @@ async def alice(
     leak0, sent0 = _snapshot(channel)
     seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else secrets.randbits(63)
     params = _derive_permutations(seed, n, sched.passes)
-    prefixes: list[np.ndarray | None] = [None] * sched.passes
+    prefixes = np.zeros((sched.passes, n + 1), dtype=np.uint8)  # rows filled on first use
+    built = np.zeros(sched.passes, dtype=bool)
 
     def prefix(j: int) -> np.ndarray:
-        pre = prefixes[j]
-        if pre is None:
-            pre = prefixes[j] = K.prefix_parity(bits, params[j])
-        return pre
+        if not built[j]:
+            K.prefix_parity(bits, params[j], prefixes[j])
+            built[j] = True
+        return prefixes[j]
 
     tops = []
     for j, k in enumerate(sizes):
@@ -282,21 +283,20 @@ async def alice(
             break
         if msg.kind != "cascade.ask":
             raise ProtocolAbort(STAGE, f"unexpected message {msg.kind!r} during Cascade")
-        p = np.asarray(msg["p"], dtype=np.int64)
-        s = np.asarray(msg["s"], dtype=np.int64)
-        e = np.asarray(msg["e"], dtype=np.int64)
-        if not (p.shape == s.shape == e.shape and p.ndim == 1):
+        p, s, e = msg["p"], msg["s"], msg["e"]
+        if not all(isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype.kind in "iu" for x in (p, s, e)):
             raise ProtocolAbort(STAGE, "malformed parity question")
-        if p.size and (p.min() < 0 or p.max() >= sched.passes or s.min() < 0 or e.max() > n or np.any(s >= e)):
-            raise ProtocolAbort(STAGE, "parity question outside the key")
+        if not p.shape == s.shape == e.shape:
+            raise ProtocolAbort(STAGE, "malformed parity question")
+        p, s, e = p.astype(np.int64), s.astype(np.int64), e.astype(np.int64)
         answered += p.size
         if answered > 2 * n + 1024:  # far beyond any honest run: refuse to keep disclosing
             raise ProtocolAbort(STAGE, "Bob asked for more parities than twice the key length")
+        for j in np.flatnonzero(np.bincount(p[(p >= 0) & (p < sched.passes)], minlength=sched.passes)):
+            prefix(int(j))
         out = np.empty(p.size, dtype=np.uint8)
-        for j in np.unique(p):
-            sel = p == j
-            pre = prefix(int(j))
-            out[sel] = pre[e[sel]] ^ pre[s[sel]]
+        if not K.answer_parities(prefixes, p, s, e, out):
+            raise ProtocolAbort(STAGE, "parity question outside the key")
         await channel.send("cascade.parities", disclosed=BitArray.from_bits(out))
     leak1, sent1 = _snapshot(channel)
     return CascadeResult(
@@ -584,7 +584,8 @@ async def bob(
         if len(state.searches) == 0:
             break
         p, s, e = state.question()
-        await channel.send("cascade.ask", p=p.astype(np.uint8), s=s.astype(np.int64), e=e.astype(np.int64))
+        index = np.int32 if n < 2**31 else np.int64
+        await channel.send("cascade.ask", p=p.astype(np.uint8), s=s.astype(index), e=e.astype(index))
         reply = await channel.recv(expect="cascade.parities")
         if reply.disclosed is None or len(reply.disclosed) != p.size:
             raise ProtocolAbort(STAGE, "cascade.parities carries the wrong number of parities")

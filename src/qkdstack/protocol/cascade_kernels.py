@@ -116,10 +116,11 @@ def perm_inv(x, p):
 
 
 @njit(cache=True)
-def prefix_parity(key, p):
+def prefix_parity(key, p, out=None):
     """Prefix XOR of the key read in shuffled order: out[i] = key[π(0)] ⊕ … ⊕ key[π(i-1)]."""
     n = key.size
-    out = np.empty(n + 1, np.uint8)
+    if out is None:
+        out = np.empty(n + 1, np.uint8)
     out[0] = 0
     acc = np.uint8(0)
     if p[P_MODE] == 0:
@@ -140,6 +141,21 @@ def perm_range_parity(key, p, start, end):
     for i in range(start, end):
         acc ^= key[perm_fwd(i, p)]
     return acc
+
+
+@njit(cache=True)
+def answer_parities(prefixes, p, s, e, out):
+    """Alice's parities of ranges [s, e) of passes p from her prefix arrays (one row per pass).
+
+    Returns False, leaving ``out`` incomplete, if any question lies outside the key.
+    """
+    npass, n1 = prefixes.shape
+    for t in range(p.size):
+        j, a, b = p[t], s[t], e[t]
+        if j < 0 or j >= npass or a < 0 or b >= n1 or a >= b:
+            return False
+        out[t] = prefixes[j, b] ^ prefixes[j, a]
+    return True
 
 
 @njit(cache=True)
