@@ -70,13 +70,15 @@ async def test_leakage_is_exactly_the_parities_sent(schedule):
 
     sent_by_alice = 0
     for direction, frame in log:
-        kind, _fields, disclosed = decode_message(frame)
+        kind, fields, disclosed = decode_message(frame)
         assert kind.startswith("cascade.")
         if direction == SENT:  # Bob's frames: public descriptors only, never key bits
             assert disclosed is None
             assert kind in ("cascade.ask", "cascade.done")
         else:
             assert direction == RECEIVED and kind in ("cascade.start", "cascade.parities")
+            # Alice's public fields are protocol parameters only; key-dependent bits are all disclosed
+            assert set(fields) <= {"seed", "n", "block_sizes", "schedule"}
             sent_by_alice += len(disclosed)
     assert sent_by_alice == rb.leaked_bits == ra.leaked_bits
     assert ca.stats.disclosed_bits("cascade") == cb.stats.disclosed_bits("cascade") == rb.leaked_bits
