@@ -53,8 +53,13 @@ async def _serve(root: Path) -> None:
     from qkdstack.kms.store import LinkLimits, open_store
 
     limits = LinkLimits(capacity=4 * PREFILL_KEYS, high_water=3 * PREFILL_KEYS, low_water=PREFILL_KEYS)
-    a = KME(KMEConfig("KME_A", "KME_B", frozenset({"SAE_A"})), open_store(root / "a.db", limits=limits))
-    b = KME(KMEConfig("KME_B", "KME_A", frozenset({"SAE_B"})), open_store(root / "b.db", limits=limits))
+    sync = os.environ.get("QKDSTACK_BENCH_KMS_SYNC", "FULL")
+    a = KME(
+        KMEConfig("KME_A", "KME_B", frozenset({"SAE_A"})), open_store(root / "a.db", limits=limits, synchronous=sync)
+    )
+    b = KME(
+        KMEConfig("KME_B", "KME_A", frozenset({"SAE_B"})), open_store(root / "b.db", limits=limits, synchronous=sync)
+    )
     block_chunks = 8192
     for i in range(2 * PREFILL_KEYS // block_chunks + 1):
         block = os.urandom(32 * block_chunks)
@@ -112,6 +117,13 @@ async def _clients(url: str, root: Path, n: int, duration: float) -> dict:
     }
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run() -> dict:
     with tempfile.TemporaryDirectory(prefix="qkdstack-bench-kms-") as tmp:
         root = Path(tmp)
@@ -122,9 +134,16 @@ def run() -> dict:
         try:
             port = int(server.stdout.readline())
             url = f"https://127.0.0.1:{port}"
-            out: dict = {"duration_s": DURATION_S, "key_size_bit": 256, "store": "sqlite synchronous=FULL"}
+            sync = os.environ.get("QKDSTACK_BENCH_KMS_SYNC", "FULL")
+            out: dict = {"duration_s": DURATION_S, "key_size_bit": 256, "store": f"sqlite synchronous={sync}"}
             for n in (1, 64):
-                out[f"clients_{n}"] = asyncio.run(_clients(url, root, n, DURATION_S))
+                s0, c0 = _cpu_s(server.pid), time.process_time()
+                res = asyncio.run(_clients(url, root, n, DURATION_S))
+                done = max(1, res["requests"] + res["errors"] + n)  # + n status calls of the warm-up
+                # CPU per request, warm-up handshakes included: what the machine's cores must supply.
+                res["server_cpu_ms_per_request"] = round((_cpu_s(server.pid) - s0) * 1e3 / done, 3)
+                res["client_cpu_ms_per_request"] = round((time.process_time() - c0) * 1e3 / done, 3)
+                out[f"clients_{n}"] = res
             return out
         finally:
             server.stdin.close()

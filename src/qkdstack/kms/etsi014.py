@@ -14,7 +14,8 @@ KME gets 401. Errors are 400 / 401 / 503 with the Error body ``{"message": ..., 
 including request validation errors (FastAPI's default would be 422).
 
 uvicorn 0.54 does not put the TLS peer certificate into the ASGI scope, so
-:class:`MTLSH11Protocol` reads it in ``connection_made`` and adds the ASGI TLS extension
+:class:`MTLSH11Protocol` (or its httptools twin when httptools is installed) reads it in
+``connection_made`` and adds the ASGI TLS extension
 (``scope["extensions"]["tls"]["client_cert_chain"]``, PEM) plus the parsed CN
 (``"qkdstack_sae_id"``) to every request of that connection.
 
@@ -134,33 +135,52 @@ def _cn_of_der(der: bytes) -> tuple[str, str, str]:
     return cn, cert.subject.rfc4514_string(), pem
 
 
+def _client_cert_app(transport: asyncio.Transport, inner: Any) -> Any:
+    """Wrap the connection's ASGI app so each request's scope carries the verified client certificate."""
+    tls: dict[str, Any] = {"client_cert_chain": [], "client_cert_name": None, "client_cert_error": None}
+    sae_id = None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is not None:
+        der = ssl_object.getpeercert(binary_form=True)
+        if der:
+            try:
+                sae_id, name, pem = _cn_of_der(der)
+                tls.update(client_cert_chain=[pem], client_cert_name=name, tls_version=ssl_object.version())
+            except ValueError:
+                tls["client_cert_error"] = "unparsable client certificate"
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            ext = dict(scope.get("extensions") or {})
+            ext["tls"] = tls
+            ext["qkdstack_sae_id"] = sae_id
+            scope = {**scope, "extensions": ext}
+        await inner(scope, receive, send)
+
+    return app
+
+
 class MTLSH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, adding the verified client certificate to each request's scope."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        tls: dict[str, Any] = {"client_cert_chain": [], "client_cert_name": None, "client_cert_error": None}
-        sae_id = None
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            der = ssl_object.getpeercert(binary_form=True)
-            if der:
-                try:
-                    sae_id, name, pem = _cn_of_der(der)
-                    tls.update(client_cert_chain=[pem], client_cert_name=name, tls_version=ssl_object.version())
-                except ValueError:
-                    tls["client_cert_error"] = "unparsable client certificate"
-        inner = self.app
+        self.app = _client_cert_app(transport, self.app)
 
-        async def app(scope: dict, receive: Any, send: Any) -> None:
-            if scope["type"] == "http":
-                ext = dict(scope.get("extensions") or {})
-                ext["tls"] = tls
-                ext["qkdstack_sae_id"] = sae_id
-                scope = {**scope, "extensions": ext}
-            await inner(scope, receive, send)
 
-        self.app = app
+def http_protocol_class() -> type:
+    """The fastest available uvicorn HTTP/1.1 protocol (httptools if installed, else h11), with mTLS identity."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return MTLSH11Protocol
+
+    class MTLSHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.app = _client_cert_app(transport, self.app)
+
+    return MTLSHttpToolsProtocol
 
 
 def _error(status: int, message: str, details: list[dict[str, Any]] | None = None) -> JSONResponse:
@@ -315,7 +335,7 @@ async def serve_etsi014(
         create_app(kme),
         host=host,
         port=port,
-        http=MTLSH11Protocol,
+        http=http_protocol_class(),
         ssl_certfile=str(tls.cert),
         ssl_keyfile=str(tls.key),
         ssl_context_factory=lambda _config, _default: ctx,
