@@ -168,6 +168,21 @@ def test_bad_arguments():
     with pytest.raises(ConfigError, match="bits 0 and 1"):
         asyncio.run(bad_key())
 
+    async def empty_key():
+        _, cb = channel_pair()
+        await cascade.bob(cb, np.zeros(0, dtype=np.uint8), 0.02)
+
+    with pytest.raises(ConfigError, match="non-empty"):
+        asyncio.run(empty_key())
+
+
+async def test_tiny_keys():
+    for n in (1, 2, 3, 7):
+        a, b = _frame(n, 0.3, n)
+        _ra, rb, _, _ = await _run(a, b, 0.3)
+        assert rb.errors_corrected == int(np.count_nonzero(rb.key != b))
+        assert np.array_equal(rb.key, a)  # these fixed frames end error-free (n/2 blocks, 14 passes)
+
 
 async def test_zero_qber_estimate_still_corrects():
     a, b = _frame(20000, 0.01, 9)

@@ -200,8 +200,8 @@ class CascadeResult:
 
 def _check_key(key: np.ndarray) -> np.ndarray:
     arr = np.asarray(key)
-    if arr.ndim != 1:
-        raise ConfigError("key must be a one-dimensional array of bits")
+    if arr.ndim != 1 or arr.size == 0:
+        raise ConfigError("key must be a non-empty one-dimensional array of bits")
     if arr.size and (arr.dtype.kind not in "biu" or int(arr.max(initial=0)) > 1 or int(arr.min(initial=0)) < 0):
         raise ConfigError("key must contain only the bits 0 and 1")
     return np.ascontiguousarray(arr, dtype=np.uint8)
