@@ -10,8 +10,9 @@ QBER 1, 2, 3, 5, 8 % and key length n = 10^4, 10^5, 10^6, it runs whole frames o
   the rule-of-three 95 % upper bound 3/frames when there are none);
 * throughput = n / wall time of the frame (both parties; input bits per second).
 
-Frames per configuration: ``FRAMES`` (n=10^4: 8, 10^5: 2, 10^6: 1); set the environment
-variable ``QKDSTACK_BENCH_CASCADE_SCALE`` to multiply them. Timings on a shared machine
+Frames per configuration: ``FRAMES`` (n=10^4: 8, 10^5: 2, 10^6: 1), plus ``FER_FRAMES`` = 400
+frames at n=10^4, QBER 3 % for "original" and "batched" to bound the frame error rate; set
+the environment variable ``QKDSTACK_BENCH_CASCADE_SCALE`` to multiply all of them. Timings on a shared machine
 are noisy. Run: ``.venv/bin/python benchmarks/run_all.py cascade``.
 """
 
@@ -30,6 +31,8 @@ from qkdstack.protocol.channel import channel_pair
 SCHEDULES = ("original", "optimized", "batched")
 QBERS = (0.01, 0.02, 0.03, 0.05, 0.08)
 FRAMES = {10_000: 8, 100_000: 2, 1_000_000: 1}
+FER_FRAMES = 400  # extra frames for the frame error rate: n = 10^4, QBER 3 %, per schedule below
+FER_SCHEDULES = ("original", "batched")
 
 
 def _h(q: float) -> float:
@@ -87,10 +90,23 @@ def run() -> dict:
                         "throughput_bit_per_s": round(n * frames / secs),
                     }
                 )
+    fer = {}
+    fer_frames = max(1, round(FER_FRAMES * scale))
+    for schedule in FER_SCHEDULES:
+        failed = sum(asyncio.run(_frame(10_000, 0.03, schedule, rng))["failed"] for _ in range(fer_frames))
+        fer[schedule] = {
+            "n_bits": 10_000,
+            "qber": 0.03,
+            "frames": fer_frames,
+            "frame_errors": failed,
+            "frame_error_rate": failed / fer_frames,
+            "frame_error_rate_95pct_upper": round(3.0 / fer_frames, 4) if failed == 0 else None,
+        }
     best = max((r for r in rows if r["n_bits"] == 1_000_000), key=lambda r: r["throughput_bit_per_s"])
     return {
         "frames_per_config": {str(n): max(1, round(f * scale)) for n, f in FRAMES.items()},
         "results": rows,
+        "frame_error_rate_runs": fer,
         "throughput_bit_per_s_n1e6_best": best["throughput_bit_per_s"],
         "throughput_config_n1e6_best": f"{best['schedule']} at QBER {best['qber']}",
     }
