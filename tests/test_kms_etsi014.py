@@ -222,3 +222,32 @@ async def test_peer_failures_keep_stores_in_agreement(store_factory):
         await s.agree()
     finally:
         await s.stop()
+
+
+async def test_site_that_lost_recent_transactions_resynchronises(tmp_path):
+    """Site A's database goes back in time (e.g. power loss with synchronous=NORMAL): A would pick chunks
+    the peer already used; the peer answers "taken", A erases them and takes fresh ones."""
+    import shutil
+
+    from _kms_support import StoreFactory
+
+    factory = StoreFactory("sqlite", tmp_path)
+    s = await Sites(factory).start()
+    try:
+        link = s.a.config.link_id
+        s.a.store.close()
+        shutil.copy(tmp_path / "a.db", tmp_path / "a.snapshot")
+        s.a.store = factory("a", chunk_bits=256)
+        first = await s.a.enc_keys("SAE_A", "SAE_B", 2)
+        s.a.store.close()
+        shutil.copy(tmp_path / "a.snapshot", tmp_path / "a.db")
+        s.a.store = factory("a", chunk_bits=256)
+        second = await s.a.enc_keys("SAE_A", "SAE_B", 2)  # internal retry after the peer's "taken"
+        assert {k["key_ID"] for k in first["keys"]}.isdisjoint(k["key_ID"] for k in second["keys"])
+        assert {k["key"] for k in first["keys"]}.isdisjoint(k["key"] for k in second["keys"])
+        got = await s.b.dec_keys("SAE_B", "SAE_A", [k["key_ID"] for k in first["keys"] + second["keys"]])
+        assert got["keys"] == first["keys"] + second["keys"]
+        await s.agree()
+        assert (await s.a.store.counts(link)).available == (await s.b.store.counts(link)).available
+    finally:
+        await s.stop()

@@ -53,7 +53,8 @@ async def test_master_reserve_peer_accept_deliver_identical(store_factory):
     # pool 0 = even chunk indices, in order
     assert res[0].chunk_ids == (chunk_id(LINK, "blk", 0), chunk_id(LINK, "blk", 2))
     await b.accept(LINK, 0, res, "SAE_A", ["SAE_B"])
-    await b.accept(LINK, 0, res, "SAE_A", ["SAE_B"])  # idempotent retry
+    with pytest.raises(KeyStoreError, match="no longer available"):  # never accepted twice
+        await b.accept(LINK, 0, res, "SAE_A", ["SAE_B"])
     got_a = await a.deliver_master([r.key_id for r in res])
     got_b = await b.deliver_slave([r.key_id for r in res], "SAE_B", master="SAE_A")
     assert [k.key for k in got_a] == [k.key for k in got_b]

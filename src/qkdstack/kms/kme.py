@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from qkdstack.errors import ChannelError, ConfigError, QKDError
 from qkdstack.kms.store import (
+    ChunksTaken,
     InsufficientKeys,
     KeyNotAuthorized,
     KeyNotFound,
@@ -153,6 +154,9 @@ def _key_entry(key_id: str, key: bytes) -> dict[str, str]:
 class KME:
     """One site's key management entity. Attach the peer with :meth:`attach_peer`."""
 
+    TAKE_ATTEMPTS = 8
+    """enc_keys attempts when the peer reports chunks as already used (this store lost transactions)."""
+
     def __init__(self, config: KMEConfig, store: KeyStore) -> None:
         if store.chunk_bits != config.key_size:
             raise ConfigError("the key store's chunk size must equal the KME's key_size")
@@ -262,7 +266,9 @@ class KME:
                 if message.get("link_ID") != self.config.link_id:
                     return {"ok": False, "error": "unknown link"}
                 chunks = [str(uuid.UUID(str(c))) for c in message.get("chunk_IDs", [])]
-                return {"ok": True, "erased": await self.store.discard(self.config.link_id, chunks)}
+                # only chunks of the sender's own pool: the peer cannot erase keys this site hands out
+                erased = await self.store.discard(self.config.link_id, chunks, pool=1 - self.config.own_pool)
+                return {"ok": True, "erased": erased}
         except (KeyStoreError, ValueError, TypeError) as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": False, "error": "unknown message type"}
@@ -275,7 +281,10 @@ class KME:
         if not slaves or any(s not in self.config.sae_ids for s in slaves):
             return {"ok": False, "error": "unknown slave SAE", "code": "unknown_slave"}
         reservations = [Reservation.from_wire(k) for k in message.get("keys", [])]
-        await self.store.accept(self.config.link_id, 1 - self.config.own_pool, reservations, master, slaves)
+        try:
+            await self.store.accept(self.config.link_id, 1 - self.config.own_pool, reservations, master, slaves)
+        except ChunksTaken as exc:
+            return {"ok": False, "error": str(exc), "code": "taken", "chunk_IDs": exc.chunk_ids}
         return {"ok": True}
 
     # -- ETSI GS QKD 014 semantics ---------------------------------------------------------
@@ -349,6 +358,17 @@ class KME:
             self._check_slave(s)
         if self.peer is None:
             raise KMEError(503, "the peer KME is not connected")
+        for attempt in range(self.TAKE_ATTEMPTS):
+            result = await self._take(master_sae, slaves, number, size, last=attempt == self.TAKE_ATTEMPTS - 1)
+            if result is not None:
+                return result
+        raise AssertionError("unreachable")
+
+    async def _take(
+        self, master_sae: str, slaves: list[str], number: int, size: int, *, last: bool
+    ) -> dict[str, Any] | None:
+        """One attempt of enc_keys' reserve / peer reserve / deliver; None: retry (stale chunks dropped)."""
+        c = self.config
         try:
             reservations = await self.store.reserve(c.link_id, c.own_pool, number, size, master_sae, slaves)
         except InsufficientKeys:
@@ -372,6 +392,15 @@ class KME:
             raise KMEError(503, "the peer KME did not confirm the reservation") from None
         if not answer.get("ok"):
             await self.store.release(ids)  # the peer reserved nothing: the bits never left this site
+            if answer.get("code") == "taken":
+                # The peer already used these chunks for a key this site no longer knows (this store lost
+                # recent transactions, e.g. power loss with synchronous=NORMAL): erase them here too.
+                ours = {cid for r in reservations for cid in r.chunk_ids}
+                taken = [str(x) for x in answer.get("chunk_IDs", []) if str(x) in ours]
+                await self.store.discard(c.link_id, taken)
+                log.warning("dropped %d chunks the peer KME had already used", len(taken))
+                if not last:
+                    return None
             if answer.get("code") == "unknown_slave":
                 raise KMEError(400, "slave SAE ID is not known to the peer KME", [{"slave_SAE_IDs": slaves}])
             raise KMEError(503, "the peer KME refused the reservation", [{"reason": str(answer.get("error"))}])

@@ -72,6 +72,14 @@ class InsufficientKeys(KeyStoreError):
     """Not enough available key material in the requested pool."""
 
 
+class ChunksTaken(KeyStoreError):
+    """The peer asked for chunks this store has already reserved or erased (``chunk_ids``)."""
+
+    def __init__(self, message: str, chunk_ids: Sequence[str]) -> None:
+        super().__init__(message)
+        self.chunk_ids = list(chunk_ids)
+
+
 class StoreFull(KeyStoreError):
     """Adding the block would exceed the link's capacity."""
 
@@ -364,15 +372,14 @@ def _op_accept(
     now = time.time()
     updates = []
     key_rows = []
+    taken: list[str] = []
     for r in reservations:
         if len(r.chunk_ids) != chunks_per_key(r.size_bits, chunk_bits):
             raise KeyStoreError(f"reservation {r.key_id} has the wrong number of chunks for its size")
-        existing = db.execute("SELECT link_id, size_bits FROM qkd_keys WHERE key_id = ?", (r.key_id,))
-        if existing:
-            # Idempotent retry of the same reservation (the answer to the first try was lost).
-            have = db.execute("SELECT chunk_id FROM qkd_chunks WHERE key_id = ? ORDER BY pos", (r.key_id,))
-            if existing[0] != (link_id, r.size_bits) or tuple(c[0] for c in have) != r.chunk_ids:
-                raise KeyStoreError(f"key {r.key_id} is already reserved differently")
+        if db.execute("SELECT 1 FROM qkd_keys WHERE key_id = ?", (r.key_id,)):
+            # Not idempotent on purpose: the master site never resends a reservation (an unknown outcome
+            # is resolved by discarding), so a known key ID means the master site lost state it had.
+            taken.extend(r.chunk_ids)
             continue
         found = db.execute(
             f"SELECT chunk_id, link_id, pool, state FROM qkd_chunks WHERE chunk_id IN {_in(len(r.chunk_ids))}",
@@ -380,13 +387,19 @@ def _op_accept(
         )
         if len(found) != len(r.chunk_ids):
             raise KeyStoreError(f"key {r.key_id}: chunks unknown here (block not stored yet?)")
-        for _cid, lk, pl, st in found:
+        busy = []
+        for cid, lk, pl, st in found:
             if lk != link_id or pl != pool:
                 raise KeyStoreError(f"key {r.key_id}: chunk from another link or the other site's pool")
             if st != AVAILABLE:
-                raise KeyStoreError(f"key {r.key_id}: chunk no longer available")
+                busy.append(cid)
+        if busy:
+            taken.extend(busy)
+            continue
         updates.extend((r.key_id, pos, cid) for pos, cid in enumerate(r.chunk_ids))
         key_rows.append((r.key_id, link_id, r.size_bits, master, slaves_json, slaves_json, KEY_RESERVED, 0, now))
+    if taken:
+        raise ChunksTaken(f"{len(taken)} chunks are no longer available (already reserved or erased)", taken)
     db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ?", updates)
     _bump(db, link_id, {(pool, AVAILABLE): -len(updates), (pool, RESERVED): len(updates)})
     db.executemany(
@@ -477,8 +490,12 @@ def _op_release(db: _Backend, key_ids: list[str]) -> int:
     return len(ids)
 
 
-def _op_discard(db: _Backend, link_id: str, chunk_ids: list[str]) -> int:
+def _op_discard(db: _Backend, link_id: str, chunk_ids: list[str], pool: int | None) -> int:
     """Erase these chunks (whatever their state) and close the keys they belonged to."""
+    if pool is not None:
+        ph = _in(len(chunk_ids))
+        rows = db.execute(f"SELECT chunk_id FROM qkd_chunks WHERE chunk_id IN {ph} AND pool = ?", [*chunk_ids, pool])
+        chunk_ids = [r[0] for r in rows]
     if not chunk_ids:
         return 0
     ph = _in(len(chunk_ids))
@@ -784,7 +801,10 @@ class KeyStore:
     async def accept(
         self, link_id: str, pool: int, reservations: Sequence[Reservation], master: str, slaves: Sequence[str]
     ) -> None:
-        """Peer side: reserve the keys the peer chose (from its ``pool``) for our slave SAEs. Idempotent."""
+        """Peer side: reserve the keys the peer chose (from its ``pool``) for our slave SAEs.
+
+        Raises :class:`ChunksTaken` if a chunk or key ID is already in use here (all or nothing).
+        """
         await self._call(_op_accept, link_id, pool, list(reservations), self.chunk_bits, master, list(slaves))
 
     async def deliver_master(self, key_ids: Sequence[str]) -> list[DeliveredKey]:
@@ -806,9 +826,14 @@ class KeyStore:
         """Return pending reservations to the pool (only when the peer surely did not reserve them)."""
         return await self._call(_op_release, list(key_ids))
 
-    async def discard(self, link_id: str, chunk_ids: Sequence[str]) -> int:
-        """Erase chunks whatever their state (recovery of reservations whose outcome is unknown)."""
-        return await self._call(_op_discard, link_id, list(chunk_ids))
+    async def discard(self, link_id: str, chunk_ids: Sequence[str], pool: int | None = None) -> int:
+        """Erase chunks whatever their state (recovery of reservations whose outcome is unknown).
+
+        With ``pool``, only chunks of that pool are erased. Returns the chunks newly erased.
+        """
+        if not chunk_ids:
+            return 0
+        return await self._call(_op_discard, link_id, list(chunk_ids), pool)
 
     async def pending(self, link_id: str) -> list[Reservation]:
         """Reservations of local master SAEs the peer has not confirmed (to resolve after a crash)."""
