@@ -7,7 +7,7 @@ with high probability. Roles and messages (all kinds start with ``"cascade."``):
    length and the block sizes of every pass (public), and — disclosed — the parity of every
    top-level block of every pass. For passes ≥ 2 the last block's parity is *not* sent:
    it is implied by the parity of the whole key, which the pass-1 parities already give
-   (the "block parity inference" of Martinez-Mateo et al. 2015, Sec. 4).
+   (the "block parity inference" discussed by Martinez-Mateo et al. 2015).
 2. ``cascade.ask`` (Bob → Alice), answered by ``cascade.parities`` (Alice → Bob): Bob runs
    the BINARY searches of *every* block whose parity disagrees, in every active pass, at the
    same time. One ask lists the left half (pass, start, end — public descriptors) of the
@@ -108,7 +108,7 @@ ORIGINAL = CascadeSchedule(
     passes=4,
     initial_block=lambda q: math.ceil(0.73 / q),
     growth=2.0,
-    citation="Brassard & Salvail, EUROCRYPT 1993, as stated in Martinez-Mateo et al., QIC 15 (2015), Sec. 3: "
+    citation="Brassard & Salvail, EUROCRYPT 1993, as stated in Martinez-Mateo et al., QIC 15 (2015): "
     "k1 = ceil(0.73/Q), k_i = 2 k_(i-1), 4 passes",
 )
 
@@ -118,7 +118,7 @@ OPTIMIZED = CascadeSchedule(
     initial_block=lambda q: 2 ** math.ceil(_alpha(q)),
     growth=math.inf,
     fixed_blocks=(lambda q: 2 ** math.ceil((_alpha(q) + 12.0) / 2.0), lambda q: 4096),
-    citation="Martinez-Mateo, Pacher, Peev, Ciurana, Martin, QIC 15 (2015), arXiv:1407.3257, Sec. 5, "
+    citation="Martinez-Mateo, Pacher, Peev, Ciurana, Martin, QIC 15 (2015), arXiv:1407.3257, "
     "'Cascade opt. (8)': alpha = log2(1/Q) - 1/2, k1 = 2^ceil(alpha), k2 = 2^ceil((alpha+12)/2), "
     "k3 = 4096, k_i = n/2 for i >= 4, 14 passes, block sizes powers of two",
 )
