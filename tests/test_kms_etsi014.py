@@ -251,3 +251,9 @@ async def test_site_that_lost_recent_transactions_resynchronises(tmp_path):
         assert (await s.a.store.counts(link)).available == (await s.b.store.counts(link)).available
     finally:
         await s.stop()
+
+
+async def test_unknown_sae_gets_401_even_for_malformed_requests(sites, pki):
+    async with client(pki, "SAE_X", sites.srv_a, "A") as c:
+        r = await c.get("/api/v1/keys/SAE_B/enc_keys", params={"number": "many"})
+        assert r.status_code == 401 and r.json()["message"]
