@@ -257,3 +257,24 @@ async def test_unknown_sae_gets_401_even_for_malformed_requests(sites, pki):
     async with client(pki, "SAE_X", sites.srv_a, "A") as c:
         r = await c.get("/api/v1/keys/SAE_B/enc_keys", params={"number": "many"})
         assert r.status_code == 401 and r.json()["message"]
+
+
+async def test_tls_1_2_busy_port_and_bad_config(sites, pki):
+    from qkdstack.errors import ConfigError
+    from qkdstack.kms.etsi014 import serve_etsi014
+    from qkdstack.kms.kme import KMEConfig
+
+    from qkdstack.kms.etsi014 import server_ssl_context
+
+    assert server_ssl_context(pki.tls("A")).minimum_version == ssl.TLSVersion.TLSv1_2
+    ctx = pki.client_context("SAE_A", "A")
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.2 clients are served (1.3 in the other tests)
+    async with httpx.AsyncClient(base_url=sites.srv_a.url, verify=ctx) as c:
+        assert (await c.get("/api/v1/keys/SAE_B/status")).status_code == 200
+    with pytest.raises(ConfigError):
+        async with serve_etsi014(sites.a, "127.0.0.1", sites.srv_a.port, pki.tls("A")):
+            pass
+    with pytest.raises(ConfigError):
+        KMEConfig("KME_A", "KME_A")
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        KMEConfig("KME_A", "KME_B", key_size=100)

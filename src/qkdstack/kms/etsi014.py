@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -356,18 +357,25 @@ async def serve_etsi014(
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
     )
+    # Bind here: uvicorn would call sys.exit() on a busy port, which would stop the host's event loop.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"the ETSI 014 server cannot listen on {host}:{port}: {exc.strerror}") from None
     server = _Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve())
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
             if task.done():
-                with contextlib.suppress(SystemExit):
-                    task.result()
-                raise ConfigError(f"ETSI 014 server could not listen on {host}:{port}")
+                raise ConfigError(f"the ETSI 014 server on {host}:{port} failed to start")
             await asyncio.sleep(0.01)
-        bound = server.servers[0].sockets[0].getsockname()
-        yield RunningServer(host, bound[1])
+        yield RunningServer(host, sock.getsockname()[1])
     finally:
         server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        sock.close()
