@@ -261,10 +261,8 @@ async def test_unknown_sae_gets_401_even_for_malformed_requests(sites, pki):
 
 async def test_tls_1_2_busy_port_and_bad_config(sites, pki):
     from qkdstack.errors import ConfigError
-    from qkdstack.kms.etsi014 import serve_etsi014
+    from qkdstack.kms.etsi014 import serve_etsi014, server_ssl_context
     from qkdstack.kms.kme import KMEConfig
-
-    from qkdstack.kms.etsi014 import server_ssl_context
 
     assert server_ssl_context(pki.tls("A")).minimum_version == ssl.TLSVersion.TLSv1_2
     ctx = pki.client_context("SAE_A", "A")
