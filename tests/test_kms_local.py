@@ -69,3 +69,14 @@ async def test_socket_refuses_uid_not_in_allow_list(sites, tmp_path):
         assert status == 401 and body["details"] == [{"uid": os.getuid()}]
     counts = await sites.a.store.counts(sites.a.config.link_id)
     assert counts.reserved == 0 and counts.erased == 0  # nothing was handed out
+
+
+async def test_before_the_peer_connects_requests_get_503(store_factory):
+    from qkdstack.kms.kme import KME, KMEConfig
+
+    kme = KME(KMEConfig("KME_A", "KME_B", frozenset({"SAE_A"})), store_factory("a"))
+    consumer = LocalConsumer(kme, "SAE_A")
+    for call in (consumer.status("SAE_B"), consumer.enc_keys("SAE_B")):
+        with pytest.raises(KMEError) as err:
+            await call
+        assert err.value.status == 503

@@ -294,6 +294,8 @@ class KME:
             raise KMEError(401, "SAE is not registered at this KME", [{"SAE_ID": sae_id}])
 
     def _check_slave(self, slave: str) -> None:
+        if not self.remote_sae_ids:  # never connected: the peer's SAE list is not known yet
+            raise KMEError(503, "the peer KME is not connected")
         if slave not in self.remote_sae_ids:
             raise KMEError(400, "slave SAE ID is not known to the peer KME", [{"slave_SAE_ID": slave}])
 
