@@ -117,6 +117,40 @@ async def _clients(url: str, root: Path, n: int, duration: float) -> dict:
     }
 
 
+async def _inprocess(root: Path, duration: float) -> dict:
+    """The KME service alone (no HTTP, no TLS): 64 concurrent enc_keys calls, both stores, durable commits."""
+    from qkdstack.kms.kme import KME, KMEConfig, link_pair
+    from qkdstack.kms.store import open_store
+
+    a = KME(KMEConfig("KME_A", "KME_B", frozenset({"SAE_A"})), open_store(root / "ia.db"))
+    b = KME(KMEConfig("KME_B", "KME_A", frozenset({"SAE_B"})), open_store(root / "ib.db"))
+    for i in range(6):
+        block = os.urandom(32 * 8192)
+        await a.add_block(f"round-{i}", block)
+        await b.add_block(f"round-{i}", block)
+    ab, ba = link_pair(a, b)
+    await a.attach_peer(ab)
+    await b.attach_peer(ba)
+    done = 0
+
+    async def worker(stop_at: float) -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            await a.enc_keys("SAE_A", "SAE_B")
+            done += 1
+
+    c0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(t0 + duration) for _ in range(64)))
+    elapsed = time.perf_counter() - t0
+    out = {
+        "requests_per_s": round(done / elapsed, 1),
+        "cpu_ms_per_request": round((time.process_time() - c0) * 1e3 / done, 3),
+    }
+    a.store.close()
+    b.store.close()
+    return out
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -144,6 +178,7 @@ def run() -> dict:
                 res["server_cpu_ms_per_request"] = round((_cpu_s(server.pid) - s0) * 1e3 / done, 3)
                 res["client_cpu_ms_per_request"] = round((time.process_time() - c0) * 1e3 / done, 3)
                 out[f"clients_{n}"] = res
+            out["kme_in_process_64"] = asyncio.run(_inprocess(root, min(DURATION_S, 3.0)))
             return out
         finally:
             server.stdin.close()
