@@ -210,3 +210,19 @@ async def test_bad_block_and_params(tmp_path):
         assert "sqlite" in repr(s)
     finally:
         s.close()
+
+
+async def test_close_from_the_loop_while_a_commit_is_in_flight(tmp_path):
+    s = open_store(tmp_path / "k.db")
+    adding = asyncio.ensure_future(s.add_block(LINK, "b", secrets.token_bytes(32 * 10)))
+    for _ in range(3):
+        await asyncio.sleep(0)  # let the batch run and its COMMIT start on the helper thread
+    s.close()  # must neither deadlock nor lose the committed block
+    assert await asyncio.wait_for(adding, 10) == 10
+    s2 = open_store(tmp_path / "k.db")
+    try:
+        assert (await s2.counts(LINK)).available == (5, 5)
+        with pytest.raises(KeyStoreError, match="closed"):
+            await s.counts(LINK)
+    finally:
+        s2.close()

@@ -603,6 +603,7 @@ class KeyStore:
             self._pending: list = []
             self._flush_scheduled = False
             self._committing = False
+            self._commit_cf: concurrent.futures.Future | None = None
             self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qkd-keystore-commit")
             return
         ready: queue.SimpleQueue = queue.SimpleQueue()
@@ -735,7 +736,8 @@ class KeyStore:
             return
         self._committing = True
         loop = asyncio.get_running_loop()
-        commit = loop.run_in_executor(self._committer, self._db.execute, "COMMIT")
+        self._commit_cf = self._committer.submit(self._db.execute, "COMMIT")
+        commit = asyncio.wrap_future(self._commit_cf, loop=loop)
 
         def done(f: asyncio.Future) -> None:
             nonlocal results
@@ -862,11 +864,18 @@ class KeyStore:
         if not self._closed:
             self._closed = True
             if self._thread is None:
-                with self._lock:  # waits for a COMMIT in flight
-                    for _fn, _args, loop, fut in self._pending:
-                        loop.call_soon_threadsafe(_settle, fut, False, KeyStoreError("the key store is closed"))
-                    self._pending = []
-                    self._db.close()
+                if self._committing:
+                    # A COMMIT is in flight: wait for it on its thread (its completion callback, which
+                    # releases the lock, may be queued on this very event loop).
+                    with contextlib.suppress(Exception):
+                        self._commit_cf.result()
+                else:
+                    self._lock.acquire()
+                    self._lock.release()
+                for _fn, _args, loop, fut in self._pending:
+                    loop.call_soon_threadsafe(_settle, fut, False, KeyStoreError("the key store is closed"))
+                self._pending = []
+                self._db.close()
                 self._committer.shutdown(wait=True)
                 return
             self._queue.put(None)
