@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 
@@ -80,3 +81,26 @@ async def test_before_the_peer_connects_requests_get_503(store_factory):
         with pytest.raises(KMEError) as err:
             await call
         assert err.value.status == 503
+
+
+async def test_resync_leaves_requests_in_flight_alone(sites):
+    gate = asyncio.Event()
+    inner = sites.link_ab
+
+    class SlowLink:
+        async def request(self, message):
+            if message.get("type") == "kms.reserve":
+                await gate.wait()
+            return await inner.request(message)
+
+    sites.a.peer = SlowLink()
+    taking = asyncio.ensure_future(sites.a.enc_keys("SAE_A", "SAE_B", 2))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(await sites.a.store.pending(sites.a.config.link_id)) == 2
+    assert await sites.a.resync() == 0  # the two pending keys belong to the request in flight
+    gate.set()
+    got = await taking
+    fetched = await LocalConsumer(sites.b, "SAE_B").dec_keys("SAE_A", [k["key_ID"] for k in got["keys"]])
+    assert fetched["keys"] == got["keys"]
+    await sites.agree()

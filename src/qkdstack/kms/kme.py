@@ -165,6 +165,7 @@ class KME:
         self.peer: PeerLink | None = None
         self.remote_sae_ids: frozenset[str] = frozenset()
         self._background: set[asyncio.Task] = set()
+        self._in_flight: set[str] = set()  # key IDs between local reservation and the peer's answer
 
     def __repr__(self) -> str:
         return f"KME({self.config.kme_id!r}, peer={self.config.peer_kme_id!r})"
@@ -202,7 +203,7 @@ class KME:
 
     async def resync(self) -> int:
         """Erase, at both sites, keys whose peer reservation has an unknown outcome. Returns keys resolved."""
-        pending = await self.store.pending(self.config.link_id)
+        pending = [r for r in await self.store.pending(self.config.link_id) if r.key_id not in self._in_flight]
         if not pending or self.peer is None:
             return 0
         await self._discard_both(pending)
@@ -377,6 +378,17 @@ class KME:
             raise KMEError(503, "not enough keys available for this request") from None
         except KeyStoreError as exc:
             raise KMEError(503, "key store error", [{"reason": str(exc)}]) from None
+        ids = [r.key_id for r in reservations]
+        self._in_flight.update(ids)
+        try:
+            return await self._confirm_and_deliver(reservations, master_sae, slaves, last=last)
+        finally:
+            self._in_flight.difference_update(ids)
+
+    async def _confirm_and_deliver(
+        self, reservations: list[Reservation], master_sae: str, slaves: list[str], *, last: bool
+    ) -> dict[str, Any] | None:
+        c = self.config
         ids = [r.key_id for r in reservations]
         message = {
             "type": "kms.reserve",
