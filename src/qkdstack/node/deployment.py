@@ -129,6 +129,8 @@ def _write_pgp(out: Path, sites: list[str]) -> dict[str, str]:
         op_public = operator.export_public(op_fpr)
         for site, ring in rings.items():
             ring.import_keys(op_public)
+            # An introducer's owner trust counts only once its key is valid: the site vouches for it.
+            ring.certify(fprs[site], op_fpr)
             ring.set_owner_trust(op_fpr, "full")
             for other in sites:
                 if other != site:
