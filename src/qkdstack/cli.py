@@ -22,6 +22,7 @@ COMMANDS: list[str] = [
     "init",
     "node",
     "tunnel",
+    "demo",
 ]
 
 

@@ -48,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-qber", type=float, default=0.11, help="abort above this QBER (default 0.11)")
     parser.add_argument("--max-phase-error", type=float, default=0.2,
                         help="abort above this phase-error bound (default 0.2)")
-    parser.add_argument("--cascade-schedule", choices=sorted(SCHEDULES), default="optimized",
-                        help="Cascade block-size schedule (default optimized)")
+    parser.add_argument("--cascade-schedule", choices=sorted(SCHEDULES), default="batched",
+                        help="Cascade block-size schedule (default batched)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 

@@ -110,7 +110,7 @@ class ProtocolSection:
     eps_cor: float = 1e-15
     max_qber: float = 0.11
     max_phase_error: float = 0.2
-    cascade_schedule: str = "optimized"
+    cascade_schedule: str = "batched"
     rounds: int = 0
     """Rounds to run before stopping (0: run until stopped)."""
 

@@ -121,6 +121,8 @@ class Node:
         self.etsi_url: str | None = None
         self._accepted: dict[str, asyncio.Queue[tuple[TcpChannel, asyncio.Event]]] = {}
         self._frame_id = 0
+        self.finished = False
+        """True once the final (settling) round is done: the node then only serves keys."""
 
     def __repr__(self) -> str:
         return f"Node({self.site.name!r}, role={self.site.role!r})"
@@ -167,6 +169,7 @@ class Node:
             "link": self.link_id,
             "updated": time.time(),
             "etsi014_url": self.etsi_url,
+            "finished": self.finished,
             "rounds_accepted": self.stats.rounds_accepted,
             "rounds_aborted": self.stats.rounds_aborted,
             "secret_bits": self.stats.secret_bits,
@@ -208,16 +211,21 @@ class Node:
 
     # ---------------------------------------------------------------------------------- rounds
 
-    async def _agree_round_id(self, channel: TcpChannel) -> int:
-        """Both ends use one more than the larger of their last round IDs (bound into the transcript MAC)."""
+    async def _agree_round_id(self, channel: TcpChannel, final: bool = False) -> tuple[int, bool]:
+        """Both ends use one more than the larger of their last round IDs (bound into the transcript MAC).
+
+        The transmitter also says whether this is the final, settling round (``final``): the
+        receiver follows its decision, so the two ends never disagree about when to stop.
+        """
         mine = self.pool.last_round_id if self.pool is not None else 0
         if self.transmitter:
-            await channel.send("link.next", last=mine)
+            await channel.send("link.next", last=mine, final=final)
             theirs = int((await recv_fresh(channel, "link.next"))["last"])
         else:
-            theirs = int((await recv_fresh(channel, "link.next"))["last"])
-            await channel.send("link.next", last=mine)
-        return max(mine, theirs) + 1
+            msg = await recv_fresh(channel, "link.next")
+            theirs, final = int(msg["last"]), bool(msg["final"])
+            await channel.send("link.next", last=mine, final=final)
+        return max(mine, theirs) + 1, final
 
     async def _device_frame(self, qchan: TcpChannel) -> Any:
         n = self.cfg.device.pulses_per_frame
@@ -231,10 +239,9 @@ class Node:
         self._frame_id, light = await recv_light(qchan)
         return self.rx.detect(light)
 
-    async def _run_round(self, cchan: TcpChannel, qchan: TcpChannel) -> None:
+    async def _run_round(self, cchan: TcpChannel, qchan: TcpChannel, round_id: int) -> None:
         record = await self._device_frame(qchan)
         self.stats.pulses += self.cfg.device.pulses_per_frame
-        round_id = await self._agree_round_id(cchan)
         party = distill.alice if self.transmitter else distill.bob
         if self.pool is None:
             await self._bootstrap_round(cchan, record, party)
@@ -273,15 +280,7 @@ class Node:
 
     async def _settle(self, block: KeyBlock, result: RoundOutcome) -> None:
         """Store what the authenticated round outcome allows; keep the rest pending on disk."""
-        for rid in result.dropped_round_ids:
-            with contextlib.suppress(FileNotFoundError):
-                (self.pending_dir / f"{rid}.json").unlink()
-        for rid in result.committed_round_ids:
-            path = self.pending_dir / f"{rid}.json"
-            if path.exists():
-                doc = json.loads(path.read_text())
-                await self._store(rid, doc["block_id"], bytes.fromhex(doc["key"]))
-                path.unlink()
+        await self._release_settled(result)
         self.stats.rounds_accepted += 1
         self.stats.secret_bits += block.length
         self._record_last(block, result)
@@ -325,17 +324,25 @@ class Node:
             "stage_seconds": block.stage_seconds,
             "detections": block.stats.get("detections"),
         }
+        self._log_round(self.stats.last)
+
+    def _log_round(self, doc: dict[str, Any]) -> None:
+        """Append the round's outcome (no key bytes) to data/rounds.jsonl."""
+        with open(self.data_dir / "rounds.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.time(), **doc}, default=str) + "\n")
 
     async def _aborted(self, stage: str, reason: str, block_id: str) -> None:
         self.stats.rounds_aborted += 1
         self.stats.last = {"block_id": block_id, "accepted": False, "stage": stage, "reason": reason}
         self.stats.aborts.append(f"{stage}: {reason}")
+        self._log_round(self.stats.last)
         log.warning("%s: round %s aborted in %s: %s", self.site.name, block_id[:8], stage, reason)
         await self.write_status()
 
     # ---------------------------------------------------------------------------------- loops
 
     def _rounds_done(self) -> bool:
+        """The transmitter's decision that the configured number of rounds is done."""
         limit = self.cfg.protocol.rounds
         return bool(limit) and self.stats.rounds_accepted + self.stats.rounds_aborted >= limit
 
@@ -345,24 +352,51 @@ class Node:
         qchan, qdone = await self._open("quantum", self.cfg.link.quantum)
         try:
             if self.pool is not None:
-                round_id = await self._agree_round_id(cchan)
+                round_id, _ = await self._agree_round_id(cchan)
                 result = await authenticate_peer(cchan, self.pool, self.role, round_id)
                 self.stats.auth_bits_consumed += result.consumed_bits
+                await self._release_settled(result)
                 log.info("%s: peer %s authenticated (round %d, %d key bits)", self.site.name, self.site.peer,
                          round_id, result.consumed_bits)
-            while not self.stop.is_set() and not self._rounds_done():
+            while not self.stop.is_set() and not self.finished:
                 if self.transmitter and self.kme is not None and await self.kme.is_full():
                     await asyncio.sleep(0.5)  # the store is full: pause key generation
                     continue
-                await self._run_round(cchan, qchan)
+                round_id, final = await self._agree_round_id(cchan, final=self.transmitter and self._rounds_done())
+                if final:
+                    await self._settle_last_round(cchan, round_id)
+                    self.finished = True
+                else:
+                    await self._run_round(cchan, qchan, round_id)
         finally:
             cdone.set()
             qdone.set()
             await cchan.close()
             await qchan.close()
 
+    async def _settle_last_round(self, cchan: TcpChannel, round_id: int) -> None:
+        """After the last round, an empty authenticated round commits the last round's key at both ends."""
+        if self.pool is None:
+            return
+        result = await authenticate_peer(cchan, self.pool, self.role, round_id)
+        self.stats.auth_bits_consumed += result.consumed_bits
+        await self._release_settled(result)
+        await self.write_status()
+
+    async def _release_settled(self, result: RoundOutcome) -> None:
+        """Store the keys of rounds both ends now hold; delete those the peer never accepted."""
+        for rid in result.dropped_round_ids:
+            with contextlib.suppress(FileNotFoundError):
+                (self.pending_dir / f"{rid}.json").unlink()
+        for rid in result.committed_round_ids:
+            path = self.pending_dir / f"{rid}.json"
+            if path.exists():
+                doc = json.loads(path.read_text())
+                await self._store(rid, doc["block_id"], bytes.fromhex(doc["key"]))
+                path.unlink()
+
     async def _rounds_loop(self) -> None:
-        while not self.stop.is_set() and not self._rounds_done():
+        while not self.stop.is_set() and not self.finished:
             try:
                 await self._session()
             except KeyPoolExhausted as exc:
@@ -376,7 +410,8 @@ class Node:
                 log.warning("%s: link to %s lost or refused (%s); reconnecting", self.site.name, self.site.peer, exc)
                 await self.write_status()
                 await asyncio.sleep(0.2)
-        self.stop.set()
+        if not self.finished:
+            self.stop.set()
 
     async def _kms_link_loop(self) -> None:
         assert self.kme is not None
@@ -441,23 +476,18 @@ class Node:
             kms_task = asyncio.create_task(self._kms_link_loop())
             try:
                 await self._rounds_loop()
-                if self.cfg.protocol.rounds:
-                    await self.write_status()
-                    await self._linger()
+                await self.write_status()
+                if self.finished:
+                    await self.stop.wait()  # keep serving keys (ETSI 014, peer link) until stopped
             finally:
                 kms_task.cancel()
                 with contextlib.suppress(BaseException):
                     await kms_task
                 for server in servers:
                     server.close()
+                await self.write_status()  # before the store closes: the status reads its levels
                 await self.kme.close()
                 store.close()
-                await self.write_status()
-
-    async def _linger(self) -> None:
-        """After the last round keep serving keys (ETSI 014, peer link) until told to stop."""
-        self.stop.clear()
-        await self.stop.wait()
 
 
 def _key_bytes(block: KeyBlock) -> bytes:

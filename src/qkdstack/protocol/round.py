@@ -47,7 +47,7 @@ class RoundConfig:
     """Everything both parties must agree on before a round (checked at ``round.start``)."""
 
     policy: EstimationPolicy
-    cascade_schedule: str = "optimized"
+    cascade_schedule: str = "batched"
     min_qber_estimate: float = 0.005
     """Floor of the QBER estimate handed to Cascade (a zero estimate would make blocks unbounded)."""
 
