@@ -81,7 +81,7 @@ def test_device_args_round_trip() -> None:
     assert args.distance_km == (0.0, 25.0, 50.0, 75.0, 100.0)
     params = device_params_from_args(args, distance_km=50.0)
     assert params.source.intensities == (0.4, 0.1)
-    assert params.source.intensity_probs == pytest.approx((0.8, 0.2))
+    assert params.source.intensity_probs == pytest.approx((0.6, 0.4))
     assert params.receiver.p_z == 0.5 and params.source.rep_rate_hz == 2.5e9
     assert expected_detection_prob(params, 0) > expected_detection_prob(params, 1)
     with pytest.raises(ConfigError, match="--distance-km"):

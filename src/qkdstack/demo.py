@@ -50,7 +50,7 @@ class DemoOptions:
     bootstrap: str = "psk"
     eve: str = "none"
     rounds: int = 4
-    pulses_per_frame: int = 60_000_000
+    pulses_per_frame: int = 100_000_000
     keys: int = 4
     file_bytes: int = 256 * 1024
     keep: str | None = None

@@ -19,16 +19,17 @@ flag                        meaning                                             
 ``--afterpulse``            after-pulse probability p_ap per click                      0
 ``--dead-time``             detector dead time in seconds                               0
 ``--mu``                    signal intensity μ1 (mean photon number)                    0.5
-``--decoys``                decoy intensities μ2,μ3 (comma list; empty for none)        0.1,0.0
+``--decoys``                decoy intensities μ2,μ3 (comma list; empty for none)        0.25,0.0
 ``--intensity-probs``       probabilities of μ1,μ2,μ3 (comma list summing to 1)         see below
-``--basis-prob-z``          probability of the key basis Z (Alice, and Bob unless       0.9
+``--basis-prob-z``          probability of the key basis Z (Alice, and Bob unless       0.8
                             ``--receiver-basis-prob-z`` is given); 0.5 = symmetric BB84
 ``--receiver-basis-prob-z`` Bob's key-basis probability if it differs from Alice's      same
 ``--rep-rate``              source repetition rate in Hz                                1e9
 ==========================  ==========================================================  ==========
 
-Without ``--intensity-probs`` the signal gets probability 0.8 and the decoys share the
-remaining 0.2 equally (a lone signal gets 1). Values that do not parse exit with argparse's
+Without ``--intensity-probs`` the probabilities are those of :class:`SourceParams` for three
+intensities (0.4, 0.4, 0.2: near the Lim 2014 finite-key optimum), 0.6/0.4 for two, and 1 for a
+lone signal. Values that do not parse exit with argparse's
 one-line message (exit 2); values that parse but make no physical sense (negative length,
 intensities out of order, probabilities that do not sum to 1) raise
 :class:`~qkdstack.errors.ConfigError` from :mod:`qkdstack.physics.params`, which the CLI
@@ -43,8 +44,8 @@ import math
 from qkdstack.errors import ConfigError
 from qkdstack.physics.params import ChannelParams, DeviceParams, ReceiverParams, SourceParams
 
-DEFAULT_SIGNAL_PROB = 0.8
-"""Probability of the signal intensity when ``--intensity-probs`` is not given."""
+DEFAULT_SOURCE = SourceParams()
+DEFAULT_RECEIVER = ReceiverParams()
 
 
 def _float(text: str) -> float:
@@ -127,27 +128,30 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dead-time", type=_float, default=0.0, metavar="SECONDS", help="detector dead time in s (default 0)"
     )
-    g.add_argument("--mu", type=_float, default=0.5, help="signal intensity μ1, mean photons per pulse (default 0.5)")
+    g.add_argument(
+        "--mu", type=_float, default=DEFAULT_SOURCE.intensities[0],
+        help="signal intensity μ1, mean photons per pulse (default 0.5)",
+    )
     g.add_argument(
         "--decoys",
         type=parse_float_list,
-        default=(0.1, 0.0),
+        default=DEFAULT_SOURCE.intensities[1:],
         metavar="MU2,MU3",
-        help="decoy intensities, comma list, decreasing; empty for none (default 0.1,0.0)",
+        help="decoy intensities, comma list, decreasing; empty for none (default 0.25,0.0)",
     )
     g.add_argument(
         "--intensity-probs",
         type=parse_float_list,
         default=None,
         metavar="P1,P2,P3",
-        help="probabilities of signal and decoys, summing to 1 (default: 0.8 signal, decoys share the rest)",
+        help="probabilities of signal and decoys, summing to 1 (default 0.4,0.4,0.2)",
     )
     g.add_argument(
         "--basis-prob-z",
         type=_float,
-        default=0.9,
+        default=DEFAULT_SOURCE.p_z,
         metavar="P_Z",
-        help="probability of the key basis Z at Alice and Bob; 0.5 = symmetric BB84 (default 0.9)",
+        help="probability of the key basis Z at Alice and Bob; 0.5 = symmetric BB84 (default 0.8)",
     )
     g.add_argument(
         "--receiver-basis-prob-z",
@@ -160,11 +164,10 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_intensity_probs(n_intensities: int) -> tuple[float, ...]:
-    """Signal 0.8, decoys share the remaining 0.2 equally; a lone signal gets 1."""
-    if n_intensities <= 1:
-        return (1.0,)
-    rest = round((1.0 - DEFAULT_SIGNAL_PROB) / (n_intensities - 1), 12)
-    return (DEFAULT_SIGNAL_PROB, *([rest] * (n_intensities - 1)))
+    """SourceParams' probabilities for three intensities, 0.6/0.4 for two, 1 for a lone signal."""
+    if n_intensities == len(DEFAULT_SOURCE.intensity_probs):
+        return DEFAULT_SOURCE.intensity_probs
+    return {1: (1.0,), 2: (0.6, 0.4)}[n_intensities]
 
 
 def device_params_from_args(args: argparse.Namespace, distance_km: float | None = None) -> DeviceParams:

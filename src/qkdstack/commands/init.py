@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", choices=BOOTSTRAPS, default="psk", help="trust anchor of the first round")
     parser.add_argument("--base-port", type=int, default=7100, help="first of the loopback ports (default 7100)")
     parser.add_argument("--distance-km", type=float, default=25.0, help="simulated fibre length (default 25 km)")
-    parser.add_argument("--pulses-per-frame", type=int, default=60_000_000, help="pulses per round (default 6e7)")
+    parser.add_argument("--pulses-per-frame", type=float, default=1e8, help="pulses per round (default 1e8)")
     parser.add_argument("--store", default="sqlite:///data/keys.db",
                         help="key store: sqlite:///PATH (default) or a postgresql:// URL")
     parser.add_argument("--sae", action="append", default=[], metavar="SITE=ID[,ID]",
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         sae_ids[site] = [i.strip() for i in ids.split(",") if i.strip()]
     layouts = write_deployment(
         args.out, sites, bootstrap=args.bootstrap, base_port=args.base_port, distance_km=args.distance_km,
-        pulses_per_frame=args.pulses_per_frame, store=args.store, sae_ids=sae_ids,
+        pulses_per_frame=int(args.pulses_per_frame), store=args.store, sae_ids=sae_ids,
     )
     for layout in layouts.values():
         print(f"site {layout.name}: {layout.config}  (ETSI 014 at {layout.etsi_url}, SAEs {', '.join(layout.sae_ids)})")

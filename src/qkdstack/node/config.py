@@ -85,7 +85,7 @@ class DeviceSection:
     dark_count: float = 1e-6
     afterpulse: float = 0.0
     dead_time_s: float = 0.0
-    pulses_per_frame: int = 20_000_000
+    pulses_per_frame: int = 100_000_000
     eve: str = "none"
     seed: int | None = None
 

@@ -150,7 +150,7 @@ def write_deployment(
     bootstrap: str = "psk",
     base_port: int = 7100,
     distance_km: float = 25.0,
-    pulses_per_frame: int = 60_000_000,
+    pulses_per_frame: int = 100_000_000,
     rounds: int = 0,
     eve: str = "none",
     seed: int | None = None,
