@@ -255,13 +255,12 @@ async def _send_file(layouts: dict[str, SiteLayout], opts: DemoOptions, result: 
 async def _show_no_key(layouts: dict[str, SiteLayout], result: DemoResult) -> None:
     sae_b = layouts["B"].sae_ids[0]
     async with _client(layouts["A"], sae_b) as master:
-        status = await master.status()
         try:
-            await master.get_new_keys(1, 256)
-            result.keys_delivered = 1
+            result.keys_delivered = len(await master.get_new_keys(1, 256))
         except QKDError as exc:
             _say(f"  ETSI 014 enc_keys at A is refused: {exc}")
-    _say(f"  key store at A holds {status.get('stored_key_count')} keys: no key was delivered")
+    stored = ((_status(layouts["A"]) or {}).get("store") or {}).get("stored_keys")
+    _say(f"  key store at A holds {stored} keys: no key was delivered")
 
 
 def _summary(result: DemoResult, opts: DemoOptions) -> str:

@@ -78,9 +78,9 @@ class DeviceSection:
     extra_loss_db: float = 0.0
     misalignment: float = 0.01
     rep_rate_hz: float = 1e9
-    intensities: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.0])
-    intensity_probs: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2])
-    basis_prob_z: float = 0.8
+    intensities: list[float] = field(default_factory=lambda: list(SourceParams().intensities))
+    intensity_probs: list[float] = field(default_factory=lambda: list(SourceParams().intensity_probs))
+    basis_prob_z: float = SourceParams().p_z
     detector_efficiency: float = 0.1
     dark_count: float = 1e-6
     afterpulse: float = 0.0
