@@ -1,7 +1,8 @@
 """Link benchmark: post-processing rounds over the TCP transport on loopback versus the in-memory channel.
 
-The same simulated frames (25 km, the deployment defaults of ``qkdstack init``: 6·10⁷ pulses per frame,
-μ = 0.5/0.25/0, probabilities 0.4/0.4/0.2, Z-basis probability 0.8) are distilled by
+The same simulated frames (25 km and otherwise the node's ``[device]`` and ``[protocol]`` defaults, as
+``qkdstack init`` writes them: 10⁸ pulses per frame, μ = 0.5/0.25/0 with probabilities 0.4/0.4/0.2, Z-basis
+probability 0.8, the node's Cascade schedule) are distilled by
 :func:`qkdstack.protocol.round.alice`/:func:`~qkdstack.protocol.round.bob`, once over an in-memory
 channel pair and once over a :class:`~qkdstack.transport.tcp.TcpChannel` pair
 (:func:`~qkdstack.transport.tcp.serve`/:func:`~qkdstack.transport.tcp.connect` on 127.0.0.1), both
@@ -30,7 +31,7 @@ import statistics
 import time
 from typing import Any
 
-from qkdstack.node.config import DeviceSection
+from qkdstack.node.config import DeviceSection, ProtocolSection
 from qkdstack.physics.device import SimulatedDevice
 from qkdstack.physics.params import DeviceParams
 from qkdstack.physics.records import Frame
@@ -41,7 +42,7 @@ from qkdstack.protocol.round import RoundConfig
 from qkdstack.transport.tcp import TcpChannel, connect, serve
 
 DISTANCE_KM = 25.0
-PULSES = 60_000_000
+PULSES = DeviceSection().pulses_per_frame
 FRAMES = 2
 REPEATS = 3
 
@@ -101,7 +102,15 @@ async def _measure(frames: list[Frame], config: RoundConfig, repeats: int) -> di
 
 def run(frames: int = FRAMES, repeats: int = REPEATS, pulses: int = PULSES) -> dict[str, Any]:
     params = _params()
-    config = RoundConfig.for_source(params.source)
+    proto = ProtocolSection()
+    config = RoundConfig.for_source(  # as the node builds it (qkdstack.node.service.Node)
+        params.source,
+        eps_sec=proto.eps_sec,
+        eps_cor=proto.eps_cor,
+        max_qber=proto.max_qber,
+        max_phase_error=proto.max_phase_error,
+        cascade_schedule=proto.cascade_schedule,
+    )
     device = SimulatedDevice(params, seed=2026)
     t = time.perf_counter()
     made = [device.run_frame(pulses) for _ in range(frames)]
@@ -112,6 +121,7 @@ def run(frames: int = FRAMES, repeats: int = REPEATS, pulses: int = PULSES) -> d
     return {
         "distance_km": DISTANCE_KM,
         "pulses_per_frame": pulses,
+        "cascade_schedule": proto.cascade_schedule,
         "frames": frames,
         "repeats": repeats,
         "simulation_s_per_frame": sim_s / frames,

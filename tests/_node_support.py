@@ -68,18 +68,21 @@ def deploy(
     rounds: int = 3,
     base_port: int | None = None,
     distance_km: float = DISTANCE_KM,
-    pulses: int = PULSES,
+    pulses: int | None = PULSES,
     seed: int | None = 2026,
     **kwargs: Any,
 ) -> dict[str, SiteLayout]:
-    """A two-site deployment (A transmitter, B receiver) with small frames and a short link timeout."""
+    """A two-site deployment (A transmitter, B receiver) with small frames and a short link timeout.
+
+    ``pulses=None`` keeps ``write_deployment``'s (and ``qkdstack init``'s) frame size.
+    """
     layouts = write_deployment(
         out,
         ["A", "B"],
         bootstrap=bootstrap,
         base_port=base_port or free_base_port(),
         distance_km=distance_km,
-        pulses_per_frame=pulses,
+        **({} if pulses is None else {"pulses_per_frame": pulses}),
         rounds=rounds,
         seed=seed,
         **kwargs,

@@ -205,9 +205,21 @@ class Node:
         """The transmitter connects; the receiver takes the next accepted connection."""
         if self.transmitter:
             host, port = parse_address("link", name, address)
-            channel = await connect(host, port, attempts=1_000_000, max_delay=1.0, timeout=self.cfg.link.timeout_s)
-            return channel, asyncio.Event()
-        return await self._accepted[name].get()
+            opening = connect(host, port, attempts=1_000_000, max_delay=1.0, timeout=self.cfg.link.timeout_s)
+        else:
+            opening = self._accepted[name].get()
+        # Waiting for the peer must not outlive a stop request (a round in flight is still finished).
+        task = asyncio.ensure_future(opening)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise _Stopped
+        result = task.result()
+        return (result, asyncio.Event()) if isinstance(result, TcpChannel) else result
 
     # ---------------------------------------------------------------------------------- rounds
 
@@ -399,6 +411,8 @@ class Node:
         while not self.stop.is_set() and not self.finished:
             try:
                 await self._session()
+            except _Stopped:
+                break
             except KeyPoolExhausted as exc:
                 log.error("%s: %s; stopping the link rather than weakening authentication", self.site.name, exc)
                 self.stats.aborts.append(f"authentication: {exc}")
@@ -488,6 +502,10 @@ class Node:
                 await self.write_status()  # before the store closes: the status reads its levels
                 await self.kme.close()
                 store.close()
+
+
+class _Stopped(Exception):
+    """The node was asked to stop while it waited for its peer to connect."""
 
 
 def _key_bytes(block: KeyBlock) -> bytes:
