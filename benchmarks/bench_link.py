@@ -17,6 +17,9 @@ Figures:
 * ``memory_rounds_per_s`` / ``tcp_rounds_per_s`` and ``memory_secret_bit_per_s`` /
   ``tcp_secret_bit_per_s`` - the corresponding round and secret-key rates of the post-processing;
 * ``transport_overhead_pct`` - ``100 * (tcp_round_s / memory_round_s - 1)`` (target: under 20 %);
+* ``memory_round_cpu_s`` / ``tcp_round_cpu_s`` and ``transport_overhead_cpu_pct`` - the same with the
+  process's CPU time (user + system, so the kernel's loopback work counts), which load from other
+  processes on a shared machine disturbs much less than wall time;
 * ``classical_bytes_per_round`` - bytes both parties sent per round (codec frames, without the
   12-byte TCP frame header each) and ``frames_per_round``.
 
@@ -44,7 +47,7 @@ from qkdstack.transport.tcp import TcpChannel, connect, serve
 DISTANCE_KM = 25.0
 PULSES = DeviceSection().pulses_per_frame
 FRAMES = 2
-REPEATS = 3
+REPEATS = 5
 
 
 def _params() -> DeviceParams:
@@ -52,17 +55,17 @@ def _params() -> DeviceParams:
     return DeviceSection(distance_km=DISTANCE_KM, pulses_per_frame=PULSES).params()
 
 
-async def _round(a: Channel, b: Channel, frame: Frame, config: RoundConfig) -> tuple[float, int, int, int]:
-    """One round over (a, b): (seconds, secret bits, bytes sent, frames sent)."""
+async def _round(a: Channel, b: Channel, frame: Frame, config: RoundConfig) -> tuple[float, float, int, int, int]:
+    """One round over (a, b): (wall seconds, CPU seconds, secret bits, bytes sent, frames sent)."""
     a.stats.reset()
     b.stats.reset()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out_a, out_b = await asyncio.gather(distill.alice(a, frame.alice, config), distill.bob(b, frame.bob, config))
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, time.process_time() - c
     if not isinstance(out_a, KeyBlock) or not isinstance(out_b, KeyBlock) or out_a.key != out_b.key:
         raise RuntimeError(f"benchmark round did not produce a matching key: {out_a!r} / {out_b!r}")
     sent = sum(c.wire_bytes for ch in (a, b) for (_s, d), c in ch.stats.counters.items() if d == "sent")
-    return dt, out_a.length, sent, a.stats.messages(direction="sent") + b.stats.messages(direction="sent")
+    return dt, dc, out_a.length, sent, a.stats.messages(direction="sent") + b.stats.messages(direction="sent")
 
 
 async def _tcp_pair() -> tuple[TcpChannel, TcpChannel, asyncio.Server, asyncio.Event]:
@@ -81,16 +84,18 @@ async def _tcp_pair() -> tuple[TcpChannel, TcpChannel, asyncio.Server, asyncio.E
 
 async def _measure(frames: list[Frame], config: RoundConfig, repeats: int) -> dict[str, list[float]]:
     tcp_a, tcp_b, server, done = await _tcp_pair()
-    res: dict[str, list[float]] = {"memory": [], "tcp": [], "bits": [], "bytes": [], "frames": []}
+    res: dict[str, list[float]] = {k: [] for k in ("memory", "tcp", "memory_cpu", "tcp_cpu", "bits", "bytes", "frames")}
     try:
         for _ in range(repeats):
             for frame in frames:
                 mem_a, mem_b = channel_pair()
-                dt, bits, _, n = await _round(mem_a, mem_b, frame, config)
+                dt, dc, bits, _, n = await _round(mem_a, mem_b, frame, config)
                 res["memory"].append(dt)
+                res["memory_cpu"].append(dc)
                 res["bits"].append(bits)
-                dt, _, sent_tcp, _ = await _round(tcp_a, tcp_b, frame, config)
+                dt, dc, _, sent_tcp, _ = await _round(tcp_a, tcp_b, frame, config)
                 res["tcp"].append(dt)
+                res["tcp_cpu"].append(dc)
                 res["bytes"].append(sent_tcp)
                 res["frames"].append(n)
     finally:
@@ -117,6 +122,7 @@ def run(frames: int = FRAMES, repeats: int = REPEATS, pulses: int = PULSES) -> d
     sim_s = time.perf_counter() - t
     res = asyncio.run(_measure(made, config, repeats))
     mem, tcp = statistics.median(res["memory"]), statistics.median(res["tcp"])
+    mem_cpu, tcp_cpu = statistics.median(res["memory_cpu"]), statistics.median(res["tcp_cpu"])
     bits = statistics.mean(res["bits"])
     return {
         "distance_km": DISTANCE_KM,
@@ -133,6 +139,9 @@ def run(frames: int = FRAMES, repeats: int = REPEATS, pulses: int = PULSES) -> d
         "memory_secret_bit_per_s": bits / mem,
         "tcp_secret_bit_per_s": bits / tcp,
         "transport_overhead_pct": 100 * (tcp / mem - 1),
+        "memory_round_cpu_s": mem_cpu,
+        "tcp_round_cpu_s": tcp_cpu,
+        "transport_overhead_cpu_pct": 100 * (tcp_cpu / mem_cpu - 1),
         "classical_bytes_per_round": statistics.mean(res["bytes"]),
         "frames_per_round": statistics.mean(res["frames"]),
         "memory_round_s_all": res["memory"],

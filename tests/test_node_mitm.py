@@ -36,8 +36,9 @@ TARGET_ROUND = 1  # 0-based: round 0 is clean (gives the replay attack an old fr
 class Relay:
     """An asyncio TCP proxy that forwards B→A untouched and applies ``attack`` to one A→B frame."""
 
-    def __init__(self, listen_port: int, target_port: int, attack: str) -> None:
+    def __init__(self, listen_port: int, target_port: int, attack: str, target_round: int = TARGET_ROUND) -> None:
         self.listen_port = listen_port
+        self.target_round = target_round
         self.target_port = target_port
         self.attack = attack
         self.block_ids: list[str] = []
@@ -105,7 +106,7 @@ class Relay:
                     send(seq if raw else seq - 1 + offset, body)
                     send(held[0] if raw else seq + offset, held[1])
                     held = None
-                elif kind == TARGET_KIND and len(self.block_ids) == TARGET_ROUND + 1 and not self.done:
+                elif kind == TARGET_KIND and len(self.block_ids) == self.target_round + 1 and not self.done:
                     self.done = True
                     offset, held = self._tamper(send, seq, offset, body, fields)
                 else:
@@ -202,3 +203,25 @@ async def test_mitm_tampering_aborts_round_and_link_recovers(tmp_path, attack):
     for s in "AB":
         assert sts[s]["rounds_accepted"] == len(blocks_a) == 1 + len(set(later) & blocks_a)
         assert sts[s]["last_round"]["accepted"] is True
+
+
+async def test_mitm_during_pki_bootstrap_detected(tmp_path):
+    """A bit flipped in the signature-authenticated bootstrap round: the transcript signature check refuses
+    it at both ends, nothing is seeded or stored from it, and the next round bootstraps the link."""
+    base = free_base_port(extra=1)
+    out = tmp_path / "dep"
+    layouts = deploy(out, "pki", rounds=3, base_port=base)
+    relay_port = base + 20
+    edit_config(layouts["A"].config, link={"classical": f"127.0.0.1:{relay_port}"})
+    async with Relay(relay_port, base, "flip", target_round=0) as relay:
+        await run_nodes([layouts["A"].config, layouts["B"].config], timeout=90)
+    assert relay.done
+    sts = {s: status(out / s) for s in "AB"}
+    for s in "AB":
+        aborts = " | ".join(sts[s]["recent_aborts"])
+        assert sts[s]["rounds_aborted"] == 1 and sts[s]["rounds_accepted"] == 2, sts[s]
+        assert "bootstrap refused" in aborts and "bad-signature" in aborts, aborts
+        assert sts[s]["auth_pool"] is not None
+    blocks = store_blocks(out / "A")
+    assert relay.block_ids[0] not in blocks and blocks == store_blocks(out / "B") == set(relay.block_ids[1:])
+    assert store_keys(out / "A") == store_keys(out / "B")
