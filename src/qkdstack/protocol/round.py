@@ -165,8 +165,44 @@ def _check_key_qber(errors: int, n_key: int, config: RoundConfig) -> None:
         )
 
 
+async def _exchange_key_errors(channel: Channel, role: str, sifted_bits: np.ndarray, corrected: np.ndarray) -> int:
+    """Bob counts the errors Cascade corrected and announces the count (implied by the parities already public)."""
+    if role == "alice":
+        return int((await channel.recv(expect="verification.key_errors"))["errors"])
+    errors = int(np.count_nonzero(corrected != sifted_bits))
+    await channel.send("verification.key_errors", errors=errors)
+    return errors
+
+
+async def _distill(
+    channel: Channel, record: AliceRecord | DetectionRecord, config: RoundConfig, role: str, block_id: str,
+    timer: _Timer, before: dict[str, int],
+) -> KeyBlock:
+    """The stages of a round for ``role`` ("alice" or "bob"): each stage module's function of that name."""
+    policy = config.policy
+    with timer.stage("sifting"):
+        sifted = await getattr(sifting, role)(channel, record)
+    with timer.stage("estimation"):
+        estimate = await getattr(estimation, role)(channel, sifted, policy)
+    with timer.stage("cascade"):
+        corrected = await getattr(cascade, role)(channel, sifted.key_bits, _qber_hint(estimate, config),
+                                                 config.cascade_schedule)
+    with timer.stage("verification"):
+        await getattr(verification, role)(channel, corrected.key, policy.eps_cor)
+        key_errors = await _exchange_key_errors(channel, role, sifted.key_bits, corrected.key)
+        _check_key_qber(key_errors, sifted.key_bits.size, config)
+    after = _disclosed(channel)
+    leakage = {s: after[s] - before[s] for s in LEAKING_STAGES}
+    with timer.stage("amplification"):
+        finite = _final_length(estimate, leakage, config)
+        amplified = await getattr(amplification, role)(channel, corrected.key, finite.length)
+    stats = {"detections": sifted.detections, "cascade_round_trips": corrected.round_trips,
+             "cascade_passes": corrected.passes}
+    return _key_block(block_id, amplified.key, estimate, key_errors, leakage, finite, config, timer, stats)
+
+
 async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> RoundOutcome:
-    """Alice's half of a round."""
+    """Alice's half of a round: she opens it with a fresh block ID and the public parameters."""
     block_id = str(uuid.uuid4())  # uuid4 draws from os.urandom
     timer = _Timer()
     before = _disclosed(channel)
@@ -174,64 +210,26 @@ async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> R
     async def body() -> KeyBlock:
         await channel.send("round.start", block_id=block_id, parameters=config.public_parameters())
         await recv_fresh(channel, "round.ready", block_id)
-        with timer.stage("sifting"):
-            sifted = await sifting.alice(channel, record)
-        with timer.stage("estimation"):
-            estimate = await estimation.alice(channel, sifted, config.policy)
-        with timer.stage("cascade"):
-            corrected = await cascade.alice(channel, sifted.key_bits, _qber_hint(estimate, config),
-                                            config.cascade_schedule)
-        with timer.stage("verification"):
-            await verification.alice(channel, corrected.key, config.policy.eps_cor)
-            key_errors = int((await channel.recv(expect="verification.key_errors"))["errors"])
-            _check_key_qber(key_errors, sifted.key_bits.size, config)
-        after = _disclosed(channel)
-        leakage = {s: after[s] - before[s] for s in LEAKING_STAGES}
-        with timer.stage("amplification"):
-            finite = _final_length(estimate, leakage, config)
-            amplified = await amplification.alice(channel, corrected.key, finite.length)
-        stats = {"detections": sifted.detections, "cascade_round_trips": corrected.round_trips,
-                 "cascade_passes": corrected.passes}
-        return _key_block(block_id, amplified.key, estimate, key_errors, leakage, finite, config, timer, stats)
+        return await _distill(channel, record, config, "alice", block_id, timer, before)
 
     return await _guarded(channel, block_id, timer, body)
 
 
 async def bob(channel: Channel, record: DetectionRecord, config: RoundConfig) -> RoundOutcome:
-    """Bob's half of a round."""
+    """Bob's half of a round: he checks Alice's public parameters against his own configuration."""
     timer = _Timer()
     before = _disclosed(channel)
     start = await recv_fresh(channel, "round.start")
     block_id = str(start["block_id"])
 
     async def body() -> KeyBlock:
-        mine = config.public_parameters()
         theirs = start["parameters"]
-        for name, value in mine.items():
+        for name, value in config.public_parameters().items():
             if theirs.get(name) != value:
                 raise ProtocolAbort("round", f"configuration mismatch: Alice has {name}={theirs.get(name)!r}, "
                                              f"Bob has {value!r}")
         await channel.send("round.ready", block_id=block_id)
-        with timer.stage("sifting"):
-            sifted = await sifting.bob(channel, record)
-        with timer.stage("estimation"):
-            estimate = await estimation.bob(channel, sifted, config.policy)
-        with timer.stage("cascade"):
-            corrected = await cascade.bob(channel, sifted.key_bits, _qber_hint(estimate, config),
-                                          config.cascade_schedule)
-        with timer.stage("verification"):
-            await verification.bob(channel, corrected.key, config.policy.eps_cor)
-            key_errors = int(np.count_nonzero(corrected.key != sifted.key_bits))
-            await channel.send("verification.key_errors", errors=key_errors)
-            _check_key_qber(key_errors, sifted.key_bits.size, config)
-        after = _disclosed(channel)
-        leakage = {s: after[s] - before[s] for s in LEAKING_STAGES}
-        with timer.stage("amplification"):
-            finite = _final_length(estimate, leakage, config)
-            amplified = await amplification.bob(channel, corrected.key, finite.length)
-        stats = {"detections": sifted.detections, "cascade_round_trips": corrected.round_trips,
-                 "cascade_passes": corrected.passes}
-        return _key_block(block_id, amplified.key, estimate, key_errors, leakage, finite, config, timer, stats)
+        return await _distill(channel, record, config, "bob", block_id, timer, before)
 
     return await _guarded(channel, block_id, timer, body)
 
