@@ -163,6 +163,30 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--rep-rate", type=_float, default=1e9, metavar="HZ", help="source repetition rate (default 1e9)")
 
 
+def pulse_count(text: str) -> int:
+    """An integer number of pulses; accepts 1e9-style notation when it is a whole number."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        f = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pulses") from None
+    if not math.isfinite(f) or f != math.floor(f):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pulses") from None
+    return int(f)
+
+
+def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of a simulated frame: ``--pulses``, ``--eve``, ``--seed`` (simulate, distill)."""
+    g = parser.add_argument_group("frame")
+    g.add_argument("--pulses", type=pulse_count, default=100_000_000, help="pulses per frame (default 1e8)")
+    g.add_argument("--eve", default="none", metavar="ATTACK",
+                   help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION (default none)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the simulation (default: fresh)")
+
+
 def default_intensity_probs(n_intensities: int) -> tuple[float, ...]:
     """SourceParams' probabilities for three intensities, 0.6/0.4 for two, 1 for a lone signal."""
     if n_intensities == len(DEFAULT_SOURCE.intensity_probs):

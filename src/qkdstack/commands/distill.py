@@ -18,8 +18,7 @@ import sys
 import time
 from typing import Any
 
-from qkdstack.commands.device_args import add_device_arguments, device_params_from_args
-from qkdstack.commands.simulate import _pulses
+from qkdstack.commands.device_args import add_device_arguments, add_frame_arguments, device_params_from_args
 from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import parse_eve
@@ -38,10 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each: sifting, finite-key parameter estimation, Cascade, verification, privacy amplification.",
     )
     add_device_arguments(parser)
-    parser.add_argument("--pulses", type=_pulses, default=100_000_000, help="pulses per frame (default 1e8)")
-    parser.add_argument("--eve", default="none",
-                        help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION (default none)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the device simulation (default: random)")
+    add_frame_arguments(parser)
     parser.add_argument("--rounds", type=int, default=1, help="frames to distill one after another (default 1)")
     parser.add_argument("--eps-sec", type=float, default=1e-10, help="secrecy parameter ε_sec (default 1e-10)")
     parser.add_argument("--eps-cor", type=float, default=1e-15, help="correctness parameter ε_cor (default 1e-15)")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Any
 
 import numpy as np
 
-from qkdstack.commands.device_args import add_device_arguments, device_params_from_args
+from qkdstack.commands.device_args import add_device_arguments, add_frame_arguments, device_params_from_args
 from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import parse_eve
@@ -31,21 +30,6 @@ from qkdstack.theory.device import expected_detection_prob, expected_qber
 BASIS_NAMES = ("Z", "X")
 
 
-def _pulses(text: str) -> int:
-    """An integer number of pulses; accepts 1e9-style notation when it is a whole number."""
-    try:
-        value = int(text)
-    except ValueError:
-        try:
-            f = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of pulses") from None
-        if not math.isfinite(f) or f != math.floor(f):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pulses") from None
-        value = int(f)
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``simulate`` sub-command."""
     parser = subparsers.add_parser(
@@ -55,14 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "intensity and basis beside the model's prediction.",
     )
     add_device_arguments(parser)
-    parser.add_argument("--pulses", type=_pulses, default=100_000_000, help="pulses in the frame (default 1e8)")
-    parser.add_argument(
-        "--eve",
-        default="none",
-        metavar="ATTACK",
-        help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION (default none)",
-    )
-    parser.add_argument("--seed", type=int, default=None, help="seed of the simulation (default: fresh)")
+    add_frame_arguments(parser)
     parser.add_argument(
         "--afterpulse-mode",
         choices=("same-class", "next-gate"),
