@@ -71,6 +71,25 @@ class LinkSection:
             raise field_error("link", "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
 
 
+# physics parameter names (as qkdstack.physics.params reports them) → [device] field names
+_DEVICE_FIELDS = {
+    "length_km": "distance_km",
+    "receiver p_z": "basis_prob_z",
+    "p_z": "basis_prob_z",
+    "efficiency": "detector_efficiency",
+}
+
+
+def _renamed(exc: ConfigError) -> ConfigError:
+    """The physics layer's message ("NAME (what) must …") with NAME replaced by the [device] field's name."""
+    message = str(exc)
+    head, sep, rest = message.partition(" must ")
+    name = head.split(" (")[0]
+    if sep and name in _DEVICE_FIELDS:
+        return field_error("device", _DEVICE_FIELDS[name], "must " + rest)
+    return ConfigError(f"[device] {message}")
+
+
 @dataclass(frozen=True)
 class DeviceSection:
     distance_km: float = 25.0
@@ -92,7 +111,10 @@ class DeviceSection:
     def __post_init__(self) -> None:
         if self.pulses_per_frame < 1000:
             raise field_error("device", "pulses_per_frame", f"must be at least 1000, got {self.pulses_per_frame}")
-        self.params()  # validates every physical parameter
+        try:
+            self.params()  # validates every physical parameter
+        except ConfigError as exc:
+            raise _renamed(exc) from None
 
     def params(self) -> DeviceParams:
         return DeviceParams(
