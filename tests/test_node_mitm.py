@@ -36,9 +36,12 @@ TARGET_ROUND = 1  # 0-based: round 0 is clean (gives the replay attack an old fr
 class Relay:
     """An asyncio TCP proxy that forwards B→A untouched and applies ``attack`` to one A→B frame."""
 
-    def __init__(self, listen_port: int, target_port: int, attack: str, target_round: int = TARGET_ROUND) -> None:
+    def __init__(
+        self, listen_port: int, target_port: int, attack: str, target_round: int = TARGET_ROUND, kind: str = TARGET_KIND
+    ) -> None:
         self.listen_port = listen_port
         self.target_round = target_round
+        self.kind = kind
         self.target_port = target_port
         self.attack = attack
         self.block_ids: list[str] = []
@@ -106,7 +109,7 @@ class Relay:
                     send(seq if raw else seq - 1 + offset, body)
                     send(held[0] if raw else seq + offset, held[1])
                     held = None
-                elif kind == TARGET_KIND and len(self.block_ids) == self.target_round + 1 and not self.done:
+                elif kind == self.kind and len(self.block_ids) == self.target_round + 1 and not self.done:
                     self.done = True
                     offset, held = self._tamper(send, seq, offset, body, fields)
                 else:
@@ -225,3 +228,25 @@ async def test_mitm_during_pki_bootstrap_detected(tmp_path):
     blocks = store_blocks(out / "A")
     assert relay.block_ids[0] not in blocks and blocks == store_blocks(out / "B") == set(relay.block_ids[1:])
     assert store_keys(out / "A") == store_keys(out / "B")
+
+
+async def test_lost_bootstrap_confirmation_recovers(tmp_path):
+    """The relay drops the last bootstrap message (``auth.done``): A has seeded its pool, B has not.
+
+    At the next connection the ends compare notes (``link.hello``); A discards its pool, which has
+    authenticated nothing yet, with the bootstrap round's pending key, and the link bootstraps again.
+    Both stores end up identical (before the fix, A kept a key B never had and the link wedged).
+    """
+    base = free_base_port(extra=1)
+    out = tmp_path / "dep"
+    layouts = deploy(out, "pki", rounds=3, base_port=base)
+    relay_port = base + 20
+    edit_config(layouts["A"].config, link={"classical": f"127.0.0.1:{relay_port}"})
+    async with Relay(relay_port, base, "drop", target_round=0, kind="auth.done") as relay:
+        await run_nodes([layouts["A"].config, layouts["B"].config], timeout=90)
+    assert relay.done
+    blocks = store_blocks(out / "A")
+    assert relay.block_ids[0] not in blocks and blocks == store_blocks(out / "B")
+    assert len(blocks) == 2 and store_keys(out / "A") == store_keys(out / "B")
+    assert status(out / "B")["reconnections"] >= 1 and status(out / "B")["rounds_accepted"] == 2
+    assert not (out / "A" / "data" / "pending" / "0.json").exists()

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qkdstack.auth.bootstrap import begin_bootstrap_round
+from qkdstack.auth.bootstrap import BOOTSTRAP_ROUND_ID, begin_bootstrap_round
 from qkdstack.auth.pool import AuthKeyPool, RoundOutcome
 from qkdstack.auth.psk import pool_from_psk
 from qkdstack.auth.session import authenticate_peer, begin_round
@@ -288,7 +288,14 @@ class Node:
         self.pool = pool
         log.info("%s: bootstrap by %s succeeded; authentication pool seeded from round %s",
                  self.site.name, self.cfg.auth.bootstrap, outcome.block_id[:8])
-        await self._accept_key(0, outcome, rest)
+        # Pending until the first Wegman-Carter exchange verifies: only that proves the peer seeded its pool
+        # from this round too (the last bootstrap message may be lost), see _release_settled.
+        doc = {"block_id": outcome.block_id, "key": rest.hex()}
+        atomic_write(self.pending_dir / f"{BOOTSTRAP_ROUND_ID}.json", json.dumps(doc).encode(), 0o600)
+        self.stats.rounds_accepted += 1
+        self.stats.secret_bits += outcome.length
+        self._record_last(outcome, None)
+        await self.write_status()
 
     async def _settle(self, block: KeyBlock, result: RoundOutcome) -> None:
         """Store what the authenticated round outcome allows; keep the rest pending on disk."""
@@ -301,13 +308,6 @@ class Node:
         else:
             doc = {"block_id": block.block_id, "key": result.key_for_store.hex()}
             atomic_write(self.pending_dir / f"{result.pending_round_id}.json", json.dumps(doc).encode(), 0o600)
-        await self.write_status()
-
-    async def _accept_key(self, round_id: int, block: KeyBlock, key_for_store: bytes) -> None:
-        self.stats.rounds_accepted += 1
-        self.stats.secret_bits += block.length
-        self._record_last(block, None)
-        await self._store(round_id, block.block_id, key_for_store)
         await self.write_status()
 
     async def _store(self, round_id: int, block_id: str, key: bytes) -> None:
@@ -363,6 +363,7 @@ class Node:
         cchan, cdone = await self._open("classical", self.cfg.link.classical)
         qchan, qdone = await self._open("quantum", self.cfg.link.quantum)
         try:
+            await self._reconcile_pools(cchan)
             if self.pool is not None:
                 round_id, _ = await self._agree_round_id(cchan)
                 result = await authenticate_peer(cchan, self.pool, self.role, round_id)
@@ -386,6 +387,37 @@ class Node:
             await cchan.close()
             await qchan.close()
 
+    async def _reconcile_pools(self, cchan: TcpChannel) -> None:
+        """Both ends say whether they hold an authentication pool (``link.hello``).
+
+        After a ``pki``/``pgp`` bootstrap whose last message was lost, one end holds a pool the other
+        never seeded. A pool that has authenticated no round yet is then discarded (with the bootstrap
+        round's pending key) and the link bootstraps again; a forged hello can cause no more than that
+        (a new signature-authenticated bootstrap). A pool that has authenticated rounds is never
+        discarded: the peer then lost its state, and the link is refused until an operator intervenes.
+        """
+        mine = self.pool is not None
+        if self.transmitter:
+            await cchan.send("link.hello", pool=mine)
+            theirs = bool((await recv_fresh(cchan, "link.hello"))["pool"])
+        else:
+            theirs = bool((await recv_fresh(cchan, "link.hello"))["pool"])
+            await cchan.send("link.hello", pool=mine)
+        if self.pool is None or theirs:
+            return
+        if self.cfg.auth.bootstrap == "psk" or self.pool.report()["rounds_authenticated"] > 0:
+            raise AuthenticationError(
+                f"the peer {self.site.peer} says it holds no authentication pool for link {self.link_id}, but this "
+                "end's pool is established (pre-shared, or rounds were authenticated with it) and is never "
+                "discarded: the peer lost its state (a new bootstrap needs the operator) or the message was forged"
+            )
+        log.warning("%s: the peer never completed the bootstrap; discarding the unused pool and bootstrapping "
+                    "again", self.site.name)
+        self.pool = None
+        for path in (self.pool_path, self.pending_dir / f"{BOOTSTRAP_ROUND_ID}.json"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     async def _settle_last_round(self, cchan: TcpChannel, round_id: int) -> None:
         """After the last round, an empty authenticated round commits the last round's key at both ends."""
         if self.pool is None:
@@ -396,11 +428,15 @@ class Node:
         await self.write_status()
 
     async def _release_settled(self, result: RoundOutcome) -> None:
-        """Store the keys of rounds both ends now hold; delete those the peer never accepted."""
+        """Store the keys of rounds both ends now hold; delete those the peer never accepted.
+
+        Called only after a verified Wegman–Carter exchange, which also proves that the peer holds the
+        pool seeded by the bootstrap round: that round's pending key is committed here too.
+        """
         for rid in result.dropped_round_ids:
             with contextlib.suppress(FileNotFoundError):
                 (self.pending_dir / f"{rid}.json").unlink()
-        for rid in result.committed_round_ids:
+        for rid in (BOOTSTRAP_ROUND_ID, *result.committed_round_ids):
             path = self.pending_dir / f"{rid}.json"
             if path.exists():
                 doc = json.loads(path.read_text())
