@@ -21,7 +21,7 @@ def test_demo_delivers_keys_and_the_file_arrives_intact():
     out = proc.stdout
     assert "2 accepted, 0 aborted" in out
     assert "identical at both sites: True" in out
-    assert "SHA-256 matches" in out and "file through the tunnel   intact" in out
+    assert "SHA-256 at B matches" in out and "file through the tunnel   intact" in out
 
 
 def test_demo_with_an_eavesdropper_delivers_no_key():

@@ -7,8 +7,9 @@
    length, key rate, store levels and the authentication pool.
 3. Two key consumers fetch keys over ETSI GS QKD 014 with mutual TLS: SAE_A at A as master
    (``enc_keys``), SAE_B at B as slave (``dec_keys``); the bytes must be identical.
-4. A file is sent from A to B through ``qkdstack tunnel`` (hybrid QKD + ML-KEM-768 + X25519 keys,
-   AES-256-GCM, rekeyed from fresh QKD keys) and its SHA-256 is checked at B.
+4. A file is uploaded from A to a file service at B through ``qkdstack tunnel`` (hybrid QKD +
+   ML-KEM-768 + X25519 keys, AES-256-GCM, rekeyed from fresh QKD keys); its SHA-256 is checked
+   on B's disk.
 5. A summary; the processes are stopped and the folder removed (unless ``--keep``).
 
 With an eavesdropper (``--eve intercept-resend:0.3``) every round aborts, and the demo shows
@@ -212,20 +213,32 @@ async def _fetch_keys(layouts: dict[str, SiteLayout], opts: DemoOptions, result:
         _say(f"      key_ID {k.key_id}")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class _UploadHandler(http.server.BaseHTTPRequestHandler):
+    """Site B's file service: stores a PUT body under its folder and answers with its SHA-256."""
+
+    folder: Path
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        (self.folder / Path(self.path).name).write_bytes(body)
+        digest = hashlib.sha256(body).hexdigest().encode()
+        self.send_response(201)
+        self.send_header("Content-Length", str(len(digest)))
+        self.end_headers()
+        self.wfile.write(digest)
+
     def log_message(self, *args: Any) -> None:
         pass
 
 
 async def _send_file(layouts: dict[str, SiteLayout], opts: DemoOptions, result: DemoResult, workdir: Path) -> None:
-    share = workdir / "site-B-files"
-    share.mkdir()
+    """Upload a file from site A to site B's file service through the tunnel; check it at B."""
+    received = workdir / "site-B-received"
+    received.mkdir()
     payload = secrets.token_bytes(opts.file_bytes)
-    (share / "report.bin").write_bytes(payload)
-    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(share), **kw)  # noqa: E731
+    handler = type("Handler", (_UploadHandler,), {"folder": received})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     sae_a, sae_b = layouts["A"].sae_ids[0], layouts["B"].sae_ids[0]
     try:
         async with _client(layouts["A"], sae_b) as keys_a, _client(layouts["B"], sae_a) as keys_b:
@@ -236,17 +249,20 @@ async def _send_file(layouts: dict[str, SiteLayout], opts: DemoOptions, result: 
                                         rekey_bytes=64 * 1024), keys_a)
             await entry.start()
             try:
-                url = f"http://127.0.0.1:{entry.port}/report.bin"
-                body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=60).read())
+                request = urllib.request.Request(f"http://127.0.0.1:{entry.port}/report.bin", data=payload,
+                                                 method="PUT")
+                answer = await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=60).read())
             finally:
                 await entry.close()
                 await exit_end.close()
-        result.file_ok = hashlib.sha256(body).digest() == hashlib.sha256(payload).digest()
+        expected = hashlib.sha256(payload).hexdigest()
+        on_disk = hashlib.sha256((received / "report.bin").read_bytes()).hexdigest()
+        result.file_ok = answer.decode() == expected == on_disk
         result.tunnel_rekeys = entry.stats.rekeys
         result.tunnel_qkd_bits = entry.stats.qkd_bits_consumed
-        _say(f"  {len(body)} bytes from B to A through the tunnel (hybrid QKD + ML-KEM-768 + X25519, AES-256-GCM): "
-             f"SHA-256 {'matches' if result.file_ok else 'DIFFERS'}; {entry.stats.rekeys} rekeys, "
-             f"{entry.stats.qkd_bits_consumed} bits of QKD key")
+        _say(f"  {len(payload)} bytes from A to B through the tunnel (hybrid QKD + ML-KEM-768 + X25519, "
+             f"AES-256-GCM): SHA-256 at B {'matches' if result.file_ok else 'DIFFERS'}; {entry.stats.rekeys} "
+             f"rekeys, {entry.stats.qkd_bits_consumed} bits of QKD key")
     finally:
         httpd.shutdown()
         httpd.server_close()
