@@ -197,7 +197,8 @@ class Node:
         async def handler(channel: TcpChannel) -> None:
             done = asyncio.Event()
             await queue.put((channel, done))
-            await done.wait()
+            with contextlib.suppress(asyncio.CancelledError):  # shutdown: no "exception in callback" noise
+                await done.wait()
 
         return await serve(host, port, handler, timeout=self.cfg.link.timeout_s)
 
