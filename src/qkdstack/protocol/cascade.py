@@ -61,6 +61,9 @@ __all__ = [
 
 STAGE = "cascade"
 MIN_QBER = 1e-3
+DENSE_BLOCKS = 256
+"""A pass with at least this many top-level blocks gets its prefix array (Alice) or Fenwick tree (Bob) up
+front: it will see many searches. Other passes read their few searched ranges straight from the key."""
 """Floor applied to the QBER estimate: an estimate of 0 would make the first blocks unbounded."""
 
 
@@ -247,26 +250,24 @@ async def alice(
     leak0, sent0 = _snapshot(channel)
     seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else secrets.randbits(63)
     params = _derive_permutations(seed, n, sched.passes)
-    prefixes = np.zeros((sched.passes, n + 1), dtype=np.uint8)  # rows filled on first use
-    built = np.zeros(sched.passes, dtype=bool)
-
-    def prefix(j: int) -> np.ndarray:
-        if not built[j]:
-            K.prefix_parity(bits, params[j], prefixes[j])
-            built[j] = True
-        return prefixes[j]
+    prefixes = np.zeros((sched.passes, n + 1), dtype=np.uint8)  # rows filled when a pass gets busy
+    built = np.zeros(sched.passes, dtype=np.uint8)
+    direct = np.zeros(sched.passes, dtype=np.int64)  # positions read directly so far, per pass
 
     tops = []
     for j, k in enumerate(sizes):
-        starts, ends = _blocks(n, k)
+        count = -(-n // k)
         if j > 0:  # the last block's parity is implied by the key's parity (pass 1)
-            starts, ends = starts[:-1], ends[:-1]
-            if starts.size <= 1:  # late passes (n/2 blocks): one parity, no prefix array unless asked
-                one = [K.perm_range_parity(bits, params[j], 0, k)] if starts.size else []
-                tops.append(np.array(one, dtype=np.uint8))
-                continue
-        pre = prefix(j)
-        tops.append(pre[ends] ^ pre[starts])
+            count -= 1
+        if count >= DENSE_BLOCKS:  # a busy pass: its prefix array serves the top level and the questions
+            pre = K.prefix_parity(bits, params[j], prefixes[j])
+            built[j] = 1
+            starts = np.arange(count, dtype=np.int64) * k
+            tops.append(pre[np.minimum(starts + k, n)] ^ pre[starts])
+            continue
+        out = np.empty(count, dtype=np.uint8)
+        K.block_parities(bits, params[j], k, count, out)
+        tops.append(out)
     top_bits = np.concatenate(tops) if tops else np.zeros(0, np.uint8)
     await channel.send(
         "cascade.start",
@@ -292,10 +293,14 @@ async def alice(
         answered += p.size
         if answered > 2 * n + 1024:  # far beyond any honest run: refuse to keep disclosing
             raise ProtocolAbort(STAGE, "Bob asked for more parities than twice the key length")
-        for j in np.flatnonzero(np.bincount(p[(p >= 0) & (p < sched.passes)], minlength=sched.passes)):
-            prefix(int(j))
+        # A pass is answered from a prefix array once reading its ranges directly has cost
+        # about a quarter of a pass over the key; passes with few questions never build one.
+        direct += K.range_lengths(sched.passes, p, s, e) * (built == 0)
+        for j in np.flatnonzero((direct > n // 4) & (built == 0)):
+            K.prefix_parity(bits, params[j], prefixes[j])
+            built[j] = 1
         out = np.empty(p.size, dtype=np.uint8)
-        if not K.answer_parities(prefixes, p, s, e, out):
+        if not K.answer_parities(prefixes, built, bits, params, p, s, e, out):
             raise ProtocolAbort(STAGE, "parity question outside the key")
         await channel.send("cascade.parities", disclosed=BitArray.from_bits(out))
     leak1, sent1 = _snapshot(channel)
@@ -347,6 +352,7 @@ class _Bob:
         self.mism = np.zeros(int(self.mism_off[-1]), dtype=np.uint8)
         self.trees = np.zeros((len(sizes), self.n + 1), dtype=np.uint8)
         self.built = np.zeros(len(sizes), dtype=np.uint8)
+        self.opened = np.zeros(len(sizes), dtype=np.int64)  # searches opened per pass
         self.rec_leaf = np.full(self.mism.size, -1, dtype=np.int64)
         self.rec_bits = np.zeros(self.mism.size, dtype=np.uint64)
         self.active = 0
@@ -355,35 +361,41 @@ class _Bob:
         self.lookahead = 0
         self._two = np.zeros(0, dtype=bool)
 
-    def _build(self, j: int) -> np.ndarray:
-        """Fenwick tree of pass ``j`` over Bob's current key; returns the prefix parities."""
+    def _build(self, j: int) -> None:
+        """Fenwick tree of pass ``j`` over Bob's current key."""
         pre = K.prefix_parity(self.key, self.params[j])
         K.fenwick_from_prefix(pre, self.trees[j])
         self.built[j] = 1
-        return pre
 
     def activate(self) -> None:
         """Start the next pass: Bob's own top-level parities against Alice's.
 
-        A pass of at most two blocks (the late n/2 passes) needs one shuffled-range parity;
-        its Fenwick tree is only built if one of its blocks is ever searched.
+        The parities are read straight from the shuffled key; a pass's Fenwick tree is only
+        built once enough of its blocks are searched (see ``_open_odd_blocks``). For a pass
+        of two blocks (the late n/2 passes) one shuffled-range parity suffices.
         """
         j = self.active
         k = int(self.sizes[j])
-        starts, ends = _blocks(self.n, k)
         lo, hi = self.mism_off[j], self.mism_off[j + 1]
-        if j > 0 and starts.size <= 2:
+        count = int(hi - lo)
+        mine = np.empty(count, dtype=np.uint8)
+        if j > 0 and count <= 2:
             total = int(np.count_nonzero(self.key)) & 1
             first = int(K.perm_range_parity(self.key, self.params[j], 0, k))
-            mine = np.array([first, first ^ total][: starts.size], dtype=np.uint8)
+            mine[:] = np.array([first, first ^ total][:count], dtype=np.uint8)
+        elif count >= DENSE_BLOCKS:  # a busy pass: build its Fenwick tree now, read the blocks off it
+            pre = K.prefix_parity(self.key, self.params[j])
+            K.fenwick_from_prefix(pre, self.trees[j])
+            self.built[j] = 1
+            starts = np.arange(count, dtype=np.int64) * k
+            mine = pre[np.minimum(starts + k, self.n)] ^ pre[starts]
         else:
-            pre = self._build(j)
-            mine = pre[ends] ^ pre[starts]
+            K.block_parities(self.key, self.params[j], k, count, mine)
         self.mism[lo:hi] = mine ^ self.alice_top[j]
         self.active += 1
 
     def _parity(self, p: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
-        return K.fenwick_range_parity(self.trees, p, s, e)
+        return K.fenwick_range_parity(self.trees, self.built, self.key, self.params, p, s, e)
 
     def _open_odd_blocks(self, candidates: np.ndarray) -> int:
         """Open a search at the root of every odd candidate block that has none."""
@@ -398,9 +410,11 @@ class _Bob:
         p = np.searchsorted(self.mism_off, odd, side="right") - 1
         b = odd - self.mism_off[p]
         k = self.sizes[p]
-        for j in np.unique(p):
-            if not self.built[j]:
-                self._build(int(j))
+        # Build a pass's Fenwick tree once its searches would read about a quarter of the key
+        # directly; until then (e.g. the few searches of a 4096-bit pass) ranges are read directly.
+        self.opened += np.bincount(p, minlength=self.sizes.size)
+        for j in np.flatnonzero((self.opened * self.sizes * 2 > self.n // 4) & (self.built == 0)):
+            self._build(int(j))
         new = _Searches()
         new.p, new.b = p, b
         new.s = b * k

@@ -115,6 +115,36 @@ def perm_inv(x, p):
     return np.int64(y)
 
 
+_CHUNK = 1024  # positions evaluated per vectorised batch
+
+
+@njit(cache=True)
+def _fill_positions(p, start, count, buf):
+    """buf[i] = one round of the keyed map at start + i (no cycle walking), i < count.
+
+    Written so that LLVM vectorises it: with 2^m ≤ 2^32 the arithmetic mod 2^m is done in
+    uint32 lanes (the same values as the uint64 formula, since only the low m bits count).
+    """
+    if p[P_MASK] <= np.uint64(0xFFFFFFFF):
+        mask = np.uint32(p[P_MASK])
+        a1, b1 = np.uint32(p[P_A1] & np.uint64(0xFFFFFFFF)), np.uint32(p[P_B1] & np.uint64(0xFFFFFFFF))
+        a2, b2 = np.uint32(p[P_A2] & np.uint64(0xFFFFFFFF)), np.uint32(p[P_B2] & np.uint64(0xFFFFFFFF))
+        a3, b3 = np.uint32(p[P_A3] & np.uint64(0xFFFFFFFF)), np.uint32(p[P_B3] & np.uint64(0xFFFFFFFF))
+        s1, s2 = np.uint32(p[P_S1]), np.uint32(p[P_S2])
+        st = np.uint32(start)
+        for i in range(count):
+            x = st + np.uint32(i)
+            x = (a1 * x + b1) & mask
+            x ^= x >> s1
+            x = (a2 * x + b2) & mask
+            x ^= x >> s2
+            x = (a3 * x + b3) & mask
+            buf[i] = np.uint64(x)
+    else:
+        for i in range(count):
+            buf[i] = _round_fwd(np.uint64(start + i), p)
+
+
 @njit(cache=True)
 def prefix_parity(key, p, out=None):
     """Prefix XOR of the key read in shuffled order: out[i] = key[π(0)] ⊕ … ⊕ key[π(i-1)]."""
@@ -127,10 +157,18 @@ def prefix_parity(key, p, out=None):
         for i in range(n):
             acc ^= key[i]
             out[i + 1] = acc
-    else:
-        for i in range(n):
-            acc ^= key[perm_fwd(i, p)]
-            out[i + 1] = acc
+        return out
+    nn = p[P_N]
+    buf = np.empty(_CHUNK, np.uint64)
+    for c0 in range(0, n, _CHUNK):
+        cnt = min(_CHUNK, n - c0)
+        _fill_positions(p, c0, cnt, buf)
+        for i in range(cnt):
+            x = buf[i]
+            while x >= nn:  # cycle walking into [0, n): rare (2^m < 2n)
+                x = _round_fwd(x, p)
+            acc ^= key[x]
+            out[c0 + i + 1] = acc
     return out
 
 
@@ -138,24 +176,97 @@ def prefix_parity(key, p, out=None):
 def perm_range_parity(key, p, start, end):
     """Parity of positions [start, end) of the key read in shuffled order (no prefix array)."""
     acc = np.uint8(0)
+    if p[P_MODE] == 0:
+        for i in range(start, end):
+            acc ^= key[i]
+        return acc
+    nn = p[P_N]
+    buf = np.empty(_CHUNK, np.uint64)
+    for c0 in range(start, end, _CHUNK):
+        cnt = min(_CHUNK, end - c0)
+        _fill_positions(p, c0, cnt, buf)
+        for i in range(cnt):
+            x = buf[i]
+            while x >= nn:
+                x = _round_fwd(x, p)
+            acc ^= key[x]
+    return acc
+
+
+@njit(cache=True)
+def block_parities(key, p, k, count, out):
+    """out[t] = parity of shuffled positions [t k, min((t+1) k, n)) for t < count, without a prefix array."""
+    n = key.size
+    end = min(count * k, n)
+    for t in range(count):
+        out[t] = 0
+    nn = p[P_N]
+    ident = p[P_MODE] == 0
+    buf = np.empty(_CHUNK, np.uint64)
+    blk = 0
+    left = k  # positions still to read in block ``blk``
+    acc = np.uint8(0)
+    for c0 in range(0, end, _CHUNK):
+        cnt = min(_CHUNK, end - c0)
+        if ident:
+            for i in range(cnt):
+                buf[i] = c0 + i
+        else:
+            _fill_positions(p, c0, cnt, buf)
+        for i in range(cnt):
+            x = buf[i]
+            while x >= nn:
+                x = _round_fwd(x, p)
+            acc ^= key[x]
+            left -= 1
+            if left == 0:
+                out[blk] = acc
+                acc = np.uint8(0)
+                blk += 1
+                left = k
+    if blk < count and left != k:
+        out[blk] = acc
+
+
+@njit(cache=True)
+def direct_parity(key, p, start, end):
+    """Parity of shuffled positions [start, end) read straight from ``key`` (short ranges: scalar loop)."""
+    if end - start >= 256:
+        return perm_range_parity(key, p, start, end)
+    acc = np.uint8(0)
     for i in range(start, end):
         acc ^= key[perm_fwd(i, p)]
     return acc
 
 
 @njit(cache=True)
-def answer_parities(prefixes, p, s, e, out):
-    """Alice's parities of ranges [s, e) of passes p from her prefix arrays (one row per pass).
+def answer_parities(prefixes, built, key, params, p, s, e, out):
+    """Alice's parities of ranges [s, e) of passes p: from her prefix array where ``built``, else read directly.
 
     Returns False, leaving ``out`` incomplete, if any question lies outside the key.
     """
-    npass, n1 = prefixes.shape
+    npass = prefixes.shape[0]
+    n = key.size
     for t in range(p.size):
         j, a, b = p[t], s[t], e[t]
-        if j < 0 or j >= npass or a < 0 or b >= n1 or a >= b:
+        if j < 0 or j >= npass or a < 0 or b > n or a >= b:
             return False
-        out[t] = prefixes[j, b] ^ prefixes[j, a]
+        if built[j]:
+            out[t] = prefixes[j, b] ^ prefixes[j, a]
+        else:
+            out[t] = direct_parity(key, params[j], a, b)
     return True
+
+
+@njit(cache=True)
+def range_lengths(npass, p, s, e):
+    """Total length of the asked ranges per pass (questions with a pass outside [0, npass) are ignored)."""
+    out = np.zeros(npass, np.int64)
+    for t in range(p.size):
+        j = p[t]
+        if 0 <= j < npass and e[t] > s[t]:
+            out[j] += e[t] - s[t]
+    return out
 
 
 @njit(cache=True)
@@ -177,12 +288,16 @@ def _fen_prefix(tree, i):
 
 
 @njit(cache=True)
-def fenwick_range_parity(trees, passes, starts, ends):
-    """Parities of ranges [starts, ends) of each search's pass, from Bob's Fenwick trees."""
+def fenwick_range_parity(trees, built, key, params, passes, starts, ends):
+    """Bob's parities of ranges [starts, ends): from the pass's Fenwick tree if built, else from his key."""
     out = np.empty(starts.size, np.uint8)
     for t in range(starts.size):
-        tree = trees[passes[t]]
-        out[t] = _fen_prefix(tree, ends[t]) ^ _fen_prefix(tree, starts[t])
+        j = passes[t]
+        if built[j]:
+            tree = trees[j]
+            out[t] = _fen_prefix(tree, ends[t]) ^ _fen_prefix(tree, starts[t])
+        else:
+            out[t] = direct_parity(key, params[j], starts[t], ends[t])
     return out
 
 
