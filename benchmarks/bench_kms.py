@@ -5,7 +5,9 @@ child process; the clients run in this process, each on its own keep-alive TLS c
 SAE's client certificate. The clients are a lean HTTP/1.1 load generator (:class:`_LeanConnection`):
 hand-written request bytes, minimal answer parsing, every answer checked for status 200 and a valid
 Key container. httpx cost 2.6 ms of CPU per request against the server's 1.5 ms and so measured
-mostly itself on 2 cores. Every request is ``GET /api/v1/keys/SAE_B/enc_keys``
+mostly itself on 2 cores. Server and clients run on uvloop (libuv event loop and its TLS), which
+the node should use too; ``QKDSTACK_BENCH_KMS_LOOP=asyncio`` measures the standard loop.
+Every request is ``GET /api/v1/keys/SAE_B/enc_keys``
 (one 256-bit key): a reservation at site A, the peer reservation at site B, and the delivery at A,
 each a durable transaction (SQLite synchronous=FULL, group commit). Run:
 ``.venv/bin/python benchmarks/run_all.py kms`` (about 30 s).
@@ -25,6 +27,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 DURATION_S = float(os.environ.get("QKDSTACK_BENCH_KMS_DURATION", "10"))
 PREFILL_KEYS = 120_000  # keys of 256 bits per direction; more than the runs can take
@@ -210,6 +213,15 @@ async def _inprocess(root: Path, duration: float) -> dict:
     return out
 
 
+def _run(coro: Any) -> Any:
+    """Run ``coro`` on uvloop (libuv event loop and TLS) unless QKDSTACK_BENCH_KMS_LOOP=asyncio."""
+    if os.environ.get("QKDSTACK_BENCH_KMS_LOOP", "uvloop") == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -231,13 +243,13 @@ def run() -> dict:
             out: dict = {"duration_s": DURATION_S, "key_size_bit": 256, "store": f"sqlite synchronous={sync}"}
             for n in (1, 64):
                 s0, c0 = _cpu_s(server.pid), time.process_time()
-                res = asyncio.run(_clients(url, root, n, DURATION_S))
+                res = _run(_clients(url, root, n, DURATION_S))
                 done = max(1, res["requests"] + res["errors"] + n)  # + n status calls of the warm-up
                 # CPU per request, warm-up handshakes included: what the machine's cores must supply.
                 res["server_cpu_ms_per_request"] = round((_cpu_s(server.pid) - s0) * 1e3 / done, 3)
                 res["client_cpu_ms_per_request"] = round((time.process_time() - c0) * 1e3 / done, 3)
                 out[f"clients_{n}"] = res
-            out["kme_in_process_64"] = asyncio.run(_inprocess(root, min(DURATION_S, 3.0)))
+            out["kme_in_process_64"] = _run(_inprocess(root, min(DURATION_S, 3.0)))
             return out
         finally:
             server.stdin.close()
@@ -249,6 +261,6 @@ def run() -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
-        asyncio.run(_serve(Path(sys.argv[2])))
+        _run(_serve(Path(sys.argv[2])))
     else:
         print(json.dumps(run(), indent=2))

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -302,6 +304,70 @@ def create_app(kme: KME) -> FastAPI:
 
 
 # --------------------------------------------------------------------------------------------
+# Hot path: GET enc_keys without the framework.
+
+_ENC_KEYS_PATH = re.compile(r"/api/v1/keys/([^/]+)/enc_keys")
+_QUERY_INT = re.compile(rb"-?[0-9]{1,40}")
+
+
+def _json_body(body: dict[str, Any]) -> bytes:
+    """The JSON text Starlette's JSONResponse would send (compact, UTF-8)."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _enc_keys_query(query: bytes) -> dict[str, int] | None:
+    """``number`` / ``size`` of a GET enc_keys query string; None when the framework must parse it."""
+    out: dict[str, int] = {}
+    if not query:
+        return out
+    for item in query.split(b"&"):
+        name, eq, value = item.partition(b"=")
+        if not eq or name not in (b"number", b"size") or name.decode() in out or not _QUERY_INT.fullmatch(value):
+            return None  # anything unusual (repeats, other fields, encodings, non-integers): FastAPI decides
+        out[name.decode()] = int(value)
+    return out
+
+
+class EncKeysFastPath:
+    """ASGI wrapper that serves ``GET .../{slave_SAE_ID}/enc_keys`` itself and hands all else to FastAPI.
+
+    Why: FastAPI's routing, dependency resolution and middleware stack cost about a quarter of the
+    server's CPU per key request (py-spy, benchmarks/bench_kms.py), more than the KME itself. The
+    fast path handles only requests whose query is empty or plain decimal ``number`` / ``size``
+    values; it calls the same :meth:`KME.enc_keys` with the same SAE identity (the client
+    certificate's CN, 401 without it) and answers with the same status codes and bodies as the
+    FastAPI route. Any other request (POST, odd query strings, other paths) goes to the framework.
+    """
+
+    def __init__(self, kme: KME, app: Any) -> None:
+        self.kme = kme
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            return await self.app(scope, receive, send)
+        m = _ENC_KEYS_PATH.fullmatch(scope["path"])
+        query = _enc_keys_query(scope["query_string"]) if m else None
+        if query is None:
+            return await self.app(scope, receive, send)
+        status = 200
+        try:
+            sae_id = (scope.get("extensions") or {}).get("qkdstack_sae_id")
+            if not sae_id:
+                raise KMEError(401, "a client certificate with the SAE ID as common name is required")
+            body = await self.kme.enc_keys(sae_id, m.group(1), query.get("number"), query.get("size"))
+        except KMEError as exc:
+            status, body = exc.status, exc.body()
+        except Exception as exc:  # the same answer as the framework's catch-all handler
+            log.error("ETSI 014 request failed: %s", type(exc).__name__)
+            status, body = 503, {"message": "internal error of the KME"}
+        data = _json_body(body)
+        headers = [(b"content-length", str(len(data)).encode("ascii")), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def server_ssl_context(tls: TLSFiles) -> ssl.SSLContext:
@@ -344,7 +410,7 @@ async def serve_etsi014(
     """
     ctx = server_ssl_context(tls)
     config = uvicorn.Config(
-        create_app(kme),
+        EncKeysFastPath(kme, create_app(kme)),
         host=host,
         port=port,
         http=http_protocol_class(),
@@ -354,6 +420,7 @@ async def serve_etsi014(
         log_level=log_level,
         access_log=False,
         lifespan="off",
+        proxy_headers=False,  # the SAE is identified by its certificate, never by forwarded headers
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
     )
