@@ -1,18 +1,20 @@
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdstack.errors import ChannelError
 from qkdstack.transport.varint import decode_increasing, decode_uvarints, encode_increasing, encode_uvarints
 
 
+@settings(deadline=None)  # the first call compiles the Numba kernels
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=200))
 def test_uvarint_roundtrip(values):
     arr = np.array(values, dtype=np.uint64)
     assert np.array_equal(decode_uvarints(encode_uvarints(arr), arr.size), arr)
 
 
+@settings(deadline=None)
 @given(st.sets(st.integers(0, 10**12), max_size=200))
 def test_increasing_roundtrip(values):
     arr = np.array(sorted(values), dtype=np.uint64)

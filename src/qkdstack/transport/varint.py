@@ -1,69 +1,209 @@
-"""Vectorised LEB128 varints for compact index lists.
+"""LEB128 varints for compact index lists, encoded and decoded by compiled single-pass kernels.
 
 Detection indices are strictly increasing and, at long distances, about 10^4 apart:
-sending their differences as varints costs 2–3 bytes per detection instead of 8, and
-encoding/decoding stays in NumPy (no Python loop per value).
+sending their differences as varints costs 1–3 bytes per detection instead of 8. Each
+direction is one Numba pass over the data (gaps, lengths, bytes and every validity check
+fused), because the vectorised NumPy form needed a dozen full-size temporaries and was
+the largest cost of sifting (0.5 s for 3.8e6 detections; now about 0.02 s).
+
+Decoding validates everything that arrives from the peer: exactly ``count`` values, no
+trailing bytes, no varint longer than 64 bits, no zero gap (a repeated index) and no
+index past 2^64 - 1; any violation raises :class:`~qkdstack.errors.ChannelError`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from qkdstack.errors import ChannelError
 
-_MAX_BYTES = 10  # ceil(64 / 7)
+_HIGH = np.uint64(0x80)
+_LOW7 = np.uint64(0x7F)
+_SEVEN = np.uint64(7)
+_ZERO = np.uint64(0)
+
+# Status codes of the decoding kernel (0 = success).
+_BAD_COUNT = 1
+_TOO_LONG = 2
+_REPEAT = 3
+_OVERFLOW = 4
+_MESSAGES = {
+    _TOO_LONG: "varint longer than 64 bits",
+    _REPEAT: "index list is not strictly increasing",
+    _OVERFLOW: "index list runs past 2^64 - 1",
+}
+
+
+@njit(cache=True, inline="always")
+def _varint_size(v: np.uint64) -> int:
+    """Bytes in the varint of ``v``, without branches (a data-dependent loop mispredicts)."""
+    return (
+        1
+        + (v >= np.uint64(1 << 7))
+        + (v >= np.uint64(1 << 14))
+        + (v >= np.uint64(1 << 21))
+        + (v >= np.uint64(1 << 28))
+        + (v >= np.uint64(1 << 35))
+        + (v >= np.uint64(1 << 42))
+        + (v >= np.uint64(1 << 49))
+        + (v >= np.uint64(1 << 56))
+        + (v >= np.uint64(1 << 63))
+    )
+
+
+@njit(cache=True)
+def _encode(values: np.ndarray, gaps: bool) -> tuple[np.ndarray, int]:
+    """Varints of ``values`` (or, with ``gaps``, of their successive differences).
+
+    Returns (bytes, -1), or (empty, i) when ``gaps`` and ``values[i] <= values[i - 1]``.
+    """
+    n = values.size
+    total = 0
+    bad = -1
+    prev = _ZERO
+    for i in range(n):
+        v = values[i]
+        if gaps:
+            if v <= prev and i > 0 and bad < 0:
+                bad = i
+            total += _varint_size(v - prev)
+            prev = v
+        else:
+            total += _varint_size(v)
+    if bad >= 0:
+        return np.empty(0, np.uint8), bad
+    out = np.empty(total, np.uint8)
+    pos = 0
+    prev = _ZERO
+    for i in range(n):
+        v = values[i]
+        if gaps:
+            v, prev = v - prev, v
+        while v >= _HIGH:
+            out[pos] = np.uint8((v & _LOW7) | _HIGH)
+            v >>= _SEVEN
+            pos += 1
+        out[pos] = np.uint8(v)
+        pos += 1
+    return out, -1
+
+
+@njit(cache=True, inline="always")
+def _read_slow(data: np.ndarray, pos: int) -> tuple[np.uint64, int, int]:
+    """One varint read byte by byte: (value, new position, status)."""
+    value = _ZERO
+    shift = 0
+    while True:
+        if pos == data.size:
+            return value, pos, _BAD_COUNT
+        byte = data[pos]
+        pos += 1
+        if shift == 63 and byte > 1:  # the 10th byte may carry only bit 63
+            return value, pos, _TOO_LONG
+        value |= np.uint64(byte & 0x7F) << np.uint64(shift)
+        if byte < 0x80:
+            return value, pos, 0
+        shift += 7
+        if shift > 63:
+            return value, pos, _TOO_LONG
+
+
+@njit(cache=True)
+def _decode(data: np.ndarray, count: int, gaps: bool) -> tuple[np.ndarray, int]:
+    """Decode exactly ``count`` varints (with ``gaps``: and prefix-sum them). Returns (values, status).
+
+    Varints of up to four bytes (every gap below 2^28) are read branch-free from a four-byte
+    window; longer ones, and the last few bytes of the buffer, byte by byte.
+    """
+    out = np.empty(count, np.uint64)
+    pos = 0
+    end = data.size
+    total = _ZERO
+    for i in range(count):
+        status = 0
+        if pos + 4 <= end:
+            b0 = np.uint64(data[pos])
+            b1 = np.uint64(data[pos + 1])
+            b2 = np.uint64(data[pos + 2])
+            b3 = np.uint64(data[pos + 3])
+            c0 = b0 >> _SEVEN  # continuation flags, cumulated: c_k = 1 iff bytes 0..k all continue
+            c1 = c0 & (b1 >> _SEVEN)
+            c2 = c1 & (b2 >> _SEVEN)
+            if c2 & (b3 >> _SEVEN):
+                value, pos, status = _read_slow(data, pos)
+            else:
+                value = (
+                    (b0 & _LOW7)
+                    | (((b1 & _LOW7) << _SEVEN) * c0)
+                    | (((b2 & _LOW7) << np.uint64(14)) * c1)
+                    | (((b3 & _LOW7) << np.uint64(21)) * c2)
+                )
+                pos += 1 + int(c0 + c1 + c2)
+        else:
+            value, pos, status = _read_slow(data, pos)
+        if status:
+            return out, status
+        if gaps:
+            if value == _ZERO and i > 0:
+                return out, _REPEAT
+            nxt = total + value
+            if nxt < total:
+                return out, _OVERFLOW
+            total = nxt
+            out[i] = total
+        else:
+            out[i] = value
+    if pos != end:
+        return out, _BAD_COUNT
+    return out, 0
+
+
+def _as_bytes_array(data: bytes | bytearray | memoryview) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _check_count(count: int) -> int:
+    count = int(count)
+    if count < 0:
+        raise ChannelError("negative varint count")
+    return count
+
+
+def _decoded(data: bytes | bytearray | memoryview, count: int, gaps: bool) -> np.ndarray:
+    count = _check_count(count)
+    b = _as_bytes_array(data)
+    if count > b.size:  # every varint takes at least one byte; refuse before allocating
+        raise ChannelError(f"varint list does not hold exactly {count} values")
+    values, status = _decode(b, count, gaps)
+    if status == _BAD_COUNT:
+        raise ChannelError(f"varint list does not hold exactly {count} values")
+    if status:
+        raise ChannelError(_MESSAGES[status])
+    return values
 
 
 def encode_uvarints(values: np.ndarray) -> bytes:
     """Encode non-negative integers (< 2^64) as concatenated LEB128 varints."""
-    v = np.asarray(values, dtype=np.uint64)
-    if v.size == 0:
-        return b""
-    nbytes = np.ones(v.size, dtype=np.int64)
-    for j in range(1, _MAX_BYTES):
-        nbytes += v >= np.uint64(1 << (7 * j)) if 7 * j < 64 else 0
-    starts = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
-    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
-    for j in range(int(nbytes.max())):
-        sel = nbytes > j
-        group = (v[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)
-        cont = np.where(nbytes[sel] > j + 1, 0x80, 0).astype(np.uint64)
-        out[starts[sel] + j] = (group | cont).astype(np.uint8)
+    v = np.ascontiguousarray(values, dtype=np.uint64)
+    out, _ = _encode(v.reshape(-1), False)
     return out.tobytes()
 
 
-def decode_uvarints(data: bytes, count: int) -> np.ndarray:
+def decode_uvarints(data: bytes | bytearray | memoryview, count: int) -> np.ndarray:
     """Decode exactly ``count`` LEB128 varints; raises ChannelError if the data do not fit."""
-    b = np.frombuffer(data, dtype=np.uint8)
-    if count == 0:
-        if b.size:
-            raise ChannelError("varint list has trailing bytes")
-        return np.zeros(0, dtype=np.uint64)
-    ends = np.flatnonzero((b & 0x80) == 0)
-    if ends.size != count or ends[-1] != b.size - 1:
-        raise ChannelError(f"varint list does not hold exactly {count} values")
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
-    if lengths.max() > _MAX_BYTES:
-        raise ChannelError("varint longer than 64 bits")
-    group_of = np.repeat(np.arange(count), lengths)
-    pos = np.arange(b.size) - starts[group_of]
-    contrib = (b & 0x7F).astype(np.uint64) << (7 * pos).astype(np.uint64)
-    return np.bitwise_or.reduceat(contrib, starts)
+    return _decoded(data, count, False)
 
 
 def encode_increasing(indices: np.ndarray) -> bytes:
     """Encode a strictly increasing index array as varint gaps (first value, then differences)."""
-    idx = np.asarray(indices, dtype=np.uint64)
-    if idx.size and np.any(idx[1:] <= idx[:-1]):
+    idx = np.ascontiguousarray(indices, dtype=np.uint64)
+    out, bad = _encode(idx.reshape(-1), True)
+    if bad >= 0:
         raise ValueError("indices must be strictly increasing")
-    gaps = np.diff(idx, prepend=np.uint64(0)) if idx.size else idx
-    return encode_uvarints(gaps)
+    return out.tobytes()
 
 
-def decode_increasing(data: bytes, count: int) -> np.ndarray:
+def decode_increasing(data: bytes | bytearray | memoryview, count: int) -> np.ndarray:
     """Inverse of :func:`encode_increasing`; rejects gaps that would repeat an index."""
-    gaps = decode_uvarints(data, count)
-    if count > 1 and np.any(gaps[1:] == 0):
-        raise ChannelError("index list is not strictly increasing")
-    return np.cumsum(gaps, dtype=np.uint64)
+    return _decoded(data, count, True)
