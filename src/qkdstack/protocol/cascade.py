@@ -353,6 +353,8 @@ class _Bob:
         self.trees = np.zeros((len(sizes), self.n + 1), dtype=np.uint8)
         self.built = np.zeros(len(sizes), dtype=np.uint8)
         self.opened = np.zeros(len(sizes), dtype=np.int64)  # searches opened per pass
+        self.alice_flat = np.concatenate(top).astype(np.uint8)
+        self.busy = np.zeros(self.mism.size, dtype=np.uint8)  # 1 while a search is open on the block
         self.rec_leaf = np.full(self.mism.size, -1, dtype=np.int64)
         self.rec_bits = np.zeros(self.mism.size, dtype=np.uint64)
         self.active = 0
@@ -399,14 +401,9 @@ class _Bob:
 
     def _open_odd_blocks(self, candidates: np.ndarray) -> int:
         """Open a search at the root of every odd candidate block that has none."""
-        odd = np.unique(candidates[self.mism[candidates] == 1])
+        odd = K.select_odd(candidates, self.mism, self.busy)
         if odd.size == 0:
             return 0
-        if len(self.searches):
-            busy = self.mism_off[self.searches.p] + self.searches.b
-            odd = odd[~np.isin(odd, busy)]
-            if odd.size == 0:
-                return 0
         p = np.searchsorted(self.mism_off, odd, side="right") - 1
         b = odd - self.mism_off[p]
         k = self.sizes[p]
@@ -420,12 +417,8 @@ class _Bob:
         new.s = b * k
         new.e = np.minimum(new.s + k, self.n)
         new.d = np.zeros(odd.size, dtype=np.int64)
-        top_alice = np.empty(odd.size, dtype=np.uint8)
-        for j in np.unique(p):
-            sel = p == j
-            top_alice[sel] = self.alice_top[int(j)][b[sel]]
-        new.a = top_alice
-        new.bits = top_alice.astype(np.uint64)
+        new.a = self.alice_flat[odd]
+        new.bits = new.a.astype(np.uint64)
         new.leaf = self.rec_leaf[odd]
         new.rbits = self.rec_bits[odd]
         new.on = new.leaf >= 0
@@ -435,26 +428,8 @@ class _Bob:
     def _free_descent(self) -> None:
         """Walk searches down the recorded path of their block while its parities are known."""
         S = self.searches
-        while True:
-            idx = np.flatnonzero(S.on & (S.e - S.s > 1))
-            if idx.size == 0:
-                break
-            s, e, leaf = S.s[idx], S.e[idx], S.leaf[idx]
-            mid = s + (e - s) // 2
-            left = leaf < mid
-            cs = np.where(left, s, mid)
-            ce = np.where(left, mid, e)
-            d1 = S.d[idx] + 1
-            pa = ((S.rbits[idx] >> d1.astype(np.uint64)) & np.uint64(1)).astype(np.uint8)
-            pb = self._parity(S.p[idx], cs, ce)
-            follow = (pa ^ pb) == 1
-            # follow the recorded path, or step to the sibling (parity known by difference)
-            ns = np.where(follow, cs, np.where(left, mid, s))
-            ne = np.where(follow, ce, np.where(left, e, mid))
-            na = np.where(follow, pa, S.a[idx] ^ pa)
-            S.s[idx], S.e[idx], S.a[idx], S.d[idx] = ns, ne, na, d1
-            S.bits[idx] |= na.astype(np.uint64) << d1.astype(np.uint64)
-            S.on[idx] = follow
+        K.free_descent(self.trees, self.built, self.key, self.params, S.p, S.s, S.e, S.a, S.d, S.bits, S.leaf,
+                       S.rbits, S.on)
 
     def resolve(self) -> None:
         """Local work until every open search needs a parity from Alice (or none is open).
@@ -468,7 +443,9 @@ class _Bob:
             if len(S):
                 odd = (self._parity(S.p, S.s, S.e) ^ S.a) == 1
                 if not odd.all():
-                    cand.append(self.mism_off[S.p[~odd]] + S.b[~odd])
+                    dropped = self.mism_off[S.p[~odd]] + S.b[~odd]
+                    self.busy[dropped] = 0
+                    cand.append(dropped)
                     S.keep(odd)
                 self._free_descent()
                 done = (S.e - S.s) == 1
@@ -477,6 +454,7 @@ class _Bob:
             if done.any():
                 flat = self.mism_off[S.p[done]] + S.b[done]
                 self.rec_leaf[flat] = S.s[done]
+                self.busy[flat] = 0
                 self.rec_bits[flat] = S.bits[done]
                 xs = np.unique(K.originals(self.params, S.p[done], S.s[done]))
                 S.keep(~done)
@@ -530,30 +508,11 @@ class _Bob:
             np.concatenate([mid, q1, q3]),
         )
 
-    def _step(self, idx: np.ndarray, alice_left: np.ndarray) -> None:
-        """Descend searches ``idx`` one level given Alice's parity of their left half."""
-        S = self.searches
-        s, e = S.s[idx], S.e[idx]
-        mid = s + (e - s) // 2
-        mine = self._parity(S.p[idx], s, mid)
-        left = (alice_left ^ mine) == 1
-        S.a[idx] = np.where(left, alice_left, S.a[idx] ^ alice_left)
-        S.s[idx] = np.where(left, s, mid)
-        S.e[idx] = np.where(left, mid, e)
-        S.d[idx] += 1
-        S.bits[idx] |= S.a[idx].astype(np.uint64) << S.d[idx].astype(np.uint64)
-
     def answer(self, parities: np.ndarray) -> None:
         S = self.searches
-        m = len(S)
+        K.apply_answers(self.trees, self.built, self.key, self.params, S.p, S.s, S.e, S.a, S.d, S.bits, self._two,
+                        parities)
         S.on[:] = False
-        t = np.flatnonzero(self._two)
-        went_left = S.s[t] + (S.e[t] - S.s[t]) // 2  # mid before the step
-        self._step(np.arange(m), parities[:m])
-        if t.size:
-            went_left = S.e[t] == went_left
-            quarter = np.where(went_left, parities[m : m + t.size], parities[m + t.size :])
-            self._step(t, quarter)
 
 
 async def bob(

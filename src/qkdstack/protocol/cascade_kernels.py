@@ -335,3 +335,95 @@ def apply_corrections(xs, key, trees, built, params, active, block_size, mism, m
             mism[blk] ^= 1
             touched[t * active + j] = blk
     return touched
+
+
+@njit(cache=True)
+def select_odd(cand, mism, busy):
+    """Flat indices of the candidate blocks that are odd and have no open search; marks them busy."""
+    out = np.empty(cand.size, np.int64)
+    m = 0
+    for t in range(cand.size):
+        f = cand[t]
+        if mism[f] == 1 and busy[f] == 0:
+            busy[f] = 1
+            out[m] = f
+            m += 1
+    return np.sort(out[:m])
+
+
+@njit(cache=True)
+def free_descent(trees, built, key, params, p, s, e, a, d, bits, leaf, rbits, on):
+    """Walk each search down the recorded path of its block while that path's parities are known.
+
+    Row by row (searches are independent while no bit flips): at each level the child on the
+    recorded path has Alice's parity from ``rbits``; if Bob's parity of it differs, the search
+    follows the path, otherwise it steps to the sibling (parity by difference) and leaves it.
+    """
+    for t in range(p.size):
+        j = p[t]
+        while on[t] and e[t] - s[t] > 1:
+            mid = s[t] + (e[t] - s[t]) // 2
+            left = leaf[t] < mid
+            cs = s[t] if left else mid
+            ce = mid if left else e[t]
+            d1 = d[t] + 1
+            pa = np.uint8((rbits[t] >> np.uint64(d1)) & np.uint64(1))
+            if built[j]:
+                tree = trees[j]
+                pb = _fen_prefix(tree, ce) ^ _fen_prefix(tree, cs)
+            else:
+                pb = direct_parity(key, params[j], cs, ce)
+            follow = (pa ^ pb) == 1
+            if follow:
+                s[t], e[t], a[t] = cs, ce, pa
+            else:
+                if left:
+                    s[t] = mid
+                else:
+                    e[t] = mid
+                a[t] = a[t] ^ pa
+            d[t] = d1
+            bits[t] |= np.uint64(a[t]) << np.uint64(d1)
+            on[t] = follow
+
+
+@njit(cache=True)
+def _descend(trees, built, key, params, t, p, s, e, a, d, bits, alice_left):
+    j = p[t]
+    mid = s[t] + (e[t] - s[t]) // 2
+    if built[j]:
+        tree = trees[j]
+        mine = _fen_prefix(tree, mid) ^ _fen_prefix(tree, s[t])
+    else:
+        mine = direct_parity(key, params[j], s[t], mid)
+    if (alice_left ^ mine) == 1:
+        e[t] = mid
+        a[t] = alice_left
+    else:
+        s[t] = mid
+        a[t] = a[t] ^ alice_left
+    d[t] += 1
+    bits[t] |= np.uint64(a[t]) << np.uint64(d[t])
+
+
+@njit(cache=True)
+def apply_answers(trees, built, key, params, p, s, e, a, d, bits, two, answers):
+    """Descend every search one level with Alice's parity of its left half (``answers[:m]``).
+
+    Searches flagged in ``two`` had also asked the left quarter of both halves (answers
+    after the first m, in the order of ``two``'s set rows: all left quarters, then all
+    right-half quarters); they descend a second level with the quarter on their side.
+    """
+    m = p.size
+    nt = 0
+    for t in range(m):
+        if two[t]:
+            nt += 1
+    k = 0
+    for t in range(m):
+        mid = s[t] + (e[t] - s[t]) // 2
+        _descend(trees, built, key, params, t, p, s, e, a, d, bits, answers[t])
+        if two[t]:
+            quarter = answers[m + k] if e[t] == mid else answers[m + nt + k]
+            _descend(trees, built, key, params, t, p, s, e, a, d, bits, quarter)
+            k += 1
