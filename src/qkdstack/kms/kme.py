@@ -221,7 +221,8 @@ class KME:
     async def _peer_request(self, message: dict[str, Any]) -> dict[str, Any]:
         if self.peer is None:
             raise ChannelError("no peer link attached")
-        answer = await asyncio.wait_for(self.peer.request(message), self.config.peer_timeout_s)
+        async with asyncio.timeout(self.config.peer_timeout_s):  # cheaper than wait_for: no extra task
+            answer = await self.peer.request(message)
         if not isinstance(answer, dict):
             raise ChannelError("malformed answer from the peer KME")
         return answer

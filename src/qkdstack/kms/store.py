@@ -165,6 +165,8 @@ class _Backend:
     placeholder = "?"
     blob = "BLOB"
     bigint = "INTEGER"
+    count_delta: dict[tuple[str, int, int], int]
+    """Counter changes of the open transaction not yet written (see :func:`_bump`)."""
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         raise NotImplementedError
@@ -264,8 +266,23 @@ class _PostgresBackend(_Backend):
 
 
 def _bump(db: _Backend, link_id: str, changes: dict[tuple[int, int], int]) -> None:
-    """Add ``changes[(pool, state)]`` to the chunk counters of ``link_id``."""
-    rows = [(link_id, pool, state, n) for (pool, state), n in changes.items() if n]
+    """Add ``changes[(pool, state)]`` to the chunk counters of ``link_id``.
+
+    The changes are summed in memory (``db.count_delta``) and written once per transaction by
+    :func:`_write_counts` (before the COMMIT, and before any operation that reads the counters):
+    one upsert per batch instead of one per operation.
+    """
+    delta = db.count_delta
+    for (pool, state), n in changes.items():
+        if n:
+            key = (link_id, pool, state)
+            delta[key] = delta.get(key, 0) + n
+
+
+def _write_counts(db: _Backend) -> None:
+    """Write the counter changes summed by :func:`_bump` (same transaction)."""
+    rows = [(link_id, pool, state, n) for (link_id, pool, state), n in db.count_delta.items() if n]
+    db.count_delta = {}
     if rows:
         db.executemany(
             "INSERT INTO qkd_counts (link_id, pool, state, n) VALUES (?, ?, ?, ?)"
@@ -563,6 +580,12 @@ def _op_chunk_states(db: _Backend, link_id: str) -> dict[str, tuple[int, str | N
     }
 
 
+_CHECK_FIRST = frozenset({_op_reserve, _op_accept, _op_deliver_master, _op_deliver_slave})
+"""Operations that raise their refusals before their first write (no SAVEPOINT needed)."""
+_READS_COUNTS = frozenset({_op_add_block, _op_counts})
+"""Operations that read ``qkd_counts``: the summed counter changes are written before them."""
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -626,6 +649,7 @@ class KeyStore:
         try:
             db = factory()
             db.begin()
+            db.count_delta = {}
             for stmt in db.schema():
                 db.execute(stmt)
             db.execute("COMMIT")
@@ -666,16 +690,36 @@ class KeyStore:
 
     @staticmethod
     def _exec_batch(db: _Backend, batch: list) -> list[tuple[bool, Any]]:
-        """BEGIN and run each operation in its own SAVEPOINT; the caller commits."""
+        """BEGIN and run each operation; the caller commits.
+
+        An operation that fails rolls back alone: operations in ``_CHECK_FIRST`` raise their
+        refusals (:class:`KeyStoreError`) before they write anything, so they need no SAVEPOINT
+        (two statements fewer per operation on the hot path); any other failure of theirs fails
+        the whole transaction (the caller rolls back and every operation of the batch gets an
+        error). The others run inside their own SAVEPOINT.
+        """
         results: list[tuple[bool, Any]] = []
         db.begin()
+        db.count_delta = {}
         for fn, args, _loop, _fut in batch:
+            if fn in _READS_COUNTS:
+                _write_counts(db)
+            if fn in _CHECK_FIRST:
+                try:
+                    res = fn(db, *args)
+                except KeyStoreError as exc:
+                    results.append((False, exc))
+                else:
+                    results.append((True, res))
+                continue
             db.execute("SAVEPOINT op")
+            saved = dict(db.count_delta)
             try:
                 res = fn(db, *args)
             except Exception as exc:
                 db.execute("ROLLBACK TO SAVEPOINT op")
                 db.execute("RELEASE SAVEPOINT op")
+                db.count_delta = saved
                 if not isinstance(exc, KeyStoreError):
                     log.error("key store operation %s failed: %s", fn.__name__, type(exc).__name__)
                     exc = KeyStoreError(f"key store operation failed: {type(exc).__name__}")
@@ -683,6 +727,7 @@ class KeyStore:
             else:
                 db.execute("RELEASE SAVEPOINT op")
                 results.append((True, res))
+        _write_counts(db)
         return results
 
     @staticmethod
@@ -766,8 +811,9 @@ class KeyStore:
             self._schedule_flush()
         else:
             self._queue.put((fn, args, loop, fut))
-        # Shield: once queued, the operation runs and commits even if the caller is cancelled.
-        return await asyncio.shield(fut)
+        # Once queued, the operation runs and commits even if the caller is cancelled (a cancelled
+        # future only drops the result: _settle skips it), so no asyncio.shield is needed.
+        return await fut
 
     # -- public API ------------------------------------------------------------------------
 
