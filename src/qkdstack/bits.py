@@ -53,18 +53,38 @@ class BitArray:
         if n % 8 and buf.size:
             mask = np.uint8((0xFF << (8 - n % 8)) & 0xFF)
             if buf[-1] & ~mask:
-                buf = buf.copy()
+                buf = buf.copy()  # our own copy now: no second one below
                 buf[-1] &= mask
-        buf = buf.copy() if buf.flags.writeable else buf
+            elif buf.flags.writeable:
+                buf = buf.copy()
+        elif buf.flags.writeable:
+            buf = buf.copy()  # the caller could still write through its reference
         buf.flags.writeable = False
         self._data = buf
         self._n = int(n)
 
     @classmethod
+    def adopt(cls, buf: np.ndarray, n: int) -> BitArray:
+        """Take ownership of a freshly made uint8 buffer without copying it.
+
+        The caller must hold no other reference through which it could still write: the
+        buffer is frozen (made read-only) and becomes the BitArray's storage. Used where a
+        packed buffer was just produced (``np.packbits``, a decoded frame), where the
+        defensive copy of :meth:`__init__` would only copy it a second time.
+        """
+        if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 1:
+            raise TypeError("BitArray.adopt takes a one-dimensional uint8 array")
+        buf.flags.writeable = False
+        return cls(buf, n)
+
+    @classmethod
     def from_bits(cls, bits: np.ndarray | Iterable[int]) -> BitArray:
-        """Build from an unpacked 0/1 array."""
-        arr = np.asarray(bits if isinstance(bits, np.ndarray) else list(bits), dtype=np.uint8)
-        return cls(np.packbits(arr), arr.size)
+        """Build from an unpacked 0/1 array (bool or uint8 arrays are packed as they are)."""
+        if isinstance(bits, np.ndarray) and bits.dtype in (np.bool_, np.uint8):
+            arr = bits  # np.packbits reads bool and uint8 directly: no 0/1 conversion pass
+        else:
+            arr = np.asarray(bits if isinstance(bits, np.ndarray) else list(bits), dtype=np.uint8)
+        return cls.adopt(np.packbits(arr), arr.size)
 
     @classmethod
     def from_bytes(cls, data: bytes, n: int | None = None) -> BitArray:
@@ -73,7 +93,7 @@ class BitArray:
 
     @classmethod
     def zeros(cls, n: int) -> BitArray:
-        return cls(np.zeros((n + 7) // 8, dtype=np.uint8), n)
+        return cls.adopt(np.zeros((n + 7) // 8, dtype=np.uint8), n)
 
     @property
     def packed(self) -> np.ndarray:
@@ -99,7 +119,7 @@ class BitArray:
     def __xor__(self, other: BitArray) -> BitArray:
         if len(other) != self._n:
             raise ValueError("XOR of bit arrays of different lengths")
-        return BitArray(np.bitwise_xor(self._data, other._data), self._n)
+        return BitArray.adopt(np.bitwise_xor(self._data, other._data), self._n)
 
     def __getitem__(self, index: slice) -> BitArray:
         if not isinstance(index, slice):

@@ -23,6 +23,11 @@ _ALLOWED_DTYPES = {"u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f4", "f8", "
 _MAX_DEPTH = 16
 
 
+def _byte_view(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without a copy (``bytearray += ndarray`` would broadcast instead)."""
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
 def encode_value(value: Any, out: bytearray, depth: int = 0) -> None:
     """Append the encoding of one value to ``out``."""
     if depth > _MAX_DEPTH:
@@ -41,11 +46,14 @@ def encode_value(value: Any, out: bytearray, depth: int = 0) -> None:
         raw = value.encode()
         out += b"s" + struct.pack("<I", len(raw)) + raw
     elif isinstance(value, bytes | bytearray | memoryview):
-        raw = bytes(value)
-        out += b"b" + struct.pack("<Q", len(raw)) + raw
+        raw = value if isinstance(value, bytes | bytearray) else bytes(value)
+        out += b"b"
+        out += struct.pack("<Q", len(raw))
+        out += raw  # appended straight from the caller's buffer: one copy, into the frame
     elif isinstance(value, BitArray):
-        raw = value.packed.tobytes()
-        out += b"B" + struct.pack("<Q", len(value)) + raw
+        out += b"B"
+        out += struct.pack("<Q", len(value))
+        out += _byte_view(value.packed)
     elif isinstance(value, np.ndarray):
         arr = np.ascontiguousarray(value)
         code = arr.dtype.kind + str(arr.dtype.itemsize)
@@ -54,7 +62,7 @@ def encode_value(value: Any, out: bytearray, depth: int = 0) -> None:
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
         out += b"a" + code.encode() + struct.pack("<B", arr.ndim)
         out += struct.pack(f"<{arr.ndim}Q", *arr.shape)
-        out += arr.tobytes()
+        out += _byte_view(arr)
     elif isinstance(value, list | tuple):
         out += b"l" + struct.pack("<I", len(value))
         for item in value:
@@ -115,7 +123,7 @@ def decode_value(reader: _Reader, depth: int = 0) -> Any:
     if tag == b"B":
         (n,) = reader.unpack("<Q")
         raw = reader.take((n + 7) // 8)
-        return BitArray(np.frombuffer(raw, dtype=np.uint8).copy(), n)
+        return BitArray.adopt(np.frombuffer(raw, dtype=np.uint8).copy(), n)
     if tag == b"a":
         code = bytes(reader.take(2)).decode(errors="replace")
         if code not in _ALLOWED_DTYPES:
