@@ -97,7 +97,7 @@ async def test_answers_are_alice_parities_of_the_asked_ranges():
     msgs = [(d, *decode_message(f)) for d, f in log]
     start = msgs[0]
     assert start[1] == "cascade.start"
-    params = cascade._derive_permutations(int(start[2]["seed"]), a.size, 14)
+    params = cascade._derive_permutations(int(start[2]["seed"]), a.size, 14, block_sizes("optimized", 0.05, a.size))
     prefix = [K.prefix_parity(a, params[j]) for j in range(14)]
     checked = 0
     for (_d1, k1, f1, _), (_d2, k2, _f2, disc) in itertools.pairwise(msgs):
@@ -227,3 +227,50 @@ async def test_alice_refuses_to_disclose_more_than_the_key():
     await cb.send("cascade.ask", p=np.zeros(idx.size, np.uint8), s=idx, e=idx + 1)
     with pytest.raises(ProtocolAbort, match="more parities"):
         await task
+
+
+async def test_two_block_passes_search_through_mask_shuffles():
+    """Passes of two blocks read the key through mask shuffles; their searches must find the errors.
+
+    A schedule of twelve two-block passes (every pass after the first is a mask shuffle) has
+    to correct a few scattered errors, and every answer must be Alice's parity of the range.
+    """
+    from qkdstack.transport.codec import decode_message
+
+    sched = CascadeSchedule("halves", 12, lambda q: 10**9)
+    rng = np.random.default_rng(21)
+    for n in (256, 1000, 4099):
+        a = rng.integers(0, 2, n, dtype=np.uint8)
+        b = a.copy()
+        b[rng.choice(n, 4, replace=False)] ^= 1
+        log: list[tuple[str, bytes]] = []
+        _ra, rb, _, _ = await _run(a, b, 0.01, sched, seed=n, log=log)
+        assert np.array_equal(rb.key, a)
+        msgs = [(d, *decode_message(f)) for d, f in log]
+        params = cascade._derive_permutations(int(msgs[0][2]["seed"]), n, 12, sched.block_sizes(0.01, n))
+        assert (params[1:, K.P_MODE] == 2).all()
+        prefix = [K.prefix_parity(a, params[j]) for j in range(12)]
+        asked_mask = 0
+        for (_d1, k1, f1, _), (_d2, k2, _f2, disc) in itertools.pairwise(msgs):
+            if k1 == "cascade.ask" and k2 == "cascade.parities":
+                p, s, e = f1["p"].astype(int), f1["s"], f1["e"]
+                expect = np.array([prefix[j][y] ^ prefix[j][x] for j, x, y in zip(p, s, e, strict=True)], np.uint8)
+                assert np.array_equal(disc.to_bits(), expect)
+                asked_mask += int(np.count_nonzero(p > 0))
+        assert asked_mask > 0
+
+
+def test_mask_shuffles_are_bijections_with_popcount_parities():
+    rng = np.random.default_rng(5)
+    for n in (1, 63, 64, 65, 1000, 4097):
+        p = K.make_mask_params(np.random.default_rng(n), n)
+        pos = np.arange(n, dtype=np.int64)
+        orig = K.originals(p[None, :], np.zeros(n, dtype=np.int64), pos)
+        assert np.array_equal(np.sort(orig), pos)
+        assert all(K.perm_inv(int(x), p) == i for i, x in enumerate(orig[:200]))
+        key = rng.integers(0, 2, n, dtype=np.uint8)
+        ref = np.concatenate([[0], np.cumsum(key[orig]) % 2]).astype(np.uint8)
+        assert np.array_equal(K.prefix_parity(key, p), ref)
+        packed = K.pack_key(key)
+        for y in {0, 1, n // 2, -(-n // 2), int(p[K.P_B1]), n}:
+            assert K.mask_prefix_parity(packed, p, y) == ref[y]

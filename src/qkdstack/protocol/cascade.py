@@ -216,13 +216,26 @@ def _blocks(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-def _derive_permutations(seed: int, n: int, passes: int) -> np.ndarray:
-    """Permutation parameters of every pass (pass 1: identity) from the public seed."""
+MASK_MIN_N = 256
+"""Keys of at least this length read their two-block passes through mask shuffles (see
+:func:`cascade_kernels.make_mask_params`); shorter keys keep the keyed permutations."""
+
+
+def _derive_permutations(seed: int, n: int, passes: int, sizes: list[int] | None = None) -> np.ndarray:
+    """Permutation parameters of every pass (pass 1: identity) from the public seed.
+
+    With ``sizes`` (the block sizes of the run), passes of two blocks (size ⌈n/2⌉) get mask
+    shuffles, whose top-level parity is a popcount over the packed key.
+    """
     rng = np.random.default_rng(seed)
     params = np.empty((passes, K.NPARAM), dtype=np.uint64)
     params[0] = K.identity_params(n)
+    cap = max(1, -(-n // 2))
     for j in range(1, passes):
-        params[j] = K.make_permutation_params(rng, n)
+        if sizes is not None and n >= MASK_MIN_N and sizes[j] == cap:
+            params[j] = K.make_mask_params(rng, n)
+        else:
+            params[j] = K.make_permutation_params(rng, n)
     return params
 
 
@@ -249,16 +262,21 @@ async def alice(
     sizes = sched.block_sizes(qber_estimate, n)
     leak0, sent0 = _snapshot(channel)
     seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else secrets.randbits(63)
-    params = _derive_permutations(seed, n, sched.passes)
+    params = _derive_permutations(seed, n, sched.passes, sizes)
     prefixes = np.zeros((sched.passes, n + 1), dtype=np.uint8)  # rows filled when a pass gets busy
     built = np.zeros(sched.passes, dtype=np.uint8)
     direct = np.zeros(sched.passes, dtype=np.int64)  # positions read directly so far, per pass
 
+    is_mask = params[:, K.P_MODE] == 2
+    packed = K.pack_key(bits) if is_mask.any() else None
     tops = []
     for j, k in enumerate(sizes):
         count = -(-n // k)
         if j > 0:  # the last block's parity is implied by the key's parity (pass 1)
             count -= 1
+        if is_mask[j]:  # two blocks: one parity, a popcount over the packed key
+            tops.append(np.array([K.mask_prefix_parity(packed, params[j], k)] * count, dtype=np.uint8))
+            continue
         if count >= DENSE_BLOCKS:  # a busy pass: its prefix array serves the top level and the questions
             pre = K.prefix_parity(bits, params[j], prefixes[j])
             built[j] = 1
@@ -296,7 +314,7 @@ async def alice(
         # A pass is answered from a prefix array once reading its ranges directly has cost
         # about a quarter of a pass over the key; passes with few questions never build one.
         direct += K.range_lengths(sched.passes, p, s, e) * (built == 0)
-        for j in np.flatnonzero((direct > n // 4) & (built == 0)):
+        for j in np.flatnonzero(((direct > n // 4) | ((direct > 0) & is_mask)) & (built == 0)):
             K.prefix_parity(bits, params[j], prefixes[j])
             built[j] = 1
         out = np.empty(p.size, dtype=np.uint8)
@@ -383,7 +401,10 @@ class _Bob:
         mine = np.empty(count, dtype=np.uint8)
         if j > 0 and count <= 2:
             total = int(np.count_nonzero(self.key)) & 1
-            first = int(K.perm_range_parity(self.key, self.params[j], 0, k))
+            if self.params[j, K.P_MODE] == 2:
+                first = int(K.mask_prefix_parity(K.pack_key(self.key), self.params[j], k))
+            else:
+                first = int(K.perm_range_parity(self.key, self.params[j], 0, k))
             mine[:] = np.array([first, first ^ total][:count], dtype=np.uint8)
         elif count >= DENSE_BLOCKS:  # a busy pass: build its Fenwick tree now, read the blocks off it
             pre = K.prefix_parity(self.key, self.params[j])
@@ -534,7 +555,7 @@ async def bob(
     if theirs != sizes:
         raise ProtocolAbort(STAGE, f"block schedule mismatch: Alice uses {theirs}, Bob {sizes}")
     seed = int(start["seed"])
-    params = _derive_permutations(seed, n, sched.passes)
+    params = _derive_permutations(seed, n, sched.passes, sizes)
     disclosed = start.disclosed
     nblocks = [-(-n // k) for k in sizes]
     expected = nblocks[0] + sum(nb - 1 for nb in nblocks[1:])

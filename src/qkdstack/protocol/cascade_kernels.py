@@ -61,6 +61,158 @@ def identity_params(n: int) -> np.ndarray:
     return p
 
 
+def make_mask_params(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Draw one "mask" shuffle of [0, n) from ``rng``, used for the passes of two blocks.
+
+    A keyed pseudo-random mask (SplitMix64 of the word index, one bit per key index) splits
+    the key into members and non-members, each bit independently with probability ½. The
+    pass reads the members in index order, then the non-members. Its first block (the first
+    ⌈n/2⌉ positions: the members, topped up or cut at the end in index order) has a parity
+    that is a popcount over the packed key, 64 bits per operation, instead of a pass over
+    shuffled positions; the split of any set of residual errors between the two blocks is
+    as random as with a uniformly random permutation.
+    """
+    p = np.zeros(NPARAM, dtype=np.uint64)
+    p[P_MODE] = 2
+    p[P_N] = n
+    p[P_A1] = rng.integers(0, 2**63, dtype=np.uint64) * np.uint64(2) + np.uint64(rng.integers(0, 2))
+    p[P_B1] = mask_count(p)
+    return p
+
+
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+@njit(cache=True, inline="always")
+def _popcount(x):
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return (x * _H01) >> np.uint64(56)
+
+
+@njit(cache=True, inline="always")
+def _valid_bits(n, w):
+    """Bits of packed word ``w`` that hold key indices < n."""
+    if (np.uint64(w) + np.uint64(1)) * np.uint64(64) <= n:
+        return ~np.uint64(0)
+    r = n - np.uint64(w) * np.uint64(64)
+    return (np.uint64(1) << r) - np.uint64(1)
+
+
+@njit(cache=True, inline="always")
+def _mask_word(p, w, member):
+    """Member bits (or, with ``member`` False, non-member bits) of key indices 64 w … 64 w + 63."""
+    z = p[P_A1] + np.uint64(w) * _GOLD  # SplitMix64 of the word counter
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    if not member:
+        z = ~z
+    return z & _valid_bits(p[P_N], w)
+
+
+@njit(cache=True)
+def mask_count(p):
+    """Number of members of a mask shuffle."""
+    c = np.uint64(0)
+    for w in range((p[P_N] + np.uint64(63)) >> np.uint64(6)):
+        c += _popcount(_mask_word(p, w, True))
+    return c
+
+
+@njit(cache=True, inline="always")
+def _first_bits(m, r):
+    """The lowest ``r`` set bits of ``m``."""
+    keep = np.uint64(0)
+    for _ in range(r):
+        low = m & (~m + np.uint64(1))
+        keep |= low
+        m ^= low
+    return keep
+
+
+@njit(cache=True)
+def _mask_select_parity(packed, p, y, member):
+    """Parity of the packed key over the first ``y`` members (or non-members) in index order."""
+    acc = np.uint64(0)
+    cnt = np.uint64(0)
+    y = np.uint64(y)
+    if y == 0:
+        return np.uint8(0)
+    for w in range(packed.size):
+        m = _mask_word(p, w, member)
+        c = _popcount(m)
+        if cnt + c < y:
+            acc ^= _popcount(packed[w] & m)
+            cnt += c
+        else:
+            acc ^= _popcount(packed[w] & _first_bits(m, np.int64(y - cnt)))
+            break
+    return np.uint8(acc & np.uint64(1))
+
+
+@njit(cache=True)
+def mask_prefix_parity(packed, p, y):
+    """Parity of positions [0, y) of a mask shuffle, from the packed key (64 bits per step)."""
+    c1 = np.int64(p[P_B1])
+    if y <= c1:
+        return _mask_select_parity(packed, p, y, True)
+    return _mask_select_parity(packed, p, c1, True) ^ _mask_select_parity(packed, p, y - c1, False)
+
+
+@njit(cache=True)
+def _mask_fwd(i, p):
+    """Key index at position ``i`` of a mask shuffle (select)."""
+    c1 = np.int64(p[P_B1])
+    member = i < c1
+    r = np.uint64(i if member else i - c1)
+    cnt = np.uint64(0)
+    nw = (p[P_N] + np.uint64(63)) >> np.uint64(6)
+    for w in range(nw):
+        m = _mask_word(p, w, member)
+        c = _popcount(m)
+        if cnt + c > r:
+            m2 = m
+            for _ in range(r - cnt):
+                m2 &= m2 - np.uint64(1)
+            low = m2 & (~m2 + np.uint64(1))
+            b = 0
+            while (low >> np.uint64(b)) != np.uint64(1):
+                b += 1
+            return np.int64(w) * 64 + b
+        cnt += c
+    return np.int64(-1)
+
+
+@njit(cache=True)
+def _mask_inv(x, p):
+    """Position of key index ``x`` in a mask shuffle (rank)."""
+    w = x >> 6
+    bit = np.uint64(x & 63)
+    member = ((_mask_word(p, w, True) >> bit) & np.uint64(1)) == np.uint64(1)
+    cnt = np.uint64(0)
+    for v in range(w):
+        cnt += _popcount(_mask_word(p, v, member))
+    cnt += _popcount(_mask_word(p, w, member) & ((np.uint64(1) << bit) - np.uint64(1)))
+    return np.int64(cnt) if member else np.int64(p[P_B1]) + np.int64(cnt)
+
+
+def pack_key(key: np.ndarray) -> np.ndarray:
+    """The key as little-endian uint64 words: bit i of word w is key[64 w + i]."""
+    raw = np.packbits(key, bitorder="little")
+    pad = (-raw.size) % 8
+    if pad:
+        raw = np.concatenate([raw, np.zeros(pad, np.uint8)])
+    return raw.view("<u8").astype(np.uint64, copy=False)
+
+
 @njit(cache=True, inline="always")
 def _round_fwd(x, p):
     mask = p[P_MASK]
@@ -96,6 +248,8 @@ def perm_fwd(i, p):
     """Original key index read at position ``i`` of the pass's shuffled order."""
     if p[P_MODE] == 0:
         return np.int64(i)
+    if p[P_MODE] == 2:
+        return _mask_fwd(i, p)
     n = p[P_N]
     x = _round_fwd(np.uint64(i), p)
     while x >= n:
@@ -108,6 +262,8 @@ def perm_inv(x, p):
     """Position of original index ``x`` in the pass's shuffled order."""
     if p[P_MODE] == 0:
         return np.int64(x)
+    if p[P_MODE] == 2:
+        return _mask_inv(x, p)
     n = p[P_N]
     y = _round_inv(np.uint64(x), p)
     while y >= n:
@@ -158,6 +314,22 @@ def prefix_parity(key, p, out=None):
             acc ^= key[i]
             out[i + 1] = acc
         return out
+    if p[P_MODE] == 2:  # members in index order, then the others
+        c1 = np.int64(p[P_B1])
+        k1, k0 = 1, c1 + 1
+        for w in range((n + 63) >> 6):
+            m = _mask_word(p, w, True)
+            for i in range(min(64, n - 64 * w)):
+                if (m >> np.uint64(i)) & np.uint64(1):
+                    out[k1] = key[64 * w + i]
+                    k1 += 1
+                else:
+                    out[k0] = key[64 * w + i]
+                    k0 += 1
+        for i in range(1, n + 1):
+            acc ^= out[i]
+            out[i] = acc
+        return out
     nn = p[P_N]
     buf = np.empty(_CHUNK, np.uint64)
     for c0 in range(0, n, _CHUNK):
@@ -176,6 +348,9 @@ def prefix_parity(key, p, out=None):
 def perm_range_parity(key, p, start, end):
     """Parity of positions [start, end) of the key read in shuffled order (no prefix array)."""
     acc = np.uint8(0)
+    if p[P_MODE] == 2:
+        pre = prefix_parity(key, p)
+        return pre[end] ^ pre[start]
     if p[P_MODE] == 0:
         for i in range(start, end):
             acc ^= key[i]
@@ -197,6 +372,11 @@ def perm_range_parity(key, p, start, end):
 def block_parities(key, p, k, count, out):
     """out[t] = parity of shuffled positions [t k, min((t+1) k, n)) for t < count, without a prefix array."""
     n = key.size
+    if p[P_MODE] == 2:
+        pre = prefix_parity(key, p)
+        for t in range(count):
+            out[t] = pre[min((t + 1) * k, n)] ^ pre[t * k]
+        return
     end = min(count * k, n)
     for t in range(count):
         out[t] = 0
@@ -231,7 +411,7 @@ def block_parities(key, p, k, count, out):
 @njit(cache=True)
 def direct_parity(key, p, start, end):
     """Parity of shuffled positions [start, end) read straight from ``key`` (short ranges: scalar loop)."""
-    if end - start >= 256:
+    if end - start >= 256 or p[P_MODE] == 2:
         return perm_range_parity(key, p, start, end)
     acc = np.uint8(0)
     for i in range(start, end):
