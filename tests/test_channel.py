@@ -60,3 +60,27 @@ def test_truncated_frame_is_rejected():
     for cut in (3, 10, len(frame) - 1):
         with pytest.raises(ChannelError):
             decode_message(frame[:cut])
+
+
+def test_codec_roundtrips_buffers_arrays_and_bit_arrays():
+    raw = bytes(range(256)) * 3
+    fields = {
+        "b": raw,
+        "ba": bytearray(raw[:10]),
+        "mv": memoryview(raw)[5:9],
+        "mv2": memoryview(np.arange(4, dtype=np.uint32)),
+        "m": np.arange(12, dtype=np.int16).reshape(3, 4),
+        "t": np.arange(12, dtype=np.float64).reshape(3, 4).T,  # not contiguous
+        "e": np.zeros((0, 3), dtype=np.uint8),
+        "flags": np.array([True, False, True]),
+        "bits": BitArray.from_bits(np.arange(13) % 3 == 0),
+        "empty_bits": BitArray.zeros(0),
+    }
+    kind, out, disclosed = decode_message(encode_message("x.y", fields, BitArray.from_bits([1, 1, 0])))
+    assert kind == "x.y" and disclosed == BitArray.from_bits([1, 1, 0])
+    assert out["b"] == raw and out["ba"] == raw[:10] and out["mv"] == raw[5:9]
+    assert out["mv2"] == np.arange(4, dtype=np.uint32).tobytes()
+    for name in ("m", "t", "e", "flags"):
+        assert out[name].dtype == fields[name].dtype and np.array_equal(out[name], fields[name])
+        assert out[name].flags.writeable
+    assert out["bits"] == fields["bits"] and len(out["empty_bits"]) == 0
