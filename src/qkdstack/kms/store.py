@@ -167,6 +167,11 @@ class _Backend:
     bigint = "INTEGER"
     count_delta: dict[tuple[str, int, int], int]
     """Counter changes of the open transaction not yet written (see :func:`_bump`)."""
+    can_relax = False
+    """True if :meth:`set_relaxed` can commit without fsync (SQLite with synchronous FULL or EXTRA)."""
+
+    def set_relaxed(self, relaxed: bool) -> None:
+        """Commit the next transactions without (True) or with (False) the configured durability."""
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         raise NotImplementedError
@@ -218,6 +223,9 @@ class _SQLiteBackend(_Backend):
         self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute(f"PRAGMA synchronous={synchronous}")
+        self.synchronous = synchronous
+        self.can_relax = synchronous in ("FULL", "EXTRA")
+        self._relaxed = False
         self.conn.execute("PRAGMA secure_delete=ON")  # freed pages (erased keys) are overwritten with zeros
         self.conn.execute("PRAGMA busy_timeout=10000")
 
@@ -229,6 +237,14 @@ class _SQLiteBackend(_Backend):
 
     def begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
+
+    def set_relaxed(self, relaxed: bool) -> None:
+        # synchronous=NORMAL in WAL mode: COMMIT appends to the WAL without fsync. The transaction
+        # survives a process crash (kill -9); power loss can drop it, but only together with every
+        # later transaction: the WAL is replayed in order and any later FULL commit fsyncs it too.
+        if relaxed != self._relaxed and self.can_relax:
+            self.conn.execute(f"PRAGMA synchronous={'NORMAL' if relaxed else self.synchronous}")
+            self._relaxed = relaxed
 
     def close(self) -> None:
         self.conn.close()
@@ -582,6 +598,16 @@ def _op_chunk_states(db: _Backend, link_id: str) -> dict[str, tuple[int, str | N
 
 _CHECK_FIRST = frozenset({_op_reserve, _op_accept, _op_deliver_master, _op_deliver_slave})
 """Operations that raise their refusals before their first write (no SAVEPOINT needed)."""
+_RELAXED = frozenset({_op_reserve})
+"""Operations committed without fsync (SQLite inline mode with synchronous FULL/EXTRA).
+
+Only the master site's local reservation (key state *pending*). It survives kill -9 like every
+commit. Power loss can drop it only if no later transaction reached the disk either (WAL order),
+so a lost reservation never had its key delivered here: every delivery commits with fsync. The
+chunks then look available again while the peer may hold them reserved; the next attempt to use
+them gets ``taken`` from the peer and erases them (kms/kme.py). Durability before a key leaves the
+store is unchanged: deliveries, peer reservations and erasures keep the configured synchronous.
+"""
 _READS_COUNTS = frozenset({_op_add_block, _op_counts})
 """Operations that read ``qkd_counts``: the summed counter changes are written before them."""
 
@@ -770,8 +796,18 @@ class KeyStore:
         if self._committing or not self._pending:
             return
         batch, self._pending = self._pending, []
+        relaxed = False
+        if self._db.can_relax:
+            # Local reservations commit first, in a transaction of their own without fsync (see
+            # _RELAXED); the others follow in the next transaction, with the configured durability.
+            fast = [op for op in batch if op[0] in _RELAXED]
+            if fast:
+                if len(fast) < len(batch):
+                    self._pending = [op for op in batch if op[0] not in _RELAXED]
+                batch, relaxed = fast, True
         self._lock.acquire()
         try:
+            self._db.set_relaxed(relaxed)
             results = self._exec_batch(self._db, batch)
         except Exception as exc:
             results = self._failed(self._db, batch, exc)
