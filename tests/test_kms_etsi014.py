@@ -276,3 +276,34 @@ async def test_tls_1_2_busy_port_and_bad_config(sites, pki):
         KMEConfig("KME_A", "KME_A")
     with pytest.raises(ConfigError, match="multiple of 8"):
         KMEConfig("KME_A", "KME_B", key_size=100)
+
+
+def test_fast_path_takes_only_plain_integer_queries():
+    from qkdstack.kms.etsi014 import _enc_keys_query
+
+    assert _enc_keys_query(b"") == {}
+    assert _enc_keys_query(b"number=2&size=512") == {"number": 2, "size": 512}
+    assert _enc_keys_query(b"number=-1") == {"number": -1}  # the KME refuses it with 400
+    for q in (b"number=2&number=3", b"size=abc", b"size=", b"size", b"size=%31", b"other=1", b"number=1" + b"0" * 60):
+        assert _enc_keys_query(q) is None  # FastAPI parses and validates these
+
+
+async def test_fast_path_and_framework_answer_alike(sites, pki):
+    """GET enc_keys (fast path) and POST enc_keys (FastAPI) give the same codes and bodies."""
+    base = "/api/v1/keys/SAE_B/enc_keys"
+    async with client(pki, "SAE_A", sites.srv_a, "A") as c, client(pki, "SAE_X", sites.srv_a, "A") as x:
+        for params, body in (({"size": 100}, {"size": 100}), ({"number": 0}, {"number": 0}), ({}, {})):
+            fast, slow = await c.get(base, params=params), await c.post(base, json=body)
+            assert fast.status_code == slow.status_code
+            assert fast.headers["content-type"] == slow.headers["content-type"] == "application/json"
+            if fast.status_code != 200:
+                assert fast.json() == slow.json()
+            else:
+                assert len(fast.json()["keys"]) == len(slow.json()["keys"]) == 1
+        fast, slow = await x.get(base), await x.post(base, json={})
+        assert fast.status_code == slow.status_code == 401 and fast.json() == slow.json()
+        r = await c.get("/api/v1/keys/NOBODY/enc_keys", params={"number": 1})
+        assert r.status_code == 400 and r.json()["details"] == [{"slave_SAE_ID": "NOBODY"}]
+        r = await c.get(base, params={"size": "abc"})  # not for the fast path: FastAPI's validation, as 400
+        assert r.status_code == 400 and r.json()["details"][0]["location"] == "query.size"
+    await sites.agree()

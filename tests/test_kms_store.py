@@ -226,3 +226,42 @@ async def test_close_from_the_loop_while_a_commit_is_in_flight(tmp_path):
             await s.counts(LINK)
     finally:
         s2.close()
+
+
+async def test_sqlite_only_local_reservations_commit_without_fsync(tmp_path):
+    """Reservations commit with synchronous=NORMAL; accept, delivery and erasure keep FULL (fsync first)."""
+    a, b = open_store(tmp_path / "a.db"), open_store(tmp_path / "b.db")
+    try:
+        block = secrets.token_bytes(32 * 16)
+        for s in (a, b):
+            await s.add_block(LINK, "blk", block)
+        commits: list[tuple[str, str]] = []  # (synchronous in force at the COMMIT, the transaction's SQL)
+
+        def trace(store) -> None:
+            state = {"sync": "FULL", "txn": []}
+
+            def cb(sql: str) -> None:
+                if sql.startswith("PRAGMA synchronous="):
+                    state["sync"] = sql.removeprefix("PRAGMA synchronous=")
+                state["txn"].append(sql)
+                if sql == "COMMIT":
+                    commits.append((state["sync"], " ".join(state["txn"])))
+                    state["txn"] = []
+
+            store._db.conn.set_trace_callback(cb)
+
+        trace(a)
+        trace(b)
+        res = await a.reserve(LINK, 0, 2, 256, "SAE_A", ["SAE_B"])
+        await b.accept(LINK, 0, res, "SAE_A", ["SAE_B"])
+        await a.deliver_master([r.key_id for r in res])
+        await b.deliver_slave([r.key_id for r in res], "SAE_B", master="SAE_A")
+        await a.discard(LINK, [chunk_id(LINK, "blk", 4)])
+        relaxed = [t for sync, t in commits if sync == "NORMAL"]
+        durable = [t for sync, t in commits if sync == "FULL"]
+        assert len(relaxed) == 1 and "UPDATE qkd_chunks SET state = 1" in relaxed[0]  # the reservation only
+        assert len(durable) == 4 and sum("material = NULL" in t for t in durable) == 3  # both deliveries, discard
+        assert "material = NULL" not in relaxed[0]
+    finally:
+        a.close()
+        b.close()
