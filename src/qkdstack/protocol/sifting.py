@@ -128,7 +128,9 @@ def _settings(record: AliceRecord, indices: np.ndarray) -> tuple[np.ndarray, np.
 async def alice(channel: Channel, record: AliceRecord) -> SiftedKey:
     """Alice's side: answer Bob's announcement with her bases, then the intensity classes."""
     msg = await channel.recv(expect="sifting.detections")
-    count = int(msg["count"])
+    count = msg["count"]
+    if type(count) is not int:
+        raise ProtocolAbort(STAGE, "Bob's detection count is not an integer")
     if count < 0 or count > record.n_pulses:
         raise ProtocolAbort(STAGE, f"Bob announced {count} detections in a frame of {record.n_pulses} pulses")
     indices = msg["indices"]
@@ -141,6 +143,8 @@ async def alice(channel: Channel, record: AliceRecord) -> SiftedKey:
     if not isinstance(bob_basis, BitArray) or len(bob_basis) != count:
         raise ProtocolAbort(STAGE, "Bob's basis announcement does not match his detection count")
     intensity, basis, bit = _settings(record, indices)
+    if not intensity.size == basis.size == bit.size == count:  # the kernels index by count: never trust sizes
+        raise ValueError("Alice's record answered a look-up with columns of the wrong length")
     await channel.send("sifting.bases", bases=BitArray.from_bits(basis))
     key_bits, key_cls, test_bits, test_cls, matched = _split(bit, basis, bob_basis.packed, intensity, False)
     await channel.send("sifting.intensities", low=BitArray.from_bits(matched & 1), high=BitArray.from_bits(matched > 1))
@@ -150,7 +154,9 @@ async def alice(channel: Channel, record: AliceRecord) -> SiftedKey:
 async def bob(channel: Channel, record: DetectionRecord) -> SiftedKey:
     """Bob's side: announce detections and bases, learn the matches and intensity classes."""
     count = len(record)
-    basis = _column(record.basis)
+    basis, bit = _column(record.basis), _column(record.bit)
+    if not basis.size == bit.size == count:
+        raise ValueError("Bob's detection record has columns of different lengths")
     await channel.send(
         "sifting.detections",
         count=count,
@@ -169,5 +175,5 @@ async def bob(channel: Channel, record: DetectionRecord) -> SiftedKey:
         raise ProtocolAbort(STAGE, "Alice's intensity classes do not match the sifted count")
     classes = np.empty(len(low) + 1, np.uint8)  # a spare entry for _split's unconditional read
     np.bitwise_or(low.to_bits(), high.to_bits() << 1, out=classes[:-1])
-    key_bits, key_cls, test_bits, test_cls, _ = _split(_column(record.bit), basis, alice_basis.packed, classes, True)
+    key_bits, key_cls, test_bits, test_cls, _ = _split(bit, basis, alice_basis.packed, classes, True)
     return SiftedKey(key_bits, key_cls, test_bits, test_cls, count)
