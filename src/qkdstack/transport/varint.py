@@ -18,6 +18,7 @@ from numba import njit
 
 from qkdstack.errors import ChannelError
 
+_MAX_BYTES = 10  # ceil(64 / 7)
 _HIGH = np.uint64(0x80)
 _LOW7 = np.uint64(0x7F)
 _SEVEN = np.uint64(7)
@@ -53,40 +54,54 @@ def _varint_size(v: np.uint64) -> int:
 
 
 @njit(cache=True)
-def _encode(values: np.ndarray, gaps: bool) -> tuple[np.ndarray, int]:
-    """Varints of ``values`` (or, with ``gaps``, of their successive differences).
-
-    Returns (bytes, -1), or (empty, i) when ``gaps`` and ``values[i] <= values[i - 1]``.
-    """
-    n = values.size
+def _encoded_size(values: np.ndarray, gaps: bool) -> int:
+    """Bytes the varints of ``values`` (or of their gaps) take."""
     total = 0
-    bad = -1
     prev = _ZERO
-    for i in range(n):
+    for i in range(values.size):
         v = values[i]
-        if gaps:
-            if v <= prev and i > 0 and bad < 0:
-                bad = i
-            total += _varint_size(v - prev)
-            prev = v
-        else:
-            total += _varint_size(v)
-    if bad >= 0:
-        return np.empty(0, np.uint8), bad
-    out = np.empty(total, np.uint8)
+        total += _varint_size(v - prev if gaps else v)
+        prev = v
+    return total
+
+
+@njit(cache=True)
+def _encode(values: np.ndarray, gaps: bool, capacity: int) -> tuple[np.ndarray, int]:
+    """Varints of ``values`` (or, with ``gaps``, of their successive differences), in one pass.
+
+    Writes into a buffer of ``capacity`` bytes and returns (the bytes written, -1); or
+    (empty, i) when ``gaps`` and ``values[i] <= values[i - 1]``; or (empty, -2) when the
+    capacity would not do (the caller then sizes the buffer exactly).
+    """
+    out = np.empty(capacity, np.uint8)
     pos = 0
     prev = _ZERO
-    for i in range(n):
+    for i in range(values.size):
         v = values[i]
         if gaps:
+            if v <= prev and i > 0:
+                return out[:0], i
             v, prev = v - prev, v
+        if pos + _MAX_BYTES > capacity:
+            return out[:0], -2
         while v >= _HIGH:
             out[pos] = np.uint8((v & _LOW7) | _HIGH)
             v >>= _SEVEN
             pos += 1
         out[pos] = np.uint8(v)
         pos += 1
-    return out, -1
+    return out[:pos], -1
+
+
+def _encoded(values: np.ndarray, gaps: bool) -> bytes:
+    v = np.ascontiguousarray(values, dtype=np.uint64).reshape(-1)
+    # Three bytes cover every gap below 2^21 (detections at any practical distance): one pass.
+    out, status = _encode(v, gaps, 3 * v.size + _MAX_BYTES)
+    if status == -2:
+        out, status = _encode(v, gaps, _encoded_size(v, gaps) + _MAX_BYTES)
+    if status >= 0:
+        raise ValueError("indices must be strictly increasing")
+    return out.tobytes()
 
 
 @njit(cache=True, inline="always")
@@ -185,9 +200,7 @@ def _decoded(data: bytes | bytearray | memoryview, count: int, gaps: bool) -> np
 
 def encode_uvarints(values: np.ndarray) -> bytes:
     """Encode non-negative integers (< 2^64) as concatenated LEB128 varints."""
-    v = np.ascontiguousarray(values, dtype=np.uint64)
-    out, _ = _encode(v.reshape(-1), False)
-    return out.tobytes()
+    return _encoded(values, False)
 
 
 def decode_uvarints(data: bytes | bytearray | memoryview, count: int) -> np.ndarray:
@@ -197,11 +210,7 @@ def decode_uvarints(data: bytes | bytearray | memoryview, count: int) -> np.ndar
 
 def encode_increasing(indices: np.ndarray) -> bytes:
     """Encode a strictly increasing index array as varint gaps (first value, then differences)."""
-    idx = np.ascontiguousarray(indices, dtype=np.uint64)
-    out, bad = _encode(idx.reshape(-1), True)
-    if bad >= 0:
-        raise ValueError("indices must be strictly increasing")
-    return out.tobytes()
+    return _encoded(indices, True)
 
 
 def decode_increasing(data: bytes | bytearray | memoryview, count: int) -> np.ndarray:
