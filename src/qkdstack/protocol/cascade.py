@@ -334,30 +334,6 @@ async def alice(
     )
 
 
-class _Searches:
-    """The open binary searches, one row each (struct of arrays)."""
-
-    __slots__ = ("a", "b", "bits", "d", "e", "leaf", "on", "p", "rbits", "s")
-
-    def __init__(self) -> None:
-        z = np.zeros(0, dtype=np.int64)
-        self.p, self.b, self.s, self.e, self.d, self.leaf = z, z, z, z, z, z
-        self.a = np.zeros(0, dtype=np.uint8)
-        self.bits, self.rbits = np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)
-        self.on = np.zeros(0, dtype=bool)
-
-    def __len__(self) -> int:
-        return self.p.size
-
-    def keep(self, mask: np.ndarray) -> None:
-        for name in self.__slots__:
-            setattr(self, name, getattr(self, name)[mask])
-
-    def extend(self, other: _Searches) -> None:
-        for name in self.__slots__:
-            setattr(self, name, np.concatenate([getattr(self, name), getattr(other, name)]))
-
-
 class _Bob:
     """Bob's state: working key, per-pass Fenwick trees, top-level mismatches, searches."""
 
@@ -378,7 +354,13 @@ class _Bob:
         self.rec_leaf = np.full(self.mism.size, -1, dtype=np.int64)
         self.rec_bits = np.zeros(self.mism.size, dtype=np.uint64)
         self.active = 0
-        self.searches = _Searches()
+        # The open searches, one row each (struct of arrays, capacity one per block); rows [0, m).
+        cap = self.mism.size
+        self.p, self.b, self.s, self.e, self.d, self.leaf = (np.zeros(cap, dtype=np.int64) for _ in range(6))
+        self.a = np.zeros(cap, dtype=np.uint8)
+        self.bits, self.rbits = np.zeros(cap, dtype=np.uint64), np.zeros(cap, dtype=np.uint64)
+        self.on = np.zeros(cap, dtype=np.bool_)
+        self.m = 0
         self.corrected = 0
         self.lookahead = 0
         self._two = np.zeros(0, dtype=bool)
@@ -422,89 +404,26 @@ class _Bob:
     def _parity(self, p: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
         return K.fenwick_range_parity(self.trees, self.built, self.key, self.params, p, s, e)
 
-    def _open_odd_blocks(self, candidates: np.ndarray) -> int:
-        """Open a search at the root of every odd candidate block that has none."""
-        odd = K.select_odd(candidates, self.mism, self.busy)
-        if odd.size == 0:
-            return 0
-        p = np.searchsorted(self.mism_off, odd, side="right") - 1
-        b = odd - self.mism_off[p]
-        k = self.sizes[p]
-        # Build a pass's Fenwick tree once its searches would read about a quarter of the key
-        # directly; until then (e.g. the few searches of a 4096-bit pass) ranges are read directly.
-        self.opened += np.bincount(p, minlength=self.sizes.size)
-        for j in np.flatnonzero((self.opened * self.sizes * 2 > self.n // 4) & (self.built == 0)):
-            self._build(int(j))
-        new = _Searches()
-        new.p, new.b = p, b
-        new.s = b * k
-        new.e = np.minimum(new.s + k, self.n)
-        new.d = np.zeros(odd.size, dtype=np.int64)
-        new.a = self.alice_flat[odd]
-        new.bits = new.a.astype(np.uint64)
-        new.leaf = self.rec_leaf[odd]
-        new.rbits = self.rec_bits[odd]
-        new.on = new.leaf >= 0
-        self.searches.extend(new)
-        return odd.size
-
-    def _free_descent(self) -> None:
-        """Walk searches down the recorded path of their block while its parities are known."""
-        S = self.searches
-        K.free_descent(self.trees, self.built, self.key, self.params, S.p, S.s, S.e, S.a, S.d, S.bits, S.leaf,
-                       S.rbits, S.on)
-
     def resolve(self) -> None:
         """Local work until every open search needs a parity from Alice (or none is open).
 
         Only blocks that may have turned odd are examined: those touched by a correction,
-        those whose search was dropped, and all blocks of a newly activated pass.
+        those whose search was dropped, and all blocks of a newly activated pass (one
+        compiled call, :func:`cascade_kernels.resolve_searches`, between activations).
         """
-        cand: list[np.ndarray] = []
+        cand = np.zeros(0, dtype=np.int64)
         while True:
-            S = self.searches
-            if len(S):
-                odd = (self._parity(S.p, S.s, S.e) ^ S.a) == 1
-                if not odd.all():
-                    dropped = self.mism_off[S.p[~odd]] + S.b[~odd]
-                    self.busy[dropped] = 0
-                    cand.append(dropped)
-                    S.keep(odd)
-                self._free_descent()
-                done = (S.e - S.s) == 1
-            else:
-                done = np.zeros(0, dtype=bool)
-            if done.any():
-                flat = self.mism_off[S.p[done]] + S.b[done]
-                self.rec_leaf[flat] = S.s[done]
-                self.busy[flat] = 0
-                self.rec_bits[flat] = S.bits[done]
-                xs = np.unique(K.originals(self.params, S.p[done], S.s[done]))
-                S.keep(~done)
-                cand.append(
-                    K.apply_corrections(
-                        xs,
-                        self.key,
-                        self.trees,
-                        self.built,
-                        self.params,
-                        self.active,
-                        self.sizes,
-                        self.mism,
-                        self.mism_off,
-                    )
-                )
-                self.corrected += xs.size
-                continue
-            if cand:
-                opened = self._open_odd_blocks(np.concatenate(cand))
-                cand = []
-                if opened:
-                    continue
-            if len(S) == 0 and self.active < self.sizes.size:
+            self.m, flipped = K.resolve_searches(
+                self.key, self.trees, self.built, self.params, self.sizes, self.mism, self.mism_off, self.busy,
+                self.rec_leaf, self.rec_bits, self.alice_flat, self.opened, self.active,
+                self.p, self.b, self.s, self.e, self.a, self.d, self.bits, self.leaf, self.rbits, self.on,
+                self.m, cand,
+            )  # fmt: skip
+            self.corrected += flipped
+            if self.m == 0 and self.active < self.sizes.size:
                 j = self.active
                 self.activate()
-                cand.append(np.arange(self.mism_off[j], self.mism_off[j + 1]))
+                cand = np.arange(self.mism_off[j], self.mism_off[j + 1], dtype=np.int64)
                 continue
             return
 
@@ -515,27 +434,28 @@ class _Bob:
         a search whose range has at least 4 bits also asks for the left quarter of each half,
         so one round trip descends two levels at the cost of one extra parity.
         """
-        S = self.searches
-        mid = S.s + (S.e - S.s) // 2
-        self._two = np.zeros(len(S), dtype=bool)
-        if 0 < len(S) <= self.lookahead:
-            self._two = (S.e - S.s) >= 4
+        m = self.m
+        p, s, e = self.p[:m], self.s[:m], self.e[:m]
+        mid = s + (e - s) // 2
+        self._two = np.zeros(m, dtype=bool)
+        if 0 < m <= self.lookahead:
+            self._two = (e - s) >= 4
         if not self._two.any():
-            return S.p, S.s, mid
+            return p, s, mid
         t = np.flatnonzero(self._two)
-        q1 = S.s[t] + (mid[t] - S.s[t]) // 2
-        q3 = mid[t] + (S.e[t] - mid[t]) // 2
+        q1 = s[t] + (mid[t] - s[t]) // 2
+        q3 = mid[t] + (e[t] - mid[t]) // 2
         return (
-            np.concatenate([S.p, S.p[t], S.p[t]]),
-            np.concatenate([S.s, S.s[t], mid[t]]),
+            np.concatenate([p, p[t], p[t]]),
+            np.concatenate([s, s[t], mid[t]]),
             np.concatenate([mid, q1, q3]),
         )
 
     def answer(self, parities: np.ndarray) -> None:
-        S = self.searches
-        K.apply_answers(self.trees, self.built, self.key, self.params, S.p, S.s, S.e, S.a, S.d, S.bits, self._two,
-                        parities)
-        S.on[:] = False
+        m = self.m
+        K.apply_answers(self.trees, self.built, self.key, self.params, self.p[:m], self.s[:m], self.e[:m],
+                        self.a[:m], self.d[:m], self.bits[:m], self._two, parities)
+        self.on[:m] = False
 
 
 async def bob(
@@ -577,7 +497,7 @@ async def bob(
     state.lookahead = max(sched.lookahead, round(sched.lookahead_per_bit * n))
     while True:
         state.resolve()
-        if len(state.searches) == 0:
+        if state.m == 0:
             break
         p, s, e = state.question()
         index = np.int32 if n < 2**31 else np.int64

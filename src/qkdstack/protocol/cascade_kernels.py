@@ -609,3 +609,114 @@ def apply_answers(trees, built, key, params, p, s, e, a, d, bits, two, answers):
             quarter = answers[m + k] if e[t] == mid else answers[m + nt + k]
             _descend(trees, built, key, params, t, p, s, e, a, d, bits, quarter)
             k += 1
+
+
+@njit(cache=True)
+def resolve_searches(key, trees, built, params, sizes, mism, mism_off, busy, rec_leaf, rec_bits, alice_flat,
+                     opened, active, rows_p, rows_b, rows_s, rows_e, rows_a, rows_d, rows_bits, rows_leaf,
+                     rows_rbits, rows_on, m, cand):
+    """Bob's local work between two round trips, compiled (rows [0, m) are the open searches).
+
+    Repeats until every open search needs a parity from Alice: drop searches whose range
+    no longer disagrees oddly with Alice's known parity (their block becomes a candidate),
+    walk the recorded paths for free, flip the bits where searches ended (updating every
+    active pass and making the touched blocks candidates), and open a search on every odd
+    candidate block without one (building a pass's Fenwick tree once its searches would
+    read about a quarter of the key directly). Returns (open searches, bits flipped).
+    """
+    n = key.size
+    npass = sizes.size
+    flag = np.zeros(mism.size, np.uint8)  # candidate already listed
+    pend = np.empty(mism.size, np.int64)
+    npend = 0
+    for t in range(cand.size):
+        f = cand[t]
+        if flag[f] == 0:
+            flag[f] = 1
+            pend[npend] = f
+            npend += 1
+    flipped = 0
+    xs = np.empty(mism.size, np.int64)
+    while True:
+        # 1. re-check every open search against Alice's parity of its current range
+        w = 0
+        for t in range(m):
+            j = rows_p[t]
+            if (_bob_parity(trees, built, key, params, j, rows_s[t], rows_e[t]) ^ rows_a[t]) == 1:
+                if w != t:
+                    rows_p[w], rows_b[w], rows_s[w], rows_e[w] = rows_p[t], rows_b[t], rows_s[t], rows_e[t]
+                    rows_a[w], rows_d[w], rows_bits[w] = rows_a[t], rows_d[t], rows_bits[t]
+                    rows_leaf[w], rows_rbits[w], rows_on[w] = rows_leaf[t], rows_rbits[t], rows_on[t]
+                w += 1
+            else:
+                f = mism_off[j] + rows_b[t]
+                busy[f] = 0
+                if flag[f] == 0:
+                    flag[f] = 1
+                    pend[npend] = f
+                    npend += 1
+        m = w
+        # 2. free descent along recorded paths
+        free_descent(trees, built, key, params, rows_p[:m], rows_s[:m], rows_e[:m], rows_a[:m], rows_d[:m],
+                     rows_bits[:m], rows_leaf[:m], rows_rbits[:m], rows_on[:m])
+        # 3. searches that reached one bit
+        nx = 0
+        w = 0
+        for t in range(m):
+            if rows_e[t] - rows_s[t] == 1:
+                f = mism_off[rows_p[t]] + rows_b[t]
+                rec_leaf[f] = rows_s[t]
+                rec_bits[f] = rows_bits[t]
+                busy[f] = 0
+                xs[nx] = perm_fwd(rows_s[t], params[rows_p[t]])
+                nx += 1
+            else:
+                if w != t:
+                    rows_p[w], rows_b[w], rows_s[w], rows_e[w] = rows_p[t], rows_b[t], rows_s[t], rows_e[t]
+                    rows_a[w], rows_d[w], rows_bits[w] = rows_a[t], rows_d[t], rows_bits[t]
+                    rows_leaf[w], rows_rbits[w], rows_on[w] = rows_leaf[t], rows_rbits[t], rows_on[t]
+                w += 1
+        m = w
+        if nx:
+            ux = np.unique(xs[:nx])  # two searches (different passes) may end on the same bit
+            touched = apply_corrections(ux, key, trees, built, params, active, sizes, mism, mism_off)
+            flipped += ux.size
+            for t in range(touched.size):
+                f = touched[t]
+                if flag[f] == 0:
+                    flag[f] = 1
+                    pend[npend] = f
+                    npend += 1
+            continue
+        # 4. open a search on every odd candidate block without one
+        if npend == 0:
+            return m, flipped
+        odd = np.sort(pend[:npend])
+        for t in range(npend):
+            flag[pend[t]] = 0
+        npend = 0
+        first = m
+        for t in range(odd.size):
+            f = odd[t]
+            if mism[f] == 1 and busy[f] == 0:
+                busy[f] = 1
+                j = np.searchsorted(mism_off, f, side="right") - 1
+                b = f - mism_off[j]
+                opened[j] += 1
+                rows_p[m], rows_b[m] = j, b
+                rows_s[m] = b * sizes[j]
+                rows_e[m] = min(rows_s[m] + sizes[j], n)
+                rows_a[m] = alice_flat[f]
+                rows_d[m] = 0
+                rows_bits[m] = np.uint64(alice_flat[f])
+                rows_leaf[m] = rec_leaf[f]
+                rows_rbits[m] = rec_bits[f]
+                rows_on[m] = rec_leaf[f] >= 0
+                m += 1
+        if m == first:
+            return m, flipped
+        for j in range(npass):
+            if built[j] == 0 and opened[j] * sizes[j] * 2 > n // 4:
+                pre = prefix_parity(key, params[j])
+                fenwick_from_prefix(pre, trees[j])
+                built[j] = 1
