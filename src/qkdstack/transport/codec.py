@@ -24,8 +24,8 @@ _MAX_DEPTH = 16
 
 
 def _byte_view(arr: np.ndarray) -> memoryview:
-    """The bytes of a C-contiguous array, without a copy (``bytearray += ndarray`` would broadcast instead)."""
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    """The bytes of an array, without a copy where it is contiguous (``bytearray += ndarray`` would broadcast)."""
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
 
 
 def encode_value(value: Any, out: bytearray, depth: int = 0) -> None:
