@@ -177,6 +177,33 @@ async def test_concurrent_reservations_never_share_chunks(store_factory):
     assert await s.counts(LINK) == await s.recount(LINK)
 
 
+async def test_one_batch_refuses_calls_alone(store_factory):
+    """Calls queued together share statements, but each is refused on its own and nothing is shared."""
+    s = store_factory("a")
+    await s.add_block(LINK, "blk", secrets.token_bytes(32 * 20))  # 10 chunks per pool
+    got = await asyncio.gather(
+        *(s.reserve(LINK, 0, n, 256, "M", ["S"]) for n in (4, 8, 3, 1, 2)), return_exceptions=True
+    )
+    assert [len(g) if isinstance(g, list) else type(g) for g in got] == [4, InsufficientKeys, 3, 1, 2]
+    chunks = [c for g in got if isinstance(g, list) for r in g for c in r.chunk_ids]
+    assert len(chunks) == len(set(chunks)) == 10
+    k = [[r.key_id for r in g] for g in got if isinstance(g, list)]
+    out = await asyncio.gather(
+        s.deliver_master(k[0]),
+        s.deliver_master(k[0][:1]),  # already taken by the call before it in the same batch
+        s.deliver_master([chunk_id(LINK, "blk", 1)]),  # not a pending key
+        s.deliver_master(k[1] + k[2]),
+        return_exceptions=True,
+    )
+    assert [len(o) if isinstance(o, list) else type(o) for o in out] == [4, KeyNotFound, KeyNotFound, 4]
+    assert len({key.key for o in out if isinstance(o, list) for key in o}) == 8
+    with pytest.raises(KeyNotFound):  # delivered once only, also across batches
+        await s.deliver_master(k[1][:1])
+    assert len(await s.deliver_master(k[3])) == 2
+    assert (await s.counts(LINK)).available == (0, 10)
+    assert await s.counts(LINK) == await s.recount(LINK)
+
+
 async def test_restart_keeps_state(store_factory):
     a = store_factory("a")
     await a.add_block(LINK, "blk", secrets.token_bytes(32 * 4))

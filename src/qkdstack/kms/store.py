@@ -363,33 +363,65 @@ def _op_reserve(
     master: str,
     slaves: list[str],
 ) -> list[Reservation]:
-    per_key = chunks_per_key(size_bits, chunk_bits)
-    need = number * per_key
-    rows = db.execute(
-        "SELECT chunk_id FROM qkd_chunks WHERE link_id = ? AND pool = ? AND state = 0 ORDER BY block_seq, idx LIMIT ?",
-        (link_id, pool, need),
-    )
-    if len(rows) < need:
-        raise InsufficientKeys(f"link {link_id!r} holds {len(rows)} chunks for this direction, {need} needed")
-    ids = [r[0] for r in rows]
-    out: list[Reservation] = []
-    updates = []
+    ok, value = _reserve_many(db, [(link_id, pool, number, size_bits, chunk_bits, master, slaves)])[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _reserve_many(db: _Backend, calls: list[tuple]) -> list[tuple[bool, Any]]:
+    """Several :func:`_op_reserve` calls (their argument tuples) with one SELECT, UPDATE and INSERT.
+
+    Each call takes the oldest available chunks of its pool left by the calls before it, or is
+    refused with :class:`InsufficientKeys` (decided before anything is written).
+    """
+    results: list[tuple[bool, Any]] = [(False, None)] * len(calls)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault((call[0], call[1]), []).append(i)
+    updates: list[tuple] = []
+    key_rows: list[tuple] = []
     now = time.time()
-    key_rows = []
-    slaves_json = json.dumps(sorted(slaves))
-    for k in range(number):
-        group = tuple(ids[k * per_key : (k + 1) * per_key])
-        out.append(Reservation(group[0], group, size_bits))
-        updates.extend((group[0], pos, cid) for pos, cid in enumerate(group))
-        key_rows.append((group[0], link_id, size_bits, master, slaves_json, "[]", KEY_PENDING, 1, now))
-    db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ? AND state = 0", updates)
-    _bump(db, link_id, {(pool, AVAILABLE): -need, (pool, RESERVED): need})
-    db.executemany(
-        "INSERT INTO qkd_keys (key_id, link_id, size_bits, master_sae, slaves, remaining, state, local_master,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        key_rows,
-    )
-    return out
+    for (link_id, pool), idxs in groups.items():
+        needs = [calls[i][2] * chunks_per_key(calls[i][3], calls[i][4]) for i in idxs]
+        ids = [
+            r[0]
+            for r in db.execute(
+                "SELECT chunk_id FROM qkd_chunks WHERE link_id = ? AND pool = ? AND state = 0"
+                " ORDER BY block_seq, idx LIMIT ?",
+                (link_id, pool, sum(needs)),
+            )
+        ]
+        start = 0
+        for i, need in zip(idxs, needs, strict=True):
+            _link, _pool, number, size_bits, _bits, master, slaves = calls[i]
+            if len(ids) - start < need:
+                results[i] = (
+                    False,
+                    InsufficientKeys(
+                        f"link {link_id!r} holds {len(ids) - start} chunks for this direction, {need} needed"
+                    ),
+                )
+                continue
+            per_key = need // number
+            slaves_json = json.dumps(sorted(slaves))
+            out: list[Reservation] = []
+            for k in range(start, start + need, per_key):
+                group = tuple(ids[k : k + per_key])
+                out.append(Reservation(group[0], group, size_bits))
+                updates.extend((group[0], pos, cid) for pos, cid in enumerate(group))
+                key_rows.append((group[0], link_id, size_bits, master, slaves_json, "[]", KEY_PENDING, 1, now))
+            start += need
+            results[i] = (True, out)
+        _bump(db, link_id, {(pool, AVAILABLE): -start, (pool, RESERVED): start})
+    if updates:
+        db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ? AND state = 0", updates)
+        db.executemany(
+            "INSERT INTO qkd_keys (key_id, link_id, size_bits, master_sae, slaves, remaining, state, local_master,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            key_rows,
+        )
+    return results
 
 
 def _op_accept(
@@ -442,38 +474,71 @@ def _op_accept(
     )
 
 
+def _slices(ids: Sequence[str], n: int = 500) -> list[Sequence[str]]:
+    """``ids`` in slices of at most ``n`` (bound parameters per statement stay far below the limits)."""
+    return [ids[i : i + n] for i in range(0, len(ids), n)]
+
+
 def _read_and_erase(db: _Backend, key_rows: list[tuple[str, int]], erase: set[str]) -> list[DeliveredKey]:
     """Concatenate each key's chunks; erase the chunks of keys in ``erase`` (same transaction)."""
     ids = [k for k, _ in key_rows]
     parts: dict[str, list[bytes]] = {k: [] for k in ids}
     changes: dict[tuple[str, int], int] = {}
-    for kid, material, link_id, pool in db.execute(
-        f"SELECT key_id, material, link_id, pool FROM qkd_chunks WHERE key_id IN {_in(len(ids))} ORDER BY key_id, pos",
-        ids,
-    ):
-        if material is None:
-            raise KeyStoreError("key material already erased")  # cannot happen if states are consistent
-        parts[kid].append(bytes(material))
-        if kid in erase:
-            changes[(link_id, pool)] = changes.get((link_id, pool), 0) + 1
+    for sl in _slices(list(parts)):
+        for kid, material, link_id, pool in db.execute(
+            f"SELECT key_id, material, link_id, pool FROM qkd_chunks WHERE key_id IN {_in(len(sl))}"
+            " ORDER BY key_id, pos",
+            sl,
+        ):
+            if material is None:
+                raise KeyStoreError("key material already erased")  # cannot happen if states are consistent
+            parts[kid].append(bytes(material))
+            if kid in erase:
+                changes[(link_id, pool)] = changes.get((link_id, pool), 0) + 1
     out = [DeliveredKey(kid, b"".join(parts[kid])[: size // 8]) for kid, size in key_rows]
-    if erase:
-        e = sorted(erase)
-        db.execute(f"UPDATE qkd_chunks SET state = 2, material = NULL WHERE key_id IN {_in(len(e))}", e)
-        for (link_id, pool), n in changes.items():
-            _bump(db, link_id, {(pool, RESERVED): -n, (pool, ERASED): n})
+    for sl in _slices(sorted(erase)):
+        db.execute(f"UPDATE qkd_chunks SET state = 2, material = NULL WHERE key_id IN {_in(len(sl))}", sl)
+    for (link_id, pool), n in changes.items():
+        _bump(db, link_id, {(pool, RESERVED): -n, (pool, ERASED): n})
     return out
 
 
 def _op_deliver_master(db: _Backend, key_ids: list[str]) -> list[DeliveredKey]:
-    rows = db.execute(f"SELECT key_id, size_bits, state FROM qkd_keys WHERE key_id IN {_in(len(key_ids))}", key_ids)
-    info = {r[0]: r for r in rows}
-    for k in key_ids:
-        if k not in info or info[k][2] != KEY_PENDING:
-            raise KeyNotFound("one or more keys specified are not found on KME")
-    out = _read_and_erase(db, [(k, info[k][1]) for k in key_ids], set(key_ids))
-    db.execute(f"UPDATE qkd_keys SET state = 2 WHERE key_id IN {_in(len(key_ids))}", key_ids)
-    return out
+    ok, value = _deliver_master_many(db, [(key_ids,)])[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _deliver_master_many(db: _Backend, calls: list[tuple]) -> list[tuple[bool, Any]]:
+    """Several :func:`_op_deliver_master` calls: read and erase all their keys with one statement each.
+
+    A call is refused (:class:`KeyNotFound`) before anything is written if one of its keys is not
+    pending here or was already taken by an earlier call of the same batch.
+    """
+    info: dict[str, tuple] = {}
+    for sl in _slices(list(dict.fromkeys(k for (ids,) in calls for k in ids))):
+        for r in db.execute(f"SELECT key_id, size_bits, state FROM qkd_keys WHERE key_id IN {_in(len(sl))}", sl):
+            info[r[0]] = r
+    results: list[tuple[bool, Any]] = []
+    claimed: set[str] = set()
+    spans: list[tuple[int, int, int]] = []  # (call, start, end) in key_rows
+    key_rows: list[tuple[str, int]] = []
+    for i, (ids,) in enumerate(calls):
+        if any(k not in info or info[k][2] != KEY_PENDING or k in claimed for k in ids):
+            results.append((False, KeyNotFound("one or more keys specified are not found on KME")))
+            continue
+        claimed.update(ids)
+        spans.append((i, len(key_rows), len(key_rows) + len(ids)))
+        key_rows.extend((k, info[k][1]) for k in ids)
+        results.append((True, None))
+    if key_rows:
+        out = _read_and_erase(db, key_rows, claimed)
+        for sl in _slices(sorted(claimed)):
+            db.execute(f"UPDATE qkd_keys SET state = 2 WHERE key_id IN {_in(len(sl))}", sl)
+        for i, a, b in spans:
+            results[i] = (True, out[a:b])
+    return results
 
 
 def _op_deliver_slave(db: _Backend, key_ids: list[str], sae_id: str, master: str | None) -> list[DeliveredKey]:
@@ -610,6 +675,11 @@ store is unchanged: deliveries, peer reservations and erasures keep the configur
 """
 _READS_COUNTS = frozenset({_op_add_block, _op_counts})
 """Operations that read ``qkd_counts``: the summed counter changes are written before them."""
+_MERGED: dict[Callable[..., Any], Callable[[_Backend, list[tuple]], list[tuple[bool, Any]]]] = {
+    _op_reserve: _reserve_many,
+    _op_deliver_master: _deliver_master_many,
+}
+"""Operations of which a batch runs all calls together (fewer statements; each call refused alone)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -724,10 +794,22 @@ class KeyStore:
         the whole transaction (the caller rolls back and every operation of the batch gets an
         error). The others run inside their own SAVEPOINT.
         """
-        results: list[tuple[bool, Any]] = []
         db.begin()
         db.count_delta = {}
-        for fn, args, _loop, _fut in batch:
+        merged: dict[int, tuple[bool, Any]] = {}
+        for fn, many in _MERGED.items():
+            idx = [i for i, op in enumerate(batch) if op[0] is fn]
+            if len(idx) > 1:
+                try:
+                    out = many(db, [batch[i][1] for i in idx])
+                except KeyStoreError:
+                    continue  # refused before writing anything: run the calls one by one below
+                merged.update(zip(idx, out, strict=True))
+        results: list[tuple[bool, Any]] = []
+        for i, (fn, args, _loop, _fut) in enumerate(batch):
+            if i in merged:
+                results.append(merged[i])
+                continue
             if fn in _READS_COUNTS:
                 _write_counts(db)
             if fn in _CHECK_FIRST:
