@@ -12,6 +12,13 @@
 Nothing here depends on key bits, so nothing is disclosed. The output at each party is
 its own :class:`SiftedKey`: key-basis (Z) bits and test-basis (X) bits with their
 intensity classes, in pulse order.
+
+Speed: each party's work is a few compiled passes, with every check on the peer's data
+kept: the varint kernels of :mod:`qkdstack.transport.varint`, Alice's look-up (her record
+read in place when it holds exactly Bob's detections, else the galloping merge of
+:meth:`AliceRecord.lookup`) and the branch-free :func:`_split`. Both parties together take
+about 0.09 s for 3.8e6 detections on the 2-core development machine (0.75 s with the
+NumPy masks and ``searchsorted`` used before).
 """
 
 from __future__ import annotations
