@@ -365,12 +365,6 @@ class _Bob:
         self.lookahead = 0
         self._two = np.zeros(0, dtype=bool)
 
-    def _build(self, j: int) -> None:
-        """Fenwick tree of pass ``j`` over Bob's current key."""
-        pre = K.prefix_parity(self.key, self.params[j])
-        K.fenwick_from_prefix(pre, self.trees[j])
-        self.built[j] = 1
-
     def activate(self) -> None:
         """Start the next pass: Bob's own top-level parities against Alice's.
 
@@ -390,19 +384,12 @@ class _Bob:
             else:
                 first = int(K.perm_range_parity(self.key, self.params[j], 0, k))
             mine[:] = np.array([first, first ^ total][:count], dtype=np.uint8)
-        elif count >= DENSE_BLOCKS:  # a busy pass: build its Fenwick tree now, read the blocks off it
-            pre = K.prefix_parity(self.key, self.params[j])
-            K.fenwick_from_prefix(pre, self.trees[j])
-            self.built[j] = 1
-            starts = np.arange(count, dtype=np.int64) * k
-            mine = pre[np.minimum(starts + k, self.n)] ^ pre[starts]
+        elif count >= DENSE_BLOCKS:  # a busy pass: build its structure now, read the blocks off it
+            self.built[j] = K.bob_build_tops(self.key, self.params[j], k, count, self.trees[j], mine)
         else:
             K.block_parities(self.key, self.params[j], k, count, mine)
         self.mism[lo:hi] = mine ^ self.alice_top[j]
         self.active += 1
-
-    def _parity(self, p: np.ndarray, s: np.ndarray, e: np.ndarray) -> np.ndarray:
-        return K.fenwick_range_parity(self.trees, self.built, self.key, self.params, p, s, e)
 
     def resolve(self) -> None:
         """Local work until every open search needs a parity from Alice (or none is open).

@@ -345,6 +345,27 @@ def prefix_parity(key, p, out=None):
 
 
 @njit(cache=True)
+def shuffled_key(key, p, out):
+    """out[i] = key[π(i)]: the key in the pass's shuffled order."""
+    n = key.size
+    if p[P_MODE] != 1:
+        pre = prefix_parity(key, p)
+        for i in range(n):
+            out[i] = pre[i + 1] ^ pre[i]
+        return
+    nn = p[P_N]
+    buf = np.empty(_CHUNK, np.uint64)
+    for c0 in range(0, n, _CHUNK):
+        cnt = min(_CHUNK, n - c0)
+        _fill_positions(p, c0, cnt, buf)
+        for i in range(cnt):
+            x = buf[i]
+            while x >= nn:
+                x = _round_fwd(x, p)
+            out[c0 + i] = key[x]
+
+
+@njit(cache=True)
 def perm_range_parity(key, p, start, end):
     """Parity of positions [start, end) of the key read in shuffled order (no prefix array)."""
     acc = np.uint8(0)
@@ -467,28 +488,71 @@ def _fen_prefix(tree, i):
     return acc
 
 
+PLAIN_MAX = 512
+"""Bob's passes with blocks of at most this many bits keep a plain copy of the shuffled key
+(a range parity is an XOR over at most this many contiguous bytes, a flip one byte) instead of a
+Fenwick tree (two walks of ~log2(n) scattered bytes per parity, one per flip)."""
+
+B_NONE, B_FENWICK, B_PLAIN, B_DIRECT = 0, 1, 2, 3
+"""What Bob keeps for a pass (``built``): nothing yet, a Fenwick tree, a plain shuffled copy, or
+nothing ever (an unshuffled pass with blocks ≤ 256 bits: its ranges are summed from the key)."""
+
+
+@njit(cache=True)
+def bob_build(key, p, k, row):
+    """Build Bob's structure for a pass with blocks of ``k`` bits in ``row`` (length n+1); returns its kind."""
+    if p[P_MODE] == 0 and k <= 256:
+        return B_DIRECT
+    if k <= PLAIN_MAX:
+        row[0] = 0
+        shuffled_key(key, p, row[1:])
+        return B_PLAIN
+    pre = prefix_parity(key, p)
+    fenwick_from_prefix(pre, row)
+    return B_FENWICK
+
+
+@njit(cache=True)
+def bob_build_tops(key, p, k, count, row, mine):
+    """``bob_build`` plus Bob's parity of each of the first ``count`` top-level blocks in ``mine``."""
+    n = key.size
+    kind = bob_build(key, p, k, row)
+    for t in range(count):
+        a, b = t * k, min((t + 1) * k, n)
+        if kind == B_FENWICK:
+            mine[t] = _fen_prefix(row, b) ^ _fen_prefix(row, a)
+        elif kind == B_PLAIN:
+            acc = np.uint8(0)
+            for i in range(a + 1, b + 1):
+                acc ^= row[i]
+            mine[t] = acc
+        else:
+            acc = np.uint8(0)
+            for i in range(a, b):
+                acc ^= key[i]
+            mine[t] = acc
+    return kind
+
+
 @njit(cache=True, inline="always")
 def _bob_parity(trees, built, key, params, j, a, b):
-    """Bob's parity of range [a, b) of pass j: short unshuffled ranges summed directly (sequential
-    bytes beat two Fenwick walks), else the Fenwick tree if built, else read from the key."""
-    if params[j, P_MODE] == 0 and b - a <= 64:
+    """Bob's parity of range [a, b) of pass j from whatever he keeps for the pass (see ``B_*``)."""
+    kind = built[j]
+    if kind == B_PLAIN:
+        row = trees[j]
+        acc = np.uint8(0)
+        for i in range(a + 1, b + 1):
+            acc ^= row[i]
+        return acc
+    if kind == B_FENWICK:
+        tree = trees[j]
+        return _fen_prefix(tree, b) ^ _fen_prefix(tree, a)
+    if params[j, P_MODE] == 0 and b - a <= 256:
         acc = np.uint8(0)
         for i in range(a, b):
             acc ^= key[i]
         return acc
-    if built[j]:
-        tree = trees[j]
-        return _fen_prefix(tree, b) ^ _fen_prefix(tree, a)
     return direct_parity(key, params[j], a, b)
-
-
-@njit(cache=True)
-def fenwick_range_parity(trees, built, key, params, passes, starts, ends):
-    """Bob's parities of ranges [starts, ends): from the pass's Fenwick tree if built, else from his key."""
-    out = np.empty(starts.size, np.uint8)
-    for t in range(starts.size):
-        out[t] = _bob_parity(trees, built, key, params, passes[t], starts[t], ends[t])
-    return out
 
 
 @njit(cache=True)
@@ -515,12 +579,14 @@ def apply_corrections(xs, key, trees, built, params, active, block_size, mism, m
         key[x] ^= 1
         for j in range(active):
             pos = perm_inv(x, params[j])
-            if built[j]:
+            if built[j] == B_FENWICK:
                 tree = trees[j]
                 i = pos + 1
                 while i <= n:
                     tree[i] ^= 1
                     i += i & -i
+            elif built[j] == B_PLAIN:
+                trees[j, pos + 1] ^= 1
             blk = mism_off[j] + pos // block_size[j]
             mism[blk] ^= 1
             touched[t * active + j] = blk
@@ -716,7 +782,5 @@ def resolve_searches(key, trees, built, params, sizes, mism, mism_off, busy, rec
         if m == first:
             return m, flipped
         for j in range(npass):
-            if built[j] == 0 and opened[j] * sizes[j] * 2 > n // 4:
-                pre = prefix_parity(key, params[j])
-                fenwick_from_prefix(pre, trees[j])
-                built[j] = 1
+            if built[j] == B_NONE and opened[j] * sizes[j] * 2 > n // 4:
+                built[j] = bob_build(key, params[j], sizes[j], trees[j])
