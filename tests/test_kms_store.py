@@ -13,10 +13,12 @@ from _kms_support import BACKENDS, factory_fixture
 from qkdstack.errors import KeyStoreError
 from qkdstack.kms.store import (
     ERASED,
+    ChunksTaken,
     InsufficientKeys,
     KeyNotAuthorized,
     KeyNotFound,
     LinkLimits,
+    Reservation,
     StoreFull,
     chunk_id,
     open_store,
@@ -292,3 +294,29 @@ async def test_sqlite_only_local_reservations_commit_without_fsync(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+async def test_peer_reservations_of_one_batch_never_share_chunks(store_factory):
+    """Concurrent accepts: a chunk or key ID goes to the first call only; a malformed call fails alone."""
+    a, b = store_factory("a"), store_factory("b")
+    block = secrets.token_bytes(32 * 20)
+    for s in (a, b):
+        await s.add_block(LINK, "blk", block)
+    res = await a.reserve(LINK, 0, 4, 256, "SAE_A", ["SAE_B"])
+    foreign = Reservation(chunk_id(LINK, "blk", 1), (chunk_id(LINK, "blk", 1),), 256)  # pool 1
+    twice = Reservation(res[3].key_id, (res[3].chunk_ids[0],), 256)
+    out = await asyncio.gather(
+        b.accept(LINK, 0, res[:2], "SAE_A", ["SAE_B"]),
+        b.accept(LINK, 0, res[1:3], "SAE_A", ["SAE_B"]),  # res[1] was taken by the call before
+        b.accept(LINK, 0, [foreign], "SAE_A", ["SAE_B"]),
+        b.accept(LINK, 0, [res[3], twice], "SAE_A", ["SAE_B"]),  # one chunk twice in one message
+        b.accept(LINK, 0, [res[2]], "SAE_A", ["SAE_B"]),
+        return_exceptions=True,
+    )
+    assert out[0] is None and out[4] is None
+    assert isinstance(out[1], ChunksTaken) and set(out[1].chunk_ids) == set(res[1].chunk_ids)
+    assert isinstance(out[2], KeyStoreError) and not isinstance(out[2], ChunksTaken)
+    assert isinstance(out[3], ChunksTaken)
+    states = await b.chunk_states(LINK)
+    assert [states[r.key_id] for r in res] == [(1, res[0].key_id), (1, res[1].key_id), (1, res[2].key_id), (0, None)]
+    assert await b.counts(LINK) == await b.recount(LINK)

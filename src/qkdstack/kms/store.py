@@ -433,45 +433,86 @@ def _op_accept(
     master: str,
     slaves: list[str],
 ) -> None:
-    slaves_json = json.dumps(sorted(slaves))
+    ok, value = _accept_many(db, [(link_id, pool, reservations, chunk_bits, master, slaves)])[0]
+    if not ok:
+        raise value
+
+
+def _accept_many(db: _Backend, calls: list[tuple]) -> list[tuple[bool, Any]]:
+    """Several :func:`_op_accept` calls (peer reservations) with one SELECT per table, one UPDATE, one INSERT.
+
+    Each call is all or nothing and is refused before anything is written: :class:`ChunksTaken` if a
+    key ID is known here or a chunk is not available (also when an earlier call of the same batch
+    took it), :class:`KeyStoreError` for chunks that are unknown, of another link or of the wrong pool.
+    """
+    key_ids = list(dict.fromkeys(r.key_id for call in calls for r in call[2]))
+    chunk_ids = list(dict.fromkeys(c for call in calls for r in call[2] for c in r.chunk_ids))
+    known: set[str] = set()
+    for sl in _slices(key_ids):
+        known.update(r[0] for r in db.execute(f"SELECT key_id FROM qkd_keys WHERE key_id IN {_in(len(sl))}", sl))
+    chunks: dict[str, tuple] = {}
+    for sl in _slices(chunk_ids):
+        for cid, lk, pl, st in db.execute(
+            f"SELECT chunk_id, link_id, pool, state FROM qkd_chunks WHERE chunk_id IN {_in(len(sl))}", sl
+        ):
+            chunks[cid] = (lk, pl, st)
     now = time.time()
-    updates = []
-    key_rows = []
-    taken: list[str] = []
-    for r in reservations:
-        if len(r.chunk_ids) != chunks_per_key(r.size_bits, chunk_bits):
-            raise KeyStoreError(f"reservation {r.key_id} has the wrong number of chunks for its size")
-        if db.execute("SELECT 1 FROM qkd_keys WHERE key_id = ?", (r.key_id,)):
-            # Not idempotent on purpose: the master site never resends a reservation (an unknown outcome
-            # is resolved by discarding), so a known key ID means the master site lost state it had.
-            taken.extend(r.chunk_ids)
+    results: list[tuple[bool, Any]] = []
+    updates: list[tuple] = []
+    key_rows: list[tuple] = []
+    for link_id, pool, reservations, chunk_bits, master, slaves in calls:
+        slaves_json = json.dumps(sorted(slaves))
+        call_updates: list[tuple] = []
+        call_keys: list[tuple] = []
+        taken: list[str] = []
+        seen: set[str] = set()  # chunks of this call's earlier reservations
+        try:
+            for r in reservations:
+                if len(r.chunk_ids) != chunks_per_key(r.size_bits, chunk_bits):
+                    raise KeyStoreError(f"reservation {r.key_id} has the wrong number of chunks for its size")
+                if r.key_id in known:
+                    # Not idempotent on purpose: the master site never resends a reservation (an unknown
+                    # outcome is resolved by discarding), so a known key ID means the master site lost state.
+                    taken.extend(r.chunk_ids)
+                    continue
+                if len(set(r.chunk_ids)) != len(r.chunk_ids) or any(c not in chunks for c in r.chunk_ids):
+                    raise KeyStoreError(f"key {r.key_id}: chunks unknown here (block not stored yet?)")
+                busy = []
+                for cid in r.chunk_ids:
+                    lk, pl, st = chunks[cid]
+                    if lk != link_id or pl != pool:
+                        raise KeyStoreError(f"key {r.key_id}: chunk from another link or the other site's pool")
+                    if st != AVAILABLE or cid in seen:
+                        busy.append(cid)
+                seen.update(r.chunk_ids)
+                if busy:
+                    taken.extend(busy)
+                    continue
+                call_updates.extend((r.key_id, pos, cid) for pos, cid in enumerate(r.chunk_ids))
+                call_keys.append(
+                    (r.key_id, link_id, r.size_bits, master, slaves_json, slaves_json, KEY_RESERVED, 0, now)
+                )
+            if taken:
+                raise ChunksTaken(f"{len(taken)} chunks are no longer available (already reserved or erased)", taken)
+        except KeyStoreError as exc:
+            results.append((False, exc))
             continue
-        found = db.execute(
-            f"SELECT chunk_id, link_id, pool, state FROM qkd_chunks WHERE chunk_id IN {_in(len(r.chunk_ids))}",
-            r.chunk_ids,
+        for key_id, _pos, cid in call_updates:  # later calls of this batch see these as taken
+            lk, pl, _st = chunks[cid]
+            chunks[cid] = (lk, pl, RESERVED)
+            known.add(key_id)
+        updates.extend(call_updates)
+        key_rows.extend(call_keys)
+        _bump(db, link_id, {(pool, AVAILABLE): -len(call_updates), (pool, RESERVED): len(call_updates)})
+        results.append((True, None))
+    if updates:
+        db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ?", updates)
+        db.executemany(
+            "INSERT INTO qkd_keys (key_id, link_id, size_bits, master_sae, slaves, remaining, state, local_master,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            key_rows,
         )
-        if len(found) != len(r.chunk_ids):
-            raise KeyStoreError(f"key {r.key_id}: chunks unknown here (block not stored yet?)")
-        busy = []
-        for cid, lk, pl, st in found:
-            if lk != link_id or pl != pool:
-                raise KeyStoreError(f"key {r.key_id}: chunk from another link or the other site's pool")
-            if st != AVAILABLE:
-                busy.append(cid)
-        if busy:
-            taken.extend(busy)
-            continue
-        updates.extend((r.key_id, pos, cid) for pos, cid in enumerate(r.chunk_ids))
-        key_rows.append((r.key_id, link_id, r.size_bits, master, slaves_json, slaves_json, KEY_RESERVED, 0, now))
-    if taken:
-        raise ChunksTaken(f"{len(taken)} chunks are no longer available (already reserved or erased)", taken)
-    db.executemany("UPDATE qkd_chunks SET state = 1, key_id = ?, pos = ? WHERE chunk_id = ?", updates)
-    _bump(db, link_id, {(pool, AVAILABLE): -len(updates), (pool, RESERVED): len(updates)})
-    db.executemany(
-        "INSERT INTO qkd_keys (key_id, link_id, size_bits, master_sae, slaves, remaining, state, local_master,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        key_rows,
-    )
+    return results
 
 
 def _slices(ids: Sequence[str], n: int = 500) -> list[Sequence[str]]:
@@ -677,6 +718,7 @@ _READS_COUNTS = frozenset({_op_add_block, _op_counts})
 """Operations that read ``qkd_counts``: the summed counter changes are written before them."""
 _MERGED: dict[Callable[..., Any], Callable[[_Backend, list[tuple]], list[tuple[bool, Any]]]] = {
     _op_reserve: _reserve_many,
+    _op_accept: _accept_many,
     _op_deliver_master: _deliver_master_many,
 }
 """Operations of which a batch runs all calls together (fewer statements; each call refused alone)."""
