@@ -440,8 +440,20 @@ class _Bob:
 
     def answer(self, parities: np.ndarray) -> None:
         m = self.m
-        K.apply_answers(self.trees, self.built, self.key, self.params, self.p[:m], self.s[:m], self.e[:m],
-                        self.a[:m], self.d[:m], self.bits[:m], self._two, parities)
+        K.apply_answers(
+            self.trees,
+            self.built,
+            self.key,
+            self.params,
+            self.p[:m],
+            self.s[:m],
+            self.e[:m],
+            self.a[:m],
+            self.d[:m],
+            self.bits[:m],
+            self._two,
+            parities,
+        )
         self.on[:m] = False
 
 

@@ -1,4 +1,4 @@
-"""Compiled kernels for Cascade: keyed permutations, prefix parities, Fenwick trees.
+"""Compiled kernels for Cascade: keyed permutations and mask shuffles, prefix parities, Fenwick trees.
 
 Cascade needs, for every pass, the key read in a shuffled order and the parities of many
 ranges of that order. Materialising a fresh uniformly random permutation of 10^6 indices
@@ -17,10 +17,16 @@ is public; its only job is to scatter positions that were neighbours in earlier 
 and the multiply (carries move low bits up) followed by the xorshift (high bits down)
 does that (the benchmarks measure the resulting efficiency and frame error rate).
 
-Bob's key changes while the searches run, so his range parities come from one Fenwick
-(binary indexed) tree per pass over the permuted key: O(log n) per parity and per
-correction. Alice's key never changes, so her range parities are two look-ups in a prefix
-XOR array.
+Passes of two blocks use *mask shuffles* instead (:func:`make_mask_params`): a keyed
+SplitMix64 bit per key index picks the members, read first in index order; the first
+block's parity is then a popcount over the packed key.
+
+Bob's key changes while the searches run, so per pass he keeps a plain copy of the
+shuffled key (small blocks: a range parity is a contiguous XOR) or a Fenwick (binary
+indexed) tree (large blocks: O(log n) per parity and per correction), built only once the
+pass is busy; his whole local work between round trips is one call (:func:`resolve_searches`).
+Alice's key never changes, so her range parities are two look-ups in a prefix XOR array
+(busy passes) or read straight from the key (passes with few questions).
 """
 
 from __future__ import annotations
@@ -594,20 +600,6 @@ def apply_corrections(xs, key, trees, built, params, active, block_size, mism, m
 
 
 @njit(cache=True)
-def select_odd(cand, mism, busy):
-    """Flat indices of the candidate blocks that are odd and have no open search; marks them busy."""
-    out = np.empty(cand.size, np.int64)
-    m = 0
-    for t in range(cand.size):
-        f = cand[t]
-        if mism[f] == 1 and busy[f] == 0:
-            busy[f] = 1
-            out[m] = f
-            m += 1
-    return np.sort(out[:m])
-
-
-@njit(cache=True)
 def free_descent(trees, built, key, params, p, s, e, a, d, bits, leaf, rbits, on):
     """Walk each search down the recorded path of its block while that path's parities are known.
 
@@ -678,9 +670,33 @@ def apply_answers(trees, built, key, params, p, s, e, a, d, bits, two, answers):
 
 
 @njit(cache=True)
-def resolve_searches(key, trees, built, params, sizes, mism, mism_off, busy, rec_leaf, rec_bits, alice_flat,
-                     opened, active, rows_p, rows_b, rows_s, rows_e, rows_a, rows_d, rows_bits, rows_leaf,
-                     rows_rbits, rows_on, m, cand):
+def resolve_searches(
+    key,
+    trees,
+    built,
+    params,
+    sizes,
+    mism,
+    mism_off,
+    busy,
+    rec_leaf,
+    rec_bits,
+    alice_flat,
+    opened,
+    active,
+    rows_p,
+    rows_b,
+    rows_s,
+    rows_e,
+    rows_a,
+    rows_d,
+    rows_bits,
+    rows_leaf,
+    rows_rbits,
+    rows_on,
+    m,
+    cand,
+):
     """Bob's local work between two round trips, compiled (rows [0, m) are the open searches).
 
     Repeats until every open search needs a parity from Alice: drop searches whose range
@@ -723,8 +739,21 @@ def resolve_searches(key, trees, built, params, sizes, mism, mism_off, busy, rec
                     npend += 1
         m = w
         # 2. free descent along recorded paths
-        free_descent(trees, built, key, params, rows_p[:m], rows_s[:m], rows_e[:m], rows_a[:m], rows_d[:m],
-                     rows_bits[:m], rows_leaf[:m], rows_rbits[:m], rows_on[:m])
+        free_descent(
+            trees,
+            built,
+            key,
+            params,
+            rows_p[:m],
+            rows_s[:m],
+            rows_e[:m],
+            rows_a[:m],
+            rows_d[:m],
+            rows_bits[:m],
+            rows_leaf[:m],
+            rows_rbits[:m],
+            rows_on[:m],
+        )
         # 3. searches that reached one bit
         nx = 0
         w = 0
