@@ -700,7 +700,8 @@ def resolve_searches(
     """Bob's local work between two round trips, compiled (rows [0, m) are the open searches).
 
     Repeats until every open search needs a parity from Alice: drop searches whose range
-    no longer disagrees oddly with Alice's known parity (their block becomes a candidate),
+    no longer disagrees oddly with Alice's known parity (only searches in blocks a flip
+    touched are re-checked; their block becomes a candidate),
     walk the recorded paths for free, flip the bits where searches ended (updating every
     active pass and making the touched blocks candidates), and open a search on every odd
     candidate block without one (building a pass's Fenwick tree once its searches would
@@ -719,25 +720,34 @@ def resolve_searches(
             npend += 1
     flipped = 0
     xs = np.empty(mism.size, np.int64)
+    # Rows are consistent on entry (just answered, or none open): only flips can break them.
+    dirty = np.zeros(mism.size, np.uint8)
+    dlist = np.empty(mism.size, np.int64)
+    ndirty = 0
     while True:
-        # 1. re-check every open search against Alice's parity of its current range
+        # 1. re-check the open searches whose block a flip touched since their last check (a
+        #    search's range lies in its block, so no other search's disagreement can change)
         w = 0
-        for t in range(m):
+        for t in range(m if ndirty else 0):
             j = rows_p[t]
-            if (_bob_parity(trees, built, key, params, j, rows_s[t], rows_e[t]) ^ rows_a[t]) == 1:
+            f = mism_off[j] + rows_b[t]
+            if dirty[f] == 0 or (_bob_parity(trees, built, key, params, j, rows_s[t], rows_e[t]) ^ rows_a[t]) == 1:
                 if w != t:
                     rows_p[w], rows_b[w], rows_s[w], rows_e[w] = rows_p[t], rows_b[t], rows_s[t], rows_e[t]
                     rows_a[w], rows_d[w], rows_bits[w] = rows_a[t], rows_d[t], rows_bits[t]
                     rows_leaf[w], rows_rbits[w], rows_on[w] = rows_leaf[t], rows_rbits[t], rows_on[t]
                 w += 1
             else:
-                f = mism_off[j] + rows_b[t]
                 busy[f] = 0
                 if flag[f] == 0:
                     flag[f] = 1
                     pend[npend] = f
                     npend += 1
-        m = w
+        if ndirty:
+            m = w
+            for t in range(ndirty):
+                dirty[dlist[t]] = 0
+            ndirty = 0
         # 2. free descent along recorded paths
         free_descent(
             trees,
@@ -778,6 +788,10 @@ def resolve_searches(
             flipped += ux.size
             for t in range(touched.size):
                 f = touched[t]
+                if dirty[f] == 0:
+                    dirty[f] = 1
+                    dlist[ndirty] = f
+                    ndirty += 1
                 if flag[f] == 0:
                     flag[f] = 1
                     pend[npend] = f
