@@ -57,7 +57,7 @@ def _make_pki(root: Path) -> dict[str, str]:
 
 
 async def _serve(root: Path) -> None:
-    from qkdstack.kms.etsi014 import TLSFiles, serve_etsi014
+    from qkdstack.kms.etsi014 import TLSFiles, serve_etsi014, tune_gc_for_serving
     from qkdstack.kms.kme import KME, KMEConfig, link_pair
     from qkdstack.kms.store import LinkLimits, open_store
 
@@ -78,6 +78,7 @@ async def _serve(root: Path) -> None:
     await a.attach_peer(ab)
     await b.attach_peer(ba)
     tls = TLSFiles(root / "KME_A.pem", root / "KME_A.key", root / "ca_A.pem")
+    tune_gc_for_serving()  # what a node serving keys should do after start-up (see docs/kms.md)
     async with serve_etsi014(a, "127.0.0.1", 0, tls) as srv:
         print(srv.port, flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin

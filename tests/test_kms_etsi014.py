@@ -307,3 +307,14 @@ async def test_fast_path_and_framework_answer_alike(sites, pki):
         r = await c.get(base, params={"size": "abc"})  # not for the fast path: FastAPI's validation, as 400
         assert r.status_code == 400 and r.json()["details"][0]["location"] == "query.size"
     await sites.agree()
+
+
+def test_gc_tuning_for_serving_freezes_startup_objects():
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from qkdstack.kms.etsi014 import tune_gc_for_serving; tune_gc_for_serving(); "
+        "assert gc.get_freeze_count() > 10_000 and gc.get_threshold()[0] == 50_000, gc.get_threshold()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
