@@ -7,10 +7,10 @@ hand-written request bytes, minimal answer parsing, every answer checked for sta
 Key container. httpx cost 2.6 ms of CPU per request against the server's 1.5 ms and so measured
 mostly itself on 2 cores. Server and clients run on uvloop (libuv event loop and its TLS), which
 the node should use too; ``QKDSTACK_BENCH_KMS_LOOP=asyncio`` measures the standard loop.
-Every request is ``GET /api/v1/keys/SAE_B/enc_keys``
-(one 256-bit key): a reservation at site A, the peer reservation at site B, and the delivery at A,
-each a durable transaction (SQLite synchronous=FULL, group commit). Run:
-``.venv/bin/python benchmarks/run_all.py kms`` (about 30 s).
+Every request is ``GET /api/v1/keys/SAE_B/enc_keys`` (one 256-bit key): a reservation at site A
+(committed without fsync, see docs/kms.md), the peer reservation at site B and the delivery at A
+(both durable: SQLite synchronous=FULL), each group-committed with the other requests of the moment.
+Run: ``.venv/bin/python benchmarks/run_all.py kms`` (about 45 s).
 """
 
 from __future__ import annotations
