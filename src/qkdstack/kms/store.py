@@ -237,7 +237,7 @@ class _SQLiteBackend(_Backend):
         # commits 5-10x the median). SQLite's crash recovery is the same either way.
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
         self._wake = threading.Event()
-        self._stop = False
+        self._stop = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, args=(str(path), synchronous), name="qkd-keystore-checkpoint", daemon=True
         )
@@ -250,10 +250,9 @@ class _SQLiteBackend(_Backend):
             conn.execute("PRAGMA busy_timeout=10000")
             while True:
                 self._wake.wait()
-                self._wake.clear()  # before reading _stop: close() sets _stop, then the event
-                if self._stop:
+                self._wake.clear()  # before reading _stop: close() sets _stop, then _wake
+                if self._stop.wait(0.25):  # let commits accumulate: one checkpoint for many transactions
                     break
-                time.sleep(0.02)  # let commits accumulate: one checkpoint for many transactions
                 try:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 except sqlite3.Error as exc:  # the next commit wakes us again
@@ -283,7 +282,7 @@ class _SQLiteBackend(_Backend):
             self._relaxed = relaxed
 
     def close(self) -> None:
-        self._stop = True
+        self._stop.set()
         self._wake.set()
         self._checkpointer.join()
         self.conn.close()  # the last connection checkpoints the WAL completely
