@@ -7,6 +7,9 @@ import asyncio
 import logging
 import signal
 
+import uvloop
+
+from qkdstack.kms.etsi014 import tune_gc_for_serving
 from qkdstack.node.config import load_config
 from qkdstack.node.service import Node
 
@@ -33,5 +36,6 @@ async def _main(node: Node) -> None:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     node = Node(load_config(args.config))
-    asyncio.run(_main(node))
+    tune_gc_for_serving()  # fewer, shorter GC pauses in the ETSI 014 server (p99 latency)
+    uvloop.run(_main(node))  # uvloop: faster event loop and TLS for the KME and the links
     return 0
