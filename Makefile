@@ -21,7 +21,7 @@ test: $(STAMP)
 	bash scripts/test.sh
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	@$(PY) benchmarks/run_all.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
