@@ -72,20 +72,10 @@ class BootstrapRound:
         ch = self.channel
         if self.role == ALICE:
             await ch.send(SIG_KIND, **mine)
-            peer = await ch.recv(SIG_KIND)
-            try:
-                verifier(peer.fields, digest)
-            except AuthenticationError as exc:
-                await ch.send_abort("authentication", str(exc))
-                raise
+            await _verify_peer(ch, verifier, digest)
             await ch.send(DONE_KIND)
         else:
-            peer = await ch.recv(SIG_KIND)
-            try:
-                verifier(peer.fields, digest)
-            except AuthenticationError as exc:
-                await ch.send_abort("authentication", str(exc))
-                raise
+            await _verify_peer(ch, verifier, digest)
             await ch.send(SIG_KIND, **mine)
             await ch.recv(DONE_KIND)
         pool = AuthKeyPool.from_seed(self.link_id, round_key[:seed_bytes], **pool_kwargs)
@@ -93,6 +83,16 @@ class BootstrapRound:
 
     def abandon(self) -> None:
         self.transcript.detach()
+
+
+async def _verify_peer(channel: Any, verifier: Verifier, digest: bytes) -> None:
+    """Receive the peer's signatures and verify them; a refusal is sent back so both logs show it."""
+    peer = await channel.recv(SIG_KIND)
+    try:
+        verifier(peer.fields, digest)
+    except AuthenticationError as exc:
+        await channel.send_abort("authentication", str(exc))
+        raise
 
 
 async def begin_bootstrap_round(channel: Any, role: str, link_id: str, my_name: str) -> BootstrapRound:
