@@ -703,10 +703,11 @@ def _op_pending(db: _Backend, link_id: str) -> list[Reservation]:
     return [Reservation(k, tuple(c), s) for k, (s, c) in groups.items()]
 
 
-def _op_counts(db: _Backend, link_id: str) -> LinkCounts:
+def _tally(rows: list[tuple]) -> LinkCounts:
+    """LinkCounts from (pool, state, count) rows."""
     avail = [0, 0]
     reserved = erased = 0
-    for pool, state, n in db.execute("SELECT pool, state, n FROM qkd_counts WHERE link_id = ?", (link_id,)):
+    for pool, state, n in rows:
         if state == AVAILABLE:
             avail[pool] += n
         elif state == RESERVED:
@@ -714,22 +715,17 @@ def _op_counts(db: _Backend, link_id: str) -> LinkCounts:
         else:
             erased += n
     return LinkCounts((avail[0], avail[1]), reserved, erased)
+
+
+def _op_counts(db: _Backend, link_id: str) -> LinkCounts:
+    return _tally(db.execute("SELECT pool, state, n FROM qkd_counts WHERE link_id = ?", (link_id,)))
 
 
 def _op_recount(db: _Backend, link_id: str) -> LinkCounts:
     """Counts by a full scan of the chunks (audit of the counters kept by every operation)."""
-    avail = [0, 0]
-    reserved = erased = 0
-    for pool, state, n in db.execute(
+    return _tally(db.execute(
         "SELECT pool, state, COUNT(*) FROM qkd_chunks WHERE link_id = ? GROUP BY pool, state", (link_id,)
-    ):
-        if state == AVAILABLE:
-            avail[pool] += n
-        elif state == RESERVED:
-            reserved += n
-        else:
-            erased += n
-    return LinkCounts((avail[0], avail[1]), reserved, erased)
+    ))
 
 
 def _op_chunk_states(db: _Backend, link_id: str) -> dict[str, tuple[int, str | None]]:
