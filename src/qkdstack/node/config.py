@@ -71,6 +71,8 @@ class LinkSection:
             raise field_error("link", "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
 
 
+_SOURCE, _CHANNEL, _RECEIVER = SourceParams(), ChannelParams(), ReceiverParams()
+
 # physics parameter names (as qkdstack.physics.params reports them) → [device] field names
 _DEVICE_FIELDS = {
     "length_km": "distance_km",
@@ -92,18 +94,20 @@ def _renamed(exc: ConfigError) -> ConfigError:
 
 @dataclass(frozen=True)
 class DeviceSection:
-    distance_km: float = 25.0
-    attenuation_db_per_km: float = 0.2
-    extra_loss_db: float = 0.0
-    misalignment: float = 0.01
-    rep_rate_hz: float = 1e9
-    intensities: list[float] = field(default_factory=lambda: list(SourceParams().intensities))
-    intensity_probs: list[float] = field(default_factory=lambda: list(SourceParams().intensity_probs))
-    basis_prob_z: float = SourceParams().p_z
-    detector_efficiency: float = 0.1
-    dark_count: float = 1e-6
-    afterpulse: float = 0.0
-    dead_time_s: float = 0.0
+    """The simulated device; physical defaults are those of :mod:`qkdstack.physics.params`."""
+
+    distance_km: float = _CHANNEL.length_km
+    attenuation_db_per_km: float = _CHANNEL.attenuation_db_per_km
+    extra_loss_db: float = _CHANNEL.extra_loss_db
+    misalignment: float = _CHANNEL.misalignment
+    rep_rate_hz: float = _SOURCE.rep_rate_hz
+    intensities: list[float] = field(default_factory=lambda: list(_SOURCE.intensities))
+    intensity_probs: list[float] = field(default_factory=lambda: list(_SOURCE.intensity_probs))
+    basis_prob_z: float = _SOURCE.p_z
+    detector_efficiency: float = _RECEIVER.efficiency
+    dark_count: float = _RECEIVER.dark_count
+    afterpulse: float = _RECEIVER.afterpulse
+    dead_time_s: float = _RECEIVER.dead_time_s
     pulses_per_frame: int = 100_000_000
     eve: str = "none"
     seed: int | None = None
