@@ -293,17 +293,13 @@ class Node:
         # from this round too (the last bootstrap message may be lost), see _release_settled.
         doc = {"block_id": outcome.block_id, "key": rest.hex()}
         atomic_write(self.pending_dir / f"{BOOTSTRAP_ROUND_ID}.json", json.dumps(doc).encode(), 0o600)
-        self.stats.rounds_accepted += 1
-        self.stats.secret_bits += outcome.length
-        self._record_last(outcome, None)
+        self._count_accepted(outcome, None)
         await self.write_status()
 
     async def _settle(self, block: KeyBlock, result: RoundOutcome) -> None:
         """Store what the authenticated round outcome allows; keep the rest pending on disk."""
         await self._release_settled(result)
-        self.stats.rounds_accepted += 1
-        self.stats.secret_bits += block.length
-        self._record_last(block, result)
+        self._count_accepted(block, result)
         if result.pending_round_id is None:
             await self._store(result.round_id, block.block_id, result.key_for_store)
         else:
@@ -321,7 +317,10 @@ class Node:
             chunks = await self.kme.add_block(block_id, rest)
             self.stats.stored_bits += chunks * self.kme.config.key_size
 
-    def _record_last(self, block: KeyBlock, result: RoundOutcome | None) -> None:
+    def _count_accepted(self, block: KeyBlock, result: RoundOutcome | None) -> None:
+        """Count an accepted round and record (and log) its figures."""
+        self.stats.rounds_accepted += 1
+        self.stats.secret_bits += block.length
         meta = block.to_dict()
         self.stats.last = {
             "block_id": block.block_id,
