@@ -76,9 +76,6 @@ class DemoResult:
     aborts: list[str] = field(default_factory=list)
     wall_s: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 def _free_port_block(count: int) -> int:
     """A base port with ``count`` consecutive free ports on 127.0.0.1."""
