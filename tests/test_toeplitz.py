@@ -4,12 +4,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdstack.errors import QKDError
-from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, toeplitz_hash, toeplitz_hash_naive
+from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, seed_length, toeplitz_hash, toeplitz_hash_naive
 
 
 def _random_instance(seed: int, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 2, n, dtype=np.uint8), rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    return rng.integers(0, 2, n, dtype=np.uint8), rng.integers(0, 2, seed_length(n), dtype=np.uint8)
 
 
 @settings(max_examples=200, deadline=None)
@@ -32,36 +32,57 @@ def test_edge_sizes(n, m):
 
 
 def test_all_ones_worst_case_sums():
-    """All-ones inputs give the largest convolution sums (n); parity of n must come out exactly."""
-    for n, m in [(1000, 1000), (4097, 17)]:
+    """All-ones inputs give the largest convolution sums (n - m); their parity must come out exactly."""
+    for n, m in [(1000, 1), (1000, 500), (4097, 17)]:
         key = np.ones(n, np.uint8)
-        seed = np.ones(n + m - 1, np.uint8)
-        assert np.array_equal(toeplitz_hash(key, seed, m), np.full(m, n & 1, np.uint8))
+        seed = np.ones(n - 1, np.uint8)
+        assert np.array_equal(toeplitz_hash(key, seed, m), np.full(m, 1 ^ ((n - m) & 1), np.uint8))
 
 
 def test_matrix_convention():
-    """T[i, j] = seed[i - j + n - 1]: a unit key vector e_j selects column j of T."""
+    """[I | T] with T[i, j] = seed[i - j + n - m - 1]: a unit key vector e_j selects column j."""
     n, m = 5, 3
-    seed = np.array([1, 0, 0, 1, 1, 0, 1], dtype=np.uint8)
+    seed = np.array([1, 0, 0, 1], dtype=np.uint8)
     for j in range(n):
         key = np.zeros(n, np.uint8)
         key[j] = 1
-        expected = [seed[i - j + n - 1] for i in range(m)]
+        identity_column = [int(i == j) for i in range(m)]
+        expected = identity_column if j < m else [seed[i - (j - m) + n - m - 1] for i in range(m)]
         assert toeplitz_hash(key, seed, m).tolist() == expected
 
 
+def test_m_equal_n_is_the_identity():
+    key, seed = _random_instance(3, 50, 50)
+    assert np.array_equal(toeplitz_hash(key, seed, 50), key)
+
+
+@pytest.mark.parametrize("n,m", [(6, 1), (6, 3), (7, 4)])
+def test_family_is_two_universal_exhaustively(n, m):
+    """For every pair of distinct keys, at most a 2^-m fraction of all 2^(n-1) seeds collides them."""
+    keys = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(np.uint8)
+    seeds = ((np.arange(2 ** (n - 1))[:, None] >> np.arange(n - 1)) & 1).astype(np.uint8)
+    collisions = np.zeros((2**n, 2**n), np.int64)
+    for seed in seeds:
+        codes = np.array([toeplitz_hash_naive(k, seed, m) for k in keys]) @ (1 << np.arange(m))
+        collisions += codes[:, None] == codes[None, :]
+    np.fill_diagonal(collisions, 0)
+    assert collisions.max() <= len(seeds) // 2**m
+    assert collisions.max() > 0  # the count is real: some pairs do collide
+
+
 def test_large_spot_check_against_direct_parities():
-    """A 2*10^5-bit hash: selected output bits recomputed as parities of seed window AND key."""
+    """A 2*10^5-bit hash: selected output bits recomputed as key bit XOR parity of seed window AND key tail."""
     n, m = 200_003, 100_001
+    w = n - m
     key, seed = _random_instance(7, n, m)
     out = toeplitz_hash(key, seed, m)
     rng = np.random.default_rng(8)
     for i in [0, 1, m - 1, *rng.integers(0, m, 60).tolist()]:
-        window = seed[i : i + n][::-1]  # row i of T: seed[i - j + n - 1] for j = 0..n-1
-        assert out[i] == int(np.bitwise_and(window, key).sum()) & 1
+        window = seed[i : i + w][::-1]  # row i of T: seed[i - j + w - 1] for j = 0..w-1
+        assert out[i] == key[i] ^ (int(np.bitwise_and(window, key[m:]).sum()) & 1)
 
 
-@pytest.mark.parametrize("n,m,seed_len", [(10, 0, 9), (10, 11, 20), (10, 5, 13), (0, 1, 0)])
+@pytest.mark.parametrize("n,m,seed_len", [(10, 0, 9), (10, 11, 9), (10, 5, 14), (10, 5, 10), (0, 1, 0)])
 def test_bad_sizes_rejected(n, m, seed_len):
     with pytest.raises(ValueError):
         toeplitz_hash(np.zeros(n, np.uint8), np.zeros(seed_len, np.uint8), m)

@@ -1,10 +1,11 @@
 """Privacy amplification: compress the verified key to the secret length with Toeplitz hashing.
 
-Alice draws a Toeplitz seed of ``n + m - 1`` bits from the OS CSPRNG (``secrets``), where
+Alice draws a Toeplitz seed of ``n - 1`` bits from the OS CSPRNG (``secrets``), where
 ``n`` is the verified key length and ``m`` the output length the round computed from the
 finite-key bound (Lim et al., PRA 89, 022307 (2014), Eq. (1)). The seed is public: she
-sends it packed, and both parties compute ``T @ key mod 2`` with
-:func:`qkdstack.protocol.toeplitz.toeplitz_hash`. Toeplitz matrices with a uniform seed form
+sends it packed, and both parties compute ``[I | T] @ key mod 2`` (the modified Toeplitz
+matrix of Hayashi and Tsurumaru, IEEE TIT 62, 2213 (2016)) with
+:func:`qkdstack.protocol.toeplitz.toeplitz_hash`. These matrices with a uniform seed form
 a 2-universal family, so by the leftover hash lemma the ``m`` output bits are
 ``eps_PA``-close to uniform and independent of Eve's information whenever ``m`` does not
 exceed her min-entropy minus ``2 log2(1/eps_PA)`` (Tomamichel et al., Nat. Commun. 3, 634
@@ -25,7 +26,7 @@ import numpy as np
 from qkdstack.bits import BitArray
 from qkdstack.errors import ProtocolAbort
 from qkdstack.protocol.channel import Channel
-from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, toeplitz_hash
+from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, seed_length, toeplitz_hash
 
 __all__ = ["AmplificationResult", "alice", "bob"]
 
@@ -66,7 +67,7 @@ def _hash(key: np.ndarray, seed: BitArray, output_length: int) -> BitArray:
 async def alice(channel: Channel, key: np.ndarray, output_length: int) -> AmplificationResult:
     """Alice's side: draw and send a fresh Toeplitz seed from the CSPRNG, hash her key."""
     key, output_length = _check(key, output_length)
-    seed_len = key.size + output_length - 1
+    seed_len = seed_length(key.size)
     seed = BitArray.from_bytes(secrets.token_bytes((seed_len + 7) // 8), seed_len)
     await channel.send(f"{STAGE}.seed", seed=seed, n_bits=key.size, output_length=output_length)
     return AmplificationResult(_hash(key, seed, output_length), seed_len)
@@ -82,6 +83,6 @@ async def bob(channel: Channel, key: np.ndarray, output_length: int) -> Amplific
             STAGE,
             f"Alice hashes {msg['n_bits']} bits to {msg['output_length']}, Bob {key.size} to {output_length}",
         )
-    if not isinstance(seed, BitArray) or len(seed) != key.size + output_length - 1:
+    if not isinstance(seed, BitArray) or len(seed) != seed_length(key.size):
         raise ProtocolAbort(STAGE, "Alice's Toeplitz seed is malformed or of the wrong length")
     return AmplificationResult(_hash(key, seed, output_length), len(seed))

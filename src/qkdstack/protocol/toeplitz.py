@@ -3,26 +3,37 @@
 Convention
 ----------
 For an input ``key`` of ``n`` bits, an output length ``m`` (1 <= m <= n) and a ``seed`` of
-``n + m - 1`` bits, the Toeplitz matrix is the ``m x n`` matrix over GF(2)
+``n - 1`` bits, the hash is the *modified Toeplitz* matrix ``[I_m | T]`` of Hayashi and
+Tsurumaru ("More efficient privacy amplification with less random seeds via dual universal
+hash function", IEEE Trans. Inf. Theory 62, 2213 (2016)): the ``m x m`` identity next to the
+``m x (n - m)`` Toeplitz matrix over GF(2)
 
-    T[i, j] = seed[i - j + n - 1]        (0 <= i < m, 0 <= j < n),
+    T[i, j] = seed[i - j + w - 1]        (0 <= i < m, 0 <= j < w = n - m),
 
-constant along every diagonal; row 0 reads the seed from index ``n - 1`` down to ``0``,
-column 0 reads it from ``n - 1`` up to ``n + m - 2``. The hash is ``y = T @ key mod 2``:
+constant along every diagonal (row 0 reads the seed from index ``w - 1`` down to ``0``,
+column 0 from ``w - 1`` up to ``n - 2``). The hash is
 
-    y[i] = sum_j seed[i + n - 1 - j] * key[j]  (mod 2) = c[i + n - 1] mod 2,
+    y = key[:m] XOR T @ key[m:],   (T @ key[m:])[i] = c[i + w - 1] mod 2,
 
-where ``c = seed * key`` is the ordinary (integer) linear convolution. So the hash is the
-*middle* ``m`` coefficients of an integer polynomial product, reduced mod 2. Toeplitz
-matrices with a uniformly random seed form a 2-universal family (Krawczyk, CRYPTO 1994;
-Mansour, Nisan, Tiwari, STOC 1990), which is what the leftover hash lemma needs.
+where ``c = seed * key[m:]`` is the ordinary (integer) linear convolution: the Toeplitz part
+is the *middle* ``m`` coefficients of an integer polynomial product, reduced mod 2.
+
+Why this family. It is 2-universal: for keys ``x != x'`` with difference ``d = (d1, d2)``,
+``d2 = 0`` gives ``y - y' = d1 != 0``, and ``d2 != 0`` makes ``T @ d2`` uniform on
+``{0,1}^m`` over the seed (row ``i`` of ``T @ d2`` contains seed bit ``i - j_min + w - 1``,
+``j_min`` the first 1 of ``d2``, which no earlier row contains, so the map from seed to
+``T @ d2`` is onto), hence ``Pr[y = y'] <= 2^-m`` -- what the leftover hash lemma needs
+(Krawczyk, CRYPTO 1994, for the plain Toeplitz case; ``tests/test_toeplitz.py`` checks the
+bound exhaustively on small sizes). Against the plain ``m x n`` Toeplitz matrix it needs
+``n - 1`` instead of ``n + m - 1`` seed bits and a convolution of length ``n - 1`` instead of
+``n + m - 1``: a third less work at ``m = n/2``.
 
 Algorithm
 ---------
-The convolution is computed as a *cyclic* convolution of length ``N = C * R >= n + m - 1``
+The convolution is computed as a *cyclic* convolution of length ``N = C * R >= n - 1``
 (``C`` and ``R`` 5-smooth and close to ``sqrt(N)``). Cyclic index ``k`` holds ``c[k] + c[k +
-N]``; for the indices we read, ``k >= n - 1``, so ``k + N >= 2n + m - 2`` lies past the last
-linear index ``2n + m - 3``: no wrap-around reaches them. Five measured tricks make it fast
+N]``; for the indices we read, ``k >= w - 1``, so ``k + N >= w + n - 2`` lies past the last
+linear index ``w + n - 3``: no wrap-around reaches them. Five measured tricks make it fast
 (see ``docs/amplification.md`` for the figures):
 
 * both real inputs ride in one complex array, ``z = seed + i*key``, so one complex FFT ``Z``
@@ -57,11 +68,11 @@ with ``u = 2**-53``, ``L`` the number of levels of rounded multiplications and `
 relative error of the twiddle factors (``<= 3u`` here). ``L = log2 N`` for a radix-2 FFT;
 the four-step twiddle, the product formula and the even/odd fold each add one level, so
 ``L <= log2 N + 3``. The complex packing replaces ``||seed||_2 * ||key||_2`` by ``||z||_2^2 =
-|seed| + |key| <= 2n + m`` (Parseval: the error of ``Z[k]^2 - conj(Z[-k])^2`` is bounded by
+|seed| + |key[m:]| < 2n`` (Parseval: the error of ``Z[k]^2 - conj(Z[-k])^2`` is bounded by
 that of ``|Z[k]|^2 + |Z[-k]|^2``). The bound is then at most about ``3L(1 + sqrt 5 + 3) u
-(2n + m) < 20 L u (2n + m)``: for ``n = m = 10**7`` (``L <= 28``) it is ``< 2e-6``, five
+(2n) < 40 L u n``: for ``n = 10**7`` (``L <= 28``) it is ``< 2e-6``, five
 orders of magnitude below the ``0.5`` at which rounding to the nearest integer could go
-wrong; it stays below ``1e-3`` up to ``n = m = 2**31``.
+wrong; it stays below ``1e-3`` up to ``n = 2**31``.
 
 Because pocketfft is a mixed-radix implementation rather than the radix-2 algorithm the
 theorems analyse, :func:`toeplitz_hash` also *measures* the distance of every output
@@ -81,11 +92,11 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.fft
-from numba import njit
+from numba import njit, prange
 
 from qkdstack.errors import QKDError
 
-__all__ = ["MAX_ROUNDING_ERROR", "ToeplitzPrecisionError", "toeplitz_hash", "toeplitz_hash_naive"]
+__all__ = ["MAX_ROUNDING_ERROR", "ToeplitzPrecisionError", "seed_length", "toeplitz_hash", "toeplitz_hash_naive"]
 
 MAX_ROUNDING_ERROR = 0.25
 """Largest accepted distance of an FFT output from the nearest integer (true values are integers)."""
@@ -129,9 +140,14 @@ def _check_args(key_bits: np.ndarray, seed_bits: np.ndarray, m: int) -> tuple[np
     n = key.size
     if not 1 <= m <= n:
         raise ValueError(f"output length m = {m} must lie in 1..n = {n}")
-    if seed.size != n + m - 1:
-        raise ValueError(f"Toeplitz seed must have n + m - 1 = {n + m - 1} bits, got {seed.size}")
+    if seed.size != seed_length(n):
+        raise ValueError(f"Toeplitz seed must have n - 1 = {seed_length(n)} bits, got {seed.size}")
     return key, seed, n
+
+
+def seed_length(n: int) -> int:
+    """Bits of seed the hash of an ``n``-bit key needs, whatever the output length: ``n - 1``."""
+    return n - 1
 
 
 def _smooth_numbers(limit: int) -> list[int]:
@@ -166,9 +182,9 @@ def _shape(length: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _twiddle(a: np.ndarray, n_total: int, sign: float) -> None:
-    """Multiply ``a[k2, j1]`` in place by ``exp(sign * 2*pi*i * k2*j1 / n_total)``.
+    """Multiply ``a[k2, j1]`` in place by ``exp(sign * 2*pi*i * k2*j1 / n_total)``, rows in parallel.
 
     Each factor is the product of two table entries (``j1 = lo + step*hi``) whose angles are
     reduced exactly mod ``n_total`` in integers before ``cos``/``sin``.
@@ -178,10 +194,10 @@ def _twiddle(a: np.ndarray, n_total: int, sign: float) -> None:
     while step * step < cols:
         step += 1
     n_hi = (cols + step - 1) // step
-    lo = np.empty(step, np.complex128)
-    hi = np.empty(n_hi, np.complex128)
     scale = sign * 2.0 * math.pi / n_total
-    for r in range(1, rows):
+    for r in prange(1, rows):
+        lo = np.empty(step, np.complex128)
+        hi = np.empty(n_hi, np.complex128)
         for i in range(step):
             angle = scale * ((r * i) % n_total)
             lo[i] = complex(math.cos(angle), math.sin(angle))
@@ -206,7 +222,7 @@ def _mirror_product(z: np.ndarray, r: int, c: int) -> complex:
     return (here * here - mirror.conjugate() ** 2) * -0.25j
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _half_length_spectrum(z: np.ndarray, q: np.ndarray) -> None:
     """Write to ``q`` the spectrum ``Q`` of length ``N/2`` whose inverse is ``p[2j] + i*p[2j+1]``, ``p = seed (*) key``.
 
@@ -227,31 +243,45 @@ def _half_length_spectrum(z: np.ndarray, q: np.ndarray) -> None:
     for c in range(half):
         angle = 2.0 * math.pi * c / cols
         col_turn[c] = complex(math.cos(angle), math.sin(angle))
-    for r in range(rows):
+    for r in prange(rows):
         for c in range(half):
             low = _mirror_product(z, r, c)
             high = _mirror_product(z, r, c + half)
             q[r, c] = 0.5 * (low + high) + 0.5j * (low - high) * (row_turn[r] * col_turn[c])
 
 
-@njit(cache=True)
+_CHUNK = 1 << 16
+"""Elements per task of the parallel element-wise kernels below."""
+
+
+@njit(cache=True, parallel=True)
 def _interleave(seed: np.ndarray, key: np.ndarray, flat: np.ndarray) -> None:
-    """Fill ``flat`` with ``seed + i*key``, zero-padded, in one pass."""
-    for j in range(flat.size):
-        re = float(seed[j]) if j < seed.size else 0.0
-        im = float(key[j]) if j < key.size else 0.0
-        flat[j] = complex(re, im)
+    """Fill ``flat`` with ``seed + i*key``, zero-padded, in one parallel pass."""
+    for chunk in prange((flat.size + _CHUNK - 1) // _CHUNK):
+        for j in range(chunk * _CHUNK, min(flat.size, (chunk + 1) * _CHUNK)):
+            re = float(seed[j]) if j < seed.size else 0.0
+            im = float(key[j]) if j < key.size else 0.0
+            flat[j] = complex(re, im)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _round_parity(values: np.ndarray, out: np.ndarray) -> float:
     """Write ``round(values) mod 2`` to ``out``; return the largest distance to the nearest integer."""
-    worst = 0.0
-    for i in range(values.size):
-        nearest = np.rint(values[i])
-        worst = max(worst, abs(values[i] - nearest))
-        out[i] = np.uint8(int(nearest) & 1)
-    return worst
+    chunks = (values.size + _CHUNK - 1) // _CHUNK
+    worst = np.zeros(max(chunks, 1))
+    for chunk in prange(chunks):
+        for i in range(chunk * _CHUNK, min(values.size, (chunk + 1) * _CHUNK)):
+            nearest = np.rint(values[i])
+            worst[chunk] = max(worst[chunk], abs(values[i] - nearest))
+            out[i] = np.uint8(int(nearest) & 1)
+    return worst.max()
+
+
+@njit(cache=True, parallel=True)
+def _wipe(flat: np.ndarray) -> None:
+    """Zero ``flat`` in parallel (the work arrays held key-dependent values)."""
+    for chunk in prange((flat.size + _CHUNK - 1) // _CHUNK):
+        flat[chunk * _CHUNK : min(flat.size, (chunk + 1) * _CHUNK)] = 0
 
 
 def _cyclic_convolution(seed: np.ndarray, key: np.ndarray, z: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -273,33 +303,40 @@ def _cyclic_convolution(seed: np.ndarray, key: np.ndarray, z: np.ndarray, q: np.
 
 
 def toeplitz_hash(key_bits: np.ndarray, seed_bits: np.ndarray, m: int) -> np.ndarray:
-    """Return ``T @ key mod 2`` as a uint8 0/1 array of ``m`` bits (unpacked), ``T[i,j] = seed[i-j+n-1]``.
+    """Return ``[I_m | T] @ key mod 2`` as a uint8 0/1 array of ``m`` bits (unpacked).
 
-    ``key_bits`` (``n`` bits) and ``seed_bits`` (``n + m - 1`` bits) are 0/1 arrays of any
-    integer or bool dtype. Computed with one packed complex four-step FFT convolution in
-    binary64; exact by the bound in the module docstring, and checked at run time
-    (:class:`ToeplitzPrecisionError`).
+    ``T[i, j] = seed[i - j + n - m - 1]`` is the ``m x (n - m)`` Toeplitz matrix of the module
+    docstring; ``key_bits`` (``n`` bits) and ``seed_bits`` (``n - 1`` bits) are 0/1 arrays of
+    any integer or bool dtype. ``T @ key[m:]`` is computed with one packed complex four-step FFT
+    convolution in binary64: exact by the bound in the module docstring, and checked at run
+    time (:class:`ToeplitzPrecisionError`).
     """
     key, seed, n = _check_args(key_bits, seed_bits, m)
+    out = key[:m].astype(np.uint8)  # a copy: the identity block
+    if m == n:
+        return out
+    tail = key[m:].astype(np.uint8, copy=False)
     cols, rows = _shape(seed.size)
     z = _WORKSPACE.get("spectrum", cols * rows).reshape(cols, rows)
     q = _WORKSPACE.get("half", cols * rows // 2).reshape(cols, rows // 2)
-    out = np.empty(m, np.uint8)
+    product = np.empty(m, np.uint8)
     try:
-        conv = _cyclic_convolution(seed.astype(np.uint8, copy=False), key.astype(np.uint8, copy=False), z, q)
-        worst = _round_parity(conv[n - 1 : n - 1 + m], out)
+        conv = _cyclic_convolution(seed.astype(np.uint8, copy=False), tail, z, q)
+        worst = _round_parity(conv[tail.size - 1 : tail.size - 1 + m], product)
     finally:
-        z.fill(0)
-        q.fill(0)
+        _wipe(z.reshape(-1))
+        _wipe(q.reshape(-1))
     if worst > MAX_ROUNDING_ERROR:
         raise ToeplitzPrecisionError("FFT convolution rounding error exceeds 0.25; refusing an inexact hash")
+    np.bitwise_xor(out, product, out=out)
     return out
 
 
 def toeplitz_hash_naive(key_bits: np.ndarray, seed_bits: np.ndarray, m: int) -> np.ndarray:
-    """Reference ``T @ key mod 2`` by building the dense ``m x n`` matrix (tests only; small sizes)."""
+    """Reference ``[I_m | T] @ key mod 2`` by building the dense ``m x n`` matrix (tests only; small sizes)."""
     key, seed, n = _check_args(key_bits, seed_bits, m)
     rows = np.arange(m)[:, None]
-    cols = np.arange(n)[None, :]
-    matrix = seed.astype(np.uint8)[rows - cols + n - 1]
+    cols = np.arange(n - m)[None, :]
+    toeplitz = seed.astype(np.uint8)[rows - cols + n - m - 1]
+    matrix = np.concatenate([np.eye(m, dtype=np.uint8), toeplitz], axis=1)
     return (np.bitwise_and(matrix, key.astype(np.uint8)[None, :]).sum(axis=1, dtype=np.int64) & 1).astype(np.uint8)
