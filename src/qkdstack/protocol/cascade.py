@@ -76,6 +76,9 @@ class CascadeSchedule:
     ``growth`` (``math.inf``: half the key). Every size is clamped to [1, ⌈n/2⌉].
     ``lookahead``: when at most max(lookahead, lookahead_per_bit * n) searches are open, each
     asks two levels per round trip (one extra parity per search and round trip; 0 = never).
+    ``early_per_bit``, ``tail_round_trips``: once ``tail_round_trips`` round trips have passed, the
+    next pass starts as soon as at most ``early_per_bit * n`` searches are open instead of none, so
+    the serial end of the cascade chains overlaps with the later passes (0: never).
     """
 
     name: str
@@ -85,6 +88,8 @@ class CascadeSchedule:
     fixed_blocks: tuple[Callable[[float], int], ...] = ()
     lookahead: int = 0
     lookahead_per_bit: float = 0.0
+    early_per_bit: float = 0.0
+    tail_round_trips: int = 0
     citation: str = ""
 
     def block_sizes(self, qber: float, n: int) -> list[int]:
@@ -144,6 +149,8 @@ BATCHED = CascadeSchedule(
     fixed_blocks=(_batched_k2, lambda q: 4096),
     lookahead=8,
     lookahead_per_bit=5e-5,
+    early_per_bit=1e-5,
+    tail_round_trips=40,
     citation="qkdstack variant tuned for few round trips, following the guidelines of Martinez-Mateo et al. (2015) "
     "(power-of-two k1, k3 = 4096, then n/2, 14 passes): k1 = 2^round(log2(0.9/Q)) so that k1*Q lies in "
     "[0.64, 1.27), k2 = 4 k1 if k1*Q < 0.7, 3 k1 if < 0.9, else 2 k1, and two-level look-ahead once at most "
@@ -364,6 +371,9 @@ class _Bob:
         self.corrected = 0
         self.lookahead = 0
         self._two = np.zeros(0, dtype=bool)
+        self.early = 0
+        self.tail_start = 0
+        self.rounds = 0
 
     def activate(self) -> None:
         """Start the next pass: Bob's own top-level parities against Alice's.
@@ -407,7 +417,9 @@ class _Bob:
                 self.m, cand,
             )  # fmt: skip
             self.corrected += flipped
-            if self.m == 0 and self.active < self.sizes.size:
+            if self.active < self.sizes.size and (
+                self.m == 0 or (self.m <= self.early and self.rounds >= self.tail_start)
+            ):
                 j = self.active
                 self.activate()
                 cand = np.arange(self.mism_off[j], self.mism_off[j + 1], dtype=np.int64)
@@ -494,6 +506,8 @@ async def bob(
 
     state = _Bob(bits, sizes, params, top)
     state.lookahead = max(sched.lookahead, round(sched.lookahead_per_bit * n))
+    state.early = round(sched.early_per_bit * n)
+    state.tail_start = sched.tail_round_trips
     while True:
         state.resolve()
         if state.m == 0:
@@ -505,6 +519,7 @@ async def bob(
         if reply.disclosed is None or len(reply.disclosed) != p.size:
             raise ProtocolAbort(STAGE, "cascade.parities carries the wrong number of parities")
         state.answer(reply.disclosed.to_bits())
+        state.rounds += 1
     await channel.send("cascade.done", passes=state.active)
     leak1, sent1 = _snapshot(channel)
     return CascadeResult(

@@ -631,7 +631,7 @@ def free_descent(trees, built, key, params, p, s, e, a, d, bits, leaf, rbits, on
             on[t] = follow
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _descend(trees, built, key, params, t, p, s, e, a, d, bits, alice_left):
     j = p[t]
     mid = s[t] + (e[t] - s[t]) // 2
