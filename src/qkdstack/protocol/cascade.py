@@ -228,22 +228,28 @@ MASK_MIN_N = 256
 :func:`cascade_kernels.make_mask_params`); shorter keys keep the keyed permutations."""
 
 
-def _derive_permutations(seed: int, n: int, passes: int, sizes: list[int] | None = None) -> np.ndarray:
+def _derive_permutations(
+    seed: int, n: int, passes: int, sizes: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Permutation parameters of every pass (pass 1: identity) from the public seed.
 
     With ``sizes`` (the block sizes of the run), passes of two blocks (size ⌈n/2⌉) get mask
-    shuffles, whose top-level parity is a popcount over the packed key.
+    shuffles, whose top-level parity is a popcount over the packed key. Returns the parameters
+    and, per pass, the member-count table of its mask shuffle (:func:`cascade_kernels.mask_cum`;
+    rows of other passes are unused).
     """
     rng = np.random.default_rng(seed)
     params = np.empty((passes, K.NPARAM), dtype=np.uint64)
     params[0] = K.identity_params(n)
     cap = max(1, -(-n // 2))
+    mask = [j for j in range(1, passes) if sizes is not None and n >= MASK_MIN_N and sizes[j] == cap]
+    mcum = np.zeros((passes if mask else 1, (n + 63) // 64 + 1), dtype=np.int64)
     for j in range(1, passes):
-        if sizes is not None and n >= MASK_MIN_N and sizes[j] == cap:
-            params[j] = K.make_mask_params(rng, n)
+        if j in mask:
+            params[j] = K.make_mask_params(rng, n, mcum[j])
         else:
             params[j] = K.make_permutation_params(rng, n)
-    return params
+    return params, mcum
 
 
 def _snapshot(channel: Channel) -> tuple[int, int]:
@@ -269,7 +275,7 @@ async def alice(
     sizes = sched.block_sizes(qber_estimate, n)
     leak0, sent0 = _snapshot(channel)
     seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else secrets.randbits(63)
-    params = _derive_permutations(seed, n, sched.passes, sizes)
+    params, mcum = _derive_permutations(seed, n, sched.passes, sizes)
     # Rows are filled when a pass gets busy and read only once filled (``built``): np.empty, since
     # zeroing 14 rows of n bytes costs milliseconds once the allocator recycles freed memory.
     prefixes = np.empty((sched.passes, n + 1), dtype=np.uint8)
@@ -277,7 +283,7 @@ async def alice(
     direct = np.zeros(sched.passes, dtype=np.int64)  # positions read directly so far, per pass
 
     is_mask = params[:, K.P_MODE] == 2
-    packed = K.pack_key(bits) if is_mask.any() else None
+    packed = K.pack_key(bits)
     tops = []
     for j, k in enumerate(sizes):
         count = -(-n // k)
@@ -323,11 +329,11 @@ async def alice(
         # A pass is answered from a prefix array once reading its ranges directly has cost
         # about a quarter of a pass over the key; passes with few questions never build one.
         direct += K.range_lengths(sched.passes, p, s, e) * (built == 0)
-        for j in np.flatnonzero(((direct > n // 4) | ((direct > 0) & is_mask)) & (built == 0)):
+        for j in np.flatnonzero((direct > n // 4) & (built == 0) & ~is_mask):
             K.prefix_parity(bits, params[j], prefixes[j])
             built[j] = 1
         out = np.empty(p.size, dtype=np.uint8)
-        if not K.answer_parities(prefixes, built, bits, params, p, s, e, out):
+        if not K.answer_parities(prefixes, built, bits, packed, mcum, params, p, s, e, out):
             raise ProtocolAbort(STAGE, "parity question outside the key")
         await channel.send("cascade.parities", disclosed=BitArray.from_bits(out))
     leak1, sent1 = _snapshot(channel)
@@ -344,8 +350,12 @@ async def alice(
 class _Bob:
     """Bob's state: working key, per-pass Fenwick trees, top-level mismatches, searches."""
 
-    def __init__(self, bits: np.ndarray, sizes: list[int], params: np.ndarray, top: list[np.ndarray]) -> None:
+    def __init__(
+        self, bits: np.ndarray, sizes: list[int], params: np.ndarray, mcum: np.ndarray, top: list[np.ndarray]
+    ) -> None:
         self.key = bits
+        self.bpk = K.pack_key(bits)  # packed copy, kept equal to ``key`` (mask-shuffle parities)
+        self.mcum = mcum
         self.n = bits.size
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.params = params
@@ -390,7 +400,7 @@ class _Bob:
         if j > 0 and count <= 2:
             total = int(np.count_nonzero(self.key)) & 1
             if self.params[j, K.P_MODE] == 2:
-                first = int(K.mask_prefix_parity(K.pack_key(self.key), self.params[j], k))
+                first = int(K.mask_prefix_parity(self.bpk, self.params[j], k))
             else:
                 first = int(K.perm_range_parity(self.key, self.params[j], 0, k))
             mine[:] = np.array([first, first ^ total][:count], dtype=np.uint8)
@@ -411,7 +421,8 @@ class _Bob:
         cand = np.zeros(0, dtype=np.int64)
         while True:
             self.m, flipped = K.resolve_searches(
-                self.key, self.trees, self.built, self.params, self.sizes, self.mism, self.mism_off, self.busy,
+                self.key, self.bpk, self.mcum, self.trees, self.built, self.params, self.sizes, self.mism,
+                self.mism_off, self.busy,
                 self.rec_leaf, self.rec_bits, self.alice_flat, self.opened, self.active,
                 self.p, self.b, self.s, self.e, self.a, self.d, self.bits, self.leaf, self.rbits, self.on,
                 self.m, cand,
@@ -456,6 +467,8 @@ class _Bob:
             self.trees,
             self.built,
             self.key,
+            self.bpk,
+            self.mcum,
             self.params,
             self.p[:m],
             self.s[:m],
@@ -488,7 +501,7 @@ async def bob(
     if theirs != sizes:
         raise ProtocolAbort(STAGE, f"block schedule mismatch: Alice uses {theirs}, Bob {sizes}")
     seed = int(start["seed"])
-    params = _derive_permutations(seed, n, sched.passes, sizes)
+    params, mcum = _derive_permutations(seed, n, sched.passes, sizes)
     disclosed = start.disclosed
     nblocks = [-(-n // k) for k in sizes]
     expected = nblocks[0] + sum(nb - 1 for nb in nblocks[1:])
@@ -504,7 +517,7 @@ async def bob(
         last = total ^ int(np.bitwise_xor.reduce(part, initial=0))
         top.append(np.concatenate([part, np.array([last], dtype=np.uint8)]))
 
-    state = _Bob(bits, sizes, params, top)
+    state = _Bob(bits, sizes, params, mcum, top)
     state.lookahead = max(sched.lookahead, round(sched.lookahead_per_bit * n))
     state.early = round(sched.early_per_bit * n)
     state.tail_start = sched.tail_round_trips

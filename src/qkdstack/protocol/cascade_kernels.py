@@ -67,7 +67,7 @@ def identity_params(n: int) -> np.ndarray:
     return p
 
 
-def make_mask_params(rng: np.random.Generator, n: int) -> np.ndarray:
+def make_mask_params(rng: np.random.Generator, n: int, cum: np.ndarray | None = None) -> np.ndarray:
     """Draw one "mask" shuffle of [0, n) from ``rng``, used for the passes of two blocks.
 
     A keyed pseudo-random mask (SplitMix64 of the word index, one bit per key index) splits
@@ -82,7 +82,7 @@ def make_mask_params(rng: np.random.Generator, n: int) -> np.ndarray:
     p[P_MODE] = 2
     p[P_N] = n
     p[P_A1] = rng.integers(0, 2**63, dtype=np.uint64) * np.uint64(2) + np.uint64(rng.integers(0, 2))
-    p[P_B1] = mask_count(p)
+    p[P_B1] = mask_count(p) if cum is None else mask_cum(p, cum)
     return p
 
 
@@ -208,6 +208,114 @@ def _mask_inv(x, p):
         cnt += _popcount(_mask_word(p, v, member))
     cnt += _popcount(_mask_word(p, w, member) & ((np.uint64(1) << bit) - np.uint64(1)))
     return np.int64(cnt) if member else np.int64(p[P_B1]) + np.int64(cnt)
+
+
+@njit(cache=True)
+def mask_cum(p, out):
+    """out[w] = number of members in the words before ``w`` (w = 0 … ⌈n/64⌉); returns the total.
+
+    With this table a mask shuffle's rank (key index → position) and select (position → key
+    index) take a binary search and one word instead of a scan from the start of the key.
+    """
+    c = np.int64(0)
+    nw = (np.int64(p[P_N]) + 63) >> 6
+    out[0] = 0
+    for w in range(nw):
+        c += np.int64(_popcount(_mask_word(p, w, True)))
+        out[w + 1] = c
+    return c
+
+
+@njit(cache=True, inline="always")
+def _kind_before(cum, n, w, member):
+    """Members (or non-members) among the key indices before word ``w``."""
+    if member:
+        return cum[w]
+    return min(np.int64(w) * 64, n) - cum[w]
+
+
+@njit(cache=True, inline="always")
+def _nth_bit(m, r):
+    """Index (0 … 63) of the ``r``-th (from 0) set bit of ``m``."""
+    for _ in range(r):
+        m &= m - np.uint64(1)
+    b = 0
+    while ((m >> np.uint64(b)) & np.uint64(1)) == np.uint64(0):
+        b += 1
+    return b
+
+
+@njit(cache=True)
+def _mask_select_kind(p, cum, r, member):
+    """Key index of the ``r``-th member (or non-member) in index order (``r`` < their count)."""
+    n = np.int64(p[P_N])
+    lo, hi = 0, cum.size - 1  # the word w with before(w) <= r < before(w + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if _kind_before(cum, n, mid, member) <= r:
+            lo = mid
+        else:
+            hi = mid
+    m = _mask_word(p, lo, member)
+    return np.int64(lo) * 64 + _nth_bit(m, r - _kind_before(cum, n, lo, member))
+
+
+@njit(cache=True, inline="always")
+def mask_select(p, cum, i):
+    """Key index at position ``i`` of a mask shuffle, with its member-count table ``cum``."""
+    c1 = np.int64(p[P_B1])
+    if i < c1:
+        return _mask_select_kind(p, cum, i, True)
+    return _mask_select_kind(p, cum, i - c1, False)
+
+
+@njit(cache=True, inline="always")
+def mask_rank(p, cum, x):
+    """Position of key index ``x`` in a mask shuffle, with its member-count table ``cum``."""
+    w = x >> 6
+    bit = np.uint64(x & 63)
+    mw = _mask_word(p, w, True)
+    below = (np.uint64(1) << bit) - np.uint64(1)
+    if (mw >> bit) & np.uint64(1):
+        return cum[w] + np.int64(_popcount(mw & below))
+    nonm = ~mw & below
+    return np.int64(p[P_B1]) + (np.int64(w) * 64 - cum[w]) + np.int64(_popcount(nonm))
+
+
+@njit(cache=True)
+def _mask_kind_parity(packed, p, cum, r0, r1, member):
+    """Parity of the packed key over the members (or non-members) of ranks [r0, r1)."""
+    if r1 <= r0:
+        return np.uint8(0)
+    n = np.int64(p[P_N])
+    total = cum[cum.size - 1] if member else n - cum[cum.size - 1]
+    x0 = _mask_select_kind(p, cum, r0, member)
+    x1 = _mask_select_kind(p, cum, r1, member) if r1 < total else n
+    w0, w1 = x0 >> 6, x1 >> 6
+    lo = ~((np.uint64(1) << np.uint64(x0 & 63)) - np.uint64(1))
+    acc = np.uint64(0)
+    if w0 == w1:
+        hi = (np.uint64(1) << np.uint64(x1 & 63)) - np.uint64(1)
+        return np.uint8(_popcount(packed[w0] & _mask_word(p, w0, member) & lo & hi) & np.uint64(1))
+    acc ^= packed[w0] & _mask_word(p, w0, member) & lo
+    for w in range(w0 + 1, w1):
+        acc ^= packed[w] & _mask_word(p, w, member)
+    if (x1 & 63) != 0:
+        hi = (np.uint64(1) << np.uint64(x1 & 63)) - np.uint64(1)
+        acc ^= packed[w1] & _mask_word(p, w1, member) & hi
+    return np.uint8(_popcount(acc) & np.uint64(1))
+
+
+@njit(cache=True)
+def mask_range_parity(packed, p, cum, a, b):
+    """Parity of positions [a, b) of a mask shuffle, from the packed key: one XOR and AND per word spanned."""
+    c1 = np.int64(p[P_B1])
+    acc = np.uint8(0)
+    if a < c1:
+        acc ^= _mask_kind_parity(packed, p, cum, a, min(b, c1), True)
+    if b > c1:
+        acc ^= _mask_kind_parity(packed, p, cum, max(a, c1) - c1, b - c1, False)
+    return acc
 
 
 def pack_key(key: np.ndarray) -> np.ndarray:
@@ -447,7 +555,7 @@ def direct_parity(key, p, start, end):
 
 
 @njit(cache=True)
-def answer_parities(prefixes, built, key, params, p, s, e, out):
+def answer_parities(prefixes, built, key, packed, mcum, params, p, s, e, out):
     """Alice's parities of ranges [s, e) of passes p: from her prefix array where ``built``, else read directly.
 
     Returns False, leaving ``out`` incomplete, if any question lies outside the key.
@@ -460,6 +568,8 @@ def answer_parities(prefixes, built, key, params, p, s, e, out):
             return False
         if built[j]:
             out[t] = prefixes[j, b] ^ prefixes[j, a]
+        elif params[j, P_MODE] == 2:
+            out[t] = mask_range_parity(packed, params[j], mcum[j], a, b)
         else:
             out[t] = direct_parity(key, params[j], a, b)
     return True
@@ -541,7 +651,7 @@ def bob_build_tops(key, p, k, count, row, mine):
 
 
 @njit(cache=True, inline="always")
-def _bob_parity(trees, built, key, params, j, a, b):
+def _bob_parity(trees, built, key, bpk, mcum, params, j, a, b):
     """Bob's parity of range [a, b) of pass j from whatever he keeps for the pass (see ``B_*``)."""
     kind = built[j]
     if kind == B_PLAIN:
@@ -553,11 +663,14 @@ def _bob_parity(trees, built, key, params, j, a, b):
     if kind == B_FENWICK:
         tree = trees[j]
         return _fen_prefix(tree, b) ^ _fen_prefix(tree, a)
-    if params[j, P_MODE] == 0 and b - a <= 256:
+    mode = params[j, P_MODE]
+    if mode == 0 and b - a <= 256:
         acc = np.uint8(0)
         for i in range(a, b):
             acc ^= key[i]
         return acc
+    if mode == 2:
+        return mask_range_parity(bpk, params[j], mcum[j], a, b)
     return direct_parity(key, params[j], a, b)
 
 
@@ -571,7 +684,7 @@ def originals(params, passes, positions):
 
 
 @njit(cache=True)
-def apply_corrections(xs, key, trees, built, params, active, block_size, mism, mism_off):
+def apply_corrections(xs, key, bpk, mcum, trees, built, params, active, block_size, mism, mism_off):
     """Flip Bob's bits ``xs`` (distinct original indices) and update every active pass.
 
     For each pass < ``active``: toggle the Fenwick tree (if built) at the bit's shuffled
@@ -583,8 +696,9 @@ def apply_corrections(xs, key, trees, built, params, active, block_size, mism, m
     for t in range(xs.size):
         x = xs[t]
         key[x] ^= 1
+        bpk[x >> 6] ^= np.uint64(1) << np.uint64(x & 63)
         for j in range(active):
-            pos = perm_inv(x, params[j])
+            pos = mask_rank(params[j], mcum[j], x) if params[j, P_MODE] == 2 else perm_inv(x, params[j])
             if built[j] == B_FENWICK:
                 tree = trees[j]
                 i = pos + 1
@@ -600,7 +714,7 @@ def apply_corrections(xs, key, trees, built, params, active, block_size, mism, m
 
 
 @njit(cache=True)
-def free_descent(trees, built, key, params, p, s, e, a, d, bits, leaf, rbits, on):
+def free_descent(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, leaf, rbits, on):
     """Walk each search down the recorded path of its block while that path's parities are known.
 
     Row by row (searches are independent while no bit flips): at each level the child on the
@@ -616,7 +730,7 @@ def free_descent(trees, built, key, params, p, s, e, a, d, bits, leaf, rbits, on
             ce = mid if left else e[t]
             d1 = d[t] + 1
             pa = np.uint8((rbits[t] >> np.uint64(d1)) & np.uint64(1))
-            pb = _bob_parity(trees, built, key, params, j, cs, ce)
+            pb = _bob_parity(trees, built, key, bpk, mcum, params, j, cs, ce)
             follow = (pa ^ pb) == 1
             if follow:
                 s[t], e[t], a[t] = cs, ce, pa
@@ -632,10 +746,10 @@ def free_descent(trees, built, key, params, p, s, e, a, d, bits, leaf, rbits, on
 
 
 @njit(cache=True, inline="always")
-def _descend(trees, built, key, params, t, p, s, e, a, d, bits, alice_left):
+def _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, alice_left):
     j = p[t]
     mid = s[t] + (e[t] - s[t]) // 2
-    mine = _bob_parity(trees, built, key, params, j, s[t], mid)
+    mine = _bob_parity(trees, built, key, bpk, mcum, params, j, s[t], mid)
     if (alice_left ^ mine) == 1:
         e[t] = mid
         a[t] = alice_left
@@ -647,7 +761,7 @@ def _descend(trees, built, key, params, t, p, s, e, a, d, bits, alice_left):
 
 
 @njit(cache=True)
-def apply_answers(trees, built, key, params, p, s, e, a, d, bits, two, answers):
+def apply_answers(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, two, answers):
     """Descend every search one level with Alice's parity of its left half (``answers[:m]``).
 
     Searches flagged in ``two`` had also asked the left quarter of both halves (answers
@@ -662,16 +776,18 @@ def apply_answers(trees, built, key, params, p, s, e, a, d, bits, two, answers):
     k = 0
     for t in range(m):
         mid = s[t] + (e[t] - s[t]) // 2
-        _descend(trees, built, key, params, t, p, s, e, a, d, bits, answers[t])
+        _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, answers[t])
         if two[t]:
             quarter = answers[m + k] if e[t] == mid else answers[m + nt + k]
-            _descend(trees, built, key, params, t, p, s, e, a, d, bits, quarter)
+            _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, quarter)
             k += 1
 
 
 @njit(cache=True)
 def resolve_searches(
     key,
+    bpk,
+    mcum,
     trees,
     built,
     params,
@@ -731,7 +847,10 @@ def resolve_searches(
         for t in range(m if ndirty else 0):
             j = rows_p[t]
             f = mism_off[j] + rows_b[t]
-            if dirty[f] == 0 or (_bob_parity(trees, built, key, params, j, rows_s[t], rows_e[t]) ^ rows_a[t]) == 1:
+            if (
+                dirty[f] == 0
+                or (_bob_parity(trees, built, key, bpk, mcum, params, j, rows_s[t], rows_e[t]) ^ rows_a[t]) == 1
+            ):
                 if w != t:
                     rows_p[w], rows_b[w], rows_s[w], rows_e[w] = rows_p[t], rows_b[t], rows_s[t], rows_e[t]
                     rows_a[w], rows_d[w], rows_bits[w] = rows_a[t], rows_d[t], rows_bits[t]
@@ -753,6 +872,8 @@ def resolve_searches(
             trees,
             built,
             key,
+            bpk,
+            mcum,
             params,
             rows_p[:m],
             rows_s[:m],
@@ -773,7 +894,11 @@ def resolve_searches(
                 rec_leaf[f] = rows_s[t]
                 rec_bits[f] = rows_bits[t]
                 busy[f] = 0
-                xs[nx] = perm_fwd(rows_s[t], params[rows_p[t]])
+                j = rows_p[t]
+                if params[j, P_MODE] == 2:
+                    xs[nx] = mask_select(params[j], mcum[j], rows_s[t])
+                else:
+                    xs[nx] = perm_fwd(rows_s[t], params[j])
                 nx += 1
             else:
                 if w != t:
@@ -784,7 +909,7 @@ def resolve_searches(
         m = w
         if nx:
             ux = np.unique(xs[:nx])  # two searches (different passes) may end on the same bit
-            touched = apply_corrections(ux, key, trees, built, params, active, sizes, mism, mism_off)
+            touched = apply_corrections(ux, key, bpk, mcum, trees, built, params, active, sizes, mism, mism_off)
             flipped += ux.size
             for t in range(touched.size):
                 f = touched[t]
@@ -825,5 +950,5 @@ def resolve_searches(
         if m == first:
             return m, flipped
         for j in range(npass):
-            if built[j] == B_NONE and opened[j] * sizes[j] * 2 > n // 4:
+            if built[j] == B_NONE and params[j, P_MODE] != 2 and opened[j] * sizes[j] * 2 > n // 4:
                 built[j] = bob_build(key, params[j], sizes[j], trees[j])
