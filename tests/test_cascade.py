@@ -102,7 +102,7 @@ async def test_answers_are_alice_parities_of_the_asked_ranges():
     checked = 0
     for (_d1, k1, f1, _), (_d2, k2, _f2, disc) in itertools.pairwise(msgs):
         if k1 == "cascade.ask" and k2 == "cascade.parities":
-            p, s, e = f1["p"].astype(int), f1["s"], f1["e"]
+            p, s, e = f1["q"].T.astype(int)
             expect = np.array([prefix[j][y] ^ prefix[j][x] for j, x, y in zip(p, s, e, strict=True)], np.uint8)
             assert np.array_equal(disc.to_bits(), expect)
             checked += p.size
@@ -213,7 +213,7 @@ async def test_alice_refuses_questions_outside_the_key():
     ca, cb = channel_pair(timeout=5)
     task = asyncio.create_task(cascade.alice(ca, a, 0.02))
     await cb.recv(expect="cascade.start")
-    await cb.send("cascade.ask", p=np.array([0], np.uint8), s=np.array([5]), e=np.array([5000]))
+    await cb.send("cascade.ask", q=np.array([[0, 5, 5000]], np.int32))
     with pytest.raises(ProtocolAbort, match="outside"):
         await task
 
@@ -224,7 +224,7 @@ async def test_alice_refuses_to_disclose_more_than_the_key():
     task = asyncio.create_task(cascade.alice(ca, a, 0.02))
     await cb.recv(expect="cascade.start")
     idx = np.tile(np.arange(1000), 4)
-    await cb.send("cascade.ask", p=np.zeros(idx.size, np.uint8), s=idx, e=idx + 1)
+    await cb.send("cascade.ask", q=np.stack([np.zeros_like(idx), idx, idx + 1], axis=1))
     with pytest.raises(ProtocolAbort, match="more parities"):
         await task
 
@@ -253,7 +253,7 @@ async def test_two_block_passes_search_through_mask_shuffles():
         asked_mask = 0
         for (_d1, k1, f1, _), (_d2, k2, _f2, disc) in itertools.pairwise(msgs):
             if k1 == "cascade.ask" and k2 == "cascade.parities":
-                p, s, e = f1["p"].astype(int), f1["s"], f1["e"]
+                p, s, e = f1["q"].T.astype(int)
                 expect = np.array([prefix[j][y] ^ prefix[j][x] for j, x, y in zip(p, s, e, strict=True)], np.uint8)
                 assert np.array_equal(disc.to_bits(), expect)
                 asked_mask += int(np.count_nonzero(p > 0))

@@ -317,25 +317,19 @@ async def alice(
             break
         if msg.kind != "cascade.ask":
             raise ProtocolAbort(STAGE, f"unexpected message {msg.kind!r} during Cascade")
-        p, s, e = msg["p"], msg["s"], msg["e"]
-        if not all(isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype.kind in "iu" for x in (p, s, e)):
+        q = msg.fields.get("q")
+        if not (isinstance(q, np.ndarray) and q.ndim == 2 and q.shape[1] == 3 and q.dtype.kind in "iu"):
             raise ProtocolAbort(STAGE, "malformed parity question")
-        if not p.shape == s.shape == e.shape:
-            raise ProtocolAbort(STAGE, "malformed parity question")
-        p, s, e = p.astype(np.int64), s.astype(np.int64), e.astype(np.int64)
-        answered += p.size
+        if q.dtype not in (np.int32, np.int64):
+            q = q.astype(np.int64)
+        m = q.shape[0]
+        answered += m
         if answered > 2 * n + 1024:  # far beyond any honest run: refuse to keep disclosing
             raise ProtocolAbort(STAGE, "Bob asked for more parities than twice the key length")
-        # A pass is answered from a prefix array once reading its ranges directly has cost
-        # about a quarter of a pass over the key; passes with few questions never build one.
-        direct += K.range_lengths(sched.passes, p, s, e) * (built == 0)
-        for j in np.flatnonzero((direct > n // 4) & (built == 0) & ~is_mask):
-            K.prefix_parity(bits, params[j], prefixes[j])
-            built[j] = 1
-        out = np.empty(p.size, dtype=np.uint8)
-        if not K.answer_parities(prefixes, built, bits, packed, mcum, params, p, s, e, out):
+        out = np.empty((m + 7) // 8, dtype=np.uint8)
+        if not K.answer_questions(prefixes, built, direct, bits, packed, mcum, params, q, out):
             raise ProtocolAbort(STAGE, "parity question outside the key")
-        await channel.send("cascade.parities", disclosed=BitArray.from_bits(out))
+        await channel.send("cascade.parities", disclosed=BitArray.adopt(out, m))
     leak1, sent1 = _snapshot(channel)
     return CascadeResult(
         key=bits.copy(),
@@ -381,6 +375,7 @@ class _Bob:
         self.corrected = 0
         self.lookahead = 0
         self._two = np.zeros(0, dtype=bool)
+        self._q = np.empty((0, 3), dtype=np.int32 if self.n < 2**31 else np.int64)
         self.early = 0
         self.tail_start = 0
         self.rounds = 0
@@ -437,31 +432,22 @@ class _Bob:
                 continue
             return
 
-    def question(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The ranges to ask about: the left half of every search's current range.
+    def question(self) -> np.ndarray:
+        """The ranges to ask about, one (pass, start, end) row each: the left half of every search's range.
 
         When at most ``lookahead`` searches are open (the serial tail of the cascade chains),
         a search whose range has at least 4 bits also asks for the left quarter of each half,
         so one round trip descends two levels at the cost of one extra parity.
         """
         m = self.m
-        p, s, e = self.p[:m], self.s[:m], self.e[:m]
-        mid = s + (e - s) // 2
-        self._two = np.zeros(m, dtype=bool)
-        if 0 < m <= self.lookahead:
-            self._two = (e - s) >= 4
-        if not self._two.any():
-            return p, s, mid
-        t = np.flatnonzero(self._two)
-        q1 = s[t] + (mid[t] - s[t]) // 2
-        q3 = mid[t] + (e[t] - mid[t]) // 2
-        return (
-            np.concatenate([p, p[t], p[t]]),
-            np.concatenate([s, s[t], mid[t]]),
-            np.concatenate([mid, q1, q3]),
-        )
+        self._two = np.empty(m, dtype=np.bool_)
+        if self._q.shape[0] < 3 * m:
+            self._q = np.empty((3 * m, 3), dtype=self._q.dtype)
+        rows = K.build_question(self.p[:m], self.s[:m], self.e[:m], m <= self.lookahead, self._two, self._q)
+        return self._q[:rows]
 
     def answer(self, parities: np.ndarray) -> None:
+        """Descend every search with Alice's parities (packed, MSB first)."""
         m = self.m
         K.apply_answers(
             self.trees,
@@ -525,13 +511,12 @@ async def bob(
         state.resolve()
         if state.m == 0:
             break
-        p, s, e = state.question()
-        index = np.int32 if n < 2**31 else np.int64
-        await channel.send("cascade.ask", p=p.astype(np.uint8), s=s.astype(index), e=e.astype(index))
+        q = state.question()
+        await channel.send("cascade.ask", q=q)
         reply = await channel.recv(expect="cascade.parities")
-        if reply.disclosed is None or len(reply.disclosed) != p.size:
+        if reply.disclosed is None or len(reply.disclosed) != q.shape[0]:
             raise ProtocolAbort(STAGE, "cascade.parities carries the wrong number of parities")
-        state.answer(reply.disclosed.to_bits())
+        state.answer(reply.disclosed.packed)
         state.rounds += 1
     await channel.send("cascade.done", passes=state.active)
     leak1, sent1 = _snapshot(channel)

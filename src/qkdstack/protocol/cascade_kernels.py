@@ -555,35 +555,74 @@ def direct_parity(key, p, start, end):
 
 
 @njit(cache=True)
-def answer_parities(prefixes, built, key, packed, mcum, params, p, s, e, out):
-    """Alice's parities of ranges [s, e) of passes p: from her prefix array where ``built``, else read directly.
+def answer_questions(prefixes, built, direct, key, packed, mcum, params, q, out):
+    """Alice's answer to one ``cascade.ask``: the parity of every asked range, packed MSB first into ``out``.
 
-    Returns False, leaving ``out`` incomplete, if any question lies outside the key.
+    ``q`` holds one question per row: (pass, start, end) of a range of that pass's shuffled
+    order. A keyed-permutation pass is read directly from the key until the ranges read that
+    way (``direct``, per pass) exceed a quarter of the key; then its prefix XOR array is built
+    in ``prefixes`` (``built``) and each parity is two look-ups. Mask-shuffle passes are read
+    from the packed key with their member-count tables. Returns False, answering nothing, if
+    any question lies outside the key.
     """
     npass = prefixes.shape[0]
     n = key.size
-    for t in range(p.size):
-        j, a, b = p[t], s[t], e[t]
+    m = q.shape[0]
+    for t in range(m):
+        j, a, b = q[t, 0], q[t, 1], q[t, 2]
         if j < 0 or j >= npass or a < 0 or b > n or a >= b:
             return False
+        if built[j] == 0 and params[j, P_MODE] != 2:
+            direct[j] += b - a
+    for j in range(npass):
+        if built[j] == 0 and params[j, P_MODE] != 2 and direct[j] > n // 4:
+            prefix_parity(key, params[j], prefixes[j])
+            built[j] = 1
+    for i in range(out.size):
+        out[i] = 0
+    for t in range(m):
+        j, a, b = q[t, 0], q[t, 1], q[t, 2]
         if built[j]:
-            out[t] = prefixes[j, b] ^ prefixes[j, a]
+            bit = prefixes[j, b] ^ prefixes[j, a]
         elif params[j, P_MODE] == 2:
-            out[t] = mask_range_parity(packed, params[j], mcum[j], a, b)
+            bit = mask_range_parity(packed, params[j], mcum[j], a, b)
         else:
-            out[t] = direct_parity(key, params[j], a, b)
+            bit = direct_parity(key, params[j], a, b)
+        out[t >> 3] |= np.uint8(bit << (7 - (t & 7)))
     return True
 
 
 @njit(cache=True)
-def range_lengths(npass, p, s, e):
-    """Total length of the asked ranges per pass (questions with a pass outside [0, npass) are ignored)."""
-    out = np.zeros(npass, np.int64)
-    for t in range(p.size):
-        j = p[t]
-        if 0 <= j < npass and e[t] > s[t]:
-            out[j] += e[t] - s[t]
-    return out
+def build_question(p, s, e, two_level, two, q):
+    """Bob's ``cascade.ask``: row t of ``q`` = (pass, start, midpoint) of open search t; returns the rows used.
+
+    With ``two_level``, every search whose range has at least 4 bits (flagged in ``two``) also
+    asks for the left quarter of both halves: those rows follow, all left-half quarters first,
+    then all right-half quarters (the order :func:`apply_answers` reads them in).
+    """
+    m = p.size
+    for t in range(m):
+        mid = s[t] + (e[t] - s[t]) // 2
+        q[t, 0], q[t, 1], q[t, 2] = p[t], s[t], mid
+        two[t] = two_level and e[t] - s[t] >= 4
+    k = m
+    for t in range(m):
+        if two[t]:
+            mid = s[t] + (e[t] - s[t]) // 2
+            q[k, 0], q[k, 1], q[k, 2] = p[t], s[t], s[t] + (mid - s[t]) // 2
+            k += 1
+    for t in range(m):
+        if two[t]:
+            mid = s[t] + (e[t] - s[t]) // 2
+            q[k, 0], q[k, 1], q[k, 2] = p[t], mid, mid + (e[t] - mid) // 2
+            k += 1
+    return k
+
+
+@njit(cache=True, inline="always")
+def _packed_bit(packed, t):
+    """Bit ``t`` of an MSB-first packed bit string (``numpy.packbits`` order)."""
+    return (packed[t >> 3] >> (7 - (t & 7))) & np.uint8(1)
 
 
 @njit(cache=True)
@@ -762,7 +801,7 @@ def _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, alice
 
 @njit(cache=True)
 def apply_answers(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, two, answers):
-    """Descend every search one level with Alice's parity of its left half (``answers[:m]``).
+    """Descend every search one level with Alice's parity of its left half (``answers``: packed, MSB first).
 
     Searches flagged in ``two`` had also asked the left quarter of both halves (answers
     after the first m, in the order of ``two``'s set rows: all left quarters, then all
@@ -776,9 +815,9 @@ def apply_answers(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, two
     k = 0
     for t in range(m):
         mid = s[t] + (e[t] - s[t]) // 2
-        _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, answers[t])
+        _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, _packed_bit(answers, t))
         if two[t]:
-            quarter = answers[m + k] if e[t] == mid else answers[m + nt + k]
+            quarter = _packed_bit(answers, m + k) if e[t] == mid else _packed_bit(answers, m + nt + k)
             _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, quarter)
             k += 1
 
