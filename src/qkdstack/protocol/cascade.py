@@ -61,9 +61,6 @@ __all__ = [
 
 STAGE = "cascade"
 MIN_QBER = 1e-3
-DENSE_BLOCKS = 256
-"""A pass with at least this many top-level blocks gets its prefix array (Alice) or Fenwick tree (Bob) up
-front: it will see many searches. Other passes read their few searched ranges straight from the key."""
 """Floor applied to the QBER estimate: an estimate of 0 would make the first blocks unbounded."""
 
 
@@ -252,6 +249,20 @@ def _derive_permutations(
     return params, mcum
 
 
+def _shuffled_rows(packed: np.ndarray, params: np.ndarray, passes: range | None = None) -> np.ndarray:
+    """Row 0: the packed key; row j of a keyed-permutation pass: the packed key in that pass's order.
+
+    Every range parity of every pass is then a run of word XORs and one popcount
+    (:func:`cascade_kernels.range_parity`); rows of the other passes are left unset and never read.
+    """
+    shuf = np.empty((params.shape[0], packed.size), dtype=np.uint64)
+    shuf[0] = packed
+    for j in passes if passes is not None else range(1, params.shape[0]):
+        if params[j, K.P_MODE] == 1:
+            K.shuffled_words(packed, params[j], shuf[j])
+    return shuf
+
+
 def _snapshot(channel: Channel) -> tuple[int, int]:
     return channel.stats.disclosed_bits(STAGE), channel.stats.messages(STAGE, "sent")
 
@@ -276,30 +287,14 @@ async def alice(
     leak0, sent0 = _snapshot(channel)
     seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else secrets.randbits(63)
     params, mcum = _derive_permutations(seed, n, sched.passes, sizes)
-    # Rows are filled when a pass gets busy and read only once filled (``built``): np.empty, since
-    # zeroing 14 rows of n bytes costs milliseconds once the allocator recycles freed memory.
-    prefixes = np.empty((sched.passes, n + 1), dtype=np.uint8)
-    built = np.zeros(sched.passes, dtype=np.uint8)
-    direct = np.zeros(sched.passes, dtype=np.int64)  # positions read directly so far, per pass
-
-    is_mask = params[:, K.P_MODE] == 2
-    packed = K.pack_key(bits)
+    shuf = _shuffled_rows(K.pack_key(bits), params)
     tops = []
     for j, k in enumerate(sizes):
         count = -(-n // k)
         if j > 0:  # the last block's parity is implied by the key's parity (pass 1)
             count -= 1
-        if is_mask[j]:  # two blocks: one parity, a popcount over the packed key
-            tops.append(np.array([K.mask_prefix_parity(packed, params[j], k)] * count, dtype=np.uint8))
-            continue
-        if count >= DENSE_BLOCKS:  # a busy pass: its prefix array serves the top level and the questions
-            pre = K.prefix_parity(bits, params[j], prefixes[j])
-            built[j] = 1
-            starts = np.arange(count, dtype=np.int64) * k
-            tops.append(pre[np.minimum(starts + k, n)] ^ pre[starts])
-            continue
         out = np.empty(count, dtype=np.uint8)
-        K.block_parities(bits, params[j], k, count, out)
+        K.top_parities(shuf, params, mcum, j, k, count, out)
         tops.append(out)
     top_bits = np.concatenate(tops) if tops else np.zeros(0, np.uint8)
     await channel.send(
@@ -327,7 +322,7 @@ async def alice(
         if answered > 2 * n + 1024:  # far beyond any honest run: refuse to keep disclosing
             raise ProtocolAbort(STAGE, "Bob asked for more parities than twice the key length")
         out = np.empty((m + 7) // 8, dtype=np.uint8)
-        if not K.answer_questions(prefixes, built, direct, bits, packed, mcum, params, q, out):
+        if not K.answer_questions(shuf, params, mcum, q, out):
             raise ProtocolAbort(STAGE, "parity question outside the key")
         await channel.send("cascade.parities", disclosed=BitArray.adopt(out, m))
     leak1, sent1 = _snapshot(channel)
@@ -342,24 +337,22 @@ async def alice(
 
 
 class _Bob:
-    """Bob's state: working key, per-pass Fenwick trees, top-level mismatches, searches."""
+    """Bob's state: packed working key and shuffled rows, top-level mismatches, open searches."""
 
     def __init__(
         self, bits: np.ndarray, sizes: list[int], params: np.ndarray, mcum: np.ndarray, top: list[np.ndarray]
     ) -> None:
-        self.key = bits
-        self.bpk = K.pack_key(bits)  # packed copy, kept equal to ``key`` (mask-shuffle parities)
-        self.mcum = mcum
         self.n = bits.size
+        # Row 0: Bob's packed key (corrected in place); a keyed-permutation pass's row is filled
+        # from it when the pass starts and then kept equal to it under every correction.
+        self.shuf = _shuffled_rows(K.pack_key(bits), params, range(0))
+        self.mcum = mcum
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.params = params
         self.alice_top = top
         nblocks = [-(-self.n // k) for k in sizes]
         self.mism_off = np.concatenate([[0], np.cumsum(nblocks)]).astype(np.int64)
         self.mism = np.zeros(int(self.mism_off[-1]), dtype=np.uint8)
-        self.trees = np.empty((len(sizes), self.n + 1), dtype=np.uint8)  # a row is read only once built
-        self.built = np.zeros(len(sizes), dtype=np.uint8)
-        self.opened = np.zeros(len(sizes), dtype=np.int64)  # searches opened per pass
         self.alice_flat = np.concatenate(top).astype(np.uint8)
         self.busy = np.zeros(self.mism.size, dtype=np.uint8)  # 1 while a search is open on the block
         self.rec_leaf = np.full(self.mism.size, -1, dtype=np.int64)
@@ -371,6 +364,9 @@ class _Bob:
         self.a = np.zeros(cap, dtype=np.uint8)
         self.bits, self.rbits = np.zeros(cap, dtype=np.uint64), np.zeros(cap, dtype=np.uint64)
         self.on = np.zeros(cap, dtype=np.bool_)
+        # scratch of resolve_searches (flag and dirty are all zero between calls)
+        self.flag, self.dirty = np.zeros(cap, dtype=np.uint8), np.zeros(cap, dtype=np.uint8)
+        self.pend, self.xs, self.dlist = (np.empty(cap, dtype=np.int64) for _ in range(3))
         self.m = 0
         self.corrected = 0
         self.lookahead = 0
@@ -381,30 +377,21 @@ class _Bob:
         self.rounds = 0
 
     def activate(self) -> None:
-        """Start the next pass: Bob's own top-level parities against Alice's.
-
-        The parities are read straight from the shuffled key; a pass's Fenwick tree is only
-        built once enough of its blocks are searched (see ``_open_odd_blocks``). For a pass
-        of two blocks (the late n/2 passes) one shuffled-range parity suffices.
-        """
+        """Start the next pass: Bob's own top-level parities (of his current key) against Alice's."""
         j = self.active
         k = int(self.sizes[j])
         lo, hi = self.mism_off[j], self.mism_off[j + 1]
         count = int(hi - lo)
+        if self.params[j, K.P_MODE] == 1:
+            K.shuffled_words(self.shuf[0], self.params[j], self.shuf[j])
         mine = np.empty(count, dtype=np.uint8)
-        if j > 0 and count <= 2:
-            total = int(np.count_nonzero(self.key)) & 1
-            if self.params[j, K.P_MODE] == 2:
-                first = int(K.mask_prefix_parity(self.bpk, self.params[j], k))
-            else:
-                first = int(K.perm_range_parity(self.key, self.params[j], 0, k))
-            mine[:] = np.array([first, first ^ total][:count], dtype=np.uint8)
-        elif count >= DENSE_BLOCKS:  # a busy pass: build its structure now, read the blocks off it
-            self.built[j] = K.bob_build_tops(self.key, self.params[j], k, count, self.trees[j], mine)
-        else:
-            K.block_parities(self.key, self.params[j], k, count, mine)
+        K.top_parities(self.shuf, self.params, self.mcum, j, k, count, mine)
         self.mism[lo:hi] = mine ^ self.alice_top[j]
         self.active += 1
+
+    def key(self) -> np.ndarray:
+        """Bob's corrected key (uint8 0/1)."""
+        return np.unpackbits(self.shuf[0].astype("<u8", copy=False).view(np.uint8), count=self.n, bitorder="little")
 
     def resolve(self) -> None:
         """Local work until every open search needs a parity from Alice (or none is open).
@@ -416,11 +403,10 @@ class _Bob:
         cand = np.zeros(0, dtype=np.int64)
         while True:
             self.m, flipped = K.resolve_searches(
-                self.key, self.bpk, self.mcum, self.trees, self.built, self.params, self.sizes, self.mism,
-                self.mism_off, self.busy,
-                self.rec_leaf, self.rec_bits, self.alice_flat, self.opened, self.active,
+                self.shuf, self.params, self.mcum, self.sizes, self.mism, self.mism_off, self.busy,
+                self.rec_leaf, self.rec_bits, self.alice_flat, self.active,
                 self.p, self.b, self.s, self.e, self.a, self.d, self.bits, self.leaf, self.rbits, self.on,
-                self.m, cand,
+                self.m, cand, self.flag, self.dirty, self.pend, self.xs, self.dlist,
             )  # fmt: skip
             self.corrected += flipped
             if self.active < self.sizes.size and (
@@ -450,12 +436,9 @@ class _Bob:
         """Descend every search with Alice's parities (packed, MSB first)."""
         m = self.m
         K.apply_answers(
-            self.trees,
-            self.built,
-            self.key,
-            self.bpk,
-            self.mcum,
+            self.shuf,
             self.params,
+            self.mcum,
             self.p[:m],
             self.s[:m],
             self.e[:m],
@@ -521,7 +504,7 @@ async def bob(
     await channel.send("cascade.done", passes=state.active)
     leak1, sent1 = _snapshot(channel)
     return CascadeResult(
-        key=state.key,
+        key=state.key(),
         leaked_bits=leak1 - leak0,
         round_trips=sent1 - sent0,
         passes=state.active,

@@ -459,135 +459,91 @@ def prefix_parity(key, p, out=None):
 
 
 @njit(cache=True)
-def shuffled_key(key, p, out):
-    """out[i] = key[π(i)]: the key in the pass's shuffled order."""
-    n = key.size
-    if p[P_MODE] != 1:
-        pre = prefix_parity(key, p)
-        for i in range(n):
-            out[i] = pre[i + 1] ^ pre[i]
+def shuffled_words(packed, p, out):
+    """out = the key read in the pass's shuffled order, packed like :func:`pack_key`.
+
+    ``packed`` is the packed key; bit i of ``out`` is key bit π(i). Positions come from the
+    vectorised keyed map in batches of ``_CHUNK``; the gather reads the packed key (n/8 bytes,
+    cache-resident) rather than one byte per bit.
+    """
+    n = np.int64(p[P_N])
+    nw = (n + 63) >> 6
+    if p[P_MODE] == 0:
+        for w in range(nw):
+            out[w] = packed[w]
         return
     nn = p[P_N]
     buf = np.empty(_CHUNK, np.uint64)
     for c0 in range(0, n, _CHUNK):
         cnt = min(_CHUNK, n - c0)
         _fill_positions(p, c0, cnt, buf)
-        for i in range(cnt):
-            x = buf[i]
-            while x >= nn:
-                x = _round_fwd(x, p)
-            out[c0 + i] = key[x]
+        for w0 in range(0, cnt, 64):
+            word = np.uint64(0)
+            for i in range(w0, min(w0 + 64, cnt)):
+                x = buf[i]
+                while x >= nn:  # cycle walking into [0, n): rare (2^m < 2n)
+                    x = _round_fwd(x, p)
+                word |= ((packed[x >> np.uint64(6)] >> (x & np.uint64(63))) & np.uint64(1)) << np.uint64(i - w0)
+            out[(c0 + w0) >> 6] = word
+
+
+@njit(cache=True, inline="always")
+def words_parity(row, a, b):
+    """Parity of bits [a, b) of a packed row (a < b): one XOR per word spanned, one popcount."""
+    w0, w1 = a >> 6, b >> 6
+    lo = ~((np.uint64(1) << np.uint64(a & 63)) - np.uint64(1))
+    if w0 == w1:
+        acc = row[w0] & lo & ((np.uint64(1) << np.uint64(b & 63)) - np.uint64(1))
+    else:
+        acc = row[w0] & lo
+        for w in range(w0 + 1, w1):
+            acc ^= row[w]
+        if (b & 63) != 0:
+            acc ^= row[w1] & ((np.uint64(1) << np.uint64(b & 63)) - np.uint64(1))
+    return np.uint8(_popcount(acc) & np.uint64(1))
+
+
+@njit(cache=True, inline="always")
+def range_parity(shuf, params, mcum, j, a, b):
+    """Parity of positions [a, b) of pass j's shuffled order.
+
+    ``shuf`` row 0 is the packed key (pass 1 reads it in order; mask shuffles read it through
+    their member tables ``mcum``); the row of a keyed-permutation pass is the packed key in that
+    pass's order (:func:`shuffled_words`).
+    """
+    mode = params[j, P_MODE]
+    if mode == 2:
+        return mask_range_parity(shuf[0], params[j], mcum[j], a, b)
+    return words_parity(shuf[0] if mode == 0 else shuf[j], a, b)
 
 
 @njit(cache=True)
-def perm_range_parity(key, p, start, end):
-    """Parity of positions [start, end) of the key read in shuffled order (no prefix array)."""
-    acc = np.uint8(0)
-    if p[P_MODE] == 2:
-        pre = prefix_parity(key, p)
-        return pre[end] ^ pre[start]
-    if p[P_MODE] == 0:
-        for i in range(start, end):
-            acc ^= key[i]
-        return acc
-    nn = p[P_N]
-    buf = np.empty(_CHUNK, np.uint64)
-    for c0 in range(start, end, _CHUNK):
-        cnt = min(_CHUNK, end - c0)
-        _fill_positions(p, c0, cnt, buf)
-        for i in range(cnt):
-            x = buf[i]
-            while x >= nn:
-                x = _round_fwd(x, p)
-            acc ^= key[x]
-    return acc
-
-
-@njit(cache=True)
-def block_parities(key, p, k, count, out):
-    """out[t] = parity of shuffled positions [t k, min((t+1) k, n)) for t < count, without a prefix array."""
-    n = key.size
-    if p[P_MODE] == 2:
-        pre = prefix_parity(key, p)
-        for t in range(count):
-            out[t] = pre[min((t + 1) * k, n)] ^ pre[t * k]
-        return
-    end = min(count * k, n)
+def top_parities(shuf, params, mcum, j, k, count, out):
+    """out[t] = parity of pass j's top-level block t (positions [t k, min((t+1) k, n))), t < count."""
+    n = np.int64(params[j, P_N])
     for t in range(count):
-        out[t] = 0
-    nn = p[P_N]
-    ident = p[P_MODE] == 0
-    buf = np.empty(_CHUNK, np.uint64)
-    blk = 0
-    left = k  # positions still to read in block ``blk``
-    acc = np.uint8(0)
-    for c0 in range(0, end, _CHUNK):
-        cnt = min(_CHUNK, end - c0)
-        if ident:
-            for i in range(cnt):
-                buf[i] = c0 + i
-        else:
-            _fill_positions(p, c0, cnt, buf)
-        for i in range(cnt):
-            x = buf[i]
-            while x >= nn:
-                x = _round_fwd(x, p)
-            acc ^= key[x]
-            left -= 1
-            if left == 0:
-                out[blk] = acc
-                acc = np.uint8(0)
-                blk += 1
-                left = k
-    if blk < count and left != k:
-        out[blk] = acc
+        out[t] = range_parity(shuf, params, mcum, j, t * k, min((t + 1) * k, n))
 
 
 @njit(cache=True)
-def direct_parity(key, p, start, end):
-    """Parity of shuffled positions [start, end) read straight from ``key`` (short ranges: scalar loop)."""
-    if end - start >= 256 or p[P_MODE] == 2:
-        return perm_range_parity(key, p, start, end)
-    acc = np.uint8(0)
-    for i in range(start, end):
-        acc ^= key[perm_fwd(i, p)]
-    return acc
-
-
-@njit(cache=True)
-def answer_questions(prefixes, built, direct, key, packed, mcum, params, q, out):
+def answer_questions(shuf, params, mcum, q, out):
     """Alice's answer to one ``cascade.ask``: the parity of every asked range, packed MSB first into ``out``.
 
     ``q`` holds one question per row: (pass, start, end) of a range of that pass's shuffled
-    order. A keyed-permutation pass is read directly from the key until the ranges read that
-    way (``direct``, per pass) exceed a quarter of the key; then its prefix XOR array is built
-    in ``prefixes`` (``built``) and each parity is two look-ups. Mask-shuffle passes are read
-    from the packed key with their member-count tables. Returns False, answering nothing, if
-    any question lies outside the key.
+    order, answered from ``shuf``/``mcum`` (:func:`range_parity`). Returns False, answering
+    nothing, if any question lies outside the key.
     """
-    npass = prefixes.shape[0]
-    n = key.size
+    npass = params.shape[0]
+    n = np.int64(params[0, P_N])
     m = q.shape[0]
     for t in range(m):
         j, a, b = q[t, 0], q[t, 1], q[t, 2]
         if j < 0 or j >= npass or a < 0 or b > n or a >= b:
             return False
-        if built[j] == 0 and params[j, P_MODE] != 2:
-            direct[j] += b - a
-    for j in range(npass):
-        if built[j] == 0 and params[j, P_MODE] != 2 and direct[j] > n // 4:
-            prefix_parity(key, params[j], prefixes[j])
-            built[j] = 1
     for i in range(out.size):
         out[i] = 0
     for t in range(m):
-        j, a, b = q[t, 0], q[t, 1], q[t, 2]
-        if built[j]:
-            bit = prefixes[j, b] ^ prefixes[j, a]
-        elif params[j, P_MODE] == 2:
-            bit = mask_range_parity(packed, params[j], mcum[j], a, b)
-        else:
-            bit = direct_parity(key, params[j], a, b)
+        bit = range_parity(shuf, params, mcum, q[t, 0], q[t, 1], q[t, 2])
         out[t >> 3] |= np.uint8(bit << (7 - (t & 7)))
     return True
 
@@ -626,94 +582,6 @@ def _packed_bit(packed, t):
 
 
 @njit(cache=True)
-def fenwick_from_prefix(prefix, tree):
-    """Fill ``tree`` (length n+1) so that node i holds the XOR of the bits (i - lowbit(i), i]."""
-    n = prefix.size - 1
-    tree[0] = 0
-    for i in range(1, n + 1):
-        tree[i] = prefix[i] ^ prefix[i - (i & -i)]
-
-
-@njit(cache=True, inline="always")
-def _fen_prefix(tree, i):
-    acc = np.uint8(0)
-    while i > 0:
-        acc ^= tree[i]
-        i -= i & -i
-    return acc
-
-
-PLAIN_MAX = 512
-"""Bob's passes with blocks of at most this many bits keep a plain copy of the shuffled key
-(a range parity is an XOR over at most this many contiguous bytes, a flip one byte) instead of a
-Fenwick tree (two walks of ~log2(n) scattered bytes per parity, one per flip)."""
-
-B_NONE, B_FENWICK, B_PLAIN, B_DIRECT = 0, 1, 2, 3
-"""What Bob keeps for a pass (``built``): nothing yet, a Fenwick tree, a plain shuffled copy, or
-nothing ever (an unshuffled pass with blocks ≤ 256 bits: its ranges are summed from the key)."""
-
-
-@njit(cache=True)
-def bob_build(key, p, k, row):
-    """Build Bob's structure for a pass with blocks of ``k`` bits in ``row`` (length n+1); returns its kind."""
-    if p[P_MODE] == 0 and k <= 256:
-        return B_DIRECT
-    if k <= PLAIN_MAX:
-        row[0] = 0
-        shuffled_key(key, p, row[1:])
-        return B_PLAIN
-    pre = prefix_parity(key, p)
-    fenwick_from_prefix(pre, row)
-    return B_FENWICK
-
-
-@njit(cache=True)
-def bob_build_tops(key, p, k, count, row, mine):
-    """``bob_build`` plus Bob's parity of each of the first ``count`` top-level blocks in ``mine``."""
-    n = key.size
-    kind = bob_build(key, p, k, row)
-    for t in range(count):
-        a, b = t * k, min((t + 1) * k, n)
-        if kind == B_FENWICK:
-            mine[t] = _fen_prefix(row, b) ^ _fen_prefix(row, a)
-        elif kind == B_PLAIN:
-            acc = np.uint8(0)
-            for i in range(a + 1, b + 1):
-                acc ^= row[i]
-            mine[t] = acc
-        else:
-            acc = np.uint8(0)
-            for i in range(a, b):
-                acc ^= key[i]
-            mine[t] = acc
-    return kind
-
-
-@njit(cache=True, inline="always")
-def _bob_parity(trees, built, key, bpk, mcum, params, j, a, b):
-    """Bob's parity of range [a, b) of pass j from whatever he keeps for the pass (see ``B_*``)."""
-    kind = built[j]
-    if kind == B_PLAIN:
-        row = trees[j]
-        acc = np.uint8(0)
-        for i in range(a + 1, b + 1):
-            acc ^= row[i]
-        return acc
-    if kind == B_FENWICK:
-        tree = trees[j]
-        return _fen_prefix(tree, b) ^ _fen_prefix(tree, a)
-    mode = params[j, P_MODE]
-    if mode == 0 and b - a <= 256:
-        acc = np.uint8(0)
-        for i in range(a, b):
-            acc ^= key[i]
-        return acc
-    if mode == 2:
-        return mask_range_parity(bpk, params[j], mcum[j], a, b)
-    return direct_parity(key, params[j], a, b)
-
-
-@njit(cache=True)
 def originals(params, passes, positions):
     """Original key indices of shuffled ``positions`` in the given passes."""
     out = np.empty(positions.size, np.int64)
@@ -723,29 +591,27 @@ def originals(params, passes, positions):
 
 
 @njit(cache=True)
-def apply_corrections(xs, key, bpk, mcum, trees, built, params, active, block_size, mism, mism_off):
+def apply_corrections(xs, shuf, params, mcum, active, block_size, mism, mism_off):
     """Flip Bob's bits ``xs`` (distinct original indices) and update every active pass.
 
-    For each pass < ``active``: toggle the Fenwick tree (if built) at the bit's shuffled
-    position and the parity mismatch of the top-level block that holds it. Returns the
-    flat indices of the top-level blocks touched (candidates for new searches).
+    Each flip toggles the bit in the packed key (row 0 of ``shuf``) and, for each pass <
+    ``active`` with its own row (keyed permutations), at the bit's shuffled position there, and
+    toggles the parity mismatch of the top-level block that holds it. Returns the flat indices
+    of the top-level blocks touched (candidates for new searches).
     """
-    n = key.size
     touched = np.empty(xs.size * active, np.int64)
     for t in range(xs.size):
         x = xs[t]
-        key[x] ^= 1
-        bpk[x >> 6] ^= np.uint64(1) << np.uint64(x & 63)
+        shuf[0, x >> 6] ^= np.uint64(1) << np.uint64(x & 63)
         for j in range(active):
-            pos = mask_rank(params[j], mcum[j], x) if params[j, P_MODE] == 2 else perm_inv(x, params[j])
-            if built[j] == B_FENWICK:
-                tree = trees[j]
-                i = pos + 1
-                while i <= n:
-                    tree[i] ^= 1
-                    i += i & -i
-            elif built[j] == B_PLAIN:
-                trees[j, pos + 1] ^= 1
+            mode = params[j, P_MODE]
+            if mode == 0:
+                pos = x
+            elif mode == 2:
+                pos = mask_rank(params[j], mcum[j], x)
+            else:
+                pos = perm_inv(x, params[j])
+                shuf[j, pos >> 6] ^= np.uint64(1) << np.uint64(pos & 63)
             blk = mism_off[j] + pos // block_size[j]
             mism[blk] ^= 1
             touched[t * active + j] = blk
@@ -753,7 +619,7 @@ def apply_corrections(xs, key, bpk, mcum, trees, built, params, active, block_si
 
 
 @njit(cache=True)
-def free_descent(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, leaf, rbits, on):
+def free_descent(shuf, params, mcum, p, s, e, a, d, bits, leaf, rbits, on):
     """Walk each search down the recorded path of its block while that path's parities are known.
 
     Row by row (searches are independent while no bit flips): at each level the child on the
@@ -769,7 +635,7 @@ def free_descent(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, leaf
             ce = mid if left else e[t]
             d1 = d[t] + 1
             pa = np.uint8((rbits[t] >> np.uint64(d1)) & np.uint64(1))
-            pb = _bob_parity(trees, built, key, bpk, mcum, params, j, cs, ce)
+            pb = range_parity(shuf, params, mcum, j, cs, ce)
             follow = (pa ^ pb) == 1
             if follow:
                 s[t], e[t], a[t] = cs, ce, pa
@@ -785,10 +651,10 @@ def free_descent(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, leaf
 
 
 @njit(cache=True, inline="always")
-def _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, alice_left):
+def _descend(shuf, params, mcum, t, p, s, e, a, d, bits, alice_left):
     j = p[t]
     mid = s[t] + (e[t] - s[t]) // 2
-    mine = _bob_parity(trees, built, key, bpk, mcum, params, j, s[t], mid)
+    mine = range_parity(shuf, params, mcum, j, s[t], mid)
     if (alice_left ^ mine) == 1:
         e[t] = mid
         a[t] = alice_left
@@ -800,7 +666,7 @@ def _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, alice
 
 
 @njit(cache=True)
-def apply_answers(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, two, answers):
+def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, two, answers):
     """Descend every search one level with Alice's parity of its left half (``answers``: packed, MSB first).
 
     Searches flagged in ``two`` had also asked the left quarter of both halves (answers
@@ -815,21 +681,18 @@ def apply_answers(trees, built, key, bpk, mcum, params, p, s, e, a, d, bits, two
     k = 0
     for t in range(m):
         mid = s[t] + (e[t] - s[t]) // 2
-        _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, _packed_bit(answers, t))
+        _descend(shuf, params, mcum, t, p, s, e, a, d, bits, _packed_bit(answers, t))
         if two[t]:
             quarter = _packed_bit(answers, m + k) if e[t] == mid else _packed_bit(answers, m + nt + k)
-            _descend(trees, built, key, bpk, mcum, params, t, p, s, e, a, d, bits, quarter)
+            _descend(shuf, params, mcum, t, p, s, e, a, d, bits, quarter)
             k += 1
 
 
 @njit(cache=True)
 def resolve_searches(
-    key,
-    bpk,
-    mcum,
-    trees,
-    built,
+    shuf,
     params,
+    mcum,
     sizes,
     mism,
     mism_off,
@@ -837,7 +700,6 @@ def resolve_searches(
     rec_leaf,
     rec_bits,
     alice_flat,
-    opened,
     active,
     rows_p,
     rows_b,
@@ -851,6 +713,11 @@ def resolve_searches(
     rows_on,
     m,
     cand,
+    flag,
+    dirty,
+    pend,
+    xs,
+    dlist,
 ):
     """Bob's local work between two round trips, compiled (rows [0, m) are the open searches).
 
@@ -859,13 +726,12 @@ def resolve_searches(
     touched are re-checked; their block becomes a candidate),
     walk the recorded paths for free, flip the bits where searches ended (updating every
     active pass and making the touched blocks candidates), and open a search on every odd
-    candidate block without one (building a pass's Fenwick tree once its searches would
-    read about a quarter of the key directly). Returns (open searches, bits flipped).
+    candidate block without one. Returns (open searches, bits flipped).
+
+    ``flag``, ``dirty`` (uint8, zero on entry and on return), ``pend``, ``xs``, ``dlist`` (int64)
+    are scratch arrays of one entry per top-level block, kept by the caller across calls.
     """
-    n = key.size
-    npass = sizes.size
-    flag = np.zeros(mism.size, np.uint8)  # candidate already listed
-    pend = np.empty(mism.size, np.int64)
+    n = np.int64(params[0, P_N])
     npend = 0
     for t in range(cand.size):
         f = cand[t]
@@ -874,10 +740,7 @@ def resolve_searches(
             pend[npend] = f
             npend += 1
     flipped = 0
-    xs = np.empty(mism.size, np.int64)
     # Rows are consistent on entry (just answered, or none open): only flips can break them.
-    dirty = np.zeros(mism.size, np.uint8)
-    dlist = np.empty(mism.size, np.int64)
     ndirty = 0
     while True:
         # 1. re-check the open searches whose block a flip touched since their last check (a
@@ -886,10 +749,7 @@ def resolve_searches(
         for t in range(m if ndirty else 0):
             j = rows_p[t]
             f = mism_off[j] + rows_b[t]
-            if (
-                dirty[f] == 0
-                or (_bob_parity(trees, built, key, bpk, mcum, params, j, rows_s[t], rows_e[t]) ^ rows_a[t]) == 1
-            ):
+            if dirty[f] == 0 or (range_parity(shuf, params, mcum, j, rows_s[t], rows_e[t]) ^ rows_a[t]) == 1:
                 if w != t:
                     rows_p[w], rows_b[w], rows_s[w], rows_e[w] = rows_p[t], rows_b[t], rows_s[t], rows_e[t]
                     rows_a[w], rows_d[w], rows_bits[w] = rows_a[t], rows_d[t], rows_bits[t]
@@ -908,12 +768,9 @@ def resolve_searches(
             ndirty = 0
         # 2. free descent along recorded paths
         free_descent(
-            trees,
-            built,
-            key,
-            bpk,
-            mcum,
+            shuf,
             params,
+            mcum,
             rows_p[:m],
             rows_s[:m],
             rows_e[:m],
@@ -948,7 +805,7 @@ def resolve_searches(
         m = w
         if nx:
             ux = np.unique(xs[:nx])  # two searches (different passes) may end on the same bit
-            touched = apply_corrections(ux, key, bpk, mcum, trees, built, params, active, sizes, mism, mism_off)
+            touched = apply_corrections(ux, shuf, params, mcum, active, sizes, mism, mism_off)
             flipped += ux.size
             for t in range(touched.size):
                 f = touched[t]
@@ -975,7 +832,6 @@ def resolve_searches(
                 busy[f] = 1
                 j = np.searchsorted(mism_off, f, side="right") - 1
                 b = f - mism_off[j]
-                opened[j] += 1
                 rows_p[m], rows_b[m] = j, b
                 rows_s[m] = b * sizes[j]
                 rows_e[m] = min(rows_s[m] + sizes[j], n)
@@ -988,6 +844,3 @@ def resolve_searches(
                 m += 1
         if m == first:
             return m, flipped
-        for j in range(npass):
-            if built[j] == B_NONE and params[j, P_MODE] != 2 and opened[j] * sizes[j] * 2 > n // 4:
-                built[j] = bob_build(key, params[j], sizes[j], trees[j])
