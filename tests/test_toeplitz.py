@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdstack.errors import QKDError
+from qkdstack.protocol import gf2poly
 from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, seed_length, toeplitz_hash, toeplitz_hash_naive
 
 
@@ -12,23 +13,36 @@ def _random_instance(seed: int, n: int, m: int) -> tuple[np.ndarray, np.ndarray]
     return rng.integers(0, 2, n, dtype=np.uint8), rng.integers(0, 2, seed_length(n), dtype=np.uint8)
 
 
-@settings(max_examples=200, deadline=None)
+needs_clmul = pytest.mark.skipif(not gf2poly.AVAILABLE, reason="this CPU has no carry-less multiply")
+METHODS = ["fft", pytest.param("clmul", marks=needs_clmul)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@settings(max_examples=150, deadline=None)
 @given(st.integers(1, 300), st.data())
-def test_fft_equals_naive_on_small_sizes(n, data):
+def test_each_method_equals_naive_on_small_sizes(method, n, data):
     m = data.draw(st.integers(1, n))
     key, seed = _random_instance(data.draw(st.integers(0, 2**32)), n, m)
-    out = toeplitz_hash(key, seed, m)
+    out = toeplitz_hash(key, seed, m, method)
     assert out.dtype == np.uint8 and out.shape == (m,)
     assert np.array_equal(out, toeplitz_hash_naive(key, seed, m))
 
 
+@needs_clmul
+@pytest.mark.parametrize("n,m", [(70_001, 9_000), (70_001, 35_000), (70_001, 61_001), (200_000, 64), (131_072, 65_536)])
+def test_methods_agree_on_larger_sizes(n, m):
+    key, seed = _random_instance(n + m, n, m)
+    assert np.array_equal(toeplitz_hash(key, seed, m, "clmul"), toeplitz_hash(key, seed, m, "fft"))
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "n,m",
     [(1, 1), (2, 1), (2, 2), (7, 7), (63, 1), (64, 64), (65, 33), (129, 128), (1001, 1), (3001, 2999), (4096, 4096)],
 )
-def test_edge_sizes(n, m):
+def test_edge_sizes(n, m, method):
     key, seed = _random_instance(n * 1000 + m, n, m)
-    assert np.array_equal(toeplitz_hash(key, seed, m), toeplitz_hash_naive(key, seed, m))
+    assert np.array_equal(toeplitz_hash(key, seed, m, method), toeplitz_hash_naive(key, seed, m))
 
 
 def test_all_ones_worst_case_sums():
@@ -36,7 +50,8 @@ def test_all_ones_worst_case_sums():
     for n, m in [(1000, 1), (1000, 500), (4097, 17)]:
         key = np.ones(n, np.uint8)
         seed = np.ones(n - 1, np.uint8)
-        assert np.array_equal(toeplitz_hash(key, seed, m), np.full(m, 1 ^ ((n - m) & 1), np.uint8))
+        for method in ("fft", "clmul") if gf2poly.AVAILABLE else ("fft",):
+            assert np.array_equal(toeplitz_hash(key, seed, m, method), np.full(m, 1 ^ ((n - m) & 1), np.uint8))
 
 
 def test_matrix_convention():
@@ -101,5 +116,5 @@ def test_inexact_fft_result_fails_closed(monkeypatch):
     monkeypatch.setattr(scipy.fft, "ifft", drifting_ifft)
     key, seed = _random_instance(1, 100, 50)
     with pytest.raises(ToeplitzPrecisionError) as info:
-        toeplitz_hash(key, seed, 50)
+        toeplitz_hash(key, seed, 50, "fft")
     assert isinstance(info.value, QKDError)
