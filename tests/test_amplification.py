@@ -95,6 +95,9 @@ async def test_seed_is_drawn_from_secrets(monkeypatch):
 async def test_inexact_fft_aborts_the_stage(monkeypatch):
     import scipy.fft
 
+    from qkdstack.protocol import toeplitz
+
+    monkeypatch.setattr(toeplitz, "_default_method", lambda n, m: "fft")
     real_ifft = scipy.fft.ifft
     monkeypatch.setattr(
         scipy.fft, "ifft", lambda x, *a, axis=-1, **k: real_ifft(x, *a, axis=axis, **k) + 0.3 * (axis == 0)
