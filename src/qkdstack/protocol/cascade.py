@@ -367,6 +367,7 @@ class _Bob:
         # scratch of resolve_searches (flag and dirty are all zero between calls)
         self.flag, self.dirty = np.zeros(cap, dtype=np.uint8), np.zeros(cap, dtype=np.uint8)
         self.pend, self.xs, self.dlist = (np.empty(cap, dtype=np.int64) for _ in range(3))
+        self.mark = np.zeros(self.n, dtype=np.uint8)
         self.m = 0
         self.corrected = 0
         self.lookahead = 0
@@ -406,7 +407,7 @@ class _Bob:
                 self.shuf, self.params, self.mcum, self.sizes, self.mism, self.mism_off, self.busy,
                 self.rec_leaf, self.rec_bits, self.alice_flat, self.active,
                 self.p, self.b, self.s, self.e, self.a, self.d, self.bits, self.leaf, self.rbits, self.on,
-                self.m, cand, self.flag, self.dirty, self.pend, self.xs, self.dlist,
+                self.m, cand, self.flag, self.dirty, self.pend, self.xs, self.dlist, self.mark,
             )  # fmt: skip
             self.corrected += flipped
             if self.active < self.sizes.size and (

@@ -474,16 +474,23 @@ def shuffled_words(packed, p, out):
         return
     nn = p[P_N]
     buf = np.empty(_CHUNK, np.uint64)
+    bitv = np.empty(_CHUNK, np.uint64)
     for c0 in range(0, n, _CHUNK):
         cnt = min(_CHUNK, n - c0)
         _fill_positions(p, c0, cnt, buf)
+        for i in range(cnt):  # cycle walking into [0, n): rare (2^m < 2n)
+            x = buf[i]
+            if x >= nn:
+                while x >= nn:
+                    x = _round_fwd(x, p)
+                buf[i] = x
+        for i in range(cnt):  # separate simple loops: the compiler vectorises them
+            x = buf[i]
+            bitv[i] = (packed[x >> np.uint64(6)] >> (x & np.uint64(63))) & np.uint64(1)
         for w0 in range(0, cnt, 64):
             word = np.uint64(0)
-            for i in range(w0, min(w0 + 64, cnt)):
-                x = buf[i]
-                while x >= nn:  # cycle walking into [0, n): rare (2^m < 2n)
-                    x = _round_fwd(x, p)
-                word |= ((packed[x >> np.uint64(6)] >> (x & np.uint64(63))) & np.uint64(1)) << np.uint64(i - w0)
+            for i in range(min(64, cnt - w0)):
+                word |= bitv[w0 + i] << np.uint64(i)
             out[(c0 + w0) >> 6] = word
 
 
@@ -650,21 +657,6 @@ def free_descent(shuf, params, mcum, p, s, e, a, d, bits, leaf, rbits, on):
             on[t] = follow
 
 
-@njit(cache=True, inline="always")
-def _descend(shuf, params, mcum, t, p, s, e, a, d, bits, alice_left):
-    j = p[t]
-    mid = s[t] + (e[t] - s[t]) // 2
-    mine = range_parity(shuf, params, mcum, j, s[t], mid)
-    if (alice_left ^ mine) == 1:
-        e[t] = mid
-        a[t] = alice_left
-    else:
-        s[t] = mid
-        a[t] = a[t] ^ alice_left
-    d[t] += 1
-    bits[t] |= np.uint64(a[t]) << np.uint64(d[t])
-
-
 @njit(cache=True)
 def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, two, answers):
     """Descend every search one level with Alice's parity of its left half (``answers``: packed, MSB first).
@@ -672,6 +664,8 @@ def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, two, answers):
     Searches flagged in ``two`` had also asked the left quarter of both halves (answers
     after the first m, in the order of ``two``'s set rows: all left quarters, then all
     right-half quarters); they descend a second level with the quarter on their side.
+    Bob's parity of the left half decides the side: the disagreement is odd in exactly one
+    half, and Alice's right-half parity is her parent parity XOR the left one.
     """
     m = p.size
     nt = 0
@@ -680,12 +674,31 @@ def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, two, answers):
             nt += 1
     k = 0
     for t in range(m):
-        mid = s[t] + (e[t] - s[t]) // 2
-        _descend(shuf, params, mcum, t, p, s, e, a, d, bits, _packed_bit(answers, t))
+        j, st, en, at, dt, bt = p[t], s[t], e[t], a[t], d[t], bits[t]
+        mid = st + (en - st) // 2
+        al = _packed_bit(answers, t)
+        left = (al ^ range_parity(shuf, params, mcum, j, st, mid)) == 1
+        if left:
+            en = mid
+            at = al
+        else:
+            st = mid
+            at ^= al
+        dt += 1
+        bt |= np.uint64(at) << np.uint64(dt)
         if two[t]:
-            quarter = _packed_bit(answers, m + k) if e[t] == mid else _packed_bit(answers, m + nt + k)
-            _descend(shuf, params, mcum, t, p, s, e, a, d, bits, quarter)
+            al = _packed_bit(answers, m + k) if left else _packed_bit(answers, m + nt + k)
             k += 1
+            mid = st + (en - st) // 2
+            if (al ^ range_parity(shuf, params, mcum, j, st, mid)) == 1:
+                en = mid
+                at = al
+            else:
+                st = mid
+                at ^= al
+            dt += 1
+            bt |= np.uint64(at) << np.uint64(dt)
+        s[t], e[t], a[t], d[t], bits[t] = st, en, at, dt, bt
 
 
 @njit(cache=True)
@@ -718,6 +731,7 @@ def resolve_searches(
     pend,
     xs,
     dlist,
+    mark,
 ):
     """Bob's local work between two round trips, compiled (rows [0, m) are the open searches).
 
@@ -729,7 +743,8 @@ def resolve_searches(
     candidate block without one. Returns (open searches, bits flipped).
 
     ``flag``, ``dirty`` (uint8, zero on entry and on return), ``pend``, ``xs``, ``dlist`` (int64)
-    are scratch arrays of one entry per top-level block, kept by the caller across calls.
+    are scratch arrays of one entry per top-level block, ``mark`` (uint8, zero) one entry per
+    key bit, kept by the caller across calls.
     """
     n = np.int64(params[0, P_N])
     npend = 0
@@ -804,7 +819,17 @@ def resolve_searches(
                 w += 1
         m = w
         if nx:
-            ux = np.unique(xs[:nx])  # two searches (different passes) may end on the same bit
+            # two searches (different passes) may end on the same bit: flip it once
+            nu = 0
+            for t in range(nx):
+                x = xs[t]
+                if mark[x] == 0:
+                    mark[x] = 1
+                    xs[nu] = x
+                    nu += 1
+            ux = xs[:nu]
+            for t in range(nu):
+                mark[ux[t]] = 0
             touched = apply_corrections(ux, shuf, params, mcum, active, sizes, mism, mism_off)
             flipped += ux.size
             for t in range(touched.size):
@@ -821,9 +846,18 @@ def resolve_searches(
         # 4. open a search on every odd candidate block without one
         if npend == 0:
             return m, flipped
-        odd = np.sort(pend[:npend])
-        for t in range(npend):
-            flag[pend[t]] = 0
+        if npend * 8 > flag.size:  # many (a pass just started): collect them in order from the flags
+            c = 0
+            for f in range(flag.size):
+                if flag[f]:
+                    flag[f] = 0
+                    pend[c] = f
+                    c += 1
+            odd = pend[:c]
+        else:
+            odd = np.sort(pend[:npend])
+            for t in range(npend):
+                flag[pend[t]] = 0
         npend = 0
         first = m
         for t in range(odd.size):
