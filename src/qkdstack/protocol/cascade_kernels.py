@@ -757,11 +757,15 @@ def resolve_searches(
     flipped = 0
     # Rows are consistent on entry (just answered, or none open): only flips can break them.
     ndirty = 0
+    lo = 0  # rows [lo, m) are new or just answered: only they can descend for free or be finished
     while True:
         # 1. re-check the open searches whose block a flip touched since their last check (a
         #    search's range lies in its block, so no other search's disagreement can change)
         w = 0
+        new_lo = -1
         for t in range(m if ndirty else 0):
+            if t == lo:
+                new_lo = w
             j = rows_p[t]
             f = mism_off[j] + rows_b[t]
             if dirty[f] == 0 or (range_parity(shuf, params, mcum, j, rows_s[t], rows_e[t]) ^ rows_a[t]) == 1:
@@ -777,6 +781,7 @@ def resolve_searches(
                     pend[npend] = f
                     npend += 1
         if ndirty:
+            lo = new_lo if new_lo >= 0 else w
             m = w
             for t in range(ndirty):
                 dirty[dlist[t]] = 0
@@ -786,20 +791,20 @@ def resolve_searches(
             shuf,
             params,
             mcum,
-            rows_p[:m],
-            rows_s[:m],
-            rows_e[:m],
-            rows_a[:m],
-            rows_d[:m],
-            rows_bits[:m],
-            rows_leaf[:m],
-            rows_rbits[:m],
-            rows_on[:m],
+            rows_p[lo:m],
+            rows_s[lo:m],
+            rows_e[lo:m],
+            rows_a[lo:m],
+            rows_d[lo:m],
+            rows_bits[lo:m],
+            rows_leaf[lo:m],
+            rows_rbits[lo:m],
+            rows_on[lo:m],
         )
         # 3. searches that reached one bit
         nx = 0
-        w = 0
-        for t in range(m):
+        w = lo
+        for t in range(lo, m):
             if rows_e[t] - rows_s[t] == 1:
                 f = mism_off[rows_p[t]] + rows_b[t]
                 rec_leaf[f] = rows_s[t]
@@ -818,6 +823,7 @@ def resolve_searches(
                     rows_leaf[w], rows_rbits[w], rows_on[w] = rows_leaf[t], rows_rbits[t], rows_on[t]
                 w += 1
         m = w
+        lo = m
         if nx:
             # two searches (different passes) may end on the same bit: flip it once
             nu = 0
