@@ -4,7 +4,7 @@ Input bits per second, best of a few repetitions (the machine is shared, so the 
 the least disturbed one); ``*_cpu_s`` is the smallest process CPU time (both threads
 summed), a figure less disturbed by other users of the machine than wall time. Toeplitz at
 n = 10^6 and 10^7 input bits with m = n/2 and n/10 output bits, by each exact method
-(``fft``, ``clmul``; ``toeplitz_hash`` picks clmul for chunks up to 2^21 bits); the amplification stage
+(``fft``, ``clmul``; ``toeplitz_hash`` uses clmul where the CPU has it); the amplification stage
 (both parties over the in-memory channel) at n = 10^7, m = n/2; verification (both parties,
 one 128-bit tag, eps_cor = 1e-15) at n = 10^7.
 Run: ``.venv/bin/python benchmarks/run_all.py amplification``.
@@ -18,11 +18,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from qkdstack.protocol import amplification, gf2poly, verification
+from qkdstack.protocol import amplification, toeplitz_clmul, verification
 from qkdstack.protocol.channel import channel_pair
 from qkdstack.protocol.toeplitz import seed_length, toeplitz_hash
 
-METHODS = ("fft", "clmul") if gf2poly.AVAILABLE else ("fft",)
+METHODS = ("fft", "clmul") if toeplitz_clmul.AVAILABLE else ("fft",)
 
 
 def _best_of(fn: Callable[[], object], repeats: int) -> tuple[float, float]:

@@ -97,7 +97,7 @@ async def test_inexact_fft_aborts_the_stage(monkeypatch):
 
     from qkdstack.protocol import toeplitz
 
-    monkeypatch.setattr(toeplitz, "_default_method", lambda n, m: "fft")
+    monkeypatch.setattr(toeplitz, "DEFAULT_METHOD", "fft")
     real_ifft = scipy.fft.ifft
     monkeypatch.setattr(
         scipy.fft, "ifft", lambda x, *a, axis=-1, **k: real_ifft(x, *a, axis=axis, **k) + 0.3 * (axis == 0)

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdstack.errors import QKDError
-from qkdstack.protocol import gf2poly
+from qkdstack.protocol import toeplitz_clmul
 from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, seed_length, toeplitz_hash, toeplitz_hash_naive
 
 
@@ -13,7 +13,7 @@ def _random_instance(seed: int, n: int, m: int) -> tuple[np.ndarray, np.ndarray]
     return rng.integers(0, 2, n, dtype=np.uint8), rng.integers(0, 2, seed_length(n), dtype=np.uint8)
 
 
-needs_clmul = pytest.mark.skipif(not gf2poly.AVAILABLE, reason="this CPU has no carry-less multiply")
+needs_clmul = pytest.mark.skipif(not toeplitz_clmul.AVAILABLE, reason="this CPU has no carry-less multiply")
 METHODS = ["fft", pytest.param("clmul", marks=needs_clmul)]
 
 
@@ -50,7 +50,7 @@ def test_all_ones_worst_case_sums():
     for n, m in [(1000, 1), (1000, 500), (4097, 17)]:
         key = np.ones(n, np.uint8)
         seed = np.ones(n - 1, np.uint8)
-        for method in ("fft", "clmul") if gf2poly.AVAILABLE else ("fft",):
+        for method in ("fft", "clmul") if toeplitz_clmul.AVAILABLE else ("fft",):
             assert np.array_equal(toeplitz_hash(key, seed, m, method), np.full(m, 1 ^ ((n - m) & 1), np.uint8))
 
 

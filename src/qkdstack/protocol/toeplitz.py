@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -96,9 +95,10 @@ import scipy.fft
 from numba import njit, prange
 
 from qkdstack.errors import QKDError
-from qkdstack.protocol import gf2poly
+from qkdstack.protocol import toeplitz_clmul
 
 __all__ = [
+    "DEFAULT_METHOD",
     "MAX_ROUNDING_ERROR",
     "METHODS",
     "ToeplitzPrecisionError",
@@ -112,9 +112,6 @@ MAX_ROUNDING_ERROR = 0.25
 
 _WORKERS = 2
 """Threads scipy.fft may use for a batch of row or column transforms."""
-
-_THREADS = ThreadPoolExecutor(2, thread_name_prefix="toeplitz")
-"""Two threads share the carry-less products (the Numba kernels release the GIL)."""
 
 
 class _Workspace(threading.local):
@@ -323,43 +320,56 @@ def _words(bits: np.ndarray, lead: int, total_words: int) -> np.ndarray:
     return packed.view("<u8")
 
 
-def _toeplitz_clmul(tail: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
-    """``T @ tail mod 2`` (``m`` bits, unpacked) as XORed GF(2)[x] products on packed words.
+def _square_size(words: int) -> int:
+    """The smallest ``leaf * 2^d >= words`` with ``leaf <= LEAF_WORDS``: sizes the split halves evenly."""
+    halvings = max(0, math.ceil(math.log2(words / toeplitz_clmul.LEAF_WORDS))) if words else 0
+    return -(-words // 2**halvings) * 2**halvings
 
-    ``tail`` (``w`` bits) is cut into ``chunks`` of ``L`` bits (``L`` = ``min(m, w)`` rounded
-    up to whole words). Output bit ``i`` is coefficient ``i + w - 1`` of ``seed * tail``; chunk
-    ``c`` (bits ``cL .. cL+L-1``) contributes coefficient ``i + L - 1`` of ``W_c * chunk_c``
-    with ``W_c`` the ``L + m - 1`` seed bits from ``w - (c+1)L`` on. The seed is shifted by
-    ``P = chunks*L - w`` zero bits so that every ``W_c`` starts on a word; each ``W_c`` is
-    multiplied in pieces of ``L`` bits (balanced Karatsuba products), the pieces shared
-    between two threads, and the XOR of all products read at bits ``L - 1 .. L + m - 2``.
+
+def _toeplitz_clmul(tail: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
+    """``T @ tail mod 2`` (``m`` bits, unpacked) from square Toeplitz blocks on packed words.
+
+    ``T`` (``m x w``, ``w = len(tail)``) is cut into square blocks of ``s`` bits per side,
+    ``s = min(m, w)`` rounded up to whole words: along the columns when ``w >= m`` (the block
+    products are XORed), along the rows otherwise (they are stacked). Each block sits in the
+    top-left corner of an ``S``-bit square (``S >= s``, a size the split halves evenly), whose
+    diagonal is the seed from bit ``w - b s - S`` (block ``b`` of columns) or ``b s + w - S``
+    (block ``b`` of rows); the products are :func:`toeplitz_clmul.toeplitz_times`. The seed is
+    packed after zero bits that make every start a whole word; bits outside the seed
+    read as zeros and only ever meet zero key bits or discarded rows.
     """
     w = tail.size
-    chunk_words = -(-min(m, w) // 64)
-    chunk_bits = 64 * chunk_words
-    chunks = -(-w // chunk_bits)
-    window_words = -(-(chunk_bits + m - 1) // 64)
-    seed_words = _words(seed, chunks * chunk_bits - w, chunks * chunk_words + window_words + 1)
-    tail_words = _words(tail, 0, chunks * chunk_words)
-    tasks = [(c, start) for c in range(chunks) for start in range(0, window_words, chunk_words)]
-
-    def work(share: list[tuple[int, int]]) -> np.ndarray:
-        acc = np.zeros(chunk_words + window_words + 1, np.uint64)
-        for c, start in share:
-            window = seed_words[(chunks - 1 - c) * chunk_words :][:window_words]
-            piece = window[start : start + chunk_words]
-            gf2poly.multiply_into(tail_words[c * chunk_words : (c + 1) * chunk_words], piece, acc[start:])
-        return acc
-
-    partial: list[np.ndarray] = []
-    try:
-        partial = list(_THREADS.map(work, (tasks[0::2], tasks[1::2])))
-        acc = partial[0] ^ partial[1]
-        bits = np.unpackbits(acc.view(np.uint8), bitorder="little")[chunk_bits - 1 : chunk_bits - 1 + m]
-    finally:
-        for array in (seed_words, tail_words, *partial):
-            array[:] = 0
-    acc[:] = 0
+    block_words = -(-min(m, w) // 64)
+    block = 64 * block_words
+    size_words = _square_size(block_words)
+    size = 64 * size_words
+    by_columns = w >= m
+    blocks = -(-(w if by_columns else m) // block)
+    lead = size + (blocks - 1) * block - w if by_columns else size - w
+    seed_words = _words(seed, lead, (lead + seed.size) // 64 + 2 * size_words + 1)
+    key_words = _words(tail, 0, blocks * block_words + size_words)
+    out = np.zeros(size_words if by_columns else blocks * block_words, np.uint64)
+    pending = []
+    for b in range(blocks):
+        if by_columns:
+            first = (blocks - 1 - b) * block_words  # word of seed bit w - b*s - S, after the lead
+            v = key_words[b * block_words : (b + 1) * block_words]
+        else:
+            first = b * block_words
+            v = key_words[:block_words]
+        vector = np.zeros(size_words, np.uint64)
+        vector[: v.size] = v
+        pending.append((b, toeplitz_clmul.toeplitz_times(seed_words[first : first + 2 * size_words], vector)))
+        vector[:] = 0
+    for b, product in pending:
+        if by_columns:
+            out ^= product
+        else:  # rows past the block's own s are the padding's: dropped
+            out[b * block_words : (b + 1) * block_words] ^= product[:block_words]
+        product[:] = 0
+    bits = np.unpackbits(out.view(np.uint8), bitorder="little")[:m]
+    for array in (out, key_words):
+        array[:] = 0
     return bits
 
 
@@ -381,21 +391,12 @@ def _toeplitz_fft(tail: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
 
 
 METHODS = {"clmul": _toeplitz_clmul, "fft": _toeplitz_fft}
-"""The two exact ways to compute ``T @ tail``; :func:`toeplitz_hash` picks one by size."""
+"""The two exact ways to compute ``T @ tail``."""
 
-CLMUL_MAX_CHUNK_BITS = 1 << 21
-"""Above this chunk length (``min(m, n - m)``) Karatsuba's ``L^1.585`` makes the FFT as cheap.
-
-Measured on the 2-core machine with one core busy (256-bit carry-less multiply): at
-``n = 2.4e6, m = 8.7e5`` the products take 0.05 s against 0.18 s for the FFT; at
-``n = 10^7, m = 10^6`` 0.27 s against 0.57 s; at ``m = n/2`` (chunks of ``5e6`` bits) the two
-are level (0.57 s).
-"""
-
-
-def _default_method(n: int, m: int) -> str:
-    """``"clmul"`` where the CPU has it and the chunks are short enough to beat the FFT, else ``"fft"``."""
-    return "clmul" if gf2poly.AVAILABLE and min(m, n - m) <= CLMUL_MAX_CHUNK_BITS else "fft"
+DEFAULT_METHOD = "clmul" if toeplitz_clmul.AVAILABLE else "fft"
+"""Carry-less products wherever the CPU has them: on the 2-core machine with one core busy they
+took 0.31 s against 0.78 s for the FFT at ``n = 10^7, m = n/2``, 0.17 s against 0.58 s at
+``m = n/10``, and 0.025 s against 0.20 s at ``n = 2.4e6, m = 8.7e5`` (a 25 km round)."""
 
 
 def toeplitz_hash(key_bits: np.ndarray, seed_bits: np.ndarray, m: int, method: str | None = None) -> np.ndarray:
@@ -406,14 +407,14 @@ def toeplitz_hash(key_bits: np.ndarray, seed_bits: np.ndarray, m: int, method: s
     any integer or bool dtype. ``method`` picks how ``T @ key[m:]`` is computed, both exact:
     ``"clmul"``, GF(2)[x] products with the CPU's carry-less multiply, or ``"fft"``, a packed
     complex four-step FFT convolution in binary64, exact by the bound in the module docstring
-    and checked at run time (:class:`ToeplitzPrecisionError`). ``None`` picks the faster one
-    for the sizes (:func:`_default_method`).
+    and checked at run time (:class:`ToeplitzPrecisionError`). ``None`` means
+    :data:`DEFAULT_METHOD`.
     """
     key, seed, n = _check_args(key_bits, seed_bits, m)
     out = key[:m].astype(np.uint8)  # a copy: the identity block
     if m == n:
         return out
-    method = method or _default_method(n, m)
+    method = method or DEFAULT_METHOD
     product = METHODS[method](key[m:].astype(np.uint8, copy=False), seed.astype(np.uint8, copy=False), m)
     np.bitwise_xor(out, product, out=out)
     return out

@@ -1,24 +1,35 @@
-"""Multiplication in GF(2)[x] on packed 64-bit words, with the CPU's carry-less multiply.
+"""Toeplitz matrix-vector products over GF(2) on packed 64-bit words, with the CPU's carry-less multiply.
 
-A binary polynomial is a little-endian uint64 array: bit ``b`` of word ``w`` is the
-coefficient of ``x^(64 w + b)`` (``np.packbits(bits, bitorder="little").view("<u8")`` after
-padding to whole words). :func:`multiply` returns the product, ``len(a) + len(b)`` words.
+A square Toeplitz matrix of ``64 K`` bits per side is given by its ``128 K`` diagonal bits
+``t``, ``T[i, j] = t[i - j + 64K - 1]``, and ``T @ v`` is bits ``64K - 1 .. 128K - 2`` of the
+GF(2)[x] product ``t * v`` (a *middle product*). Bit ``b`` of word ``w`` of a packed array is
+bit ``64 w + b`` of the vector (``np.packbits(bits, bitorder="little").view("<u8")``); the top
+diagonal bit ``t[128K - 1]`` is never read.
 
-Algorithm: Karatsuba's three-products recursion (Karatsuba and Ofman 1962; over GF(2)
-additions are XOR, so ``(a0 + a1)(b0 + b1) + a0 b0 + a1 b1`` is the cross term exactly),
-down to blocks of at most :data:`LEAF_WORDS` words, which are multiplied column by column
-with ``PCLMULQDQ`` (one 64 x 64 -> 128-bit carry-less product per instruction; two per
-instruction with the 256-bit ``VPCLMULQDQ`` where the CPU has it), accumulated in a vector
-register by LLVM loops emitted through Numba (:func:`_clmul_dot`, :func:`_clmul_dot2`). Every
-64 x 64 product is exact, so the result is exact; the tests compare it with Python-integer
-shift-and-XOR multiplication.
+Algorithm: the three-products split of a Toeplitz product (the transpose of Karatsuba's
+multiplication; e.g. Fan and Hasan, IEEE Trans. Computers 56, 224 (2007), Sect. 3). With
+``T = [[T1, T0], [T2, T1]]`` in blocks of half the size and ``v = (v0, v1)``, over GF(2)
+
+    P0 = T1 (v0 + v1),   P1 = (T0 + T1) v1,   P2 = (T2 + T1) v0,   T v = (P0 + P1, P0 + P2),
+
+where ``T0 + T1`` and ``T2 + T1`` are Toeplitz again (XOR of their diagonals), so the cost
+is ``3 T(K/2) + O(K)`` -- that of one Karatsuba product, half that of the full product of the
+two ``t`` halves with ``v``. Blocks of at most :data:`LEAF_WORDS` words compute just the
+needed columns of ``t * v``: column ``c`` is the XOR of the 128-bit carry-less products
+``v[j] * t[c - j]``, made with ``PCLMULQDQ`` (two columns per instruction with the 256-bit
+``VPCLMULQDQ`` where the CPU has it) and accumulated in a vector register by LLVM loops
+emitted through Numba (:func:`_clmul_dot`, :func:`_clmul_dot2`). Every step is exact; the
+tests compare with the dense product.
 
 The instruction exists on every x86-64 CPU since 2010 (Intel Westmere, AMD Bulldozer);
-:data:`AVAILABLE` is false elsewhere (e.g. on ARM) and callers then use another method
-(:mod:`qkdstack.protocol.toeplitz` falls back to its floating-point FFT).
+:data:`AVAILABLE` is false elsewhere (e.g. on ARM), and :mod:`qkdstack.protocol.toeplitz`
+then uses its floating-point FFT.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from llvmlite import binding as llvm
@@ -26,7 +37,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["AVAILABLE", "LEAF_WORDS", "multiply", "multiply_into"]
+__all__ = ["AVAILABLE", "LEAF_WORDS", "toeplitz_times"]
 
 _FEATURES = llvm.get_host_cpu_features()
 AVAILABLE = bool(_FEATURES.get("pclmul", False)) and llvm.get_process_triple().startswith("x86_64")
@@ -36,7 +47,7 @@ _WIDE = AVAILABLE and bool(_FEATURES.get("vpclmulqdq", False)) and bool(_FEATURE
 """Whether it also has the 256-bit form (two products per instruction; AMD Zen 3+, Intel Ice Lake+)."""
 
 LEAF_WORDS = 32
-"""Blocks of at most this many words are multiplied by the schoolbook method (measured best)."""
+"""Products of at most this many words (per side) are computed column by column (measured best)."""
 
 
 @intrinsic
@@ -143,98 +154,111 @@ def _clmul_dot2(typingctx, a, ia, b, ib, count):
 
 
 @njit(cache=True, nogil=True)
-def _schoolbook(a: np.ndarray, b: np.ndarray, n: int, out: np.ndarray) -> None:
-    """``out[:2n] = a[:n] * b[:n]``, two product columns ``k, k + 1`` per pass.
+def _leaf(t: np.ndarray, v: np.ndarray, k: int, out: np.ndarray) -> None:
+    """``out[:k] = T @ v`` for ``k`` words per side: words ``k - 1 .. 2k - 1`` of ``t * v``, shifted by 63 bits.
 
-    Column ``k`` is the XOR of ``a[i] * b[k - i]``; the two columns share the terms
-    ``max(0, k - n + 2) <= i <= min(k, n - 1)``, and each may have one more (``i = k - n + 1``
-    for ``k``, ``i = k + 1`` for ``k + 1``). The high word of column ``k`` lands in word ``k + 1``.
+    Column ``c >= k - 1`` of ``t * v`` is the XOR of ``v[j] * t[c - j]`` for all ``j < k``;
+    product word ``c`` is the low half of column ``c`` XOR the high half of column ``c - 1``.
     """
-    carry = np.uint64(0)
-    k = 0
-    while k + 1 < 2 * n - 1:
-        first = max(0, k - n + 2)
-        last = min(k, n - 1)
-        low0, high0, low1, high1 = _clmul_dot2(a, first, b, k - first, last - first + 1)
-        if k - n + 1 >= 0:
-            low, high = _clmul_dot(a, k - n + 1, b, n - 1, 1)
-            low0 ^= low
-            high0 ^= high
-        if k + 1 <= n - 1:
-            low, high = _clmul_dot(a, k + 1, b, 0, 1)
-            low1 ^= low
-            high1 ^= high
-        out[k] = low0 ^ carry
-        out[k + 1] = low1 ^ high0
-        carry = high1
-        k += 2
-    if k < 2 * n - 1:  # the last column, when 2n - 1 is odd (always)
-        first = max(0, k - n + 1)
-        low, high = _clmul_dot(a, first, b, k - first, min(k, n - 1) - first + 1)
-        out[k] = low ^ carry
-        carry = high
-    out[2 * n - 1] = carry
+    carry = np.uint64(0)  # high half of the previous column
+    if k >= 2:
+        _, carry = _clmul_dot(v, 0, t, k - 2, k - 1)
+    previous = np.uint64(0)
+    c = k - 1
+    while c <= 2 * k - 1:
+        if c + 1 <= 2 * k - 1:
+            low0, high0, low1, high1 = _clmul_dot2(v, 0, t, c, k)
+            words = (low0 ^ carry, low1 ^ high0)
+            carry = high1
+            width = 2
+        else:
+            low0, high0 = _clmul_dot(v, 0, t, c, k)
+            words = (low0 ^ carry, np.uint64(0))
+            carry = high0
+            width = 1
+        for i in range(width):
+            word = words[i]
+            if c + i >= k:
+                out[c + i - k] = (previous >> np.uint64(63)) | (word << np.uint64(1))
+            previous = word
+        c += width
 
 
 @njit("void(uint64[::1], uint64[::1], int64, uint64[::1], uint64[::1])", cache=True, nogil=True)
-def _karatsuba(a, b, n, out, scratch):
-    """``out[:2n] = a[:n] * b[:n]``; ``scratch`` holds at least ``4n + 64`` words."""
-    if n <= LEAF_WORDS:
-        _schoolbook(a, b, n, out)
+def _product(t, v, k, out, scratch):
+    """``out[:k] = T @ v`` by the three-products split; ``scratch`` holds at least ``4k`` words."""
+    if k <= LEAF_WORDS or k % 2:
+        _leaf(t, v, k, out)
         return
-    h = (n + 1) // 2
-    low = n - h  # words of the high halves, h or h - 1
-    _karatsuba(a[:h], b[:h], h, out[: 2 * h], scratch)
-    _karatsuba(a[h:n], b[h:n], low, out[2 * h : 2 * n], scratch)
-    sum_a = scratch[:h]
-    sum_b = scratch[h : 2 * h]
-    middle = scratch[2 * h : 4 * h]
-    sum_a[:] = a[:h]
-    sum_b[:] = b[:h]
-    for i in range(low):
-        sum_a[i] ^= a[h + i]
-        sum_b[i] ^= b[h + i]
-    _karatsuba(sum_a, sum_b, h, middle, scratch[4 * h :])
+    h = k // 2
+    v_sum = scratch[:h]
+    p0 = scratch[h : 2 * h]
+    diagonal = scratch[2 * h : 4 * h]
+    deeper = scratch[4 * h :]
+    for i in range(h):
+        v_sum[i] = v[i] ^ v[h + i]
+    _product(t[h : 3 * h], v_sum, h, p0, deeper)
     for i in range(2 * h):
-        middle[i] ^= out[i]
-    for i in range(2 * low):
-        middle[i] ^= out[2 * h + i]
-    top = min(2 * h, 2 * n - h)  # the cross term's words that can be non-zero
-    for i in range(top):
-        out[h + i] ^= middle[i]
+        diagonal[i] = t[i] ^ t[h + i]
+    _product(diagonal, v[h:k], h, out[:h], deeper)
+    for i in range(2 * h):
+        diagonal[i] = t[2 * h + i] ^ t[h + i]
+    _product(diagonal, v[:h], h, out[h:k], deeper)
+    for i in range(h):
+        out[i] ^= p0[i]
+        out[h + i] ^= p0[i]
+    v_sum[:] = 0
+    p0[:] = 0
 
 
-@njit(cache=True, nogil=True)
-def multiply_into(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
-    """``out ^= a * b`` (uint64 words), ``b`` in pieces of ``len(a)`` words, each by Karatsuba; releases the GIL.
-
-    Product words past the end of ``out`` are dropped. Work arrays are zeroed before return.
-    """
-    n = a.size
-    piece = np.zeros(n, np.uint64)
-    product = np.empty(2 * n, np.uint64)
-    scratch = np.empty(4 * n + 64, np.uint64)
-    for start in range(0, b.size, n):
-        width = min(n, b.size - start)
-        piece[:width] = b[start : start + width]
-        piece[width:] = 0
-        _karatsuba(a, piece, n, product, scratch)
-        end = min(out.size, start + 2 * n)
-        for i in range(start, end):
-            out[i] ^= product[i - start]
-    piece[:] = 0
-    product[:] = 0
+def _leaf_task(t: np.ndarray, v: np.ndarray) -> np.ndarray:
+    out = np.empty(v.size, np.uint64)
+    scratch = np.zeros(4 * v.size + 64, np.uint64)
+    _product(t, v, v.size, out, scratch)
     scratch[:] = 0
+    return out
 
 
-def multiply(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The product of two packed binary polynomials (uint64 words), ``len(a) + len(b)`` words."""
+_THREADS = ThreadPoolExecutor(2, thread_name_prefix="toeplitz")
+"""Two threads share the sub-products of the top levels (the Numba kernels release the GIL)."""
+
+
+def _split(t: np.ndarray, v: np.ndarray, depth: int) -> Callable[[], np.ndarray]:
+    """Submit the ``3^depth`` sub-products of the top ``depth`` splits; return the function that combines them."""
+    k = v.size
+    if depth == 0 or k <= 2 * LEAF_WORDS or k % 2:
+        future = _THREADS.submit(_leaf_task, t, v)
+        return future.result
+    h = k // 2
+    v_sum = v[:h] ^ v[h:]
+    p0 = _split(t[h : 3 * h], v_sum, depth - 1)
+    p1 = _split(t[: 2 * h] ^ t[h : 3 * h], v[h:], depth - 1)
+    p2 = _split(t[2 * h :] ^ t[h : 3 * h], v[:h], depth - 1)
+
+    def combine() -> np.ndarray:
+        first = p0()
+        parts = (p1(), p2())
+        out = np.concatenate([first ^ parts[0], first ^ parts[1]])
+        for array in (first, *parts, v_sum):
+            array[:] = 0
+        return out
+
+    return combine
+
+
+def toeplitz_times(t: np.ndarray, v: np.ndarray, depth: int = 2) -> np.ndarray:
+    """``T @ v`` (``K`` words) for ``v`` of ``K`` words and the ``2K``-word diagonal ``t``; exact.
+
+    The top ``depth`` levels of the split run as ``3^depth`` tasks on two threads. ``K`` should
+    be ``LEAF_WORDS``-sized times a power of two (a block with an odd word count is done by the
+    quadratic column method).
+    """
     if not AVAILABLE:
         raise RuntimeError("this CPU has no carry-less multiply instruction")
-    a = np.ascontiguousarray(a, np.uint64)
-    b = np.ascontiguousarray(b, np.uint64)
-    out = np.zeros(a.size + b.size, np.uint64)
-    if a.size and b.size:
-        short, long = (a, b) if a.size <= b.size else (b, a)
-        multiply_into(short, long, out)
-    return out
+    t = np.ascontiguousarray(t, np.uint64)
+    v = np.ascontiguousarray(v, np.uint64)
+    if t.size != 2 * v.size:
+        raise ValueError(f"a Toeplitz product of {v.size} words needs {2 * v.size} diagonal words, got {t.size}")
+    if v.size == 0:
+        return np.zeros(0, np.uint64)
+    return _split(t, v, depth)()
