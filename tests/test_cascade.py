@@ -274,3 +274,90 @@ def test_mask_shuffles_are_bijections_with_popcount_parities():
         packed = K.pack_key(key)
         for y in {0, 1, n // 2, -(-n // 2), int(p[K.P_B1]), n}:
             assert K.mask_prefix_parity(packed, p, y) == ref[y]
+
+
+def test_mask_tables_rank_select_and_range_parities():
+    """mask_cum/mask_rank/mask_select and word-level range parities agree with the materialised shuffle."""
+    rng = np.random.default_rng(8)
+    for n in (1, 63, 64, 65, 200, 4097, 70000):
+        cum = np.zeros((n + 63) // 64 + 1, np.int64)
+        p = K.make_mask_params(np.random.default_rng(n), n, cum)
+        assert p[K.P_B1] == K.mask_count(p) == cum[-1]
+        orig = K.originals(p[None, :], np.zeros(n, dtype=np.int64), np.arange(n, dtype=np.int64))
+        key = rng.integers(0, 2, n, dtype=np.uint8)
+        ref = np.concatenate([[0], np.cumsum(key[orig]) % 2]).astype(np.uint8)
+        packed = K.pack_key(key)
+        for i in rng.integers(0, n, 60):
+            assert K.mask_select(p, cum, i) == orig[i]
+            assert K.mask_rank(p, cum, orig[i]) == i
+        for _ in range(200):
+            a, b = sorted(int(x) for x in rng.integers(0, n + 1, 2))
+            if a < b:
+                assert K.mask_range_parity(packed, p, cum, a, b) == ref[b] ^ ref[a]
+
+
+def test_shuffled_rows_give_every_range_parity():
+    """Packed shuffled rows (keyed permutations) answer range parities like the prefix-XOR oracle."""
+    rng = np.random.default_rng(9)
+    for n in (5, 64, 1000, 70001):
+        key = rng.integers(0, 2, n, dtype=np.uint8)
+        sizes = block_sizes("batched", 0.03, n)
+        params, mcum = cascade._derive_permutations(77, n, 14, sizes)
+        shuf = cascade._shuffled_rows(K.pack_key(key), params)
+        for j in range(14):
+            ref = K.prefix_parity(key, params[j])
+            for _ in range(50):
+                a, b = sorted(int(x) for x in rng.integers(0, n + 1, 2))
+                if a < b:
+                    assert K.range_parity(shuf, params, mcum, j, a, b) == ref[b] ^ ref[a]
+            tops = np.empty(-(-n // sizes[j]), np.uint8)
+            K.top_parities(shuf, params, mcum, j, sizes[j], tops.size, tops)
+            starts = np.arange(tops.size) * sizes[j]
+            assert np.array_equal(tops, ref[np.minimum(starts + sizes[j], n)] ^ ref[starts])
+
+
+async def test_early_pass_activation_corrects_and_counts_every_parity():
+    """Later passes started while searches are still open (early activation) keep Cascade exact.
+
+    A schedule that starts every later pass as soon as at most 64 searches are open runs
+    passes of all kinds (keyed permutations, mask shuffles) concurrently; the key must be
+    corrected, every answer must be Alice's parity of the asked range, and the leakage must
+    equal the parities Alice sent.
+    """
+    from qkdstack.transport.codec import decode_message
+
+    sched = CascadeSchedule(
+        "eager", 14, lambda q: 16, growth=math.inf, fixed_blocks=(lambda q: 64, lambda q: 1024),
+        early_per_bit=64 / 20000, tail_round_trips=0,
+    )  # fmt: skip
+    for seed in (1, 2, 3):
+        a, b = _frame(20000, 0.04, seed)
+        log: list[tuple[str, bytes]] = []
+        ra, rb, _ca, cb = await _run(a, b, 0.04, sched, seed=seed, log=log)
+        assert np.array_equal(rb.key, a)
+        msgs = [(d, *decode_message(f)) for d, f in log]
+        sizes = sched.block_sizes(0.04, a.size)
+        params, _ = cascade._derive_permutations(int(msgs[0][2]["seed"]), a.size, 14, sizes)
+        prefix = [K.prefix_parity(a, params[j]) for j in range(14)]
+        sent = len(msgs[0][3])
+        late = 0
+        for (_d1, k1, f1, _), (_d2, k2, _f2, disc) in itertools.pairwise(msgs):
+            if k1 == "cascade.ask" and k2 == "cascade.parities":
+                p, s, e = f1["q"].T.astype(int)
+                expect = np.array([prefix[j][y] ^ prefix[j][x] for j, x, y in zip(p, s, e, strict=True)], np.uint8)
+                assert np.array_equal(disc.to_bits(), expect)
+                sent += len(disc)
+                late += int(np.count_nonzero(p >= 3))
+        assert sent == rb.leaked_bits == ra.leaked_bits == cb.stats.disclosed_bits("cascade")
+        assert late > 0  # the mask-shuffle passes did search
+
+
+async def test_alice_rejects_malformed_questions():
+    a, _ = _frame(1000, 0.02, 2)
+    for bad in (np.zeros((4, 2), np.int32), np.zeros(6, np.int32), np.zeros((2, 3), np.float64), "nonsense"):
+        ca, cb = channel_pair(timeout=5)
+        task = asyncio.create_task(cascade.alice(ca, a, 0.02))
+        await cb.recv(expect="cascade.start")
+        await cb.send("cascade.ask", q=bad)
+        with pytest.raises(ProtocolAbort, match="malformed"):
+            await task

@@ -472,20 +472,28 @@ def shuffled_words(packed, p, out):
         for w in range(nw):
             out[w] = packed[w]
         return
+    if p[P_MASK] <= np.uint64(0xFFFFFFFF):  # uint32 lanes: twice as many per vector
+        _shuffled_words(packed, p, out, np.empty(_CHUNK, np.uint32))
+    else:
+        _shuffled_words(packed, p, out, np.empty(_CHUNK, np.uint64))
+
+
+@njit(cache=True)
+def _shuffled_words(packed, p, out, buf):
+    n = np.int64(p[P_N])
     nn = p[P_N]
-    buf = np.empty(_CHUNK, np.uint64)
     bitv = np.empty(_CHUNK, np.uint64)
     for c0 in range(0, n, _CHUNK):
         cnt = min(_CHUNK, n - c0)
         _fill_positions(p, c0, cnt, buf)
         for i in range(cnt):  # cycle walking into [0, n): rare (2^m < 2n)
-            x = buf[i]
+            x = np.uint64(buf[i])
             if x >= nn:
                 while x >= nn:
                     x = _round_fwd(x, p)
                 buf[i] = x
         for i in range(cnt):  # separate simple loops: the compiler vectorises them
-            x = buf[i]
+            x = np.uint64(buf[i])
             bitv[i] = (packed[x >> np.uint64(6)] >> (x & np.uint64(63))) & np.uint64(1)
         for w0 in range(0, cnt, 64):
             word = np.uint64(0)
