@@ -22,7 +22,7 @@ from qkdstack.physics.params import ChannelParams, DeviceParams
 from qkdstack.protocol import amplification, estimation, sifting
 from qkdstack.protocol.channel import channel_pair
 from qkdstack.protocol.round import RoundConfig
-from qkdstack.protocol.toeplitz import toeplitz_hash
+from qkdstack.protocol.toeplitz import seed_length, toeplitz_hash
 
 PULSES = 400_000_000
 REPEATS = 7
@@ -65,7 +65,7 @@ def run() -> dict:
 
     key = sa.key_bits
     m = int(OUTPUT_FRACTION * key.size)
-    seed = np.random.default_rng(1).integers(0, 2, key.size + m - 1, dtype=np.uint8)
+    seed = np.random.default_rng(1).integers(0, 2, seed_length(key.size), dtype=np.uint8)
 
     async def amplify():
         a, _ = channel_pair()

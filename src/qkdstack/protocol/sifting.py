@@ -61,38 +61,33 @@ def _packed_bit(packed: np.ndarray, i: int) -> int:
 @njit(cache=True)
 def _split(
     bits: np.ndarray, basis: np.ndarray, other: np.ndarray, classes: np.ndarray, per_match: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Sift one party's detections against the peer's packed bases, in two branch-free passes.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Sift one party's detections against the peer's packed bases, in one branch-free pass.
 
     ``classes`` holds an intensity class per detection (Alice), or, with ``per_match``, one
-    per matched detection plus one spare entry (Bob, from Alice's announcement). Returns
-    key-basis (Z) bits and classes, test-basis (X) bits and classes, and the classes of all
-    matched detections in order (Alice announces them). Whether a detection matches and in
-    which basis is random, so every output is written unconditionally and its cursor
-    advanced by the 0/1 condition: a branch per detection would mispredict about a third of
-    the time and cost more than the stores.
+    per matched detection (Bob, from Alice's announcement; should it hold fewer, the last is
+    reused and the returned match count tells the caller to refuse the round). Returns
+    key-basis (Z) bits and classes, test-basis (X) bits and classes, the classes of all
+    matched detections in order (Alice announces them), and the number of matches. Whether
+    a detection matches and in which basis is random, so every output is written
+    unconditionally into arrays sized for the worst case and its cursor advanced by the 0/1
+    condition: a branch per detection would mispredict about a third of the time and cost
+    more than the stores.
     """
     n = basis.size
-    n_match = n_z = n_x = 0
-    for i in range(n):
-        b = basis[i]
-        m = int(b == _packed_bit(other, i))
-        n_match += m
-        n_z += m & int(b == Z)
-        n_x += m & int(b == X)
-    # one spare slot each: the unconditional store after the last advance lands there
-    key_bits = np.empty(n_z + 1, np.uint8)
-    key_cls = np.empty(n_z + 1, np.uint8)
-    test_bits = np.empty(n_x + 1, np.uint8)
-    test_cls = np.empty(n_x + 1, np.uint8)
-    matched_cls = np.empty(0 if per_match else n_match + 1, np.uint8)
+    key_bits = np.empty(n + 1, np.uint8)  # one spare slot each: the store after the last advance
+    key_cls = np.empty(n + 1, np.uint8)
+    test_bits = np.empty(n + 1, np.uint8)
+    test_cls = np.empty(n + 1, np.uint8)
+    matched_cls = np.empty(1 if per_match else n + 1, np.uint8)
+    last_class = classes.size - 1
     k = z = x = 0
     for i in range(n):
         b = basis[i]
         m = int(b == _packed_bit(other, i))
         t = bits[i]
         if per_match:
-            c = classes[k]
+            c = classes[min(k, last_class)]
         else:
             c = classes[i]
             matched_cls[k] = c
@@ -103,16 +98,7 @@ def _split(
         test_bits[x] = t
         test_cls[x] = c
         x += m & int(b == X)
-    return key_bits[:n_z], key_cls[:n_z], test_bits[:n_x], test_cls[:n_x], matched_cls[:n_match]
-
-
-@njit(cache=True)
-def _count_matches(basis: np.ndarray, other: np.ndarray) -> int:
-    """Detections whose basis equals the peer's (packed) basis."""
-    n_match = 0
-    for i in range(basis.size):
-        n_match += int(basis[i] == _packed_bit(other, i))
-    return n_match
+    return key_bits[:z], key_cls[:z], test_bits[:x], test_cls[:x], matched_cls[: 0 if per_match else k], k
 
 
 def _column(values: np.ndarray) -> np.ndarray:
@@ -153,7 +139,7 @@ async def alice(channel: Channel, record: AliceRecord) -> SiftedKey:
     if not intensity.size == basis.size == bit.size == count:  # the kernels index by count: never trust sizes
         raise ValueError("Alice's record answered a look-up with columns of the wrong length")
     await channel.send("sifting.bases", bases=BitArray.from_bits(basis))
-    key_bits, key_cls, test_bits, test_cls, matched = _split(bit, basis, bob_basis.packed, intensity, False)
+    key_bits, key_cls, test_bits, test_cls, matched, _ = _split(bit, basis, bob_basis.packed, intensity, False)
     await channel.send("sifting.intensities", low=BitArray.from_bits(matched & 1), high=BitArray.from_bits(matched > 1))
     return SiftedKey(key_bits, key_cls, test_bits, test_cls, count)
 
@@ -178,9 +164,9 @@ async def bob(channel: Channel, record: DetectionRecord) -> SiftedKey:
     low, high = msg["low"], msg["high"]
     if not isinstance(low, BitArray) or not isinstance(high, BitArray) or len(low) != len(high):
         raise ProtocolAbort(STAGE, "Alice's intensity classes are malformed")
-    if _count_matches(basis, alice_basis.packed) != len(low):
-        raise ProtocolAbort(STAGE, "Alice's intensity classes do not match the sifted count")
-    classes = np.empty(len(low) + 1, np.uint8)  # a spare entry for _split's unconditional read
+    classes = np.empty(len(low) + 1, np.uint8)  # a spare entry: never empty, for _split's reads
     np.bitwise_or(low.to_bits(), high.to_bits() << 1, out=classes[:-1])
-    key_bits, key_cls, test_bits, test_cls, _ = _split(bit, basis, alice_basis.packed, classes, True)
+    key_bits, key_cls, test_bits, test_cls, _, matches = _split(bit, basis, alice_basis.packed, classes, True)
+    if matches != len(low):
+        raise ProtocolAbort(STAGE, "Alice's intensity classes do not match the sifted count")
     return SiftedKey(key_bits, key_cls, test_bits, test_cls, count)
