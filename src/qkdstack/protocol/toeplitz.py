@@ -1,4 +1,4 @@
-"""Toeplitz hashing over GF(2), computed exactly with a floating-point FFT convolution.
+"""Toeplitz hashing over GF(2), computed exactly: carry-less products, or a floating-point FFT.
 
 Convention
 ----------
@@ -28,8 +28,15 @@ bound exhaustively on small sizes). Against the plain ``m x n`` Toeplitz matrix 
 ``n - 1`` instead of ``n + m - 1`` seed bits and a convolution of length ``n - 1`` instead of
 ``n + m - 1``: a third less work at ``m = n/2``.
 
-Algorithm
----------
+Methods
+-------
+``"clmul"`` (wherever the CPU has a carry-less multiply instruction): ``T`` is cut into square
+blocks whose products :mod:`qkdstack.protocol.toeplitz_clmul` computes on packed 64-bit
+words (see :func:`_toeplitz_clmul`); exact by construction. ``"fft"`` (elsewhere; the tests
+and benchmarks run both): the floating-point convolution below.
+
+FFT algorithm
+-------------
 The convolution is computed as a *cyclic* convolution of length ``N = C * R >= n - 1``
 (``C`` and ``R`` 5-smooth and close to ``sqrt(N)``). Cyclic index ``k`` holds ``c[k] + c[k +
 N]``; for the indices we read, ``k >= w - 1``, so ``k + N >= w + n - 2`` lies past the last
@@ -54,8 +61,8 @@ linear index ``w + n - 3``: no wrap-around reaches them. Five measured tricks ma
 * the two complex work arrays are kept per thread and zeroed after use (:class:`_Workspace`):
   on this machine first-touching fresh pages costs more than an FFT pass.
 
-Exactness
----------
+Exactness of the FFT method
+---------------------------
 Every true coefficient is an integer in ``[0, n]``, far below ``2**53``, so the only
 question is the floating-point rounding error. For an FFT-based convolution in binary64
 the componentwise error is bounded by (Percival, "Rapid multiplication modulo the sum and
