@@ -52,3 +52,15 @@ def test_all_ones_and_unit_vectors():
 def test_wrong_diagonal_length_is_refused():
     with pytest.raises(ValueError, match="diagonal words"):
         toeplitz_clmul.toeplitz_times(np.zeros(5, np.uint64), np.zeros(3, np.uint64))
+
+
+def test_products_work_in_a_forked_child():
+    """A child forked after the worker threads started gets its own pool (no hang on submit)."""
+    import multiprocessing
+
+    t, v = _instance(3, 8 * LEAF)
+    expected = toeplitz_clmul.toeplitz_times(t, v)  # the parent's pool threads are running now
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        result = pool.apply_async(toeplitz_clmul.toeplitz_times, (t, v)).get(timeout=60)
+    assert np.array_equal(result, expected)

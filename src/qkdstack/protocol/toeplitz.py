@@ -99,7 +99,7 @@ from functools import lru_cache
 
 import numpy as np
 import scipy.fft
-from numba import njit, prange
+from numba import njit
 
 from qkdstack.errors import QKDError
 from qkdstack.protocol import toeplitz_clmul
@@ -198,9 +198,9 @@ def _shape(length: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _twiddle(a: np.ndarray, n_total: int, sign: float) -> None:
-    """Multiply ``a[k2, j1]`` in place by ``exp(sign * 2*pi*i * k2*j1 / n_total)``, rows in parallel.
+    """Multiply ``a[k2, j1]`` in place by ``exp(sign * 2*pi*i * k2*j1 / n_total)``.
 
     Each factor is the product of two table entries (``j1 = lo + step*hi``) whose angles are
     reduced exactly mod ``n_total`` in integers before ``cos``/``sin``.
@@ -210,10 +210,10 @@ def _twiddle(a: np.ndarray, n_total: int, sign: float) -> None:
     while step * step < cols:
         step += 1
     n_hi = (cols + step - 1) // step
+    lo = np.empty(step, np.complex128)
+    hi = np.empty(n_hi, np.complex128)
     scale = sign * 2.0 * math.pi / n_total
-    for r in prange(1, rows):
-        lo = np.empty(step, np.complex128)
-        hi = np.empty(n_hi, np.complex128)
+    for r in range(1, rows):
         for i in range(step):
             angle = scale * ((r * i) % n_total)
             lo[i] = complex(math.cos(angle), math.sin(angle))
@@ -238,7 +238,7 @@ def _mirror_product(z: np.ndarray, r: int, c: int) -> complex:
     return (here * here - mirror.conjugate() ** 2) * -0.25j
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _half_length_spectrum(z: np.ndarray, q: np.ndarray) -> None:
     """Write to ``q`` the spectrum ``Q`` of length ``N/2`` whose inverse is ``p[2j] + i*p[2j+1]``, ``p = seed (*) key``.
 
@@ -259,45 +259,31 @@ def _half_length_spectrum(z: np.ndarray, q: np.ndarray) -> None:
     for c in range(half):
         angle = 2.0 * math.pi * c / cols
         col_turn[c] = complex(math.cos(angle), math.sin(angle))
-    for r in prange(rows):
+    for r in range(rows):
         for c in range(half):
             low = _mirror_product(z, r, c)
             high = _mirror_product(z, r, c + half)
             q[r, c] = 0.5 * (low + high) + 0.5j * (low - high) * (row_turn[r] * col_turn[c])
 
 
-_CHUNK = 1 << 16
-"""Elements per task of the parallel element-wise kernels below."""
-
-
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _interleave(seed: np.ndarray, key: np.ndarray, flat: np.ndarray) -> None:
-    """Fill ``flat`` with ``seed + i*key``, zero-padded, in one parallel pass."""
-    for chunk in prange((flat.size + _CHUNK - 1) // _CHUNK):
-        for j in range(chunk * _CHUNK, min(flat.size, (chunk + 1) * _CHUNK)):
-            re = float(seed[j]) if j < seed.size else 0.0
-            im = float(key[j]) if j < key.size else 0.0
-            flat[j] = complex(re, im)
+    """Fill ``flat`` with ``seed + i*key``, zero-padded, in one pass."""
+    for j in range(flat.size):
+        re = float(seed[j]) if j < seed.size else 0.0
+        im = float(key[j]) if j < key.size else 0.0
+        flat[j] = complex(re, im)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _round_parity(values: np.ndarray, out: np.ndarray) -> float:
     """Write ``round(values) mod 2`` to ``out``; return the largest distance to the nearest integer."""
-    chunks = (values.size + _CHUNK - 1) // _CHUNK
-    worst = np.zeros(max(chunks, 1))
-    for chunk in prange(chunks):
-        for i in range(chunk * _CHUNK, min(values.size, (chunk + 1) * _CHUNK)):
-            nearest = np.rint(values[i])
-            worst[chunk] = max(worst[chunk], abs(values[i] - nearest))
-            out[i] = np.uint8(int(nearest) & 1)
-    return worst.max()
-
-
-@njit(cache=True, parallel=True)
-def _wipe(flat: np.ndarray) -> None:
-    """Zero ``flat`` in parallel (the work arrays held key-dependent values)."""
-    for chunk in prange((flat.size + _CHUNK - 1) // _CHUNK):
-        flat[chunk * _CHUNK : min(flat.size, (chunk + 1) * _CHUNK)] = 0
+    worst = 0.0
+    for i in range(values.size):
+        nearest = np.rint(values[i])
+        worst = max(worst, abs(values[i] - nearest))
+        out[i] = np.uint8(int(nearest) & 1)
+    return worst
 
 
 def _cyclic_convolution(seed: np.ndarray, key: np.ndarray, z: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -390,8 +376,8 @@ def _toeplitz_fft(tail: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
         conv = _cyclic_convolution(seed, tail, z, q)
         worst = _round_parity(conv[tail.size - 1 : tail.size - 1 + m], product)
     finally:
-        _wipe(z.reshape(-1))
-        _wipe(q.reshape(-1))
+        z.fill(0)
+        q.fill(0)
     if worst > MAX_ROUNDING_ERROR:
         raise ToeplitzPrecisionError("FFT convolution rounding error exceeds 0.25; refusing an inexact hash")
     return product

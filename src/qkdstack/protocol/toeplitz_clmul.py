@@ -28,6 +28,7 @@ then uses its floating-point FFT.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -221,6 +222,15 @@ def _leaf_task(t: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 _THREADS = ThreadPoolExecutor(2, thread_name_prefix="toeplitz")
 """Two threads share the sub-products of the top levels (the Numba kernels release the GIL)."""
+
+
+def _fresh_threads_after_fork() -> None:
+    """A forked child inherits the pool's bookkeeping but not its threads: give it a new pool."""
+    global _THREADS
+    _THREADS = ThreadPoolExecutor(2, thread_name_prefix="toeplitz")
+
+
+os.register_at_fork(after_in_child=_fresh_threads_after_fork)
 
 
 def _split(t: np.ndarray, v: np.ndarray, depth: int) -> Callable[[], np.ndarray]:
