@@ -51,49 +51,66 @@ LEAF_WORDS = 32
 """Products of at most this many words (per side) are computed column by column (measured best)."""
 
 
+_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_V2, _V4 = ir.VectorType(_I64, 2), ir.VectorType(_I64, 4)
+
+
+def _xor_sum_loop(context, builder, signature, args, lanes: int, term) -> list:
+    """Emit ``acc = XOR over t < count of term(a_t, b_t)`` as an LLVM loop; return the accumulator's words.
+
+    ``args`` are ``(a, ia, b, ib, count)``; ``a_t`` points at ``a[ia + t]``, ``b_t`` at
+    ``b[ib - t]``. ``term`` emits the ``lanes``-word carry-less product(s) of one step; the
+    accumulator stays in a vector register across the loop.
+    """
+    a_arr = context.make_array(signature.args[0])(context, builder, args[0])
+    b_arr = context.make_array(signature.args[2])(context, builder, args[2])
+    acc_type = ir.VectorType(_I64, lanes)
+    base_a = builder.gep(a_arr.data, [args[1]])
+    base_b = builder.gep(b_arr.data, [args[3]])
+    entry = builder.block
+    head = builder.append_basic_block("clmul.head")
+    body = builder.append_basic_block("clmul.body")
+    done = builder.append_basic_block("clmul.done")
+    builder.branch(head)
+    builder.position_at_end(head)
+    t = builder.phi(_I64)
+    acc = builder.phi(acc_type)
+    t.add_incoming(ir.Constant(_I64, 0), entry)
+    acc.add_incoming(ir.Constant(acc_type, [ir.Constant(_I64, 0)] * lanes), entry)
+    builder.cbranch(builder.icmp_signed("<", t, args[4]), body, done)
+    builder.position_at_end(body)
+    product = term(builder, builder.gep(base_a, [t]), builder.gep(base_b, [builder.neg(t)]))
+    t.add_incoming(builder.add(t, ir.Constant(_I64, 1)), body)
+    acc.add_incoming(builder.xor(acc, product), body)
+    builder.branch(head)
+    builder.position_at_end(done)
+    return [builder.extract_element(acc, ir.Constant(_I32, j)) for j in range(lanes)]
+
+
+def _pclmul(builder, x, y, selector: int):
+    """One ``PCLMULQDQ``: the 128-bit product of the 64-bit halves of ``x``, ``y`` that ``selector`` picks."""
+    fn = builder.module.declare_intrinsic("llvm.x86.pclmulqdq", fnty=ir.FunctionType(_V2, [_V2, _V2, _I8]))
+    return builder.call(fn, [x, y, ir.Constant(_I8, selector)])
+
+
 @intrinsic
 def _clmul_dot(typingctx, a, ia, b, ib, count):
     """XOR over ``t < count`` of ``clmul(a[ia + t], b[ib - t])``, returned as ``(low, high)`` words.
 
-    Emitted as an LLVM loop keeping the 128-bit accumulator in a vector register, so the
-    column sums of the schoolbook product cost one ``PCLMULQDQ`` and one ``PXOR`` per term.
-    Indices are not bounds-checked: callers stay inside both arrays.
+    One ``PCLMULQDQ`` and one ``PXOR`` per term. Indices are not bounds-checked: callers stay
+    inside both arrays.
     """
     sig = types.UniTuple(types.uint64, 2)(a, types.intp, b, types.intp, types.intp)
 
+    def term(builder, a_t, b_t):
+        undef = ir.Constant(_V2, ir.Undefined)
+        x = builder.insert_element(undef, builder.load(a_t), ir.Constant(_I32, 0))
+        y = builder.insert_element(undef, builder.load(b_t), ir.Constant(_I32, 0))
+        return _pclmul(builder, x, y, 0x00)
+
     def codegen(context, builder, signature, args):
-        a_arr = context.make_array(signature.args[0])(context, builder, args[0])
-        b_arr = context.make_array(signature.args[2])(context, builder, args[2])
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        v2 = ir.VectorType(i64, 2)
-        clmul = builder.module.declare_intrinsic(
-            "llvm.x86.pclmulqdq", fnty=ir.FunctionType(v2, [v2, v2, ir.IntType(8)])
-        )
-        base_a = builder.gep(a_arr.data, [args[1]])
-        base_b = builder.gep(b_arr.data, [args[3]])
-        entry = builder.block
-        head = builder.append_basic_block("clmul.head")
-        body = builder.append_basic_block("clmul.body")
-        done = builder.append_basic_block("clmul.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        t = builder.phi(i64)
-        acc = builder.phi(v2)
-        t.add_incoming(ir.Constant(i64, 0), entry)
-        acc.add_incoming(ir.Constant(v2, [ir.Constant(i64, 0), ir.Constant(i64, 0)]), entry)
-        builder.cbranch(builder.icmp_signed("<", t, args[4]), body, done)
-        builder.position_at_end(body)
-        undef = ir.Constant(v2, ir.Undefined)
-        x = builder.insert_element(undef, builder.load(builder.gep(base_a, [t])), ir.Constant(i32, 0))
-        y = builder.insert_element(undef, builder.load(builder.gep(base_b, [builder.neg(t)])), ir.Constant(i32, 0))
-        product = builder.call(clmul, [x, y, ir.Constant(ir.IntType(8), 0)])
-        t.add_incoming(builder.add(t, ir.Constant(i64, 1)), body)
-        acc.add_incoming(builder.xor(acc, product), body)
-        builder.branch(head)
-        builder.position_at_end(done)
-        low = builder.extract_element(acc, ir.Constant(i32, 0))
-        high = builder.extract_element(acc, ir.Constant(i32, 1))
-        return context.make_tuple(builder, signature.return_type, [low, high])
+        words = _xor_sum_loop(context, builder, signature, args, 2, term)
+        return context.make_tuple(builder, signature.return_type, words)
 
     return sig, codegen
 
@@ -107,48 +124,24 @@ def _clmul_dot2(typingctx, a, ia, b, ib, count):
     128-bit load); without it, two ``PCLMULQDQ``. No bounds checks.
     """
     sig = types.UniTuple(types.uint64, 4)(a, types.intp, b, types.intp, types.intp)
+    lanes = ir.VectorType(_I32, 4)
+
+    def term(builder, a_t, b_t):
+        x = builder.load(a_t)
+        pair = builder.load(builder.bitcast(b_t, _V2.as_pointer()), align=8)
+        undef2, undef4 = ir.Constant(_V2, ir.Undefined), ir.Constant(_V4, ir.Undefined)
+        if not _WIDE:
+            xs = builder.insert_element(undef2, x, ir.Constant(_I32, 0))
+            low, high = _pclmul(builder, xs, pair, 0x00), _pclmul(builder, xs, pair, 0x10)
+            return builder.shuffle_vector(low, high, ir.Constant(lanes, [0, 1, 2, 3]))
+        wide = builder.module.declare_intrinsic("llvm.x86.pclmulqdq.256", fnty=ir.FunctionType(_V4, [_V4, _V4, _I8]))
+        xs = builder.insert_element(undef4, x, ir.Constant(_I32, 0))
+        xs = builder.shuffle_vector(xs, undef4, ir.Constant(lanes, [0, 0, 0, 0]))
+        ys = builder.shuffle_vector(pair, undef2, ir.Constant(lanes, [0, 0, 1, 1]))
+        return builder.call(wide, [xs, ys, ir.Constant(_I8, 0)])
 
     def codegen(context, builder, signature, args):
-        a_arr = context.make_array(signature.args[0])(context, builder, args[0])
-        b_arr = context.make_array(signature.args[2])(context, builder, args[2])
-        i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
-        v2, v4 = ir.VectorType(i64, 2), ir.VectorType(i64, 4)
-        lanes = ir.VectorType(i32, 4)
-        base_a = builder.gep(a_arr.data, [args[1]])
-        base_b = builder.gep(b_arr.data, [args[3]])
-        entry = builder.block
-        head = builder.append_basic_block("clmul2.head")
-        body = builder.append_basic_block("clmul2.body")
-        done = builder.append_basic_block("clmul2.done")
-        builder.branch(head)
-        builder.position_at_end(head)
-        t = builder.phi(i64)
-        acc = builder.phi(v4)
-        t.add_incoming(ir.Constant(i64, 0), entry)
-        acc.add_incoming(ir.Constant(v4, [ir.Constant(i64, 0)] * 4), entry)
-        builder.cbranch(builder.icmp_signed("<", t, args[4]), body, done)
-        builder.position_at_end(body)
-        x = builder.load(builder.gep(base_a, [t]))
-        pair = builder.load(builder.bitcast(builder.gep(base_b, [builder.neg(t)]), v2.as_pointer()), align=8)
-        undef2, undef4 = ir.Constant(v2, ir.Undefined), ir.Constant(v4, ir.Undefined)
-        if _WIDE:
-            clmul = builder.module.declare_intrinsic("llvm.x86.pclmulqdq.256", fnty=ir.FunctionType(v4, [v4, v4, i8]))
-            xs = builder.shuffle_vector(
-                builder.insert_element(undef4, x, ir.Constant(i32, 0)), undef4, ir.Constant(lanes, [0, 0, 0, 0])
-            )
-            ys = builder.shuffle_vector(pair, undef2, ir.Constant(lanes, [0, 0, 1, 1]))
-            product = builder.call(clmul, [xs, ys, ir.Constant(i8, 0)])
-        else:
-            clmul = builder.module.declare_intrinsic("llvm.x86.pclmulqdq", fnty=ir.FunctionType(v2, [v2, v2, i8]))
-            xs = builder.insert_element(undef2, x, ir.Constant(i32, 0))
-            low = builder.call(clmul, [xs, pair, ir.Constant(i8, 0x00)])  # x * pair[0]
-            high = builder.call(clmul, [xs, pair, ir.Constant(i8, 0x10)])  # x * pair[1]
-            product = builder.shuffle_vector(low, high, ir.Constant(lanes, [0, 1, 2, 3]))
-        t.add_incoming(builder.add(t, ir.Constant(i64, 1)), body)
-        acc.add_incoming(builder.xor(acc, product), body)
-        builder.branch(head)
-        builder.position_at_end(done)
-        words = [builder.extract_element(acc, ir.Constant(i32, j)) for j in range(4)]
+        words = _xor_sum_loop(context, builder, signature, args, 4, term)
         return context.make_tuple(builder, signature.return_type, words)
 
     return sig, codegen
