@@ -328,7 +328,7 @@ async def test_early_pass_activation_corrects_and_counts_every_parity():
 
     sched = CascadeSchedule(
         "eager", 14, lambda q: 16, growth=math.inf, fixed_blocks=(lambda q: 64, lambda q: 1024),
-        early_per_bit=64 / 20000, tail_round_trips=0,
+        early_per_bit=64 / 20000, tail_round_trips=0, deep_lookahead=4,
     )  # fmt: skip
     for seed in (1, 2, 3):
         a, b = _frame(20000, 0.04, seed)

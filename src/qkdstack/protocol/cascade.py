@@ -72,10 +72,14 @@ class CascadeSchedule:
     (functions of Q) while those last; after that each pass multiplies the previous size by
     ``growth`` (``math.inf``: half the key). Every size is clamped to [1, ⌈n/2⌉].
     ``lookahead``: when at most max(lookahead, lookahead_per_bit * n) searches are open, each
-    asks two levels per round trip (one extra parity per search and round trip; 0 = never).
-    ``early_per_bit``, ``tail_round_trips``: once ``tail_round_trips`` round trips have passed, the
-    next pass starts as soon as at most ``early_per_bit * n`` searches are open instead of none, so
-    the serial end of the cascade chains overlaps with the later passes (0: never).
+    asks two levels per round trip (one extra parity per search and round trip; 0 = never);
+    ``lookahead_per_bit`` may be a function of Q.
+    Tail measures, only once ``tail_round_trips`` round trips have passed (long frames):
+    ``early_per_bit``/``early_min``: the next pass starts, at most one per round trip, as soon as
+    at most max(early_min, early_per_bit * n) searches are open instead of none, so the serial
+    end of the cascade chains overlaps with the later passes (early_per_bit 0: never);
+    ``deep_lookahead``: when at most this many searches are open, each asks the 7 parities of
+    its next three levels (0: never).
     """
 
     name: str
@@ -84,8 +88,10 @@ class CascadeSchedule:
     growth: float = 2.0
     fixed_blocks: tuple[Callable[[float], int], ...] = ()
     lookahead: int = 0
-    lookahead_per_bit: float = 0.0
+    lookahead_per_bit: float | Callable[[float], float] = 0.0
     early_per_bit: float = 0.0
+    early_min: int = 0
+    deep_lookahead: int = 0
     tail_round_trips: int = 0
     citation: str = ""
 
@@ -133,9 +139,14 @@ def _batched_k1(q: float) -> int:
     return 2 ** round(math.log2(0.9 / q))
 
 
+def _batched_lookahead(q: float) -> float:
+    k1q = _batched_k1(q) * q
+    return 4e-4 if 0.7 <= k1q < 0.9 else 5e-5
+
+
 def _batched_k2(q: float) -> int:
     k1 = _batched_k1(q)
-    return (4 if k1 * q < 0.7 else 3 if k1 * q < 0.9 else 2) * k1
+    return (4 if k1 * q < 0.9 else 2) * k1
 
 
 BATCHED = CascadeSchedule(
@@ -145,13 +156,15 @@ BATCHED = CascadeSchedule(
     growth=math.inf,
     fixed_blocks=(_batched_k2, lambda q: 4096),
     lookahead=8,
-    lookahead_per_bit=5e-5,
+    lookahead_per_bit=_batched_lookahead,
     early_per_bit=1e-5,
-    tail_round_trips=40,
+    early_min=8,
+    tail_round_trips=60,
     citation="qkdstack variant tuned for few round trips, following the guidelines of Martinez-Mateo et al. (2015) "
     "(power-of-two k1, k3 = 4096, then n/2, 14 passes): k1 = 2^round(log2(0.9/Q)) so that k1*Q lies in "
-    "[0.64, 1.27), k2 = 4 k1 if k1*Q < 0.7, 3 k1 if < 0.9, else 2 k1, and two-level look-ahead once at most "
-    "max(8, 5e-5 n) searches are open. "
+    "[0.64, 1.27), k2 = 4 k1 if k1*Q < 0.9 else 2 k1, two-level look-ahead once at most max(8, c n) searches "
+    "are open (c = 4e-4 if k1*Q is in [0.7, 0.9), where k2 = 4 k1 makes longer chains, else 5e-5), and after "
+    "60 round trips the next pass starts once at most max(8, 1e-5 n) searches are open. "
     "The round trips are set by the serial pass-1/pass-2 cascade chains, whose length grows with k1*Q and k2/k1",
 )
 
@@ -220,6 +233,12 @@ def _blocks(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
+TILE_MIN_N = 2**18
+"""Keys of at least this length read a pass of ≥ 4096-bit blocks that follows a keyed-permutation
+pass (pass 3 of ``optimized``/``batched``) through a tile shuffle of that pass
+(:func:`cascade_kernels.make_tile_params`); the words after the last whole tile, which it does
+not mix, are then at most 1.6 % of the key."""
+
 MASK_MIN_N = 256
 """Keys of at least this length read their two-block passes through mask shuffles (see
 :func:`cascade_kernels.make_mask_params`); shorter keys keep the keyed permutations."""
@@ -244,6 +263,8 @@ def _derive_permutations(
     for j in range(1, passes):
         if j in mask:
             params[j] = K.make_mask_params(rng, n, mcum[j])
+        elif sizes is not None and n >= TILE_MIN_N and j >= 2 and sizes[j] >= K.TILE and params[j - 1, K.P_MODE] == 1:
+            params[j] = K.make_tile_params(rng, params[j - 1], j - 1)
         else:
             params[j] = K.make_permutation_params(rng, n)
     return params, mcum
@@ -258,9 +279,16 @@ def _shuffled_rows(packed: np.ndarray, params: np.ndarray, passes: range | None 
     shuf = np.empty((params.shape[0], packed.size), dtype=np.uint64)
     shuf[0] = packed
     for j in passes if passes is not None else range(1, params.shape[0]):
-        if params[j, K.P_MODE] == 1:
-            K.shuffled_words(packed, params[j], shuf[j])
+        _fill_row(shuf, params, j)
     return shuf
+
+
+def _fill_row(shuf: np.ndarray, params: np.ndarray, j: int) -> None:
+    """Fill row j of ``shuf`` from row 0 (keyed permutation) or from its source pass's row (tile shuffle)."""
+    if params[j, K.P_MODE] == 1:
+        K.shuffled_words(shuf[0], params[j], shuf[j])
+    elif params[j, K.P_MODE] == 3:
+        K.tile_words(shuf[int(params[j, K.P_SRC])], params[j], shuf[j])
 
 
 def _snapshot(channel: Channel) -> tuple[int, int]:
@@ -360,10 +388,11 @@ class _Bob:
         self.active = 0
         # The open searches, one row each (struct of arrays, capacity one per block); rows [0, m).
         cap = self.mism.size
-        self.p, self.b, self.s, self.e, self.d, self.leaf = (np.zeros(cap, dtype=np.int64) for _ in range(6))
-        self.a = np.zeros(cap, dtype=np.uint8)
-        self.bits, self.rbits = np.zeros(cap, dtype=np.uint64), np.zeros(cap, dtype=np.uint64)
-        self.on = np.zeros(cap, dtype=np.bool_)
+        # (np.empty: a row is written when its search opens, before anything reads it)
+        self.p, self.b, self.s, self.e, self.d, self.leaf = (np.empty(cap, dtype=np.int64) for _ in range(6))
+        self.a = np.empty(cap, dtype=np.uint8)
+        self.bits, self.rbits = np.empty(cap, dtype=np.uint64), np.empty(cap, dtype=np.uint64)
+        self.on = np.empty(cap, dtype=np.bool_)
         # scratch of resolve_searches (flag and dirty are all zero between calls)
         self.flag, self.dirty = np.zeros(cap, dtype=np.uint8), np.zeros(cap, dtype=np.uint8)
         self.pend, self.xs, self.dlist = (np.empty(cap, dtype=np.int64) for _ in range(3))
@@ -371,9 +400,11 @@ class _Bob:
         self.m = 0
         self.corrected = 0
         self.lookahead = 0
-        self._two = np.zeros(0, dtype=bool)
+        self._depth = np.zeros(0, dtype=np.uint8)
+        self.deep = 0
         self._q = np.empty((0, 3), dtype=np.int32 if self.n < 2**31 else np.int64)
         self.early = 0
+        self.early_round = -1
         self.tail_start = 0
         self.rounds = 0
 
@@ -383,8 +414,7 @@ class _Bob:
         k = int(self.sizes[j])
         lo, hi = self.mism_off[j], self.mism_off[j + 1]
         count = int(hi - lo)
-        if self.params[j, K.P_MODE] == 1:
-            K.shuffled_words(self.shuf[0], self.params[j], self.shuf[j])
+        _fill_row(self.shuf, self.params, j)
         mine = np.empty(count, dtype=np.uint8)
         K.top_parities(self.shuf, self.params, self.mcum, j, k, count, mine)
         self.mism[lo:hi] = mine ^ self.alice_top[j]
@@ -411,9 +441,12 @@ class _Bob:
             )  # fmt: skip
             self.corrected += flipped
             if self.active < self.sizes.size and (
-                self.m == 0 or (self.m <= self.early and self.rounds >= self.tail_start)
+                self.m == 0
+                or (self.m <= self.early and self.rounds >= self.tail_start and self.rounds > self.early_round)
             ):
                 j = self.active
+                if self.m:
+                    self.early_round = self.rounds  # early: at most one pass per round trip
                 self.activate()
                 cand = np.arange(self.mism_off[j], self.mism_off[j + 1], dtype=np.int64)
                 continue
@@ -424,13 +457,20 @@ class _Bob:
 
         When at most ``lookahead`` searches are open (the serial tail of the cascade chains),
         a search whose range has at least 4 bits also asks for the left quarter of each half,
-        so one round trip descends two levels at the cost of one extra parity.
+        so one round trip descends two levels at the cost of one extra parity. Past
+        ``tail_round_trips``, when at most ``deep_lookahead`` searches are open, a search of at
+        least 8 bits asks all 7 parities of the next three levels.
         """
         m = self.m
-        self._two = np.empty(m, dtype=np.bool_)
-        if self._q.shape[0] < 3 * m:
-            self._q = np.empty((3 * m, 3), dtype=self._q.dtype)
-        rows = K.build_question(self.p[:m], self.s[:m], self.e[:m], m <= self.lookahead, self._two, self._q)
+        depth = 1
+        if m <= self.lookahead:
+            depth = 2
+        if m <= self.deep and self.rounds >= self.tail_start:
+            depth = 3
+        self._depth = np.empty(m, dtype=np.uint8)
+        if self._q.shape[0] < ((1 << depth) - 1) * m:
+            self._q = np.empty((((1 << depth) - 1) * m, 3), dtype=self._q.dtype)
+        rows = K.build_question(self.p[:m], self.s[:m], self.e[:m], depth, self._depth, self._q)
         return self._q[:rows]
 
     def answer(self, parities: np.ndarray) -> None:
@@ -446,7 +486,7 @@ class _Bob:
             self.a[:m],
             self.d[:m],
             self.bits[:m],
-            self._two,
+            self._depth,
             parities,
         )
         self.on[:m] = False
@@ -488,9 +528,12 @@ async def bob(
         top.append(np.concatenate([part, np.array([last], dtype=np.uint8)]))
 
     state = _Bob(bits, sizes, params, mcum, top)
-    state.lookahead = max(sched.lookahead, round(sched.lookahead_per_bit * n))
-    state.early = round(sched.early_per_bit * n)
+    per_bit = sched.lookahead_per_bit
+    per_bit = per_bit(_clamp_qber(qber_estimate)) if callable(per_bit) else per_bit
+    state.lookahead = max(sched.lookahead, round(per_bit * n))
+    state.early = max(sched.early_min, round(sched.early_per_bit * n)) if sched.early_per_bit else 0
     state.tail_start = sched.tail_round_trips
+    state.deep = sched.deep_lookahead
     while True:
         state.resolve()
         if state.m == 0:

@@ -36,7 +36,13 @@ from numba import njit
 
 # Layout of one pass's permutation parameters (uint64 array of length NPARAM).
 P_MODE, P_N, P_MASK, P_A1, P_B1, P_A2, P_B2, P_A3, P_B3, P_S1, P_S2, P_IA1, P_IA2, P_IA3, P_IT1, P_IT2 = range(16)
-NPARAM = 16
+NPARAM = 48
+P_SRC = P_MASK
+"""Tile shuffles (mode 3) keep the index of their source pass in the P_MASK slot."""
+TILE_SIGMA, TILE_BASE = 16, 32
+"""Tile shuffles: slots 16-31 hold the keyed permutation of the words, 32-47 the source pass's parameters."""
+TILE = 4096
+"""Bits per tile (64 words of 64 bits) of a tile shuffle."""
 
 
 def make_permutation_params(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -83,6 +89,28 @@ def make_mask_params(rng: np.random.Generator, n: int, cum: np.ndarray | None = 
     p[P_N] = n
     p[P_A1] = rng.integers(0, 2**63, dtype=np.uint64) * np.uint64(2) + np.uint64(rng.integers(0, 2))
     p[P_B1] = mask_count(p) if cum is None else mask_cum(p, cum)
+    return p
+
+
+def make_tile_params(rng: np.random.Generator, src: np.ndarray, src_index: int) -> np.ndarray:
+    """Draw a "tile" shuffle of [0, n) built on the keyed permutation ``src`` (pass ``src_index``).
+
+    The pass reads the source pass's order through two cheap word-level steps: every tile of
+    64 words (4096 bits) of the source row is transposed as a 64×64 bit matrix (bit c of word
+    r ← bit r of word c), so bits that were close in the source order (one word apart at most
+    for a block of ≤ 64 bits) land in different words; then the words of the whole tiles are
+    placed by a keyed permutation σ of the words (the words after the last whole tile stay in
+    place). Bob builds it from his source row with ~n/64 word operations instead of n
+    scattered bit reads, and the words of one 4096-bit block come from 64 random tiles.
+    """
+    n = int(src[P_N])
+    words = (n // TILE) * 64
+    p = np.zeros(NPARAM, dtype=np.uint64)
+    p[P_MODE] = 3
+    p[P_N] = n
+    p[P_SRC] = src_index
+    p[TILE_SIGMA : TILE_SIGMA + 16] = make_permutation_params(rng, max(1, words))[:16]
+    p[TILE_BASE : TILE_BASE + 16] = src[:16]
     return p
 
 
@@ -358,12 +386,95 @@ def _round_inv(y, p):
 
 
 @njit(cache=True, inline="always")
+def _perm_fwd1(i, p):
+    """Keyed permutation (mode 1) forward, cycle-walked into [0, n)."""
+    n = p[P_N]
+    x = _round_fwd(np.uint64(i), p)
+    while x >= n:
+        x = _round_fwd(x, p)
+    return np.int64(x)
+
+
+@njit(cache=True, inline="always")
+def _perm_inv1(x, p):
+    """Keyed permutation (mode 1) inverse, cycle-walked into [0, n)."""
+    n = p[P_N]
+    y = _round_inv(np.uint64(x), p)
+    while y >= n:
+        y = _round_inv(y, p)
+    return np.int64(y)
+
+
+@njit(cache=True, inline="always")
+def _tile_fwd(i, p):
+    """Source-order position read at position ``i`` of a tile shuffle."""
+    words = (np.int64(p[P_N]) // TILE) * 64
+    w = i >> 6
+    if w >= words:
+        return i
+    u = _perm_fwd1(w, p[TILE_SIGMA : TILE_SIGMA + 16])
+    return (((u >> 6) << 6) + (i & 63)) * 64 + (u & 63)
+
+
+@njit(cache=True, inline="always")
+def _tile_inv(y, p):
+    """Position in a tile shuffle of source-order position ``y``."""
+    words = (np.int64(p[P_N]) // TILE) * 64
+    v = y >> 6
+    if v >= words:
+        return y
+    u = ((v >> 6) << 6) + (y & 63)
+    return _perm_inv1(u, p[TILE_SIGMA : TILE_SIGMA + 16]) * 64 + (v & 63)
+
+
+@njit(cache=True)
+def tile_words(src_row, p, out):
+    """out = the packed row of tile shuffle ``p`` from the packed row of its source pass."""
+    n = np.int64(p[P_N])
+    nw = (n + 63) >> 6
+    tiles = n // TILE
+    sig = p[TILE_SIGMA : TILE_SIGMA + 16]
+    a = np.empty(64, np.uint64)
+    for t in range(tiles):
+        for c in range(64):
+            a[c] = src_row[t * 64 + c]
+        _transpose64(a)
+        for r in range(64):
+            out[_perm_inv1(t * 64 + r, sig)] = a[r]
+    for w in range(tiles * 64, nw):
+        out[w] = src_row[w]
+
+
+_TMASKS = np.array(
+    [0x00000000FFFFFFFF, 0x0000FFFF0000FFFF, 0x00FF00FF00FF00FF, 0x0F0F0F0F0F0F0F0F, 0x3333333333333333,
+     0x5555555555555555],
+    dtype=np.uint64,
+)  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _transpose64(a):
+    """Transpose a 64×64 bit matrix in place: afterwards bit c of a[r] is the old bit r of a[c]."""
+    j = 32
+    for level in range(6):
+        m = _TMASKS[level]
+        for k in range(64):
+            if k & j == 0:
+                t = ((a[k] >> np.uint64(j)) ^ a[k | j]) & m
+                a[k] ^= t << np.uint64(j)
+                a[k | j] ^= t
+        j >>= 1
+
+
+@njit(cache=True, inline="always")
 def perm_fwd(i, p):
     """Original key index read at position ``i`` of the pass's shuffled order."""
     if p[P_MODE] == 0:
         return np.int64(i)
     if p[P_MODE] == 2:
         return _mask_fwd(i, p)
+    if p[P_MODE] == 3:
+        return _perm_fwd1(_tile_fwd(i, p), p[TILE_BASE : TILE_BASE + 16])
     n = p[P_N]
     x = _round_fwd(np.uint64(i), p)
     while x >= n:
@@ -378,6 +489,8 @@ def perm_inv(x, p):
         return np.int64(x)
     if p[P_MODE] == 2:
         return _mask_inv(x, p)
+    if p[P_MODE] == 3:
+        return _tile_inv(_perm_inv1(x, p[TILE_BASE : TILE_BASE + 16]), p)
     n = p[P_N]
     y = _round_inv(np.uint64(x), p)
     while y >= n:
@@ -443,6 +556,11 @@ def prefix_parity(key, p, out=None):
         for i in range(1, n + 1):
             acc ^= out[i]
             out[i] = acc
+        return out
+    if p[P_MODE] == 3:
+        for i in range(n):
+            acc ^= key[perm_fwd(i, p)]
+            out[i + 1] = acc
         return out
     nn = p[P_N]
     buf = np.empty(_CHUNK, np.uint64)
@@ -563,30 +681,43 @@ def answer_questions(shuf, params, mcum, q, out):
     return True
 
 
-@njit(cache=True)
-def build_question(p, s, e, two_level, two, q):
-    """Bob's ``cascade.ask``: row t of ``q`` = (pass, start, midpoint) of open search t; returns the rows used.
+@njit(cache=True, inline="always")
+def _node(s, e, level, index):
+    """Range of node ``index`` (0 … 2^level − 1, left to right) at ``level`` below [s, e) in the binary search."""
+    for k in range(level - 1, -1, -1):
+        mid = s + (e - s) // 2
+        if (index >> k) & 1:
+            s = mid
+        else:
+            e = mid
+    return s, e
 
-    With ``two_level``, every search whose range has at least 4 bits (flagged in ``two``) also
-    asks for the left quarter of both halves: those rows follow, all left-half quarters first,
-    then all right-half quarters (the order :func:`apply_answers` reads them in).
+
+@njit(cache=True)
+def build_question(p, s, e, depth_max, depth, q):
+    """Bob's ``cascade.ask``: one (pass, start, end) row per asked range; returns the rows used.
+
+    Row t is the left half of open search t's range. A search may look ahead: with depth D
+    (``depth[t]``, set here: the largest D ≤ ``depth_max`` with 2^D ≤ its range's length) it
+    also asks the left half of every node of the next D − 1 levels of its search tree
+    (2^D − 2 rows, breadth first, after the first m rows, in search order), so one round trip
+    descends D levels for 2^D − 1 parities instead of D.
     """
     m = p.size
+    k = m
     for t in range(m):
         mid = s[t] + (e[t] - s[t]) // 2
         q[t, 0], q[t, 1], q[t, 2] = p[t], s[t], mid
-        two[t] = two_level and e[t] - s[t] >= 4
-    k = m
+        dd = 1
+        while dd < depth_max and e[t] - s[t] >= (np.int64(1) << (dd + 1)):
+            dd += 1
+        depth[t] = dd
     for t in range(m):
-        if two[t]:
-            mid = s[t] + (e[t] - s[t]) // 2
-            q[k, 0], q[k, 1], q[k, 2] = p[t], s[t], s[t] + (mid - s[t]) // 2
-            k += 1
-    for t in range(m):
-        if two[t]:
-            mid = s[t] + (e[t] - s[t]) // 2
-            q[k, 0], q[k, 1], q[k, 2] = p[t], mid, mid + (e[t] - mid) // 2
-            k += 1
+        for level in range(1, depth[t]):
+            for i in range(1 << level):
+                a, b = _node(s[t], e[t], level, i)
+                q[k, 0], q[k, 1], q[k, 2] = p[t], a, a + (b - a) // 2
+                k += 1
     return k
 
 
@@ -624,7 +755,7 @@ def apply_corrections(xs, shuf, params, mcum, active, block_size, mism, mism_off
                 pos = x
             elif mode == 2:
                 pos = mask_rank(params[j], mcum[j], x)
-            else:
+            else:  # keyed permutation or tile shuffle: its own row
                 pos = perm_inv(x, params[j])
                 shuf[j, pos >> 6] ^= np.uint64(1) << np.uint64(pos & 63)
             blk = mism_off[j] + pos // block_size[j]
@@ -666,46 +797,34 @@ def free_descent(shuf, params, mcum, p, s, e, a, d, bits, leaf, rbits, on):
 
 
 @njit(cache=True)
-def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, two, answers):
-    """Descend every search one level with Alice's parity of its left half (``answers``: packed, MSB first).
+def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, depth, answers):
+    """Descend every search ``depth[t]`` levels with Alice's parities (``answers``: packed, MSB first).
 
-    Searches flagged in ``two`` had also asked the left quarter of both halves (answers
-    after the first m, in the order of ``two``'s set rows: all left quarters, then all
-    right-half quarters); they descend a second level with the quarter on their side.
-    Bob's parity of the left half decides the side: the disagreement is odd in exactly one
-    half, and Alice's right-half parity is her parent parity XOR the left one.
+    Answer t is Alice's parity of the left half of search t's range; a search with depth D
+    finds the left-half parity of the node it reaches at level l ≥ 1 among its 2^D − 2 extra
+    answers (layout of :func:`build_question`). Bob's parity of the left half decides the
+    side: the disagreement is odd in exactly one half, and Alice's right-half parity is her
+    parent parity XOR the left one.
     """
     m = p.size
-    nt = 0
-    for t in range(m):
-        if two[t]:
-            nt += 1
-    k = 0
+    k = m
     for t in range(m):
         j, st, en, at, dt, bt = p[t], s[t], e[t], a[t], d[t], bits[t]
-        mid = st + (en - st) // 2
-        al = _packed_bit(answers, t)
-        left = (al ^ range_parity(shuf, params, mcum, j, st, mid)) == 1
-        if left:
-            en = mid
-            at = al
-        else:
-            st = mid
-            at ^= al
-        dt += 1
-        bt |= np.uint64(at) << np.uint64(dt)
-        if two[t]:
-            al = _packed_bit(answers, m + k) if left else _packed_bit(answers, m + nt + k)
-            k += 1
+        node = 0
+        for level in range(depth[t]):
             mid = st + (en - st) // 2
+            al = _packed_bit(answers, t) if level == 0 else _packed_bit(answers, k + (1 << level) - 2 + node)
             if (al ^ range_parity(shuf, params, mcum, j, st, mid)) == 1:
                 en = mid
                 at = al
+                node = 2 * node
             else:
                 st = mid
                 at ^= al
+                node = 2 * node + 1
             dt += 1
             bt |= np.uint64(at) << np.uint64(dt)
+        k += (1 << depth[t]) - 2
         s[t], e[t], a[t], d[t], bits[t] = st, en, at, dt, bt
 
 
