@@ -398,9 +398,10 @@ class _Bob:
         self.pend, self.xs, self.dlist = (np.empty(cap, dtype=np.int64) for _ in range(3))
         self.mark = np.zeros(self.n, dtype=np.uint8)
         self.m = 0
+        self._none = np.zeros(0, dtype=np.int64)
         self.corrected = 0
         self.lookahead = 0
-        self._depth = np.zeros(0, dtype=np.uint8)
+        self._depth = np.zeros(self.mism.size, dtype=np.uint8)
         self.deep = 0
         self._q = np.empty((0, 3), dtype=np.int32 if self.n < 2**31 else np.int64)
         self.early = 0
@@ -431,7 +432,7 @@ class _Bob:
         those whose search was dropped, and all blocks of a newly activated pass (one
         compiled call, :func:`cascade_kernels.resolve_searches`, between activations).
         """
-        cand = np.zeros(0, dtype=np.int64)
+        cand = self._none
         while True:
             self.m, flipped = K.resolve_searches(
                 self.shuf, self.params, self.mcum, self.sizes, self.mism, self.mism_off, self.busy,
@@ -467,10 +468,9 @@ class _Bob:
             depth = 2
         if m <= self.deep and self.rounds >= self.tail_start:
             depth = 3
-        self._depth = np.empty(m, dtype=np.uint8)
         if self._q.shape[0] < ((1 << depth) - 1) * m:
             self._q = np.empty((((1 << depth) - 1) * m, 3), dtype=self._q.dtype)
-        rows = K.build_question(self.p[:m], self.s[:m], self.e[:m], depth, self._depth, self._q)
+        rows = K.build_question(self.p[:m], self.s[:m], self.e[:m], depth, self._depth[:m], self._q)
         return self._q[:rows]
 
     def answer(self, parities: np.ndarray) -> None:
@@ -486,7 +486,7 @@ class _Bob:
             self.a[:m],
             self.d[:m],
             self.bits[:m],
-            self._depth,
+            self._depth[:m],
             parities,
         )
         self.on[:m] = False

@@ -644,10 +644,12 @@ def range_parity(shuf, params, mcum, j, a, b):
     their member tables ``mcum``); the row of a keyed-permutation pass is the packed key in that
     pass's order (:func:`shuffled_words`).
     """
-    mode = params[j, P_MODE]
+    mode = np.int64(params[j, P_MODE])
     if mode == 2:
         return mask_range_parity(shuf[0], params[j], mcum[j], a, b)
-    return words_parity(shuf[0] if mode == 0 else shuf[j], a, b)
+    if mode == 0:
+        return words_parity(shuf[0], a, b)
+    return words_parity(shuf[j], a, b)
 
 
 @njit(cache=True)
@@ -810,10 +812,22 @@ def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, depth, answers):
     k = m
     for t in range(m):
         j, st, en, at, dt, bt = p[t], s[t], e[t], a[t], d[t], bits[t]
+        mid = st + (en - st) // 2
+        al = _packed_bit(answers, t)
         node = 0
-        for level in range(depth[t]):
+        if (al ^ range_parity(shuf, params, mcum, j, st, mid)) == 1:
+            en = mid
+            at = al
+        else:
+            st = mid
+            at ^= al
+            node = 1
+        dt += 1
+        bt |= np.uint64(at) << np.uint64(dt)
+        dep = np.int64(depth[t])
+        for level in range(1, dep):
             mid = st + (en - st) // 2
-            al = _packed_bit(answers, t) if level == 0 else _packed_bit(answers, k + (1 << level) - 2 + node)
+            al = _packed_bit(answers, k + (1 << level) - 2 + node)
             if (al ^ range_parity(shuf, params, mcum, j, st, mid)) == 1:
                 en = mid
                 at = al
@@ -824,7 +838,8 @@ def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, depth, answers):
                 node = 2 * node + 1
             dt += 1
             bt |= np.uint64(at) << np.uint64(dt)
-        k += (1 << depth[t]) - 2
+        if dep > 1:
+            k += (1 << dep) - 2
         s[t], e[t], a[t], d[t], bits[t] = st, en, at, dt, bt
 
 
