@@ -155,14 +155,14 @@ BATCHED = CascadeSchedule(
     initial_block=_batched_k1,
     growth=math.inf,
     fixed_blocks=(_batched_k2, lambda q: 4096),
-    lookahead=8,
+    lookahead=12,
     lookahead_per_bit=_batched_lookahead,
     early_per_bit=1e-5,
     early_min=8,
     tail_round_trips=60,
     citation="qkdstack variant tuned for few round trips, following the guidelines of Martinez-Mateo et al. (2015) "
     "(power-of-two k1, k3 = 4096, then n/2, 14 passes): k1 = 2^round(log2(0.9/Q)) so that k1*Q lies in "
-    "[0.64, 1.27), k2 = 4 k1 if k1*Q < 0.9 else 2 k1, two-level look-ahead once at most max(8, c n) searches "
+    "[0.64, 1.27), k2 = 4 k1 if k1*Q < 0.9 else 2 k1, two-level look-ahead once at most max(12, c n) searches "
     "are open (c = 4e-4 if k1*Q is in [0.7, 0.9), where k2 = 4 k1 makes longer chains, else 5e-5), and after "
     "60 round trips the next pass starts once at most max(8, 1e-5 n) searches are open. "
     "The round trips are set by the serial pass-1/pass-2 cascade chains, whose length grows with k1*Q and k2/k1",
