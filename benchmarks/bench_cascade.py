@@ -18,6 +18,11 @@ Frames per configuration: ``FRAMES`` (n=10^4: 8, 10^5: 2, 10^6: 3), plus ``FER_F
 frames at n=10^4, QBER 3 % for "original" and "batched" to bound the frame error rate; set
 the environment variable ``QKDSTACK_BENCH_CASCADE_SCALE`` to multiply all of them. Timings on a shared machine
 are noisy. Run: ``.venv/bin/python benchmarks/run_all.py cascade``.
+
+The slow ``long`` mode (not part of ``make bench``) demonstrates frame error rates and round-trip
+tails over thousands of frames: ``.venv/bin/python benchmarks/bench_cascade.py long --frames 3000
+--n 10000 100000 --qber 0.01 0.02 0.03 0.05 --seed 3`` (one JSON line per configuration on stderr
+as it goes, the whole result on stdout; ~10 min on the shared 2-core machine).
 """
 
 from __future__ import annotations

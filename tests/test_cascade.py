@@ -272,8 +272,10 @@ def test_mask_shuffles_are_bijections_with_popcount_parities():
         ref = np.concatenate([[0], np.cumsum(key[orig]) % 2]).astype(np.uint8)
         assert np.array_equal(K.prefix_parity(key, p), ref)
         packed = K.pack_key(key)
-        for y in {0, 1, n // 2, -(-n // 2), int(p[K.P_B1]), n}:
-            assert K.mask_prefix_parity(packed, p, y) == ref[y]
+        cum = np.zeros((n + 63) // 64 + 1, np.int64)
+        K.mask_cum(p, cum)
+        for y in {1, n // 2, -(-n // 2), int(p[K.P_B1]), n} - {0}:
+            assert K.mask_range_parity(packed, p, cum, 0, y) == ref[y]
 
 
 def test_mask_tables_rank_select_and_range_parities():

@@ -161,46 +161,6 @@ def mask_count(p):
     return c
 
 
-@njit(cache=True, inline="always")
-def _first_bits(m, r):
-    """The lowest ``r`` set bits of ``m``."""
-    keep = np.uint64(0)
-    for _ in range(r):
-        low = m & (~m + np.uint64(1))
-        keep |= low
-        m ^= low
-    return keep
-
-
-@njit(cache=True)
-def _mask_select_parity(packed, p, y, member):
-    """Parity of the packed key over the first ``y`` members (or non-members) in index order."""
-    acc = np.uint64(0)
-    cnt = np.uint64(0)
-    y = np.uint64(y)
-    if y == 0:
-        return np.uint8(0)
-    for w in range(packed.size):
-        m = _mask_word(p, w, member)
-        c = _popcount(m)
-        if cnt + c < y:
-            acc ^= _popcount(packed[w] & m)
-            cnt += c
-        else:
-            acc ^= _popcount(packed[w] & _first_bits(m, np.int64(y - cnt)))
-            break
-    return np.uint8(acc & np.uint64(1))
-
-
-@njit(cache=True)
-def mask_prefix_parity(packed, p, y):
-    """Parity of positions [0, y) of a mask shuffle, from the packed key (64 bits per step)."""
-    c1 = np.int64(p[P_B1])
-    if y <= c1:
-        return _mask_select_parity(packed, p, y, True)
-    return _mask_select_parity(packed, p, c1, True) ^ _mask_select_parity(packed, p, y - c1, False)
-
-
 @njit(cache=True)
 def _mask_fwd(i, p):
     """Key index at position ``i`` of a mask shuffle (select)."""
