@@ -20,8 +20,13 @@ with high probability. Roles and messages (all kinds start with ``"cascade."``):
    still running. Before each level Bob re-checks each open search against its known
    Alice parity, so a search whose range lost its odd disagreement to a flip elsewhere is
    dropped instead of misled (the block is reopened if it is still odd).
-4. Pass i+1 starts, without any extra message, when no search of passes ≤ i is open.
+4. Pass i+1 starts, without any extra message, when no search of passes ≤ i is open (in
+   long frames, with ``batched``, already when only a few are: see :class:`CascadeSchedule`).
 5. ``cascade.done`` (Bob → Alice) ends the stage.
+
+Both parties keep the key packed, and for every shuffled pass the key packed in that pass's
+order (:mod:`qkdstack.protocol.cascade_kernels`), so every parity is a few word XORs and a
+popcount; Bob's local work between round trips is one compiled call.
 
 Sub-block reuse: for every block, Bob remembers the path (leaf and Alice's parities of the
 ranges along it) of the last search completed there. When the block is reopened, the
