@@ -176,10 +176,11 @@ class InMemoryChannel(Channel):
         self._outbox.put_nowait(frame)
 
     async def _recv_frame(self) -> bytes:
-        if not self._inbox.empty():  # the common case in a ping-pong protocol: no timer needed
+        if not self._inbox.empty():
             return self._inbox.get_nowait()
         try:
-            return await asyncio.wait_for(self._inbox.get(), self._timeout)
+            async with asyncio.timeout(self._timeout):  # no extra task per recv, unlike wait_for
+                return await self._inbox.get()
         except TimeoutError:
             raise ChannelError(f"no message within {self._timeout} s") from None
 
