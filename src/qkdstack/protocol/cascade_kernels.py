@@ -557,19 +557,54 @@ def shuffled_words(packed, p, out):
 
 
 @njit(cache=True)
+def _round_again(p, vals, count):
+    """vals[i] = one more round of the keyed map, i < count: cycle walking, vectorised like :func:`_fill_positions`."""
+    if p[P_MASK] <= np.uint64(0xFFFFFFFF):
+        mask = np.uint32(p[P_MASK])
+        a1, b1 = np.uint32(p[P_A1] & np.uint64(0xFFFFFFFF)), np.uint32(p[P_B1] & np.uint64(0xFFFFFFFF))
+        a2, b2 = np.uint32(p[P_A2] & np.uint64(0xFFFFFFFF)), np.uint32(p[P_B2] & np.uint64(0xFFFFFFFF))
+        a3, b3 = np.uint32(p[P_A3] & np.uint64(0xFFFFFFFF)), np.uint32(p[P_B3] & np.uint64(0xFFFFFFFF))
+        s1, s2 = np.uint32(p[P_S1]), np.uint32(p[P_S2])
+        for i in range(count):
+            x = np.uint32(vals[i])
+            x = (a1 * x + b1) & mask
+            x ^= x >> s1
+            x = (a2 * x + b2) & mask
+            x ^= x >> s2
+            x = (a3 * x + b3) & mask
+            vals[i] = x
+    else:
+        for i in range(count):
+            vals[i] = _round_fwd(np.uint64(vals[i]), p)
+
+
+@njit(cache=True)
 def _shuffled_words(packed, p, out, buf):
     n = np.int64(p[P_N])
     nn = p[P_N]
     bitv = np.empty(_CHUNK, np.uint64)
+    where = np.empty(_CHUNK, np.int64)
+    walking = np.empty_like(buf)
     for c0 in range(0, n, _CHUNK):
         cnt = min(_CHUNK, n - c0)
         _fill_positions(p, c0, cnt, buf)
-        for i in range(cnt):  # cycle walking into [0, n): rare (2^m < 2n)
-            x = np.uint64(buf[i])
-            if x >= nn:
-                while x >= nn:
-                    x = _round_fwd(x, p)
-                buf[i] = x
+        # Cycle walking into [0, n): with 2^m < 2n up to half the images land >= n. Instead of a
+        # data-dependent loop per position (a mispredicted branch each), gather the ones still
+        # outside (branch-free), give them all one more vectorised round, and repeat.
+        k = 0
+        for i in range(cnt):
+            where[k] = i
+            walking[k] = buf[i]
+            k += np.int64(np.uint64(buf[i]) >= nn)
+        while k:
+            _round_again(p, walking, k)
+            still = 0
+            for j in range(k):
+                buf[where[j]] = walking[j]
+                where[still] = where[j]
+                walking[still] = walking[j]
+                still += np.int64(np.uint64(walking[j]) >= nn)
+            k = still
         for i in range(cnt):  # separate simple loops: the compiler vectorises them
             x = np.uint64(buf[i])
             bitv[i] = (packed[x >> np.uint64(6)] >> (x & np.uint64(63))) & np.uint64(1)
