@@ -17,6 +17,7 @@ key never meets the same hash twice.
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import secrets
 from dataclasses import dataclass
@@ -56,12 +57,18 @@ def _check(key: np.ndarray, output_length: int) -> tuple[np.ndarray, int]:
     return key, output_length
 
 
-def _hash(key: np.ndarray, seed: BitArray, output_length: int) -> BitArray:
-    """The Toeplitz hash as a packed BitArray; an untrusted (inexact) FFT result aborts the round."""
+async def _hash(key: np.ndarray, seed: BitArray, output_length: int) -> BitArray:
+    """The Toeplitz hash as a packed BitArray; an untrusted (inexact) FFT result aborts the round.
+
+    The hash runs in a worker thread (its kernels release the GIL), so the event loop stays
+    free meanwhile: a node keeps serving its key-delivery API, and in an in-memory round Bob
+    starts hashing as soon as Alice has sent the seed instead of after her hash.
+    """
     try:
-        return BitArray.from_bits(toeplitz_hash(key, seed.to_bits(), output_length))
+        bits = await asyncio.to_thread(toeplitz_hash, key, seed.to_bits(), output_length)
     except ToeplitzPrecisionError as exc:
         raise ProtocolAbort(STAGE, str(exc)) from exc
+    return BitArray.from_bits(bits)
 
 
 async def alice(channel: Channel, key: np.ndarray, output_length: int) -> AmplificationResult:
@@ -70,7 +77,7 @@ async def alice(channel: Channel, key: np.ndarray, output_length: int) -> Amplif
     seed_len = seed_length(key.size)
     seed = BitArray.from_bytes(secrets.token_bytes((seed_len + 7) // 8), seed_len)
     await channel.send(f"{STAGE}.seed", seed=seed, n_bits=key.size, output_length=output_length)
-    return AmplificationResult(_hash(key, seed, output_length), seed_len)
+    return AmplificationResult(await _hash(key, seed, output_length), seed_len)
 
 
 async def bob(channel: Channel, key: np.ndarray, output_length: int) -> AmplificationResult:
@@ -85,4 +92,4 @@ async def bob(channel: Channel, key: np.ndarray, output_length: int) -> Amplific
         )
     if not isinstance(seed, BitArray) or len(seed) != seed_length(key.size):
         raise ProtocolAbort(STAGE, "Alice's Toeplitz seed is malformed or of the wrong length")
-    return AmplificationResult(_hash(key, seed, output_length), len(seed))
+    return AmplificationResult(await _hash(key, seed, output_length), len(seed))
