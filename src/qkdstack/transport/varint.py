@@ -25,6 +25,7 @@ _HIGH = np.uint64(0x80)
 _LOW7 = np.uint64(0x7F)
 _SEVEN = np.uint64(7)
 _ZERO = np.uint64(0)
+_TWO_BYTES = np.uint64(1 << 14)  # values below this take the branch-free path of _encode
 
 # Status codes of the decoding kernel (0 = success).
 _BAD_COUNT = 1
@@ -73,7 +74,10 @@ def _encode(values: np.ndarray, gaps: bool, capacity: int) -> tuple[np.ndarray, 
 
     Writes into a buffer of ``capacity`` bytes and returns (the bytes written, -1); or
     (empty, i) when ``gaps`` and ``values[i] <= values[i - 1]``; or (empty, -2) when the
-    capacity would not do (the caller then sizes the buffer exactly).
+    capacity would not do (the caller then sizes the buffer exactly). Values below 2^14 (the
+    gaps of a frame at metro distances) are written as two bytes with the cursor advanced by
+    one or two: a loop per byte mispredicts on the real mix of one- and two-byte gaps
+    (15.6 -> 10 ms for 3.8e6 gaps at 25 km; a three-byte version gained nothing).
     """
     out = np.empty(capacity, np.uint8)
     pos = 0
@@ -86,6 +90,12 @@ def _encode(values: np.ndarray, gaps: bool, capacity: int) -> tuple[np.ndarray, 
             v, prev = v - prev, v
         if pos + _MAX_BYTES > capacity:
             return out[:0], -2
+        if v < _TWO_BYTES:  # one or two bytes, written without a data-dependent branch
+            second = np.uint64(v >= _HIGH)
+            out[pos] = np.uint8((v & _LOW7) | (second << _SEVEN))
+            out[pos + 1] = np.uint8(v >> _SEVEN)
+            pos += 1 + int(second)
+            continue
         while v >= _HIGH:
             out[pos] = np.uint8((v & _LOW7) | _HIGH)
             v >>= _SEVEN
