@@ -206,6 +206,7 @@ def _product(t, v, k, out, scratch):
 
 
 def _leaf_task(t: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """One sub-product on a worker thread, with its own scratch (zeroed again: it held key-dependent words)."""
     out = np.empty(v.size, np.uint64)
     scratch = np.zeros(4 * v.size + 64, np.uint64)
     _product(t, v, v.size, out, scratch)
