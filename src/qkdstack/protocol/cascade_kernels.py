@@ -435,11 +435,7 @@ def perm_fwd(i, p):
         return _mask_fwd(i, p)
     if p[P_MODE] == 3:
         return _perm_fwd1(_tile_fwd(i, p), p[TILE_BASE : TILE_BASE + 16])
-    n = p[P_N]
-    x = _round_fwd(np.uint64(i), p)
-    while x >= n:
-        x = _round_fwd(x, p)
-    return np.int64(x)
+    return _perm_fwd1(i, p)
 
 
 @njit(cache=True, inline="always")
@@ -451,11 +447,7 @@ def perm_inv(x, p):
         return _mask_inv(x, p)
     if p[P_MODE] == 3:
         return _tile_inv(_perm_inv1(x, p[TILE_BASE : TILE_BASE + 16]), p)
-    n = p[P_N]
-    y = _round_inv(np.uint64(x), p)
-    while y >= n:
-        y = _round_inv(y, p)
-    return np.int64(y)
+    return _perm_inv1(x, p)
 
 
 _CHUNK = 1024  # positions evaluated per vectorised batch
