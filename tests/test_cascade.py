@@ -95,18 +95,26 @@ async def test_answers_are_alice_parities_of_the_asked_ranges():
     log: list[tuple[str, bytes]] = []
     await _run(a, b, 0.05, "optimized", seed=11, log=log)
     msgs = [(d, *decode_message(f)) for d, f in log]
-    start = msgs[0]
-    assert start[1] == "cascade.start"
-    params, _ = cascade._derive_permutations(int(start[2]["seed"]), a.size, 14, block_sizes("optimized", 0.05, a.size))
-    prefix = [K.prefix_parity(a, params[j]) for j in range(14)]
+    assert msgs[0][1] == "cascade.start"
     checked = 0
+    for passes, disclosed, expected in _answers_against_oracle(msgs, a, block_sizes("optimized", 0.05, a.size)):
+        assert np.array_equal(disclosed.to_bits(), expected)
+        checked += passes.size
+    assert checked > 0
+
+
+def _answers_against_oracle(msgs: list, a: np.ndarray, sizes: np.ndarray):
+    """For every ask/answer pair of a logged run: (asked passes, Alice's disclosed bits, the oracle's parities).
+
+    The oracle recomputes each asked range's parity from Alice's key and the permutations the
+    logged ``cascade.start`` seed derives (prefix XORs of the key in each pass's order).
+    """
+    params, _ = cascade._derive_permutations(int(msgs[0][2]["seed"]), a.size, 14, sizes)
+    prefix = [K.prefix_parity(a, params[j]) for j in range(14)]
     for (_d1, k1, f1, _), (_d2, k2, _f2, disc) in itertools.pairwise(msgs):
         if k1 == "cascade.ask" and k2 == "cascade.parities":
             p, s, e = f1["q"].T.astype(int)
-            expect = np.array([prefix[j][y] ^ prefix[j][x] for j, x, y in zip(p, s, e, strict=True)], np.uint8)
-            assert np.array_equal(disc.to_bits(), expect)
-            checked += p.size
-    assert checked > 0
+            yield p, disc, np.array([prefix[j][y] ^ prefix[j][x] for j, x, y in zip(p, s, e, strict=True)], np.uint8)
 
 
 async def test_permutations_agree_and_are_bijections():
@@ -338,18 +346,12 @@ async def test_early_pass_activation_corrects_and_counts_every_parity():
         ra, rb, _ca, cb = await _run(a, b, 0.04, sched, seed=seed, log=log)
         assert np.array_equal(rb.key, a)
         msgs = [(d, *decode_message(f)) for d, f in log]
-        sizes = sched.block_sizes(0.04, a.size)
-        params, _ = cascade._derive_permutations(int(msgs[0][2]["seed"]), a.size, 14, sizes)
-        prefix = [K.prefix_parity(a, params[j]) for j in range(14)]
         sent = len(msgs[0][3])
         late = 0
-        for (_d1, k1, f1, _), (_d2, k2, _f2, disc) in itertools.pairwise(msgs):
-            if k1 == "cascade.ask" and k2 == "cascade.parities":
-                p, s, e = f1["q"].T.astype(int)
-                expect = np.array([prefix[j][y] ^ prefix[j][x] for j, x, y in zip(p, s, e, strict=True)], np.uint8)
-                assert np.array_equal(disc.to_bits(), expect)
-                sent += len(disc)
-                late += int(np.count_nonzero(p >= 3))
+        for passes, disclosed, expected in _answers_against_oracle(msgs, a, sched.block_sizes(0.04, a.size)):
+            assert np.array_equal(disclosed.to_bits(), expected)
+            sent += len(disclosed)
+            late += int(np.count_nonzero(passes >= 3))
         assert sent == rb.leaked_bits == ra.leaked_bits == cb.stats.disclosed_bits("cascade")
         assert late > 0  # the mask-shuffle passes did search
 
