@@ -83,8 +83,9 @@ class CascadeSchedule:
     ``early_per_bit``/``early_min``: the next pass starts, at most one per round trip, as soon as
     at most max(early_min, early_per_bit * n) searches are open instead of none, so the serial
     end of the cascade chains overlaps with the later passes (early_per_bit 0: never);
-    ``deep_lookahead``: when at most this many searches are open, each asks the 7 parities of
-    its next three levels (0: never).
+    ``deep_lookahead``/``deep_lookahead_per_bit``: when at most max(deep_lookahead,
+    deep_lookahead_per_bit * n) searches are open, each asks the 7 parities of its next three
+    levels (0: never).
     """
 
     name: str
@@ -97,6 +98,7 @@ class CascadeSchedule:
     early_per_bit: float = 0.0
     early_min: int = 0
     deep_lookahead: int = 0
+    deep_lookahead_per_bit: float = 0.0
     tail_round_trips: int = 0
     citation: str = ""
 
@@ -164,12 +166,15 @@ BATCHED = CascadeSchedule(
     lookahead_per_bit=_batched_lookahead,
     early_per_bit=1e-5,
     early_min=8,
+    deep_lookahead=4,
+    deep_lookahead_per_bit=4.8e-5,
     tail_round_trips=60,
     citation="qkdstack variant tuned for few round trips, following the guidelines of Martinez-Mateo et al. (2015) "
     "(power-of-two k1, k3 = 4096, then n/2, 14 passes): k1 = 2^round(log2(0.9/Q)) so that k1*Q lies in "
     "[0.64, 1.27), k2 = 4 k1 if k1*Q < 0.9 else 2 k1, two-level look-ahead once at most max(12, c n) searches "
     "are open (c = 4e-4 if k1*Q is in [0.7, 0.9), where k2 = 4 k1 makes longer chains, else 5e-5), and after "
-    "60 round trips the next pass starts once at most max(8, 1e-5 n) searches are open. "
+    "60 round trips the next pass starts once at most max(8, 1e-5 n) searches are open and searches ask three "
+    "levels at once while at most max(4, 4.8e-5 n) are open. "
     "The round trips are set by the serial pass-1/pass-2 cascade chains, whose length grows with k1*Q and k2/k1",
 )
 
@@ -538,7 +543,7 @@ async def bob(
     state.lookahead = max(sched.lookahead, round(per_bit * n))
     state.early = max(sched.early_min, round(sched.early_per_bit * n)) if sched.early_per_bit else 0
     state.tail_start = sched.tail_round_trips
-    state.deep = sched.deep_lookahead
+    state.deep = max(sched.deep_lookahead, round(sched.deep_lookahead_per_bit * n))
     while True:
         state.resolve()
         if state.m == 0:
