@@ -14,7 +14,7 @@ QBER 1, 2, 3, 5, 8 % and key length n = 10^4, 10^5, 10^6, it runs whole frames o
   (``throughput_cpu_bit_per_s``). The machine is shared, so the best frame and the CPU time
   are the steadier figures.
 
-Frames per configuration: ``FRAMES`` (n=10^4: 8, 10^5: 2, 10^6: 3), plus ``FER_FRAMES`` = 400
+Frames per configuration: ``FRAMES`` (n=10^4: 8, 10^5: 8, 10^6: 3), plus ``FER_FRAMES`` = 400
 frames at n=10^4, QBER 3 % for "original" and "batched" to bound the frame error rate; set
 the environment variable ``QKDSTACK_BENCH_CASCADE_SCALE`` to multiply all of them. Timings on a shared machine
 are noisy. Run: ``.venv/bin/python benchmarks/run_all.py cascade``.
@@ -41,7 +41,7 @@ from qkdstack.protocol.channel import channel_pair
 
 SCHEDULES = ("original", "optimized", "batched")
 QBERS = (0.01, 0.02, 0.03, 0.05, 0.08)
-FRAMES = {10_000: 8, 100_000: 2, 1_000_000: 3}
+FRAMES = {10_000: 8, 100_000: 8, 1_000_000: 3}
 FER_FRAMES = 400  # extra frames for the frame error rate: n = 10^4, QBER 3 %, per schedule below
 FER_SCHEDULES = ("original", "batched")
 
