@@ -387,9 +387,9 @@ METHODS = {"clmul": _toeplitz_clmul, "fft": _toeplitz_fft}
 """The two exact ways to compute ``T @ tail``."""
 
 DEFAULT_METHOD = "clmul" if toeplitz_clmul.AVAILABLE else "fft"
-"""Carry-less products wherever the CPU has them: on the 2-core machine with one core busy they
-took 0.31 s against 0.78 s for the FFT at ``n = 10^7, m = n/2``, 0.17 s against 0.58 s at
-``m = n/10``, and 0.025 s against 0.20 s at ``n = 2.4e6, m = 8.7e5`` (a 25 km round)."""
+"""Carry-less products wherever the CPU has them: on the quiet 2-core machine they took 0.175 s
+against 0.40 s for the FFT at ``n = 10^7, m = n/2`` and 0.086 s against 0.39 s at ``m = n/10``
+(docs/amplification.md)."""
 
 
 def toeplitz_hash(key_bits: np.ndarray, seed_bits: np.ndarray, m: int, method: str | None = None) -> np.ndarray:
