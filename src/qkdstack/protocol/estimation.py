@@ -71,7 +71,8 @@ class Estimate:
 def _class_counts(classes: np.ndarray, n_classes: int, where: np.ndarray) -> np.ndarray:
     """Counts of each class ``0..n_classes-1`` in one pass (only entries with ``where[i]``, if ``where`` is non-empty).
 
-    Classes outside the range are not counted (the caller's totals then disagree and it aborts).
+    Classes outside the range are not counted (as before this kernel): their bits then count for
+    no intensity, which only lowers the decoy-state bounds.
     """
     counts = np.zeros(n_classes + 1, np.int64)
     masked = where.size > 0
