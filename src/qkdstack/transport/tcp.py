@@ -52,18 +52,24 @@ class TcpChannel(Channel):
         async with self._send_lock:
             self._writer.write(_HEADER.pack(len(frame) + 8, self._send_seq) + frame)
             self._send_seq += 1
+            if self._writer.transport.is_closing():
+                raise ChannelError(f"connection to {self.peer} lost while sending: closed")
+            if not self._writer.transport.get_write_buffer_size():
+                return  # the kernel took the whole frame: nothing to wait for (the usual case)
             try:
-                await asyncio.wait_for(self._writer.drain(), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    await self._writer.drain()
             except (ConnectionError, TimeoutError) as exc:
                 raise ChannelError(f"connection to {self.peer} lost while sending: {exc or 'timed out'}") from None
 
     async def _recv_frame(self) -> bytes:
         try:
-            header = await asyncio.wait_for(self._reader.readexactly(_HEADER.size), self._timeout)
-            length, seq = _HEADER.unpack(header)
-            if length < 8 or length - 8 > self._max:
-                raise ChannelError(f"frame of {length} bytes from {self.peer} refused (limit {self._max})")
-            body = await asyncio.wait_for(self._reader.readexactly(length - 8), self._timeout)
+            async with asyncio.timeout(self._timeout):  # one deadline for the whole frame, no extra tasks
+                header = await self._reader.readexactly(_HEADER.size)
+                length, seq = _HEADER.unpack(header)
+                if length < 8 or length - 8 > self._max:
+                    raise ChannelError(f"frame of {length} bytes from {self.peer} refused (limit {self._max})")
+                body = await self._reader.readexactly(length - 8)
         except asyncio.IncompleteReadError:
             raise ChannelError(f"connection to {self.peer} closed") from None
         except TimeoutError:
