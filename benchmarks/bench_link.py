@@ -7,6 +7,7 @@ probability 0.8, the node's Cascade schedule) are distilled by
 channel pair and once over a :class:`~qkdstack.transport.tcp.TcpChannel` pair
 (:func:`~qkdstack.transport.tcp.serve`/:func:`~qkdstack.transport.tcp.connect` on 127.0.0.1), both
 parties in one event loop so the only difference is the transport (codec encoding happens in both).
+The loop is uvloop's, as in ``qkdstack node``.
 Runs are interleaved (memory, TCP, memory, TCP, ...) so that load from other processes hits both
 alike; each figure is the median over the repetitions.
 
@@ -33,6 +34,8 @@ import asyncio
 import statistics
 import time
 from typing import Any
+
+import uvloop
 
 from qkdstack.node.config import DeviceSection, ProtocolSection
 from qkdstack.physics.device import SimulatedDevice
@@ -120,7 +123,7 @@ def run(frames: int = FRAMES, repeats: int = REPEATS, pulses: int = PULSES) -> d
     t = time.perf_counter()
     made = [device.run_frame(pulses) for _ in range(frames)]
     sim_s = time.perf_counter() - t
-    res = asyncio.run(_measure(made, config, repeats))
+    res = uvloop.run(_measure(made, config, repeats))  # the event loop `qkdstack node` runs on
     mem, tcp = statistics.median(res["memory"]), statistics.median(res["tcp"])
     mem_cpu, tcp_cpu = statistics.median(res["memory_cpu"]), statistics.median(res["tcp_cpu"])
     bits = statistics.mean(res["bits"])
