@@ -340,26 +340,23 @@ def _toeplitz_clmul(tail: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
     blocks = -(-(w if by_columns else m) // block)
     lead = size + (blocks - 1) * block - w if by_columns else size - w
     seed_words = _words(seed, lead, (lead + seed.size) // 64 + 2 * size_words + 1)
-    key_words = _words(tail, 0, blocks * block_words + size_words)
+    key_words = _words(tail, 0, blocks * block_words)
     out = np.zeros(size_words if by_columns else blocks * block_words, np.uint64)
-    pending = []
+    vector = np.zeros(size_words, np.uint64)  # one block of the key, zero-padded to the square's size
     for b in range(blocks):
         if by_columns:
             first = (blocks - 1 - b) * block_words  # word of seed bit w - b*s - S, after the lead
-            v = key_words[b * block_words : (b + 1) * block_words]
+            vector[:block_words] = key_words[b * block_words : (b + 1) * block_words]
         else:
             first = b * block_words
-            v = key_words[:block_words]
-        vector = np.zeros(size_words, np.uint64)
-        vector[: v.size] = v
-        pending.append((b, toeplitz_clmul.toeplitz_times(seed_words[first : first + 2 * size_words], vector)))
-        vector[:] = 0
-    for b, product in pending:
+            vector[:block_words] = key_words[:block_words]
+        product = toeplitz_clmul.toeplitz_times(seed_words[first : first + 2 * size_words], vector)
         if by_columns:
             out ^= product
         else:  # rows past the block's own s are the padding's: dropped
             out[b * block_words : (b + 1) * block_words] ^= product[:block_words]
         product[:] = 0
+    vector[:] = 0
     bits = np.unpackbits(out.view(np.uint8), bitorder="little")[:m]
     for array in (out, key_words):
         array[:] = 0
