@@ -67,3 +67,107 @@ async def test_oversized_frame_refused_and_close_detected():
 async def test_connect_gives_up_with_clear_error():
     with pytest.raises(ChannelError, match="cannot reach"):
         await connect("127.0.0.1", 1, attempts=2, delay=0.01)
+
+
+# ------------------------------------------------------------------ failures of a broken connection
+
+
+def _on_loop(loop_name: str, coro_fn):
+    """Run ``coro_fn()`` on the default asyncio loop or on uvloop (the loop ``qkdstack node`` runs on)."""
+    if loop_name == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro_fn())
+    return asyncio.run(coro_fn())
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_send_on_a_connection_the_peer_killed_raises_channel_error(loop_name):
+    """A peer that dies (its socket reset) makes every later send fail with ChannelError, never RuntimeError.
+
+    uvloop raises ``RuntimeError("... the handler is closed")`` from ``writer.write`` once it has seen the
+    reset; asyncio raises ConnectionResetError or nothing at all. All of them must become ChannelError.
+    """
+
+    async def scenario():
+        server, client, peer, done = await _pair()
+        await client.send("x.y", n=1)
+        assert (await peer.recv())["n"] == 1
+        peer._writer.transport.abort()  # what the kernel does for a process killed with SIGKILL: RST
+        with pytest.raises(ChannelError):
+            for _ in range(100):
+                await client.send("x.y", payload=b"z" * 10_000)
+                await asyncio.sleep(0.01)
+        assert client.broken
+        with pytest.raises(ChannelError, match="is down"):
+            await client.send("x.y", n=2)  # fail-stop: later sends fail at once
+        with pytest.raises(ChannelError, match="is down"):
+            await client.recv()
+        done.set()
+        await client.close()
+        server.close()
+
+    _on_loop(loop_name, scenario)
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_recv_on_a_connection_the_peer_reset_raises_channel_error(loop_name):
+    async def scenario():
+        server, client, peer, done = await _pair()
+        recv = asyncio.ensure_future(client.recv())
+        await asyncio.sleep(0.05)
+        peer._writer.transport.abort()
+        with pytest.raises(ChannelError):
+            await asyncio.wait_for(recv, 5)
+        assert client.broken
+        done.set()
+        await client.close()
+        server.close()
+
+    _on_loop(loop_name, scenario)
+
+
+async def test_timeout_breaks_the_channel_and_closes_the_connection():
+    """After a receive timeout the stream may be cut mid-frame: the channel fails for good and the peer sees EOF."""
+    server, client, peer, done = await _pair()
+    peer._timeout = 0.2
+    with pytest.raises(ChannelError, match=r"within 0\.2 s"):
+        await peer.recv()
+    assert peer.broken
+    with pytest.raises(ChannelError, match="is down"):
+        await peer.send("x.y")
+    with pytest.raises(ChannelError, match="closed"):
+        await asyncio.wait_for(client.recv(), 5)  # the peer's side learns at once, not after its own timeout
+    done.set()
+    await client.close()
+    server.close()
+
+
+async def test_keepalives_restart_the_deadline_and_reach_no_observer():
+    """Empty keepalive frames keep an idle connection open past the timeout; only real messages come out of recv."""
+    server, client, peer, done = await _pair()
+    peer._timeout = 0.3
+    seen: list[tuple[str, bytes]] = []
+    peer.add_observer(lambda direction, frame: seen.append((direction, frame)))
+    client_seen: list[tuple[str, bytes]] = []
+    client.add_observer(lambda direction, frame: client_seen.append((direction, frame)))
+
+    async def idle_sender():
+        for _ in range(10):  # 1 s of silence, three times the timeout
+            await client.keepalive()
+            await asyncio.sleep(0.1)
+        await client.send("x.after_idle", n=7)
+
+    sender = asyncio.create_task(idle_sender())
+    msg = await peer.recv()
+    await sender
+    assert msg.kind == "x.after_idle" and msg["n"] == 7
+    assert peer.keepalives_received == 10
+    assert len(seen) == 1 and len(client_seen) == 1  # no keepalive in a transcript
+    assert peer.stats.messages() == 1
+    # Without keepalives the same silence times out.
+    with pytest.raises(ChannelError, match=r"within 0\.3 s"):
+        await peer.recv()
+    done.set()
+    await client.close()
+    server.close()
