@@ -29,6 +29,8 @@ class KeyBlock:
     finite_key: dict[str, Any]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    leakage_accounting: dict[str, Any] = field(default_factory=dict)
+    """The rule λ_EC was counted by and the disclosed bits per stage and direction (round.py)."""
 
     @property
     def length(self) -> int:
@@ -46,6 +48,7 @@ class KeyBlock:
             "qber_key": self.qber_key,
             "qber_test": self.qber_test,
             "leakage_bits": self.leakage_bits,
+            "leakage_accounting": self.leakage_accounting,
             "finite_key": self.finite_key,
             "stage_seconds": self.stage_seconds,
             "stats": self.stats,
