@@ -6,12 +6,12 @@ import argparse
 import asyncio
 import logging
 import signal
+from typing import TYPE_CHECKING
 
-import uvloop
+from qkdstack.node.config import check_listen_addresses, load_config
 
-from qkdstack.kms.etsi014 import tune_gc_for_serving
-from qkdstack.node.config import load_config
-from qkdstack.node.service import Node
+if TYPE_CHECKING:
+    from qkdstack.node.service import Node
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,17 @@ async def _main(node: Node) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    node = Node(load_config(args.config))
+    # Everything the configuration names is checked before anything starts (files, TLS material, the
+    # addresses to listen on): a bad configuration is one sentence and exit code 2, with no state written.
+    config = load_config(args.config)
+    check_listen_addresses(config)
+    # The service's imports (NumPy, Numba, FastAPI, uvloop) only once the configuration is known to be good.
+    import uvloop
+
+    from qkdstack.kms.etsi014 import tune_gc_for_serving
+    from qkdstack.node.service import Node
+
+    node = Node(config)
     tune_gc_for_serving()  # fewer, shorter GC pauses in the ETSI 014 server (p99 latency)
     uvloop.run(_main(node))  # uvloop: faster event loop and TLS for the KME and the links
     return 0

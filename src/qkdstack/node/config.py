@@ -14,17 +14,35 @@ Sections (each field documented in docs/node.md):
 
 Relative paths are resolved against the configuration file's directory. Any error is one
 sentence naming the section and field.
+
+:func:`load_config` also checks what the files name, so that ``qkdstack node`` fails before
+anything starts: the data directory and the SQLite store can be made, and the ETSI 014 TLS
+material loads (certificate chain and key, which must match, into an :class:`ssl.SSLContext`, and
+the CA). :func:`check_listen_addresses` binds, and releases at once, every address the node will
+listen on. The simulated quantum channel carries every arriving photon's number, basis and bit in
+clear, so ``[link] quantum`` must be a loopback address unless ``[device] simulation_testbed``
+says the deployment is a test bed whose keys need not be secret.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
+import socket
+import ssl
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from qkdstack.errors import ConfigError
 from qkdstack.node.schema import field_error, load_section
+from qkdstack.physics.eve import parse_eve
 from qkdstack.physics.params import ChannelParams, DeviceParams, ReceiverParams, SourceParams
 
 ROLES = ("transmitter", "receiver")
@@ -37,6 +55,20 @@ def parse_address(section: str, name: str, value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise field_error(section, name, f"must be HOST:PORT, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and IP literals in 127.0.0.0/8 or ``::1``.
+
+    Names other than ``localhost`` count as not loopback: what a name resolves to can change after
+    the configuration was checked, and ``0.0.0.0`` (every interface) is not loopback either.
+    """
+    if host.lower() in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -65,8 +97,13 @@ class LinkSection:
     timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
+        seen: dict[tuple[str, int], str] = {}
         for name in ("classical", "quantum", "kms"):
-            parse_address("link", name, getattr(self, name))
+            address = parse_address("link", name, getattr(self, name))
+            if address in seen:
+                raise field_error("link", name, f"must differ from [link] {seen[address]} (both "
+                                  f"{getattr(self, name)}): the receiver listens on each")
+            seen[address] = name
         if self.timeout_s <= 0:
             raise field_error("link", "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
 
@@ -111,6 +148,21 @@ class DeviceSection:
     pulses_per_frame: int = 100_000_000
     eve: str = "none"
     seed: int | None = None
+    simulation_testbed: bool = False
+    """True declares a simulation test bed: ``[link] quantum`` may then leave loopback, although anyone
+    who can read that connection (photon number, basis and bit of every arriving pulse, in clear) reads
+    the raw key. False (default): a non-loopback quantum address is a configuration error."""
+
+    @property
+    def simulated(self) -> bool:
+        """Whether keys come from the simulated device (always, today: it is the only device)."""
+        return True
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the simulation is seeded: the transmitter's ``seed`` makes Alice's bits a reproducible PCG64
+        stream, so anyone who knows it can recompute them (each site knows only its own seed)."""
+        return self.seed is not None
 
     def __post_init__(self) -> None:
         if self.pulses_per_frame < 1000:
@@ -119,6 +171,7 @@ class DeviceSection:
             self.params()  # validates every physical parameter
         except ConfigError as exc:
             raise _renamed(exc) from None
+        parse_eve(self.eve, "[device] eve")  # used by the transmitter only, but checked at both sites
 
     def params(self) -> DeviceParams:
         return DeviceParams(
@@ -206,6 +259,11 @@ class KmsSection:
     """In-unit delivery: ``"UID:SAE_ID"`` entries, the local users admitted and the SAE each one is."""
 
     def __post_init__(self) -> None:
+        if self.tls_cert or self.tls_key or self.ca_cert:
+            for name in ("tls_cert", "tls_key", "ca_cert"):
+                if not getattr(self, name):
+                    raise field_error("kms", name, "is required when any of tls_cert, tls_key, ca_cert is set "
+                                      "(the ETSI 014 server needs all three)")
         if not (self.store.startswith("sqlite:///") or self.store.startswith(("postgresql://", "postgres://"))):
             raise field_error("kms", "store", f"must be sqlite:///PATH or postgresql://..., got {self.store!r}")
         if self.key_size_bits <= 0 or self.key_size_bits % 8:
@@ -214,7 +272,9 @@ class KmsSection:
             raise field_error("kms", "high_water_keys",
                               "must satisfy 0 < low_water_keys < high_water_keys ≤ capacity_keys")
         parse_address("kms", "etsi_listen", self.etsi_listen)
-        self.local_uid_map()
+        local = self.local_uid_map()
+        if self.local_socket and not local:
+            raise field_error("kms", "local_users", "must admit at least one UID:SAE_ID when local_socket is set")
 
     def local_uid_map(self) -> dict[int, str]:
         """``local_users`` as {uid: SAE ID}."""
@@ -248,6 +308,46 @@ class NodeConfig:
     def data_dir(self) -> Path:
         return self.resolve(self.site.data_dir)
 
+    @property
+    def quantum_on_loopback(self) -> bool:
+        """Whether the quantum-channel connection stays on this host (``[link] quantum`` is a loopback address)."""
+        return is_loopback(parse_address("link", "quantum", self.link.quantum)[0])
+
+    @property
+    def key_caveats(self) -> tuple[str, ...]:
+        """Why keys of this node are not secret against everyone, one sentence each (for status, logs and proofs).
+
+        Empty only for a real device, which does not exist yet: the simulated device's quantum channel is
+        a TCP connection carrying the raw key in clear, and a seeded simulation makes Alice's bits
+        reproducible. No key bytes and no seed value appear.
+        """
+        caveats = []
+        if self.device.simulated:
+            where = "this host's loopback" if self.quantum_on_loopback else "the network (simulation test bed)"
+            caveats.append(
+                f"simulated device: the quantum-channel connection ([link] quantum {self.link.quantum}, over {where}) "
+                "carries every arriving photon's number, basis and bit in clear, so keys are not secret from "
+                "anyone who can read it"
+            )
+        if self.device.seeded:
+            caveats.append(
+                "seeded simulation: [device] seed makes the simulator's randomness (Alice's bits, at the "
+                "transmitter) a reproducible PCG64 stream, so keys are not secret from anyone who knows the seed"
+            )
+        return tuple(caveats)
+
+    @property
+    def device_labels(self) -> dict[str, Any]:
+        """JSON-ready labels of where keys come from: ``simulated``, ``seeded``, ``simulation_testbed``,
+        ``quantum_on_loopback`` and the ``caveats`` sentences (see :attr:`key_caveats`)."""
+        return {
+            "simulated": self.device.simulated,
+            "seeded": self.device.seeded,
+            "simulation_testbed": self.device.simulation_testbed,
+            "quantum_on_loopback": self.quantum_on_loopback,
+            "caveats": list(self.key_caveats),
+        }
+
 
 SECTIONS = {
     "site": SiteSection,
@@ -267,18 +367,214 @@ def parse_config(data: dict[str, Any], path: Path) -> NodeConfig:
         raise ConfigError(f"{path.name}: section [site] is required")
     try:
         sections = {name: load_section(cls, name, data.get(name)) for name, cls in SECTIONS.items()}
+        config = NodeConfig(path=path, **sections)
+        _check_quantum_address(config)
     except ConfigError as exc:
         raise ConfigError(f"{path.name}: {exc}") from None
-    return NodeConfig(path=path, **sections)
+    return config
 
 
-def load_config(path: str | Path) -> NodeConfig:
-    """Read and validate a node configuration file."""
+def _check_quantum_address(config: NodeConfig) -> None:
+    """Refuse a quantum channel off this host unless the deployment is declared a simulation test bed."""
+    if config.quantum_on_loopback or config.device.simulation_testbed:
+        return
+    raise field_error(
+        "link", "quantum",
+        f"{config.link.quantum} is not a loopback address, and the simulated quantum channel carries every "
+        "arriving photon's number, basis and bit in clear, so anyone who can read that connection reads the "
+        "raw key: keep it on 127.0.0.1, or set [device] simulation_testbed = true for a test bed whose keys "
+        "need not be secret",
+    )
+
+
+def load_config(path: str | Path, *, check_files: bool = True) -> NodeConfig:
+    """Read and validate a node configuration file.
+
+    ``check_files`` (default) also checks what the configuration names on disk (:func:`check_files`),
+    so that a node fails before it starts rather than half-way through start-up.
+    """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"configuration file {path} is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {path} cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name} is not valid TOML: it is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path.name} is not valid TOML: {exc}") from None
-    return parse_config(data, path.resolve())
+    config = parse_config(data, path.resolve())
+    if check_files:
+        try:
+            check_files_of(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{path.name}: {exc}") from None
+    return config
+
+
+# ------------------------------------------------------------------------------------------
+# What the configuration names on disk and on the network
+
+
+def _creatable_folder(section: str, name: str, folder: Path) -> None:
+    """``folder`` is a folder this process may write in, or can be made as one (the node makes it)."""
+    try:
+        st = folder.stat()
+    except (FileNotFoundError, NotADirectoryError):  # ENOTDIR: a component is a regular file (found below)
+        st = None
+    except OSError as exc:
+        raise field_error(section, name, f"names {folder}, which cannot be reached ({exc.strerror})") from None
+    if st is not None:
+        if not stat.S_ISDIR(st.st_mode):
+            raise field_error(section, name, f"names {folder}, which exists and is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise field_error(section, name, f"names {folder}, a folder this process cannot write in")
+        return
+    for parent in folder.parents:
+        try:
+            pst = parent.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise field_error(section, name, f"names {folder}, which cannot be made ({parent}: {exc.strerror})") \
+                from None
+        if not stat.S_ISDIR(pst.st_mode):
+            raise field_error(section, name, f"names {folder}, which cannot be made: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise field_error(section, name, f"names {folder}, which cannot be made: {parent} is not writable")
+        return
+
+
+def _read_file(section: str, name: str, path: Path, what: str) -> bytes:
+    """The bytes of a file the configuration names, or one sentence of why it cannot be used."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise field_error(section, name, f"names {path}, which does not exist") from None
+    except OSError as exc:
+        raise field_error(section, name, f"names {path}, which cannot be reached ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise field_error(section, name, f"names {path}, which is a folder, not {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise field_error(section, name, f"names {path}, which is not a regular file ({what} expected)")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise field_error(section, name, f"names {path}, which cannot be read ({exc.strerror})") from None
+
+
+def _pem_certificates(section: str, name: str, path: Path) -> list[x509.Certificate]:
+    data = _read_file(section, name, path, "a PEM certificate file")
+    try:
+        found = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        found = []
+    if not found:
+        raise field_error(section, name, f"names {path}, which holds no PEM certificate")
+    return found
+
+
+def _check_tls(config: NodeConfig) -> None:
+    """Load the ETSI 014 server's certificate chain, key and client CA as the server will, naming the bad field.
+
+    The same :class:`ssl.SSLContext` calls as :func:`qkdstack.kms.etsi014.server_ssl_context`, after
+    parsing each file alone so that a failure is pinned on one field. Nothing of the key is reported.
+    """
+    kms = config.kms
+    cert_path, key_path, ca_path = (config.resolve(p) for p in (kms.tls_cert, kms.tls_key, kms.ca_cert))
+    leaf = _pem_certificates("kms", "tls_cert", cert_path)[0]
+    key_pem = _read_file("kms", "tls_key", key_path, "a PEM private key file")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except Exception:  # garbage (ValueError), encrypted (TypeError), an unsupported algorithm: never echo the bytes
+        raise field_error("kms", "tls_key", f"names {key_path}, which holds no unencrypted PEM private key") \
+            from None
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*raw) != leaf.public_key().public_bytes(*raw):
+        raise field_error("kms", "tls_key", f"({key_path}) does not match the certificate of [kms] tls_cert "
+                          f"({cert_path}): the first certificate there must be the one issued for this key")
+    _pem_certificates("kms", "ca_cert", ca_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(cert_path), str(key_path))
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or "unknown reason"
+        raise field_error("kms", "tls_cert", f"({cert_path}) and tls_key cannot be loaded for TLS ({reason})") \
+            from None
+    try:
+        ctx.load_verify_locations(str(ca_path))
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or "unknown reason"
+        raise field_error("kms", "ca_cert", f"({ca_path}) cannot be loaded as a TLS CA ({reason})") from None
+
+
+def check_files_of(config: NodeConfig) -> None:
+    """Check what the configuration names on disk; raises :class:`ConfigError` naming the field.
+
+    The data directory and the folders of the SQLite store and of the in-unit delivery socket must
+    be folders the node can write in, or be makeable; the store itself, if it exists, a regular file,
+    the socket a socket (the node replaces only a socket); the ETSI 014 TLS files must load
+    (:func:`_check_tls`). Authentication files are read by the node when it needs them (a PSK only
+    while no pool exists) and are not checked here.
+    """
+    _creatable_folder("site", "data_dir", config.data_dir)
+    store = config.kms.store
+    if store.startswith("sqlite:///"):
+        db = config.resolve(store.removeprefix("sqlite:///"))
+        _creatable_folder("kms", "store", db.parent)
+        if db.exists() and not db.is_file():
+            raise field_error("kms", "store", f"names {db}, which exists and is not a regular file")
+    if config.kms.local_socket:
+        socket_path = config.resolve(config.kms.local_socket)
+        if len(os.fsencode(socket_path)) > 107:  # sun_path holds 108 bytes with the terminating NUL
+            raise field_error("kms", "local_socket", f"names {socket_path}, longer than a Unix socket path may be "
+                              "(107 bytes)")
+        _creatable_folder("kms", "local_socket", socket_path.parent)
+        if socket_path.exists() and not socket_path.is_socket():
+            raise field_error("kms", "local_socket", f"names {socket_path}, which exists and is not a socket")
+    if config.kms.tls_cert:
+        _check_tls(config)
+
+
+def listen_addresses(config: NodeConfig) -> list[tuple[str, str, str]]:
+    """(section, field, HOST:PORT) of every address this node listens on."""
+    out = []
+    if config.site.role == "receiver":
+        out += [("link", name, getattr(config.link, name)) for name in ("classical", "quantum", "kms")]
+    if config.kms.tls_cert:
+        out.append(("kms", "etsi_listen", config.kms.etsi_listen))
+    return out
+
+
+def check_listen_addresses(config: NodeConfig) -> None:
+    """Bind, and release at once, every address the node will listen on (as :func:`asyncio.start_server` will).
+
+    Raises :class:`ConfigError` naming the field whose address is taken (another node or program holds
+    it) or not on this host. A port taken between this check and the node's own bind is reported by the
+    node the same way.
+    """
+    for section, name, address in listen_addresses(config):
+        host, port = parse_address(section, name, address)
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise field_error(section, name, f"{address}: {host} does not resolve ({exc.strerror})") from None
+        for family, kind, proto, _, sockaddr in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(sockaddr)
+                except OSError as exc:
+                    why = _BIND_ERRORS.get(exc.errno or 0, "")
+                    raise field_error(section, name, f"{address} cannot be listened on ({exc.strerror}){why}") \
+                        from None
+
+
+_BIND_ERRORS = {
+    errno.EADDRINUSE: ": another program, perhaps another node, holds that port",
+    errno.EADDRNOTAVAIL: ": the host is not an address of this machine",
+    errno.EACCES: ": ports below 1024 need privileges",
+}

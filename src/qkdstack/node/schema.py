@@ -5,6 +5,10 @@ missing required keys and values of the wrong type raise
 :class:`~qkdstack.errors.ConfigError` saying ``[section] field`` and what was expected.
 Extra checks (ranges, choices) go in the dataclass's ``__post_init__``, which raises
 ``ConfigError`` through :func:`field_error`.
+
+Types are strict where a conversion could hide a mistake: an ``int`` field takes only a TOML
+integer (``150_000_000``; the float ``1.5e8`` is refused even though its value is integral), a
+``bool`` field only ``true``/``false``. A ``float`` field takes an integer too (``25`` km is 25.0 km).
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ def _coerce(section: str, name: str, value: Any, annotation: Any) -> Any:
             raise field_error(section, name, f"must be a number, got {value!r}")
         return float(value)
     if annotation is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
+        # A count is never read from a float, not even an integral one: `1.5e8` in place of `100_000_000`
+        # is a typo that silently changes the frame size, and TOML has exact integers with `_` separators.
+        if isinstance(value, float) and value.is_integer() and abs(value) < 1e18:
+            raise field_error(section, name, f"must be a TOML integer such as {int(value):_}, not the float {value!r}")
         if isinstance(value, bool) or not isinstance(value, int):
             raise field_error(section, name, f"must be an integer, got {value!r}")
         return value
