@@ -80,7 +80,7 @@ def test_keys_never_in_repr():
     assert r.hex() not in repr(WegmanCarterMac(r))
     pool = AuthKeyPool.from_seed("L", secrets.token_bytes(256))
     assert "hidden" in repr(pool) or "balance" in repr(pool)
-    pk = psk_mod.PreSharedKey("L", secrets.token_bytes(32))
+    pk = psk_mod.PreSharedKey("L", secrets.token_bytes(32), "00")
     assert pk.key.hex() not in repr(pk)
     keys = pool.reserve_round(pool.sync_state(), 1)
     text = repr(keys)
@@ -379,7 +379,7 @@ def test_psk_file(tmp_path):
     check = psk_mod.generate_psk_file(p, 512, link_id="A-B")
     assert stat.S_IMODE(p.stat().st_mode) == 0o600
     text = p.read_text()
-    assert text.startswith("qkdstack-psk v1\nlink: A-B\nbytes: 512\n")
+    assert text.startswith("qkdstack-psk v2\nlink: A-B\nbytes: 512\n")
     k = psk_mod.load_psk(p)
     assert len(k.key) == 512 and k.check == check and k.link_id == "A-B"
     with pytest.raises(ConfigError, match="already exists"):
@@ -509,7 +509,7 @@ def test_persist_callback_and_corrupt_state(tmp_path):
     again = AuthKeyPool.from_bytes(saved[-1])
     assert again.lockstep_digest() == pool.lockstep_digest()
     with pytest.raises(ConfigError, match=r"malformed|unknown format"):
-        AuthKeyPool.from_bytes(b'{"format": "qkdstack-auth-pool", "version": 1}')
+        AuthKeyPool.from_bytes(b'{"format": "qkdstack-auth-pool", "version": 2}')
     with pytest.raises(ConfigError):
         AuthKeyPool.from_bytes(b"[]")
     p = tmp_path / "pool.json"

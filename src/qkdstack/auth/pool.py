@@ -66,18 +66,25 @@ from qkdstack.errors import AuthenticationError, ConfigError, KeyPoolExhausted
 
 KINDS = ("hash", "pad")
 SEED_ROUND_ID = 0
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _TAIL = 16  # committed round ids exchanged in a sync message
 MAX_PENDING = 4
 
 
 @dataclass
 class _Stream:
-    """Bytes at absolute positions ``[total - len(data), total)``, all at or after ``cursor``."""
+    """Bytes at absolute positions ``[total - len(data), total)``, all at or after ``cursor``.
+
+    ``origins`` records where each appended segment starts and which key it came from:
+    ``[start, round_id, epsilon]``, ``epsilon`` the distance of that key from uniform (ε_sec of the
+    QKD block, 0 for a pre-shared key). Rounds charge the ε of every source they draw from
+    (:meth:`sources`), the ε′ of Portmann's bound.
+    """
 
     total: int = 0
     cursor: int = 0
     data: bytearray = field(default_factory=bytearray)
+    origins: list[list[Any]] = field(default_factory=list)
 
     @property
     def balance(self) -> int:
@@ -87,11 +94,25 @@ class _Stream:
         keep = self.balance
         if len(self.data) > keep:
             del self.data[: len(self.data) - keep]
+        while len(self.origins) > 1 and self.origins[1][0] <= self.cursor:
+            del self.origins[0]
 
-    def append(self, b: bytes) -> None:
+    def append(self, b: bytes, round_id: int, epsilon: float) -> None:
+        if b:
+            self.origins.append([self.total, round_id, float(epsilon)])
         self.total += len(b)
         self.data += b
         self._trim()
+
+    def sources(self, n: int) -> dict[int, float]:
+        """The keys (round id -> ε) that the next ``n`` bytes at the cursor came from."""
+        out: dict[int, float] = {}
+        end = self.cursor + n
+        for i, (start, rid, eps) in enumerate(self.origins):
+            nxt = self.origins[i + 1][0] if i + 1 < len(self.origins) else self.total
+            if start < end and nxt > self.cursor:
+                out[int(rid)] = float(eps)
+        return out
 
     def skip_to(self, pos: int) -> None:
         self.cursor = max(self.cursor, pos)
@@ -109,11 +130,12 @@ class _Stream:
         return pos, out
 
     def to_json(self) -> dict[str, Any]:
-        return {"total": self.total, "cursor": self.cursor, "data": self.data.hex()}
+        return {"total": self.total, "cursor": self.cursor, "data": self.data.hex(), "origins": self.origins}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> _Stream:
-        return cls(int(d["total"]), int(d["cursor"]), bytearray.fromhex(d["data"]))
+        origins = [[int(o[0]), int(o[1]), float(o[2])] for o in d["origins"]]
+        return cls(int(d["total"]), int(d["cursor"]), bytearray.fromhex(d["data"]), origins)
 
 
 @dataclass
@@ -122,6 +144,7 @@ class _Direction:
     pad: _Stream = field(default_factory=_Stream)
     r: bytes | None = None  # current Poly1305 hash key, or None when it must be refreshed
     r_index: int = -1  # absolute position of r in the hash stream; -1 = none
+    r_sources: dict[int, float] = field(default_factory=dict)  # the keys r came from (round id -> ε)
 
     def stream(self, kind: str) -> _Stream:
         return self.hash if kind == "hash" else self.pad
@@ -134,6 +157,7 @@ class _Direction:
 class _Segment:
     round_id: int
     parts: dict[str, dict[str, bytes]]  # direction -> kind -> bytes
+    epsilon: float = 0.0  # distance of the key the parts came from from uniform (ε_sec of its QKD block)
 
     def __repr__(self) -> str:
         return f"_Segment(round_id={self.round_id}, bytes={self.size})"
@@ -181,6 +205,11 @@ class RoundOutcome:
     dropped_round_ids: list[int]
     pending_round_id: int | None
     epsilon: float = 0.0
+    """The round's authentication error: ``epsilon_mac + epsilon_key`` (Portmann 2014: messages·ε + ε′)."""
+    epsilon_mac: float = 0.0
+    """Forgery bound of the round's two tags (Bernstein 2005, Theorem 3.3)."""
+    epsilon_key: float = 0.0
+    """ε′: the summed distance from uniform (ε_sec) of every key the round's pads and hash keys came from."""
 
 
 class AuthKeyPool:
@@ -222,6 +251,8 @@ class AuthKeyPool:
         self._pending: list[_Segment] = []
         self._seed_end: dict[str, dict[str, int]] = {d: {k: 0 for k in KINDS} for d in DIRECTIONS}
         self._seed_retired = False
+        self.seed_check: str | None = None
+        """Public fingerprint of the pre-shared key that seeded the pool (None for a signed bootstrap)."""
         self._last_round_id = SEED_ROUND_ID
         self._in_flight: int | None = None  # the round reserved and not yet completed, failed or released
         self._stats: dict[str, Any] = {
@@ -232,6 +263,8 @@ class AuthKeyPool:
             "verification_failures": 0,
             "rounds_reserved": 0,
             "epsilon_sum": 0.0,
+            "epsilon_mac_sum": 0.0,
+            "epsilon_key_sum": 0.0,
         }
 
     def __repr__(self) -> str:
@@ -241,22 +274,30 @@ class AuthKeyPool:
     # ------------------------------------------------------------------------------- creation
 
     @classmethod
-    def from_seed(cls, link_id: str, seed: bytes, **kwargs: Any) -> AuthKeyPool:
+    def from_seed(
+        cls, link_id: str, seed: bytes, *, seed_epsilon: float = 0.0, seed_check: str | None = None, **kwargs: Any
+    ) -> AuthKeyPool:
         """A pool seeded with ``seed`` (identical at both ends), committed as round 0.
 
-        Layout: the first half of ``seed`` is the A->B material, the second half B->A; in each
-        half the first 32 bytes are hash keys and the rest pads. At least 2*(32+32) = 128 bytes.
+        Layout: the first half of ``seed`` is the A->B material, the second half B->A; in each half
+        the first :func:`seed_hash_bytes` bytes are hash keys (2 to 8 keys: every failed verification
+        costs one, so a larger seed survives more tampered session openings) and the rest pads.
+        At least 2*(32+32) = 128 bytes. ``seed_epsilon`` is the seed's distance from uniform: 0 for a
+        pre-shared key from the OS CSPRNG, ε_sec for the key of a signature-authenticated round;
+        ``seed_check`` the pre-shared key's public fingerprint, compared with the peer's at connection.
         """
         seed = bytes(seed)
         if len(seed) < 128 or len(seed) % 2:
             raise ConfigError("bootstrap seed must be an even number of bytes, at least 128.")
         pool = cls(link_id, **kwargs)
+        pool.seed_check = seed_check
         half = len(seed) // 2
+        n_hash = seed_hash_bytes(half)
         parts = {}
         for i, d in enumerate(DIRECTIONS):
             chunk = seed[i * half : (i + 1) * half]
-            parts[d] = {"hash": chunk[: 2 * HASH_KEY_BYTES], "pad": chunk[2 * HASH_KEY_BYTES :]}
-        pool._commit_segment(pool._dirs, _Segment(SEED_ROUND_ID, parts))
+            parts[d] = {"hash": chunk[:n_hash], "pad": chunk[n_hash:]}
+        pool._commit_segment(pool._dirs, _Segment(SEED_ROUND_ID, parts, seed_epsilon))
         for d in DIRECTIONS:
             pool._stats["refilled_bytes"][d] += half
         for d in DIRECTIONS:
@@ -307,9 +348,12 @@ class AuthKeyPool:
             "rounds_reserved": self._stats["rounds_reserved"],
             "verification_failures": self._stats["verification_failures"],
             "rounds_affordable": self.rounds_affordable(),
-            # Portmann (2014): the error of all rounds so far is at most the sum of the per-round epsilons
-            # (each tag's forgery bound), plus the distance of the pool's key from uniform (epsilon' of QKD)
-            "epsilon_total": self._stats.get("epsilon_sum", 0.0),
+            # Portmann (2014): the error of all rounds so far is at most the sum over rounds of the tags' forgery
+            # bounds (epsilon_mac_total) plus the distance from uniform of the keys each round drew its pads and
+            # hash keys from (epsilon_key_total: epsilon' of QKD, the blocks' epsilon_sec)
+            "epsilon_total": self._stats["epsilon_sum"],
+            "epsilon_mac_total": self._stats["epsilon_mac_sum"],
+            "epsilon_key_total": self._stats["epsilon_key_sum"],
             "committed_rounds": self._committed_count,
             "pending_round_ids": [s.round_id for s in self._pending],
             "bootstrap_seed_retired": self._seed_retired,
@@ -374,6 +418,7 @@ class AuthKeyPool:
         consumed = {d: 0 for d in DIRECTIONS}
         pads: dict[str, bytes] = {}
         refreshed: list[str] = []
+        sources: dict[int, float] = {}  # the keys this round's hash keys and pads come from (round id -> ε)
         for d in DIRECTIONS:
             dv = view[d]
             h_cur, p_cur, r_idx = peer[d]
@@ -395,9 +440,12 @@ class AuthKeyPool:
                     f"(bootstrap again with a new pre-shared key or a signed first round)"
                 )
             if need_fresh:
+                dv.r_sources = dv.hash.sources(HASH_KEY_BYTES)
                 dv.r_index, dv.r = dv.hash.take(HASH_KEY_BYTES)
                 refreshed.append(d)
                 consumed[d] += HASH_KEY_BYTES
+            sources.update(dv.r_sources)
+            sources.update(dv.pad.sources(PAD_BYTES))
             _, pads[d] = dv.pad.take(PAD_BYTES)
             consumed[d] += PAD_BYTES
         # write-ahead: the real state burns everything the view used before any tag is computed
@@ -420,16 +468,21 @@ class AuthKeyPool:
             "keep_pending": keep_pending,
             "drop": sorted(mine_p - set(promote) - set(keep_pending)),
             "seed_retired": seed_retired,
+            "key_epsilon": sum(sources.values()),
         }
         return RoundKeys(round_id, view, meta)
 
-    def complete_round(self, keys: RoundKeys, round_key: bytes, epsilon: float = 0.0) -> RoundOutcome:
+    def complete_round(
+        self, keys: RoundKeys, round_key: bytes, *, mac_epsilon: float = 0.0, refill_epsilon: float = 0.0
+    ) -> RoundOutcome:
         """The round's tags verified at this end: persist the merged view and take the refill.
 
         The refill is the first bytes of ``round_key`` (identical at both ends): per direction,
         enough hash-key bytes to hold ``hash_reserve_bytes`` and enough pad bytes to reach
         ``target_pad_bytes``, in the order a2b-hash, a2b-pad, b2a-hash, b2a-pad; a short key gives
         what it has in that order. It stays pending until a later round commits it.
+        ``mac_epsilon`` is the tags' forgery bound, ``refill_epsilon`` the distance of ``round_key``
+        from uniform (its block's ε_sec), charged to every later round that draws from the refill.
         """
         self._check_in_flight(keys)
         self._in_flight = None
@@ -457,9 +510,11 @@ class AuthKeyPool:
         parts: dict[str, dict[str, bytes]] = {}
         for d in DIRECTIONS:
             dv = view[d]
+            # what is left of the bootstrap seed does not count: committing this refill retires it
+            left = {k: dv.stream(k).total - max(dv.stream(k).cursor, self._seed_end[d][k]) for k in KINDS}
             want = {
-                "hash": max(0, self.hash_reserve_bytes - dv.hash.balance),
-                "pad": max(0, self.target_pad_bytes - dv.pad.balance),
+                "hash": max(0, self.hash_reserve_bytes - left["hash"]),
+                "pad": max(0, self.target_pad_bytes - left["pad"]),
             }
             parts[d] = {}
             for k in KINDS:
@@ -467,9 +522,9 @@ class AuthKeyPool:
                 parts[d][k] = key[pos : pos + n]
                 pos += n
                 self._stats["refilled_bytes"][d] += n
-        self._pending = [_Segment(keys.round_id, parts)]
+        self._pending = [_Segment(keys.round_id, parts, refill_epsilon)]
         self._stats["rounds_authenticated"] += 1
-        self._stats["epsilon_sum"] = self._stats.get("epsilon_sum", 0.0) + epsilon
+        epsilon = self._charge(keys, mac_epsilon)
         self.save()
         return RoundOutcome(
             round_id=keys.round_id,
@@ -480,9 +535,19 @@ class AuthKeyPool:
             dropped_round_ids=list(meta["drop"]),
             pending_round_id=keys.round_id,
             epsilon=epsilon,
+            epsilon_mac=mac_epsilon,
+            epsilon_key=keys.meta["key_epsilon"],
         )
 
-    def fail_round(self, keys: RoundKeys, failed_directions: list[str], epsilon: float = 0.0) -> None:
+    def _charge(self, keys: RoundKeys, mac_epsilon: float) -> float:
+        """Add a finished round's authentication error to the link's total; returns it."""
+        key_epsilon = keys.meta["key_epsilon"]
+        self._stats["epsilon_mac_sum"] += mac_epsilon
+        self._stats["epsilon_key_sum"] += key_epsilon
+        self._stats["epsilon_sum"] += mac_epsilon + key_epsilon
+        return mac_epsilon + key_epsilon
+
+    def fail_round(self, keys: RoundKeys, failed_directions: list[str], mac_epsilon: float = 0.0) -> None:
         """A tag of ``failed_directions`` did not verify here: discard those hash keys (Portmann 2014).
 
         Everything else stays as :meth:`reserve_round` persisted it (pads burnt, merge not applied).
@@ -494,7 +559,7 @@ class AuthKeyPool:
                 raise ConfigError(f"direction must be one of {DIRECTIONS}, not {d!r}.")
             self._dirs[d].r, self._dirs[d].r_index = None, -1
         self._stats["verification_failures"] += 1
-        self._stats["epsilon_sum"] = self._stats.get("epsilon_sum", 0.0) + epsilon
+        self._charge(keys, mac_epsilon)
         self.save()
 
     def release(self, keys: RoundKeys) -> None:
@@ -511,7 +576,7 @@ class AuthKeyPool:
     def _commit_segment(self, dirs: dict[str, _Direction], seg: _Segment) -> None:
         for d in DIRECTIONS:
             for k in KINDS:
-                dirs[d].stream(k).append(seg.parts[d][k])
+                dirs[d].stream(k).append(seg.parts[d][k], seg.round_id, seg.epsilon)
 
     def _retire_seed(self, view: dict[str, _Direction]) -> None:
         """Skip what is left of the bootstrap seed and discard a hash key taken from it."""
@@ -519,7 +584,7 @@ class AuthKeyPool:
             for k in KINDS:
                 view[d].stream(k).skip_to(self._seed_end[d][k])
             if 0 <= view[d].r_index < self._seed_end[d]["hash"]:
-                view[d].r, view[d].r_index = None, -1
+                view[d].r, view[d].r_index, view[d].r_sources = None, -1, {}
 
     # ------------------------------------------------------------------------------- persistence
 
@@ -548,9 +613,14 @@ class AuthKeyPool:
             "committed_tail": self._committed_tail,
             "seed_end": self._seed_end,
             "seed_retired": self._seed_retired,
+            "seed_check": self.seed_check,
             "last_round_id": self._last_round_id,
             "pending": [
-                {"round_id": s.round_id, "parts": {d: {k: s.parts[d][k].hex() for k in KINDS} for d in DIRECTIONS}}
+                {
+                    "round_id": s.round_id,
+                    "epsilon": s.epsilon,
+                    "parts": {d: {k: s.parts[d][k].hex() for k in KINDS} for d in DIRECTIONS},
+                }
                 for s in self._pending
             ],
             "directions": {
@@ -559,6 +629,7 @@ class AuthKeyPool:
                     "pad": self._dirs[d].pad.to_json(),
                     "r": self._dirs[d].r.hex() if self._dirs[d].r is not None else None,
                     "r_index": self._dirs[d].r_index,
+                    "r_sources": [[rid, eps] for rid, eps in self._dirs[d].r_sources.items()],
                 }
                 for d in DIRECTIONS
             },
@@ -587,18 +658,26 @@ class AuthKeyPool:
         """Rebuild a pool from :meth:`to_bytes` output."""
         try:
             doc = json.loads(data)
-            if doc.get("format") != "qkdstack-auth-pool" or doc.get("version") != _STATE_VERSION:
-                raise ConfigError("authentication pool state has an unknown format or version.")
+            if doc.get("format") != "qkdstack-auth-pool":
+                raise ConfigError("authentication pool state has an unknown format.")
+            if doc.get("version") != _STATE_VERSION:
+                raise ConfigError(
+                    f"authentication pool state has version {doc.get('version')!r}, this qkdstack reads version "
+                    f"{_STATE_VERSION} only (version 1 did not record the ε of its key material): bootstrap the "
+                    "link again with a new pre-shared key or a signed first round."
+                )
             pool = cls(doc["link_id"], path=path, persist=persist, **doc["params"])
             pool._committed_count = int(doc["committed_count"])
             pool._committed_tail = [int(x) for x in doc["committed_tail"]]
             pool._seed_end = {d: {k: int(doc["seed_end"][d][k]) for k in KINDS} for d in DIRECTIONS}
             pool._seed_retired = bool(doc["seed_retired"])
+            pool.seed_check = doc["seed_check"]
             pool._last_round_id = int(doc["last_round_id"])
             pool._pending = [
                 _Segment(
                     int(s["round_id"]),
                     {d: {k: bytes.fromhex(s["parts"][d][k]) for k in KINDS} for d in DIRECTIONS},
+                    float(s["epsilon"]),
                 )
                 for s in doc["pending"]
             ]
@@ -609,6 +688,7 @@ class AuthKeyPool:
                     _Stream.from_json(dd["pad"]),
                     bytes.fromhex(dd["r"]) if dd["r"] is not None else None,
                     int(dd["r_index"]),
+                    {int(rid): float(eps) for rid, eps in dd["r_sources"]},
                 )
             pool._stats = doc["stats"]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -624,6 +704,11 @@ class AuthKeyPool:
         if stat.S_IMODE(p.stat().st_mode) & 0o077:
             raise ConfigError(f"authentication pool file {p} must not be readable by group or others (chmod 600).")
         return cls.from_bytes(p.read_bytes(), path=p)
+
+
+def seed_hash_bytes(half: int) -> int:
+    """Hash-key bytes at the front of each direction's half of a seed of ``2*half`` bytes: 2 to 8 keys."""
+    return HASH_KEY_BYTES * max(2, min(8, half // (4 * HASH_KEY_BYTES)))
 
 
 def _parse_sync(state: Any) -> dict[str, Any]:

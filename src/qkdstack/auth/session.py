@@ -36,10 +36,18 @@ TAG_KIND = "auth.tag"
 
 
 def round_epsilon(transcript_bytes: int) -> float:
-    """Forgery probability of a round: two tags (one per direction) on a transcript of that many bytes."""
+    """Forgery probability of a round's two tags (one per direction) on transcripts of at most that many bytes.
+
+    Bernstein's bound holds for messages of at most ``L`` bytes, and the forger picks the length of the
+    transcript he substitutes: call it with the longer of the two ends' transcripts.
+    """
     from qkdstack.auth.wegman_carter import poly1305_epsilon
 
     return 2 * poly1305_epsilon(transcript_bytes)
+
+
+MAX_TRANSCRIPT_BYTES = 1 << 40
+"""Largest transcript length a peer may claim in ``auth.tag`` (a sanity bound on an unauthenticated field)."""
 
 
 class RoundAuthenticator:
@@ -52,6 +60,7 @@ class RoundAuthenticator:
         self.keys = keys
         self.role = transcript.role
         self._done = False
+        self.mac_epsilon = 0.0
 
     def __repr__(self) -> str:
         return f"RoundAuthenticator(role={self.role!r}, round_id={self.keys.round_id}, done={self._done})"
@@ -59,46 +68,59 @@ class RoundAuthenticator:
     def _tag(self, direction: str) -> bytes:
         return self.transcript.tag(WegmanCarterMac(self.keys.hash_key[direction]), self.keys.pad[direction])
 
-    def _verify(self, direction: str, tag: Any) -> None:
+    def _epsilon(self, msg: Any) -> float:
+        """The round's MAC term with ``L`` = the longer of this end's transcript and the one the peer tagged."""
+        claimed = msg.fields.get("length")
+        if not isinstance(claimed, int) or not 0 <= claimed <= MAX_TRANSCRIPT_BYTES:
+            claimed = MAX_TRANSCRIPT_BYTES  # unknown: assume the longest (counts more, not less)
+        self.mac_epsilon = round_epsilon(max(self.transcript.byte_length, claimed))
+        return self.mac_epsilon
+
+    def _verify(self, direction: str, msg: Any) -> None:
+        tag = msg.fields.get("tag")
         ok = isinstance(tag, bytes) and self.transcript.verify(
             WegmanCarterMac(self.keys.hash_key[direction]), self.keys.pad[direction], tag
         )
         if not ok:
-            self.pool.fail_round(self.keys, [direction], round_epsilon(self.transcript.byte_length))
+            self.pool.fail_round(self.keys, [direction], mac_epsilon=self._epsilon(msg))
             raise AuthenticationError(
                 f"the peer's transcript tag for round {self.keys.round_id} on link {self.pool.link_id} did not "
                 f"verify: the classical messages were altered, dropped, injected or reordered, or the peer "
                 f"does not hold this link's authentication key; the round is discarded"
             )
 
-    async def finish(self, round_key: bytes) -> RoundOutcome:
+    async def finish(self, round_key: bytes, key_epsilon: float = 0.0) -> RoundOutcome:
         """Exchange and verify the transcript tags; on success refill the pool from ``round_key``.
 
         Returns the :class:`~qkdstack.auth.pool.RoundOutcome` (``key_for_store`` is the round key
-        minus the refill slice, ``epsilon`` the round's forgery probability).
+        minus the refill slice; ``epsilon`` the round's authentication error: the tags' forgery bound
+        plus the distance from uniform of the keys they used). ``key_epsilon`` is ``round_key``'s
+        distance from uniform (its block's ε_sec), charged to the rounds its refill will pay for.
         """
         if self._done:
             raise ConfigError("this round was already finished or abandoned.")
         self._done = True
         self.transcript.detach()
-        eps = round_epsilon(self.transcript.byte_length)
+        length = self.transcript.byte_length
         try:
             if self.role == ALICE:
-                await self.channel.send(TAG_KIND, tag=self._tag(A_TO_B))
+                await self.channel.send(TAG_KIND, tag=self._tag(A_TO_B), length=length)
                 msg = await self.channel.recv(TAG_KIND)
-                self._verify(B_TO_A, msg.fields.get("tag"))
+                self._verify(B_TO_A, msg)
             else:
                 msg = await self.channel.recv(TAG_KIND)
                 try:
-                    self._verify(A_TO_B, msg.fields.get("tag"))
+                    self._verify(A_TO_B, msg)
                 except AuthenticationError:
                     await self.channel.send_abort("authentication", "transcript tag did not verify")
                     raise
-                await self.channel.send(TAG_KIND, tag=self._tag(B_TO_A))
+                await self.channel.send(TAG_KIND, tag=self._tag(B_TO_A), length=length)
         except BaseException:
             self.pool.release(self.keys)  # no-op when _verify already recorded the failure
             raise
-        return self.pool.complete_round(self.keys, round_key, epsilon=eps)
+        return self.pool.complete_round(
+            self.keys, round_key, mac_epsilon=self._epsilon(msg), refill_epsilon=key_epsilon
+        )
 
     def abandon(self) -> None:
         """The round aborted before its tags were exchanged: stop recording; keep the burns."""
@@ -138,12 +160,17 @@ async def begin_round(channel: Any, pool: AuthKeyPool, role: str, round_id: int)
 
 
 async def authenticate_round(
-    channel: Any, pool: AuthKeyPool, role: str, round_id: int, stages: Callable[[], Awaitable[bytes]]
+    channel: Any,
+    pool: AuthKeyPool,
+    role: str,
+    round_id: int,
+    stages: Callable[[], Awaitable[bytes]],
+    key_epsilon: float = 0.0,
 ) -> RoundOutcome:
     """Run ``stages()`` (the round's post-processing, returning the round key) under one transcript MAC.
 
     Equivalent to :func:`begin_round`, ``stages()``, :meth:`RoundAuthenticator.finish`, with
-    :meth:`RoundAuthenticator.abandon` if the stages raise.
+    :meth:`RoundAuthenticator.abandon` if the stages raise. ``key_epsilon``: the round key's ε_sec.
     """
     auth = await begin_round(channel, pool, role, round_id)
     try:
@@ -151,7 +178,7 @@ async def authenticate_round(
     except BaseException:
         auth.abandon()
         raise
-    return await auth.finish(round_key)
+    return await auth.finish(round_key, key_epsilon)
 
 
 async def authenticate_peer(channel: Any, pool: AuthKeyPool, role: str, round_id: int) -> RoundOutcome:
