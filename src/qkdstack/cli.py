@@ -20,6 +20,7 @@ COMMANDS: list[str] = [
     "keyrate",
     "distill",
     "init",
+    "psk",
     "node",
     "tunnel",
     "demo",
@@ -33,17 +34,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every sub-command, or with ``only`` that one.
+
+    A sub-command module may import heavy libraries (NumPy, Numba, FastAPI) at its top; registering
+    only the command given keeps ``qkdstack node`` with a bad configuration an answer of a second
+    rather than of several.
+    """
     parser = _Parser(prog="qkdstack", description="Quantum key distribution stack.")
     parser.add_argument("--version", action="version", version=f"qkdstack {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
-        importlib.import_module(f"qkdstack.commands.{name}").register(sub)
+        if only is None or name == only:
+            importlib.import_module(f"qkdstack.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=first if first in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
