@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -80,8 +81,20 @@ class ChunksTaken(KeyStoreError):
         self.chunk_ids = list(chunk_ids)
 
 
+class ChunksUnknown(KeyStoreError):
+    """The peer asked for chunks of key blocks this store does not hold (``chunk_ids``)."""
+
+    def __init__(self, message: str, chunk_ids: Sequence[str]) -> None:
+        super().__init__(message)
+        self.chunk_ids = list(chunk_ids)
+
+
 class StoreFull(KeyStoreError):
     """Adding the block would exceed the link's capacity."""
+
+
+class BlockConflict(KeyStoreError):
+    """A block ID that is already stored was added again with different key bytes or length."""
 
 
 def chunk_id(link_id: str, block_id: str, index: int) -> str:
@@ -170,11 +183,42 @@ class _Backend:
     can_relax = False
     """True if :meth:`set_relaxed` can commit without fsync (SQLite with synchronous FULL or EXTRA)."""
 
+    scrub_interval: float | None = None
+    """Seconds between two :meth:`scrub` calls at most; None: this backend has nothing to scrub."""
+    dirty = False
+    """Key material was erased since the last successful :meth:`scrub` (set by the operations)."""
+    _scrub_not_before = 0.0
+
     def set_relaxed(self, relaxed: bool) -> None:
         """Commit the next transactions without (True) or with (False) the configured durability."""
 
     def committed(self) -> None:
         """Called after each COMMIT (SQLite: wakes the WAL checkpointer)."""
+
+    def scrub_delay(self) -> float | None:
+        """Seconds until :meth:`scrub` is due (0: now); None when no key material was erased since the last one."""
+        if not self.dirty or self.scrub_interval is None:
+            return None
+        return max(0.0, self._scrub_not_before - time.monotonic())
+
+    def scrub(self) -> None:
+        """Remove the old copies of erased key material (between transactions, never inside one).
+
+        Called by the store at most every :attr:`scrub_interval` seconds after a transaction that
+        erased key material committed. A failure is logged (no key bytes) and retried later.
+        """
+        ok = False
+        try:
+            ok = self._scrub()
+        except Exception as exc:
+            log.warning("key store: removing old copies of erased keys failed (%s); retrying", type(exc).__name__)
+        interval = self.scrub_interval or 0.0
+        self._scrub_not_before = time.monotonic() + (interval if ok else max(interval, 0.01))
+        if ok:
+            self.dirty = False
+
+    def _scrub(self) -> bool:
+        return True
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         raise NotImplementedError
@@ -213,7 +257,7 @@ class _Backend:
 
 
 class _SQLiteBackend(_Backend):
-    def __init__(self, path: Path, synchronous: str) -> None:
+    def __init__(self, path: Path, synchronous: str, wal_truncate_interval: float = 0.1) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Create the database and its WAL/shared-memory companions 0600 *before* SQLite opens them
@@ -229,7 +273,16 @@ class _SQLiteBackend(_Backend):
         self.synchronous = synchronous
         self.can_relax = synchronous in ("FULL", "EXTRA")
         self._relaxed = False
-        self.conn.execute("PRAGMA secure_delete=ON")  # freed pages (erased keys) are overwritten with zeros
+        # Erased keys: secure_delete makes SQLite overwrite deleted content (the freed space of a cell
+        # whose material was set to NULL, freed pages) with zeros, in the page it writes. The WAL still
+        # holds the earlier images of that page: scrub() truncates it (wal_checkpoint(TRUNCATE)) at
+        # most every wal_truncate_interval seconds after a transaction that erased key material, and
+        # journal_size_limit=0 also cuts the WAL back whenever SQLite restarts it from the beginning.
+        self.conn.execute("PRAGMA secure_delete=ON")
+        if self.conn.execute("PRAGMA secure_delete").fetchone()[0] != 1:
+            raise KeyStoreError("this SQLite build cannot overwrite deleted content (secure_delete)")
+        self.conn.execute("PRAGMA journal_size_limit=0")
+        self.scrub_interval = wal_truncate_interval
         self.conn.execute("PRAGMA busy_timeout=10000")
         # Checkpoints (copying the WAL into the database file, with its own fsync) run on a thread with
         # a second connection instead of inside whichever COMMIT crosses 1000 WAL pages: a PASSIVE
@@ -264,6 +317,16 @@ class _SQLiteBackend(_Backend):
         """A transaction was committed: have the WAL checkpointed soon (not in the committing thread)."""
         self._wake.set()
 
+    def _scrub(self) -> bool:
+        """Copy the WAL into the database file and truncate the WAL to zero bytes.
+
+        On the store's own connection between transactions, so it never waits for a writer and no
+        writer waits for it on the event loop (the store queues operations meanwhile). Returns False
+        if another checkpoint was running (SQLite reports busy; retried a little later).
+        """
+        busy, _log, _done = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return busy == 0
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         return self.conn.execute(sql, params).fetchall()
 
@@ -285,7 +348,9 @@ class _SQLiteBackend(_Backend):
         self._stop.set()
         self._wake.set()
         self._checkpointer.join()
-        self.conn.close()  # the last connection checkpoints the WAL completely
+        with contextlib.suppress(sqlite3.Error):  # leave no old page images in the WAL file
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()  # the last connection checkpoints the WAL completely (and removes it)
 
 
 class _PostgresBackend(_Backend):
@@ -368,9 +433,12 @@ def _in(n: int) -> str:
 def _op_add_block(db: _Backend, link_id: str, block_id: str, key: bytes, chunk_bits: int, limits: LinkLimits) -> int:
     nbytes = chunk_bits // 8
     n = len(key) // nbytes
-    if db.execute("SELECT 1 FROM qkd_blocks WHERE link_id = ? AND block_id = ?", (link_id, block_id)):
-        raise KeyStoreError(f"block {block_id!r} is already stored on link {link_id!r}")
-    stored = db.execute("SELECT COALESCE(SUM(n), 0) FROM qkd_counts WHERE link_id = ? AND state < 2", (link_id,))[0][0]
+    known = db.execute(
+        "SELECT seq, n_chunks, chunk_bits FROM qkd_blocks WHERE link_id = ? AND block_id = ?", (link_id, block_id)
+    )
+    if known:
+        return _same_block(db, link_id, block_id, known[0], key, n, chunk_bits)
+    stored = _held(db, link_id)
     if stored + n > limits.capacity:
         raise StoreFull(f"link {link_id!r} is full ({stored} of {limits.capacity} chunks); block not stored")
     seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM qkd_blocks WHERE link_id = ?", (link_id,))[0][0]
@@ -389,6 +457,82 @@ def _op_add_block(db: _Backend, link_id: str, block_id: str, key: bytes, chunk_b
     )
     _bump(db, link_id, {(0, AVAILABLE): (n + 1) // 2, (1, AVAILABLE): n // 2})
     return n
+
+
+def _held(db: _Backend, link_id: str) -> int:
+    """Chunks of ``link_id`` held on disk: available (both pools) and reserved (not yet erased).
+
+    The one measure of fullness: :func:`_op_add_block` (capacity), :meth:`KeyStore.can_store`,
+    :meth:`KeyStore.is_full` and :meth:`KeyStore.is_low` all count it (via ``qkd_counts``). At the slave's
+    site it includes the keys its slave SAEs have not fetched yet, which the master's site has
+    already erased: the two sites' counts differ, so the node asks both (``can_store``).
+    """
+    return db.execute("SELECT COALESCE(SUM(n), 0) FROM qkd_counts WHERE link_id = ? AND state < 2", (link_id,))[0][0]
+
+
+def _same_block(db: _Backend, link_id: str, block_id: str, known: tuple, key: bytes, n: int, chunk_bits: int) -> int:
+    """``add_block`` of a block ID already stored: a no-op if it is the same block, else :class:`BlockConflict`.
+
+    The node retries ``add_block`` after a crash between storing a block and recording that it did
+    (the pending file is removed after the store), so the same call must be harmless. The stored
+    chunks that are not erased yet are compared with the new bytes in constant time; erased chunks
+    cannot be compared (their material is gone) and are taken as equal.
+    """
+    seq, n_old, bits_old = known
+    if n_old != n or bits_old != chunk_bits:
+        raise BlockConflict(f"block {block_id!r} is already stored on link {link_id!r} with another length")
+    nbytes = chunk_bits // 8
+    rows = db.execute(
+        "SELECT idx, material FROM qkd_chunks WHERE link_id = ? AND block_seq = ? AND material IS NOT NULL"
+        " ORDER BY idx",
+        (link_id, seq),
+    )
+    ours = b"".join(bytes(m) for _i, m in rows)
+    theirs = b"".join(key[i * nbytes : (i + 1) * nbytes] for i, _m in rows)
+    if not hmac.compare_digest(ours, theirs):
+        raise BlockConflict(f"block {block_id!r} is already stored on link {link_id!r} with other key bytes")
+    return n
+
+
+def _op_can_store(db: _Backend, link_id: str, n_chunks: int, limits: LinkLimits) -> bool:
+    return _held(db, link_id) + n_chunks <= limits.capacity
+
+
+def _op_drop_orphans(db: _Backend, link_id: str, chunk_ids: list[str], min_age_s: float) -> list[tuple[str, int]]:
+    """Erase the available chunks of the key blocks that hold ``chunk_ids`` (blocks the peer does not hold).
+
+    Only blocks added at least ``min_age_s`` seconds ago (a fresh block may still be on its way into
+    the peer's store). Both pools: the peer can use none of the block's chunks either. Reserved
+    chunks are left alone (their keys are resolved by their own requests). Returns (block ID,
+    chunks erased) per block dropped.
+    """
+    seqs: dict[int, tuple[str, float]] = {}
+    for sl in _slices(chunk_ids):
+        for seq, bid, added in db.execute(
+            "SELECT DISTINCT c.block_seq, b.block_id, b.added_at FROM qkd_chunks c"
+            " JOIN qkd_blocks b ON b.link_id = c.link_id AND b.seq = c.block_seq"
+            f" WHERE c.link_id = ? AND c.chunk_id IN {_in(len(sl))}",
+            [link_id, *sl],
+        ):
+            seqs[seq] = (bid, added)
+    cutoff = time.time() - min_age_s
+    out = []
+    for seq, (bid, added) in sorted(seqs.items()):
+        if added > cutoff:
+            continue
+        n = db.execute(
+            "SELECT COUNT(*) FROM qkd_chunks WHERE link_id = ? AND block_seq = ? AND state = 0", (link_id, seq)
+        )[0][0]
+        if not n:
+            continue
+        _move(db, link_id, "link_id = ? AND block_seq = ? AND state = 0", [link_id, seq], ERASED)
+        db.execute(
+            "UPDATE qkd_chunks SET state = 2, material = NULL WHERE link_id = ? AND block_seq = ? AND state = 0",
+            (link_id, seq),
+        )
+        db.dirty = True
+        out.append((bid, n))
+    return out
 
 
 def _op_reserve(
@@ -503,6 +647,7 @@ def _accept_many(db: _Backend, calls: list[tuple]) -> list[tuple[bool, Any]]:
         call_updates: list[tuple] = []
         call_keys: list[tuple] = []
         taken: list[str] = []
+        unknown: list[str] = []
         seen: set[str] = set()  # chunks of this call's earlier reservations
         try:
             for r in reservations:
@@ -513,8 +658,12 @@ def _accept_many(db: _Backend, calls: list[tuple]) -> list[tuple[bool, Any]]:
                     # outcome is resolved by discarding), so a known key ID means the master site lost state.
                     taken.extend(r.chunk_ids)
                     continue
-                if len(set(r.chunk_ids)) != len(r.chunk_ids) or any(c not in chunks for c in r.chunk_ids):
-                    raise KeyStoreError(f"key {r.key_id}: chunks unknown here (block not stored yet?)")
+                if len(set(r.chunk_ids)) != len(r.chunk_ids):
+                    raise KeyStoreError(f"key {r.key_id}: a chunk is listed twice")
+                missing = [c for c in r.chunk_ids if c not in chunks]
+                if missing:
+                    unknown.extend(missing)
+                    continue
                 busy = []
                 for cid in r.chunk_ids:
                     lk, pl, st = chunks[cid]
@@ -530,6 +679,9 @@ def _accept_many(db: _Backend, calls: list[tuple]) -> list[tuple[bool, Any]]:
                 call_keys.append(
                     (r.key_id, link_id, r.size_bits, master, slaves_json, slaves_json, KEY_RESERVED, 0, now)
                 )
+            if unknown:
+                # Their key block is not stored here (yet): the master site drops such blocks (kms/kme.py).
+                raise ChunksUnknown(f"{len(unknown)} chunks are unknown here (key block not stored here)", unknown)
             if taken:
                 raise ChunksTaken(f"{len(taken)} chunks are no longer available (already reserved or erased)", taken)
         except KeyStoreError as exc:
@@ -577,6 +729,8 @@ def _read_and_erase(db: _Backend, key_rows: list[tuple[str, int]], erase: set[st
     out = [DeliveredKey(kid, b"".join(parts[kid])[: size // 8]) for kid, size in key_rows]
     for sl in _slices(sorted(erase)):
         db.execute(f"UPDATE qkd_chunks SET state = 2, material = NULL WHERE key_id IN {_in(len(sl))}", sl)
+    if erase:
+        db.dirty = True
     for (link_id, pool), n in changes.items():
         _bump(db, link_id, {(pool, RESERVED): -n, (pool, ERASED): n})
     return out
@@ -685,6 +839,7 @@ def _op_discard(db: _Backend, link_id: str, chunk_ids: list[str], pool: int | No
         f"UPDATE qkd_chunks SET state = 2, material = NULL WHERE link_id = ? AND chunk_id IN {ph}",
         [link_id, *chunk_ids],
     )
+    db.dirty = True
     k = [r[0] for r in keys]
     if k:
         db.execute(f"UPDATE qkd_keys SET state = 2, remaining = '[]' WHERE key_id IN {_in(len(k))}", k)
@@ -748,7 +903,7 @@ chunks then look available again while the peer may hold them reserved; the next
 them gets ``taken`` from the peer and erases them (kms/kme.py). Durability before a key leaves the
 store is unchanged: deliveries, peer reservations and erasures keep the configured synchronous.
 """
-_READS_COUNTS = frozenset({_op_add_block, _op_counts})
+_READS_COUNTS = frozenset({_op_add_block, _op_counts, _op_can_store})
 """Operations that read ``qkd_counts``: the summed counter changes are written before them."""
 _MERGED: dict[Callable[..., Any], Callable[[_Backend, list[tuple]], list[tuple[bool, Any]]]] = {
     _op_reserve: _reserve_many,
@@ -800,6 +955,8 @@ class KeyStore:
             self._committing = False
             self._commit_cf: concurrent.futures.Future | None = None
             self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qkd-keystore-commit")
+            self._scrub_timer: asyncio.TimerHandle | None = None
+            self.wal_truncate_interval = self._db.scrub_interval
             return
         ready: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(
@@ -810,6 +967,7 @@ class KeyStore:
         if err is not None:
             self._thread.join()
             raise err
+        self.wal_truncate_interval = ready.get()
 
     def __repr__(self) -> str:
         return f"KeyStore({self.description}, chunk_bits={self.chunk_bits})"
@@ -842,9 +1000,15 @@ class KeyStore:
             ready.put(exc)
             return
         ready.put(None)
+        ready.put(db.scrub_interval)
         try:
             while True:
-                item = self._queue.get()
+                delay = db.scrub_delay()
+                try:
+                    item = self._queue.get(timeout=delay) if delay is not None else self._queue.get()
+                except queue.Empty:  # erased key material waits for its scrub, and nothing else is queued
+                    db.scrub()
+                    continue
                 if item is None:
                     break
                 batch = [item]
@@ -859,6 +1023,8 @@ class KeyStore:
                         break
                     batch.append(nxt)
                 self._run_batch(db, batch)
+                if db.scrub_delay() == 0:
+                    db.scrub()
                 if stop:
                     break
         finally:
@@ -991,16 +1157,53 @@ class KeyStore:
             self._committing = False
             self._lock.release()
             self._deliver(batch, results)
-            self._schedule_flush()
+            self._after_commit()
 
         commit.add_done_callback(done)
+
+    def _after_commit(self) -> None:
+        """Inline mode, on the loop: scrub erased key material if due (else arm a timer), then flush."""
+        delay = None if self._closed else self._db.scrub_delay()
+        if delay == 0:
+            self._start_scrub()
+            return
+        if delay is not None and self._scrub_timer is None:
+            self._scrub_timer = asyncio.get_running_loop().call_later(delay, self._scrub_timer_fired)
+        self._schedule_flush()
+
+    def _scrub_timer_fired(self) -> None:
+        self._scrub_timer = None
+        if self._closed or self._committing or self._flush_scheduled:
+            return  # the commit in flight (or the flush about to run) checks again when it is done
+        self._after_commit()
+
+    def _start_scrub(self) -> None:
+        """Run :meth:`_Backend.scrub` on the committer thread like a COMMIT: operations queue meanwhile.
+
+        The results of the transaction that erased the keys have already gone to their callers; the
+        scrub is off their path, and later operations wait for it as for a commit in flight.
+        """
+        if self._scrub_timer is not None:
+            self._scrub_timer.cancel()
+            self._scrub_timer = None
+        self._committing = True
+        self._lock.acquire()
+        self._commit_cf = self._committer.submit(self._db.scrub)
+        scrub = asyncio.wrap_future(self._commit_cf, loop=asyncio.get_running_loop())
+
+        def done(_f: asyncio.Future) -> None:
+            self._committing = False
+            self._lock.release()
+            self._after_commit()  # a failed scrub (busy) is due again a little later: arms the timer
+
+        scrub.add_done_callback(done)
 
     def _commit(self) -> None:
         self._db.execute("COMMIT")
         self._db.committed()
 
     def _schedule_flush(self) -> None:
-        if self._pending and not self._flush_scheduled and not self._committing:
+        if self._pending and not self._flush_scheduled and not self._committing and not self._closed:
             self._flush_scheduled = True
             self._pending[0][2].call_soon(self._flush)
 
@@ -1032,6 +1235,8 @@ class KeyStore:
 
         ``key`` holds the block's bits packed MSB first (``BitArray.to_bytes()``). Call it with the
         same ``link_id``, ``block_id`` and bytes at both sites. Raises :class:`StoreFull` beyond capacity.
+        Idempotent: the same block again (same ID, same bytes) stores nothing and returns the same
+        count; the same ID with other bytes or another length raises :class:`BlockConflict`.
         """
         if not isinstance(key, bytes | bytearray | memoryview):
             raise KeyStoreError("key block must be bytes")
@@ -1040,6 +1245,29 @@ class KeyStore:
         return await self._call(
             _op_add_block, link_id, str(block_id), bytes(key), self.chunk_bits, self.limits(link_id)
         )
+
+    async def can_store(self, link_id: str, bits: int) -> bool:
+        """Whether a key block of ``bits`` bits still fits on ``link_id`` (:meth:`add_block` would store it).
+
+        True iff the chunks held (available and reserved, both pools) plus the block's
+        ``bits // chunk_bits`` chunks stay within the link's capacity. One small query. The two sites'
+        answers can differ (the slave's site holds the keys its SAEs have not fetched yet): ask both
+        before a round, and run it only if both say yes. Only ``add_block`` makes the count grow, so
+        the answer holds until the next block is added.
+        """
+        if bits < 0:
+            raise KeyStoreError("bits must not be negative")
+        return await self._call(_op_can_store, link_id, bits // self.chunk_bits, self.limits(link_id))
+
+    async def drop_orphans(self, link_id: str, chunk_ids: Sequence[str], min_age_s: float) -> list[tuple[str, int]]:
+        """Erase the available chunks of the key blocks holding ``chunk_ids``, which the peer does not hold.
+
+        Only blocks stored here at least ``min_age_s`` seconds ago. Returns (block ID, chunks erased)
+        for each block dropped (no key material).
+        """
+        if not chunk_ids:
+            return []
+        return await self._call(_op_drop_orphans, link_id, list(chunk_ids), min_age_s)
 
     async def reserve(
         self, link_id: str, pool: int, number: int, size_bits: int, master: str, slaves: Sequence[str]
@@ -1113,6 +1341,9 @@ class KeyStore:
         if not self._closed:
             self._closed = True
             if self._thread is None:
+                if self._scrub_timer is not None:
+                    self._scrub_timer.cancel()
+                    self._scrub_timer = None
                 if self._committing:
                     # A COMMIT is in flight: wait for it on its thread (its completion callback, which
                     # releases the lock, may be queued on this very event loop).
@@ -1147,6 +1378,7 @@ def open_store(
     limits: LinkLimits | None = None,
     synchronous: str = "FULL",
     inline: bool | None = None,
+    wal_truncate_interval: float = 0.1,
 ) -> KeyStore:
     """Open (creating if needed) a key store.
 
@@ -1155,7 +1387,10 @@ def open_store(
     ``synchronous``: SQLite's ``synchronous`` pragma; ``FULL`` (default) makes every delivery
     durable across power loss before the key leaves the store; ``NORMAL`` survives process
     crashes (kill -9) but not power loss. ``inline``: see :class:`KeyStore` (default: True for
-    SQLite, False for PostgreSQL).
+    SQLite, False for PostgreSQL). ``wal_truncate_interval`` (SQLite, seconds): after a transaction
+    that erased key material, the WAL is checkpointed and truncated to zero bytes at most this often,
+    so erased keys stay in the ``-wal`` file at most about this long (docs/kms.md); 0 truncates
+    after every such transaction.
     """
     loc = os.fspath(location)
     if loc.startswith(("postgresql://", "postgres://")):
@@ -1165,8 +1400,10 @@ def open_store(
     if synchronous.upper() not in {"FULL", "NORMAL", "EXTRA"}:
         raise ConfigError("synchronous must be FULL, NORMAL or EXTRA")
     sync = synchronous.upper()
+    if not 0 <= wal_truncate_interval <= 3600:
+        raise ConfigError("wal_truncate_interval must be between 0 and 3600 seconds")
     return KeyStore(
-        lambda: _SQLiteBackend(Path(loc), sync),
+        lambda: _SQLiteBackend(Path(loc), sync, wal_truncate_interval),
         chunk_bits=chunk_bits,
         limits=limits,
         description=f"sqlite:{loc}",
