@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from qkdstack.errors import ChannelError, ConfigError, QKDError
 from qkdstack.kms.store import (
     ChunksTaken,
+    ChunksUnknown,
     InsufficientKeys,
     KeyNotAuthorized,
     KeyNotFound,
@@ -125,6 +126,8 @@ class KMEConfig:
     max_SAE_ID_count: int = 8  # noqa: N815  (the specification's name)
     peer_timeout_s: float = 10.0
     link_id: str = ""
+    orphan_grace_s: float = 30.0
+    """A key block the peer does not hold is dropped once it has been stored here this long (seconds)."""
 
     def __post_init__(self) -> None:
         if not self.kme_id or not self.peer_kme_id or self.kme_id == self.peer_kme_id:
@@ -138,6 +141,8 @@ class KMEConfig:
             raise ConfigError("key_size must lie between min_key_size and max_key_size")
         if self.max_key_per_request < 1 or self.max_SAE_ID_count < 0:
             raise ConfigError("max_key_per_request must be >= 1 and max_SAE_ID_count >= 0")
+        if not self.orphan_grace_s >= 0:
+            raise ConfigError("orphan_grace_s must be >= 0 seconds")
         if not self.link_id:
             object.__setattr__(self, "link_id", "|".join(sorted((self.kme_id, self.peer_kme_id))))
 
@@ -197,6 +202,10 @@ class KME:
 
     async def is_full(self) -> bool:
         return await self.store.is_full(self.config.link_id)
+
+    async def can_store(self, bits: int) -> bool:
+        """Whether a key block of ``bits`` bits still fits in this site's store (see ``KeyStore.can_store``)."""
+        return await self.store.can_store(self.config.link_id, bits)
 
     async def is_low(self) -> bool:
         return await self.store.is_low(self.config.link_id)
@@ -287,6 +296,8 @@ class KME:
             await self.store.accept(self.config.link_id, 1 - self.config.own_pool, reservations, master, slaves)
         except ChunksTaken as exc:
             return {"ok": False, "error": str(exc), "code": "taken", "chunk_IDs": exc.chunk_ids}
+        except ChunksUnknown as exc:
+            return {"ok": False, "error": str(exc), "code": "unknown", "chunk_IDs": exc.chunk_ids}
         return {"ok": True}
 
     # -- ETSI GS QKD 014 semantics ---------------------------------------------------------
@@ -416,6 +427,14 @@ class KME:
                 log.warning("dropped %d chunks the peer KME had already used", len(taken))
                 if not last:
                     return None
+            if answer.get("code") == "unknown":
+                if await self._drop_orphans(reservations, answer.get("chunk_IDs", [])) and not last:
+                    return None  # go on with the chunks of other blocks
+                raise KMEError(
+                    503,
+                    "not enough keys available for this request",
+                    [{"reason": "the next key blocks are not stored at the peer KME yet"}],
+                )
             if answer.get("code") == "unknown_slave":
                 raise KMEError(400, "slave SAE ID is not known to the peer KME", [{"slave_SAE_IDs": slaves}])
             raise KMEError(503, "the peer KME refused the reservation", [{"reason": str(answer.get("error"))}])
@@ -424,6 +443,30 @@ class KME:
         except KeyStoreError:
             raise KMEError(503, "key store error during delivery") from None
         return {"keys": [_key_entry(k.key_id, k.key) for k in keys]}
+
+    async def _drop_orphans(self, reservations: Sequence[Reservation], unknown: Any) -> bool:
+        """The peer does not hold the key blocks of these chunks: erase those blocks here too.
+
+        A block stored at this site only (the peer's ``add_block`` failed, or a crash lost it there)
+        would otherwise be reserved first forever (oldest chunks first) and refused by the peer
+        every time. Safe: none of its bits can have left either site (the peer has no such chunks,
+        and this site hands a chunk out only after the peer reserved it). A block stored here less
+        than ``orphan_grace_s`` ago is kept (the peer may be storing it right now). Returns whether
+        anything was dropped. Logs block IDs and counts, never key bytes.
+        """
+        c = self.config
+        ours = {cid for r in reservations for cid in r.chunk_ids}
+        chunks = [str(x) for x in unknown if str(x) in ours] if isinstance(unknown, list) else []
+        try:
+            dropped = await self.store.drop_orphans(c.link_id, chunks, c.orphan_grace_s)
+        except KeyStoreError:
+            raise KMEError(503, "key store error") from None
+        for block_id, n in dropped:
+            log.warning(
+                "KME %s: key block %s is not stored at the peer KME %s; discarded its %d unused chunks here",
+                c.kme_id, block_id, c.peer_kme_id, n,
+            )
+        return bool(dropped)
 
     async def dec_keys(self, slave_sae: str, master_sae: str, key_ids: Sequence[Any]) -> dict[str, Any]:
         """ETSI 014 Get key with key IDs: the slave SAE fetches keys the master SAE took (Key container)."""
