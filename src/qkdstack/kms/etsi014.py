@@ -26,27 +26,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import gc
 import json
 import logging
 import re
 import socket
 import ssl
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import h11
 import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from fastapi import Body, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qkdstack.errors import ConfigError
 from qkdstack.kms.kme import KME, KMEError
@@ -54,15 +61,19 @@ from qkdstack.kms.kme import KME, KMEError
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/keys"
+MAX_SAE_ID_LENGTH = 64
+"""Longest SAE ID: a certificate's common name has at most 64 characters (RFC 5280, ub-common-name)."""
 
 
 @dataclass(frozen=True)
 class TLSFiles:
-    """PEM files of the server: its certificate (chain), its private key, and the site CA that signs SAE certs."""
+    """PEM files of the server: its certificate (chain), its private key, the site CA that signs SAE certs,
+    and optionally the CA's certificate revocation list (PEM or DER; ``[kms] crl`` of the node)."""
 
     cert: Path | str
     key: Path | str
     ca: Path | str
+    crl: Path | str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,8 +95,11 @@ class Status(BaseModel):
     status_extension: dict[str, Any] | None = None
 
 
+# Request bodies are validated strictly: "5" is not a number, 1 is not a key ID (the OpenAPI types say so).
+
+
 class KeyRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     number: int | None = Field(None, description="number of keys (default 1)")
     size: int | None = Field(None, description="key size in bits, a multiple of 8 (default key_size)")
     additional_slave_SAE_IDs: list[str] | None = None
@@ -106,13 +120,19 @@ class KeyContainer(BaseModel):
 
 
 class KeyIDEntry(BaseModel):
+    model_config = ConfigDict(strict=True)
     key_ID: str
     key_ID_extension: dict[str, Any] | None = None
 
 
 class KeyIDs(BaseModel):
+    model_config = ConfigDict(strict=True)
     key_IDs: list[KeyIDEntry]
     key_IDs_extension: dict[str, Any] | None = None
+
+
+SaeId = Annotated[str, PathParam(min_length=1, max_length=MAX_SAE_ID_LENGTH)]
+"""An SAE ID in a request path."""
 
 
 class Error(BaseModel):
@@ -125,6 +145,156 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Error, "description": "Unauthorized"},
     503: {"model": Error, "description": "Error on server side"},
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Request size limits, enforced in the HTTP protocol layer (before any body reaches the app).
+
+MAX_URL_BYTES = 8 * 1024
+"""Longest request target (path and query) accepted; ETSI 014 URLs are a few hundred bytes at most."""
+MAX_HEADER_BYTES = 16 * 1024
+"""Most bytes of request header fields accepted (each field counted as name + value + 4 for ': ' and CRLF)."""
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body accepted: a Key IDs body with 128 key IDs and their extensions fits easily."""
+_MAX_HEAD_BYTES = MAX_URL_BYTES + MAX_HEADER_BYTES + 1024  # + method, version, line ends
+LINGER_IDLE_S = 1.0
+"""After refusing a request the server reads and drops what the client still sends for up to this long
+without data (or :data:`LINGER_MAX_S` in all), then closes: closing at once with unread data would make
+the kernel reset the connection, and the client could lose the 400 answer (the reason for nginx's
+lingering close)."""
+LINGER_MAX_S = 10.0
+
+
+def _error_response_bytes(status: int, message: str, details: list[dict[str, Any]]) -> bytes:
+    """A complete HTTP/1.1 answer with the ETSI 014 Error body, closing the connection."""
+    body = json.dumps({"message": message, "details": details}, separators=(",", ":")).encode("ascii")
+    phrase = {400: b"Bad Request"}.get(status, b"Error")
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % (status, phrase, len(body))
+        + body
+    )
+
+
+class _Refuse(Exception):
+    """Raised inside a parser callback to stop parsing a request that breaks a limit."""
+
+
+class _LimitsMixin:
+    """Request size limits and JSON error answers for uvicorn's HTTP/1.1 protocols (httptools and h11).
+
+    Why here and not in the ASGI app: uvicorn buffers the request line and headers before the app
+    sees the request, and a body the app answers early is still read. The protocol sees every
+    byte as it arrives, so an oversized request is refused after at most one TCP read past the limit:
+    the server never holds more than about ``limit + 256 KiB`` of one request. The answer is 400 with
+    the ETSI 014 Error body, also for requests the HTTP parser refuses (uvicorn's default is a
+    ``text/plain`` 400); then the connection is closed after a lingering drain (see :data:`LINGER_IDLE_S`).
+    """
+
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    flow: Any
+    cycle: Any
+
+    def _limits_init(self) -> None:
+        self._refused = False
+        self._refusal: tuple[str, list[dict[str, Any]]] | None = None
+        self._head_open = True
+        self._head_bytes = 0
+        self._url_bytes = 0
+        self._header_bytes = 0
+        self._body_bytes = 0
+        self._linger_idle: asyncio.TimerHandle | None = None
+        self._linger_max: asyncio.TimerHandle | None = None
+
+    def _new_request(self) -> None:
+        self._head_open = True
+        self._head_bytes = self._url_bytes = self._header_bytes = self._body_bytes = 0
+
+    def _over(self, what: str) -> _Refuse:
+        """Record which limit the request broke; the caller raises the returned exception."""
+        limits = {
+            "url": ("request URL too long", "max_url_bytes", MAX_URL_BYTES),
+            "headers": ("request headers too large", "max_header_bytes", MAX_HEADER_BYTES),
+            "body": ("request body too large", "max_body_bytes", MAX_BODY_BYTES),
+        }
+        message, name, limit = limits[what]
+        self._refusal = (message, [{name: limit}])
+        return _Refuse(message)
+
+    def _count_url(self, n: int) -> None:
+        self._url_bytes += n
+        if self._url_bytes > MAX_URL_BYTES:
+            raise self._over("url")
+
+    def _count_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise self._over("headers")
+
+    def _check_content_length(self, headers: list[tuple[bytes, bytes]]) -> None:
+        for name, value in headers:
+            if name.lower() == b"content-length" and value.strip().isdigit() and int(value) > MAX_BODY_BYTES:
+                raise self._over("body")
+
+    def _count_body(self, n: int) -> None:
+        self._body_bytes += n
+        if self._body_bytes > MAX_BODY_BYTES:
+            raise self._over("body")
+
+    def _feed_head(self, n: int) -> None:
+        """Count bytes received while the request head is incomplete (a parser may buffer them)."""
+        if self._head_open:
+            self._head_bytes += n
+
+    def _head_too_long(self) -> bool:
+        return self._head_open and self._head_bytes > _MAX_HEAD_BYTES
+
+    def send_400_response(self, msg: str) -> None:  # uvicorn calls this when its parser refuses a request
+        message, details = self._refusal or ("invalid HTTP request", [{"reason": msg}])
+        self._refuse(message, details)
+
+    def _refuse(self, message: str, details: list[dict[str, Any]]) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        cycle = self.cycle
+        started = cycle is not None and cycle.response_started and not cycle.response_complete
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's receive() gets http.disconnect; its answer is dropped
+            cycle.message_event.set()
+        if self.transport.is_closing():
+            return
+        if started:  # half an answer to an earlier request is on the wire: nothing sensible can follow
+            self.transport.close()
+            return
+        self.transport.write(_error_response_bytes(400, message, details))
+        self.flow.resume_reading()
+        self._linger_max = self.loop.call_later(LINGER_MAX_S, self._linger_close)
+        self._linger_idle = self.loop.call_later(LINGER_IDLE_S, self._linger_close)
+
+    def _linger_close(self) -> None:
+        for handle in (self._linger_idle, self._linger_max):
+            if handle is not None:
+                handle.cancel()
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _drained(self) -> None:
+        """Data after a refusal: dropped unread, and the idle timer starts again."""
+        if self._linger_idle is not None:
+            self._linger_idle.cancel()
+            self._linger_idle = self.loop.call_later(LINGER_IDLE_S, self._linger_close)
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            self._linger_close()
+        return None
+
+    def _limits_lost(self) -> None:
+        for handle in (self._linger_idle, self._linger_max):
+            if handle is not None:
+                handle.cancel()
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,26 +334,110 @@ def _client_cert_app(transport: asyncio.Transport, inner: Any) -> Any:
     return app
 
 
-class MTLSH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, adding the verified client certificate to each request's scope."""
+class MTLSH11Protocol(_LimitsMixin, H11Protocol):
+    """uvicorn's h11 protocol with the verified client certificate in each request's scope, and size limits.
+
+    The fallback when httptools is not installed. h11's own limit on an incomplete request head is
+    set above :data:`_MAX_HEAD_BYTES` (see :func:`serve_etsi014`) so that these checks answer first.
+    """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._limits_init()
+        super().connection_made(transport)
+        self.app = _client_cert_app(transport, self.app)
+        next_event = self.conn.next_event
+
+        def checked_next_event() -> Any:
+            event = next_event()
+            try:
+                if isinstance(event, h11.Request):
+                    self._head_open = False
+                    self._count_url(len(event.target))
+                    for name, value in event.headers.raw_items():
+                        self._count_header(name, value)
+                    self._check_content_length(list(event.headers.raw_items()))
+                elif isinstance(event, h11.Data):
+                    self._count_body(len(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    self._new_request()
+            except _Refuse as exc:
+                raise h11.RemoteProtocolError(str(exc)) from None
+            return event
+
+        self.conn.next_event = checked_next_event  # type: ignore[method-assign]
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return self._drained()
+        self._feed_head(len(data))
+        super().data_received(data)
+        if not self._refused and self._head_too_long():
+            # h11 holds the whole head until it is complete: no line end yet means the request line is the culprit
+            buffered = self.conn.trailing_data[0]
+            self._over("headers" if b"\r\n" in buffered[:_MAX_HEAD_BYTES] else "url")
+            self.send_400_response("")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._limits_lost()
+        super().connection_lost(exc)
+
+
+class MTLSHttpToolsProtocol(_LimitsMixin, HttpToolsProtocol):
+    """uvicorn's httptools protocol with the verified client certificate in each request's scope, and size limits.
+
+    httptools reports the URL in pieces as they arrive (counted at once) but keeps a header field
+    to itself until it is complete, so :meth:`data_received` also counts every byte received while
+    the head is incomplete and refuses past :data:`_MAX_HEAD_BYTES`.
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._limits_init()
         super().connection_made(transport)
         self.app = _client_cert_app(transport, self.app)
 
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return self._drained()
+        self._feed_head(len(data))
+        super().data_received(data)  # a callback's _Refuse comes back through send_400_response
+        if not self._refused and self._head_too_long():
+            self._over("headers")
+            self.send_400_response("")
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._limits_lost()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._refusal = None
+
+    def on_url(self, url: bytes) -> None:
+        self._count_url(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header(name, value)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._check_content_length(self.headers)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._count_body(len(body))
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._new_request()
+
 
 def http_protocol_class() -> type:
-    """The fastest available uvicorn HTTP/1.1 protocol (httptools if installed, else h11), with mTLS identity."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:
-        return MTLSH11Protocol
-
-    class MTLSHttpToolsProtocol(HttpToolsProtocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self.app = _client_cert_app(transport, self.app)
-
+    """The uvicorn HTTP/1.1 protocol the server uses: httptools (a dependency), with mTLS identity and limits."""
     return MTLSHttpToolsProtocol
 
 
@@ -210,6 +464,80 @@ def caller_sae_id(request: Request) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _allowed_methods(app: FastAPI, scope: dict) -> str:
+    """The methods of every route whose path matches ``scope`` (for the ``Allow`` header of a 405)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE and isinstance(route, APIRoute):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
+def _int_schema(minimum: int, maximum: int, description: str, *, multiple_of: int | None = None) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "integer", "minimum": minimum, "maximum": maximum, "description": description}
+    if multiple_of:
+        schema["multipleOf"] = multiple_of
+    return schema
+
+
+def _declare_limits(spec: dict[str, Any], kme: KME) -> dict[str, Any]:
+    """Make the generated OpenAPI description say what the server enforces, and nothing else.
+
+    FastAPI lists a 422 for every operation with parameters, which this server never sends (it
+    answers 400, ETSI 014 section 5), and describes ``number``, ``size``, SAE IDs and key IDs as
+    unbounded. This replaces those with the limits the KME and this module check: ``number`` in
+    1..max_key_per_request, ``size`` a multiple of 8 in min_key_size..max_key_size, SAE IDs of at most
+    :data:`MAX_SAE_ID_LENGTH` characters, key IDs as UUIDs (``key_ID`` required by GET dec_keys), at
+    most max_SAE_ID_count additional slaves, no ``extension_mandatory`` (none is supported, so a
+    non-empty list is refused), and the request size limits (``x-qkdstack-request-limits``).
+    """
+    c = kme.config
+    number = _int_schema(1, c.max_key_per_request, "number of keys (default 1)")
+    size = _int_schema(c.min_key_size, c.max_key_size, f"key size in bits (default {c.key_size})", multiple_of=8)
+    sae_id = {"type": "string", "minLength": 1, "maxLength": MAX_SAE_ID_LENGTH}
+    uuid_schema = {"type": "string", "format": "uuid", "description": "key ID (UUID)"}
+    limits = {"max_url_bytes": MAX_URL_BYTES, "max_header_bytes": MAX_HEADER_BYTES, "max_body_bytes": MAX_BODY_BYTES}
+    spec["x-qkdstack-request-limits"] = limits
+    spec["info"]["description"] += (
+        f" Requests are limited to a URL of {MAX_URL_BYTES} bytes, header fields of {MAX_HEADER_BYTES} bytes in"
+        f" all and a body of {MAX_BODY_BYTES} bytes; a larger request gets 400 with the Error body."
+    )
+    for item in spec["paths"].values():
+        for op in item.values():
+            op["responses"].pop("422", None)
+            for param in op.get("parameters", []):
+                name = param["name"]
+                if param["in"] == "path":
+                    param["schema"] = {**sae_id, "title": name}
+                elif name == "number":
+                    param["schema"] = number
+                elif name == "size":
+                    param["schema"] = size
+                elif name == "key_ID":
+                    param["required"] = True
+                    param["schema"] = uuid_schema
+    schemas = spec["components"]["schemas"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    props = schemas["KeyRequest"]["properties"]
+    props["number"] = {"anyOf": [number, {"type": "null"}]}
+    props["size"] = {"anyOf": [size, {"type": "null"}]}
+    props["additional_slave_SAE_IDs"] = {
+        "anyOf": [
+            {"type": "array", "items": sae_id, "maxItems": c.max_SAE_ID_count, "uniqueItems": True},
+            {"type": "null"},
+        ]
+    }
+    props["extension_mandatory"] = {
+        "anyOf": [{"type": "array", "items": {"type": "object"}, "maxItems": 0}, {"type": "null"}],
+        "description": "no extension is supported: a non-empty list is refused with 400",
+    }
+    schemas["KeyIDs"]["properties"]["key_IDs"].update(minItems=1, maxItems=c.max_key_per_request)
+    schemas["KeyIDEntry"]["properties"]["key_ID"] = uuid_schema
+    return spec
+
+
 def create_app(kme: KME) -> FastAPI:
     """The ETSI GS QKD 014 application serving ``kme``."""
     app = FastAPI(
@@ -217,6 +545,14 @@ def create_app(kme: KME) -> FastAPI:
         version="1.1.1",
         description="Key delivery to SAEs. The SAE ID of a caller is the subject CN of its TLS client certificate.",
     )
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _declare_limits(plain_openapi(), kme)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(KMEError)
     async def _kme_error(_request: Request, exc: KMEError) -> JSONResponse:
@@ -235,8 +571,11 @@ def create_app(kme: KME) -> FastAPI:
         return _error(400, "bad request format", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = _error(exc.status_code, str(exc.detail))
+        if exc.status_code == 405:  # RFC 9110 section 15.5.6: a 405 lists the methods the resource supports
+            response.headers["Allow"] = _allowed_methods(app, request.scope)
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
@@ -244,7 +583,7 @@ def create_app(kme: KME) -> FastAPI:
         return _error(503, "internal error of the KME")
 
     @app.get(f"{API_PREFIX}/{{slave_SAE_ID}}/status", response_model=Status, responses=ERRORS, tags=["ETSI 014"])
-    async def get_status(slave_SAE_ID: str, request: Request) -> JSONResponse:
+    async def get_status(slave_SAE_ID: SaeId, request: Request) -> JSONResponse:
         """Status of the keys shared with ``slave_SAE_ID`` (called by the master SAE)."""
         sae = caller_sae_id(request)
         return JSONResponse(await kme.status(sae, slave_SAE_ID))
@@ -253,7 +592,7 @@ def create_app(kme: KME) -> FastAPI:
         f"{API_PREFIX}/{{slave_SAE_ID}}/enc_keys", response_model=KeyContainer, responses=ERRORS, tags=["ETSI 014"]
     )
     async def get_enc_keys(
-        slave_SAE_ID: str,
+        slave_SAE_ID: SaeId,
         request: Request,
         number: int | None = Query(None, description="number of keys (default 1)"),
         size: int | None = Query(None, description="key size in bits (default key_size)"),
@@ -266,7 +605,7 @@ def create_app(kme: KME) -> FastAPI:
         f"{API_PREFIX}/{{slave_SAE_ID}}/enc_keys", response_model=KeyContainer, responses=ERRORS, tags=["ETSI 014"]
     )
     async def post_enc_keys(
-        slave_SAE_ID: str, request: Request, body: Annotated[KeyRequest | None, Body()] = None
+        slave_SAE_ID: SaeId, request: Request, body: Annotated[KeyRequest | None, Body()] = None
     ) -> JSONResponse:
         """Get key with a Key request body (an empty body means the defaults)."""
         sae = caller_sae_id(request)
@@ -287,16 +626,16 @@ def create_app(kme: KME) -> FastAPI:
         f"{API_PREFIX}/{{master_SAE_ID}}/dec_keys", response_model=KeyContainer, responses=ERRORS, tags=["ETSI 014"]
     )
     async def get_dec_keys(
-        master_SAE_ID: str, request: Request, key_ID: str | None = Query(None, description="key ID (UUID)")
+        master_SAE_ID: SaeId, request: Request, key_ID: str = Query(description="key ID (UUID)")
     ) -> JSONResponse:
         """Get key with key IDs: the slave SAE fetches one key the master SAE took."""
         sae = caller_sae_id(request)
-        return JSONResponse(await kme.dec_keys(sae, master_SAE_ID, [key_ID] if key_ID is not None else []))
+        return JSONResponse(await kme.dec_keys(sae, master_SAE_ID, [key_ID]))
 
     @app.post(
         f"{API_PREFIX}/{{master_SAE_ID}}/dec_keys", response_model=KeyContainer, responses=ERRORS, tags=["ETSI 014"]
     )
-    async def post_dec_keys(master_SAE_ID: str, body: Annotated[KeyIDs, Body()], request: Request) -> JSONResponse:
+    async def post_dec_keys(master_SAE_ID: SaeId, body: Annotated[KeyIDs, Body()], request: Request) -> JSONResponse:
         """Get key with key IDs (Key IDs body)."""
         sae = caller_sae_id(request)
         return JSONResponse(await kme.dec_keys(sae, master_SAE_ID, [k.key_ID for k in body.key_IDs]))
@@ -307,7 +646,7 @@ def create_app(kme: KME) -> FastAPI:
 # --------------------------------------------------------------------------------------------
 # Hot path: GET enc_keys without the framework.
 
-_ENC_KEYS_PATH = re.compile(r"/api/v1/keys/([^/]+)/enc_keys")
+_ENC_KEYS_PATH = re.compile(r"/api/v1/keys/([^/]{1,64})/enc_keys")  # longer SAE IDs: FastAPI refuses
 _QUERY_INT = re.compile(rb"-?[0-9]{1,40}")
 
 
@@ -371,16 +710,66 @@ class EncKeysFastPath:
 # --------------------------------------------------------------------------------------------
 
 
+def _load_crls(path: Path | str, ca_path: Path | str) -> bytes:
+    """The CRLs of ``path`` (PEM, several allowed, or one DER) as PEM, each checked against the site CA.
+
+    A CRL that no CA of the ``ca`` file signed would make OpenSSL refuse every client of that CA
+    ("CRL signature failure"), and an expired one every client ("CRL has expired"): both are
+    configuration errors found here rather than as refused handshakes.
+    """
+    where = f"[kms] crl ({path})"
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{where} does not exist or is not a file")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    try:
+        crls = x509.load_pem_x509_crls(data) if b"-----BEGIN X509 CRL-----" in data else [x509.load_der_x509_crl(data)]
+    except ValueError:
+        crls = []
+    if not crls:
+        raise ConfigError(f"{where} holds no certificate revocation list (PEM or DER)")
+    try:
+        cas = x509.load_pem_x509_certificates(Path(ca_path).read_bytes())
+    except (OSError, ValueError):
+        cas = []
+    now = datetime.datetime.now(datetime.UTC)
+    for crl in crls:
+        issuers = [ca for ca in cas if ca.subject == crl.issuer]
+        if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
+            raise ConfigError(f"{where} is not signed by a CA of [kms] ca_cert (issuer {crl.issuer.rfc4514_string()})")
+        if crl.next_update_utc is not None and crl.next_update_utc < now:
+            raise ConfigError(f"{where} has expired (next update was due {crl.next_update_utc:%Y-%m-%d %H:%M} UTC)")
+    return b"".join(crl.public_bytes(Encoding.PEM) for crl in crls)
+
+
 def server_ssl_context(tls: TLSFiles) -> ssl.SSLContext:
-    """TLS >= 1.2 server context that requires a client certificate signed by the site CA."""
+    """TLS >= 1.2 server context that requires a client certificate signed by the site CA.
+
+    With ``tls.crl`` the SAE's certificate is also checked against the CA's revocation list
+    (``VERIFY_CRL_CHECK_LEAF``): a revoked SAE fails the TLS handshake (alert ``certificate_revoked``)
+    and never reaches the application. The CRL is read once, here; a new CRL takes effect on restart.
+    With the check on, OpenSSL also refuses SAEs whose issuing CA has no CRL in the file, and every
+    SAE once the CRL is past its next-update time (fail closed).
+    """
     for name in ("cert", "key", "ca"):
         if not Path(getattr(tls, name)).is_file():
             raise ConfigError(f"TLS file {name} ({getattr(tls, name)}) does not exist")
+    crl_pem = _load_crls(tls.crl, tls.ca) if tls.crl else None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
     ctx.load_verify_locations(str(tls.ca))
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if crl_pem is not None:
+        # The ssl module loads CRLs only from a PEM file (cadata takes certificates only).
+        with tempfile.NamedTemporaryFile(suffix=".pem") as fh:
+            fh.write(crl_pem)
+            fh.flush()
+            ctx.load_verify_locations(fh.name)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     return ctx
 
 
@@ -417,19 +806,28 @@ class RunningServer:
 
 @contextlib.asynccontextmanager
 async def serve_etsi014(
-    kme: KME, host: str, port: int, tls: TLSFiles, *, log_level: str = "warning"
+    kme: KME,
+    host: str,
+    port: int,
+    tls: TLSFiles,
+    *,
+    log_level: str = "warning",
+    http_protocol: type | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Run the ETSI 014 server in the current event loop for the duration of the ``async with``.
 
     ``port=0`` picks a free port (see the yielded ``RunningServer.port``). On exit the server stops
-    accepting, lets requests in flight finish (graceful shutdown) and closes.
+    accepting, lets requests in flight finish (graceful shutdown) and closes. ``http_protocol``
+    chooses uvicorn's HTTP implementation (default :func:`http_protocol_class`; tests also run
+    :class:`MTLSH11Protocol`).
     """
     ctx = server_ssl_context(tls)
     config = uvicorn.Config(
         EncKeysFastPath(kme, create_app(kme)),
         host=host,
         port=port,
-        http=http_protocol_class(),
+        http=http_protocol or http_protocol_class(),
+        h11_max_incomplete_event_size=_MAX_HEAD_BYTES + 256 * 1024,  # our limits answer first (h11 only)
         ssl_certfile=str(tls.cert),
         ssl_keyfile=str(tls.key),
         ssl_context_factory=lambda _config, _default: ctx,
