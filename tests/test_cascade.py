@@ -1,4 +1,4 @@
-"""Cascade: corrects errors, counts every disclosed parity, keeps Alice's key, rejects bad input."""
+"""Cascade: corrects errors, counts every disclosed bit both ways, keeps Alice's key, rejects bad input."""
 
 from __future__ import annotations
 
@@ -58,33 +58,76 @@ def test_corrects_all_errors(n, qber, schedule, seed):
     if schedule != "original" or (n >= 2000 and qber <= 0.05):
         assert residual == 0, f"{residual} of {errors} errors left (n={n}, qber={qber}, {schedule})"
     assert rb.leaked_bits == ra.leaked_bits == cb.stats.disclosed_bits("cascade")
+    assert rb.decision_bits == ra.decision_bits == rb.parity_bits == ra.parity_bits == rb.leaked_bits // 2
 
 
 @pytest.mark.parametrize("schedule", ["original", "optimized", "batched"])
-async def test_leakage_is_exactly_the_parities_sent(schedule):
+async def test_leakage_is_alice_parities_plus_one_decision_bit_of_bob_each(schedule):
+    """Both directions count: Alice's parities, and one disclosed decision bit of Bob per parity."""
     a, b = _frame(20000, 0.03, 7)
     log: list[tuple[str, bytes]] = []
     ra, rb, ca, cb = await _run(a, b, 0.03, schedule, log=log)
     assert np.array_equal(rb.key, a)
     from qkdstack.transport.codec import decode_message
 
-    sent_by_alice = 0
+    sent_by_alice = sent_by_bob = 0
+    last_answer = None
     for direction, frame in log:
         kind, fields, disclosed = decode_message(frame)
         assert kind.startswith("cascade.")
-        if direction == SENT:  # Bob's frames: public descriptors only, never key bits
-            assert disclosed is None
-            assert kind in ("cascade.ask", "cascade.done")
+        if direction == SENT:  # Bob's frames: range descriptors in public, decision bits disclosed
+            assert kind in ("cascade.ask", "cascade.done") and set(fields) <= {"q", "passes"}
+            assert disclosed is not None
+            if last_answer is not None:  # the decisions on every parity of the previous answer, at least
+                assert len(disclosed) >= last_answer
+            sent_by_bob += len(disclosed)
         else:
             assert direction == RECEIVED and kind in ("cascade.start", "cascade.parities")
             # Alice's public fields are protocol parameters only; key-dependent bits are all disclosed
             assert set(fields) <= {"seed", "n", "block_sizes", "schedule"}
             sent_by_alice += len(disclosed)
-    assert sent_by_alice == rb.leaked_bits == ra.leaked_bits
+            last_answer = len(disclosed) if kind == "cascade.parities" else None
+    assert sent_by_alice == sent_by_bob == ra.parity_bits == rb.parity_bits == ra.decision_bits == rb.decision_bits
+    assert rb.leaked_bits == ra.leaked_bits == sent_by_alice + sent_by_bob
     assert ca.stats.disclosed_bits("cascade") == cb.stats.disclosed_bits("cascade") == rb.leaked_bits
-    assert ca.stats.counters[("cascade", SENT)].disclosed_bits == rb.leaked_bits
-    assert cb.stats.counters[("cascade", SENT)].disclosed_bits == 0
+    assert ca.stats.counters[("cascade", SENT)].disclosed_bits == sent_by_alice
+    assert cb.stats.counters[("cascade", SENT)].disclosed_bits == sent_by_bob
     assert rb.round_trips == ra.round_trips == cb.stats.messages("cascade", SENT)
+
+
+async def test_first_decision_bits_are_the_pass1_block_disagreements():
+    """Oracle: Bob's first decision bits are Alice's pass-1 parity XOR his own, i.e. the parity of a ⊕ b per block."""
+    from qkdstack.transport.codec import decode_message
+
+    a, b = _frame(20000, 0.03, 4)
+    log: list[tuple[str, bytes]] = []
+    await _run(a, b, 0.03, "batched", seed=4, log=log)
+    k1 = block_sizes("batched", 0.03, a.size)[0]
+    diff = a ^ b
+    expected = np.array([int(diff[s : s + k1].sum()) & 1 for s in range(0, a.size, k1)], np.uint8)
+    first_ask = next(decode_message(f) for d, f in log if d == SENT)
+    assert first_ask[0] == "cascade.ask"
+    assert np.array_equal(first_ask[2].to_bits()[: expected.size], expected)
+    assert expected.any()  # the frame has odd blocks, so the check is not vacuous
+
+
+async def test_alice_refuses_a_wrong_number_of_decision_bits():
+    from qkdstack.bits import BitArray
+
+    a, _ = _frame(1000, 0.02, 2)
+    for bits in (0, 1):  # far too few at the end; then more than she disclosed
+        ca, cb = channel_pair(timeout=5)
+        task = asyncio.create_task(cascade.alice(ca, a, 0.02))
+        start = await cb.recv(expect="cascade.start")
+        n = len(start.disclosed)
+        if bits == 0:
+            await cb.send("cascade.done", disclosed=BitArray.zeros(n - 1), passes=14)
+            with pytest.raises(ProtocolAbort, match="decision bits"):
+                await task
+        else:
+            await cb.send("cascade.ask", disclosed=BitArray.zeros(n + 1), q=np.array([[0, 0, 2]], np.int32))
+            with pytest.raises(ProtocolAbort, match="more decision bits"):
+                await task
 
 
 async def test_answers_are_alice_parities_of_the_asked_ranges():
@@ -129,13 +172,20 @@ async def test_permutations_agree_and_are_bijections():
 
 
 async def test_identical_keys_need_no_search():
+    from qkdstack.transport.codec import decode_message
+
     a, _ = _frame(10000, 0.0, 1)
-    _ra, rb, _, _ = await _run(a, a.copy(), 0.02)
+    log: list[tuple[str, bytes]] = []
+    _ra, rb, _, _ = await _run(a, a.copy(), 0.02, log=log)
     assert rb.errors_corrected == 0 and np.array_equal(rb.key, a)
+    # every decision bit says "agree": Bob's parities equal Alice's everywhere
+    (done,) = [decode_message(f) for d, f in log if d == SENT]
+    assert done[0] == "cascade.done" and done[2].popcount() == 0
     assert rb.round_trips == 1  # only the closing message: no parity question at all
     sizes = block_sizes("optimized", 0.02, a.size)
     nblocks = [-(-a.size // k) for k in sizes]
-    assert rb.leaked_bits == nblocks[0] + sum(nb - 1 for nb in nblocks[1:])
+    tops = nblocks[0] + sum(nb - 1 for nb in nblocks[1:])
+    assert rb.parity_bits == rb.decision_bits == tops and rb.leaked_bits == 2 * tops
 
 
 def test_schedules_are_data():
@@ -352,7 +402,8 @@ async def test_early_pass_activation_corrects_and_counts_every_parity():
             assert np.array_equal(disclosed.to_bits(), expected)
             sent += len(disclosed)
             late += int(np.count_nonzero(passes >= 3))
-        assert sent == rb.leaked_bits == ra.leaked_bits == cb.stats.disclosed_bits("cascade")
+        assert sent == rb.parity_bits == ra.parity_bits == rb.decision_bits
+        assert 2 * sent == rb.leaked_bits == ra.leaked_bits == cb.stats.disclosed_bits("cascade")
         assert late > 0  # the mask-shuffle passes did search
 
 

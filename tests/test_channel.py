@@ -22,6 +22,11 @@ async def test_message_roundtrip_and_counters():
     assert np.array_equal(msg["blocks"], idx) and msg["blocks"].dtype == np.uint64
     assert msg["nested"] == {"a": [1, 2.5, None]}
     assert alice.stats.disclosed_bits("cascade") == 5 == bob.stats.disclosed_bits("cascade")
+    await bob.send("cascade.ask", disclosed=BitArray.from_bits([1, 1, 0]))
+    await alice.recv(expect="cascade.ask")
+    assert alice.stats.disclosed_bits("cascade", SENT) == 5 == bob.stats.disclosed_bits("cascade", RECEIVED)
+    assert alice.stats.disclosed_bits("cascade", RECEIVED) == 3 == bob.stats.disclosed_bits("cascade", SENT)
+    assert alice.stats.disclosed_bits("cascade") == 8 == bob.stats.disclosed_bits("cascade")
     assert alice.stats.counters[("cascade", SENT)].wire_bytes == bob.stats.counters[("cascade", RECEIVED)].wire_bytes
 
 

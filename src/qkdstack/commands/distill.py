@@ -4,9 +4,10 @@ Each round simulates one frame of the device (same flags as ``qkdstack simulate`
 runs the whole post-processing over an in-memory channel: sifting, parameter
 estimation, Cascade, verification and privacy amplification. It prints what an operator
 checks: sifted bits, QBER in both bases, the Cascade efficiency
-f = leak_EC / (n·h(QBER)) and its round trips, the verification result, the final key
-length with ε_sec and ε_cor, the secret key rate (bit/pulse and bit/s at the source's
-repetition rate) and the time per stage.
+f = (Alice's parities) / (n·h(QBER)) — the usual figure, comparable with the literature —
+and its round trips, the leakage λ subtracted (every disclosed bit, both directions), the
+verification result, the final key length with ε_sec and ε_cor, the secret key rate
+(bit/pulse and bit/s at the source's repetition rate) and the time per stage.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _round_report(outcome: KeyBlock | Abort, pulses: int, rep_rate: float, wall_
     n_key = int(sum(meta["counts"]["key_counts"]))
     n_test = int(sum(meta["counts"]["test_counts"]))
     h = binary_entropy(outcome.qber_key) if outcome.qber_key > 0 else 0.0
-    leak_ec = outcome.leakage_bits["cascade"]
+    leak_ec = outcome.leakage_accounting["stages"]["cascade"]["alice_to_bob"]  # Alice's parities: the usual f
     return {
         "block_id": outcome.block_id,
         "aborted": False,
@@ -71,6 +72,7 @@ def _round_report(outcome: KeyBlock | Abort, pulses: int, rep_rate: float, wall_
         "cascade_efficiency": leak_ec / (n_key * h) if h > 0 else None,
         "cascade_round_trips": meta["stats"]["cascade_round_trips"],
         "leakage_bits": outcome.leakage_bits,
+        "leakage_accounting": outcome.leakage_accounting,
         "verification": "passed",
         "key_bits": outcome.length,
         "eps_sec": outcome.eps_sec,

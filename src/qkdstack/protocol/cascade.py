@@ -14,6 +14,7 @@ with high probability. Roles and messages (all kinds start with ``"cascade."``):
    current range of every open search; Alice answers with the parities of those ranges
    (disclosed). Bob derives the right half's parity from the parent's, so each level of
    every search costs one disclosed bit and all searches share one round trip per level.
+   Every ask also carries, disclosed, Bob's *decision bits* (see "Leakage" below).
 3. When a search ends on a single bit, Bob flips it. The flip toggles the parity of the
    block holding that bit in every other active pass (the cascade effect); every block
    that becomes odd is searched in the same batched fashion, together with the searches
@@ -22,7 +23,7 @@ with high probability. Roles and messages (all kinds start with ``"cascade."``):
    dropped instead of misled (the block is reopened if it is still odd).
 4. Pass i+1 starts, without any extra message, when no search of passes ≤ i is open (in
    long frames, with ``batched``, already when only a few are: see :class:`CascadeSchedule`).
-5. ``cascade.done`` (Bob → Alice) ends the stage.
+5. ``cascade.done`` (Bob → Alice) ends the stage; it carries the last decision bits.
 
 Both parties keep the key packed, and for every shuffled pass the key packed in that pass's
 order (:mod:`qkdstack.protocol.cascade_kernels`), so every parity is a few word XORs and a
@@ -33,10 +34,39 @@ ranges along it) of the last search completed there. When the block is reopened,
 search first walks down that path for free — the parities are already public — and asks
 only below the point where it leaves it.
 
-Leakage is whatever crossed the channel as ``disclosed`` bits: Alice's parities. Bob sends
-only public range descriptors; which ranges he asks about reveals where the *errors* are,
-which (for noise independent of the key) says nothing about Alice's key beyond the parities
-already counted. ``CascadeResult.leaked_bits`` is read from the channel counters.
+Leakage
+-------
+Leakage is whatever crossed the channel as ``disclosed`` bits, in both directions:
+λ_cascade = Alice's parities + Bob's decision bits (Lim et al. 2014 define λ_EC as the bits
+revealed during error correction; against general attacks that is *everything* the error
+correction sent, both ways). Why Bob's side costs at most one bit per parity of Alice:
+
+Let r_1, r_2, … be the ranges (sets of key positions) whose parity Alice disclosed, a_i = ⟨r_i, X⟩
+her parity of range i on her key X, and d_i = ⟨r_i, X ⊕ Y⟩ the disagreement on it with Bob's
+sifted key Y. Bob reads his key *only* through parities ⟨r, Y ⊕ F⟩ of his current key, where F
+(the bits he flipped so far) is fixed by the transcript, and only on ranges r in the GF(2)
+span of the r_i: the top-level blocks (the last block of a pass ≥ 2 is the whole key minus
+the others, the whole key being the sum of the pass-1 blocks), the asked left halves, the
+right halves (parent minus left half), and the recorded search paths re-walked for free.
+Comparing with Alice's parity of r gives ⟨r, X ⊕ Y⟩ ⊕ ⟨r, F⟩, a function of the d_i and of the
+transcript. So every message of Bob is a deterministic function of the public seed, of
+Alice's messages and of the d_i of the parities she disclosed so far: H(Bob's messages |
+Alice's messages) ≤ number of Alice's parities. The usual accounting (Alice's parities only)
+additionally assumes that the d_i — the error pattern — carry no information about X, which
+holds for noise independent of the key but not against an eavesdropper who shapes the errors.
+
+To keep "leakage is measured" literal, Bob *sends* those bits: each ``cascade.ask`` (and the
+final ``cascade.done``) carries, as ``disclosed``, his decision bit ⟨r_i, X ⊕ Y ⊕ F⟩ = Alice's
+parity XOR his own for every parity Alice disclosed since his previous message (the answers
+to his last question, and the top-level parities of every pass he started meanwhile, except
+the implied last block of passes ≥ 2). His questions are then a deterministic function of
+bits that crossed the channel, and the channel counts exactly one Bob bit per Alice parity
+at both ends; Alice checks the totals agree at ``cascade.done``. The extra bits cost
+m/8 bytes next to the 12 bytes per question.
+
+``CascadeResult.parity_bits`` (Alice's parities: the numerator of the usual efficiency f,
+comparable with the literature), ``decision_bits`` (Bob's) and ``leaked_bits`` (their sum, the
+stage's λ) are read from the channel counters.
 """
 
 from __future__ import annotations
@@ -51,7 +81,7 @@ import numpy as np
 from qkdstack.bits import BitArray
 from qkdstack.errors import ConfigError, ProtocolAbort
 from qkdstack.protocol import cascade_kernels as K  # noqa: N812
-from qkdstack.protocol.channel import Channel
+from qkdstack.protocol.channel import RECEIVED, SENT, Channel
 
 __all__ = [
     "MIN_QBER",
@@ -215,7 +245,8 @@ class CascadeResult:
 
     ``key``: Bob's corrected bits, or Alice's unchanged bits (uint8 0/1). ``leaked_bits``:
     disclosed bits that crossed the channel in this run (both directions, from the
-    channel's counters). ``round_trips``: message exchanges (Bob's asks plus the closing
+    channel's counters), split into ``parity_bits`` (Alice's) and ``decision_bits`` (Bob's).
+    ``round_trips``: message exchanges (Bob's asks plus the closing
     done; equals the messages Alice sent). ``errors_corrected``: bits Bob flipped (0 at
     Alice). Cascade cannot tell whether errors remain; the verification stage does.
     """
@@ -226,6 +257,10 @@ class CascadeResult:
     passes: int
     errors_corrected: int
     block_sizes: list[int]
+    parity_bits: int = 0
+    """Alice's disclosed parities (Alice → Bob): the usual Cascade leakage, numerator of f."""
+    decision_bits: int = 0
+    """Bob's disclosed decision bits (Bob → Alice); ``leaked_bits = parity_bits + decision_bits``."""
 
 
 def _check_key(key: np.ndarray) -> np.ndarray:
@@ -301,8 +336,10 @@ def _fill_row(shuf: np.ndarray, params: np.ndarray, j: int) -> None:
         K.tile_words(shuf[int(params[j, K.P_SRC])], params[j], shuf[j])
 
 
-def _snapshot(channel: Channel) -> tuple[int, int]:
-    return channel.stats.disclosed_bits(STAGE), channel.stats.messages(STAGE, "sent")
+def _snapshot(channel: Channel) -> tuple[int, int, int]:
+    """(disclosed bits sent, disclosed bits received, messages sent) in the Cascade stage so far."""
+    stats = channel.stats
+    return stats.disclosed_bits(STAGE, SENT), stats.disclosed_bits(STAGE, RECEIVED), stats.messages(STAGE, SENT)
 
 
 async def alice(
@@ -322,7 +359,7 @@ async def alice(
     sched = get_schedule(schedule)
     n = bits.size
     sizes = sched.block_sizes(qber_estimate, n)
-    leak0, sent0 = _snapshot(channel)
+    snap0 = _snapshot(channel)
     seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else secrets.randbits(63)
     params, mcum = _derive_permutations(seed, n, sched.passes, sizes)
     shuf = _shuffled_rows(K.pack_key(bits), params)
@@ -344,12 +381,18 @@ async def alice(
         schedule=sched.name,
     )
     answered = top_bits.size
+    decided = 0  # Bob's decision bits so far: one per parity disclosed, never more
     while True:
         msg = await channel.recv()
-        if msg.kind == "cascade.done":
-            break
-        if msg.kind != "cascade.ask":
+        if msg.kind not in ("cascade.ask", "cascade.done"):
             raise ProtocolAbort(STAGE, f"unexpected message {msg.kind!r} during Cascade")
+        decided += len(msg.disclosed) if msg.disclosed is not None else 0
+        if decided > answered:
+            raise ProtocolAbort(STAGE, "Bob sent more decision bits than parities were disclosed")
+        if msg.kind == "cascade.done":
+            if decided != answered:
+                raise ProtocolAbort(STAGE, f"Bob sent {decided} decision bits for {answered} disclosed parities")
+            break
         q = msg.fields.get("q")
         if not (isinstance(q, np.ndarray) and q.ndim == 2 and q.shape[1] == 3 and q.dtype.kind in "iu"):
             raise ProtocolAbort(STAGE, "malformed parity question")
@@ -363,14 +406,16 @@ async def alice(
         if not K.answer_questions(shuf, params, mcum, q, out):
             raise ProtocolAbort(STAGE, "parity question outside the key")
         await channel.send("cascade.parities", disclosed=BitArray.adopt(out, m))
-    leak1, sent1 = _snapshot(channel)
+    out_bits, in_bits, round_trips = (b - a for a, b in zip(snap0, _snapshot(channel), strict=True))
     return CascadeResult(
         key=bits.copy(),
-        leaked_bits=leak1 - leak0,
-        round_trips=sent1 - sent0,
+        leaked_bits=out_bits + in_bits,
+        round_trips=round_trips,
         passes=int(msg.fields.get("passes", sched.passes)),
         errors_corrected=0,
         block_sizes=sizes,
+        parity_bits=out_bits,
+        decision_bits=in_bits,
     )
 
 
@@ -418,6 +463,7 @@ class _Bob:
         self.early_round = -1
         self.tail_start = 0
         self.rounds = 0
+        self.decisions: list[np.ndarray] = []  # decision bits (uint8 0/1) not yet sent to Alice
 
     def activate(self) -> None:
         """Start the next pass: Bob's own top-level parities (of his current key) against Alice's."""
@@ -429,6 +475,8 @@ class _Bob:
         mine = np.empty(count, dtype=np.uint8)
         K.top_parities(self.shuf, self.params, self.mcum, j, k, count, mine)
         self.mism[lo:hi] = mine ^ self.alice_top[j]
+        # Decision bits of the parities Alice disclosed for this pass (not the implied last one).
+        self.decisions.append(self.mism[lo : hi if j == 0 else hi - 1].copy())
         self.active += 1
 
     def key(self) -> np.ndarray:
@@ -483,6 +531,22 @@ class _Bob:
         rows = K.build_question(self.p[:m], self.s[:m], self.e[:m], depth, self._depth[:m], self._q)
         return self._q[:rows]
 
+    def decide(self, q: np.ndarray, parities: np.ndarray) -> None:
+        """Record the decision bits of Alice's answers to ``q``: her parity XOR Bob's, per range.
+
+        Bob's own parities come from his current key (no flip happens between a question and
+        its answer), computed like Alice's answers; they are sent with his next message.
+        """
+        mine = np.empty(parities.size, dtype=np.uint8)
+        K.answer_questions(self.shuf, self.params, self.mcum, q, mine)
+        self.decisions.append(np.unpackbits(mine ^ parities, count=q.shape[0]))
+
+    def take_decisions(self) -> BitArray | None:
+        """The decision bits not yet sent, in order, as one bit array (None when there are none)."""
+        bits = np.concatenate(self.decisions) if self.decisions else np.zeros(0, np.uint8)
+        self.decisions = []
+        return BitArray.from_bits(bits) if bits.size else None
+
     def answer(self, parities: np.ndarray) -> None:
         """Descend every search with Alice's parities (packed, MSB first)."""
         m = self.m
@@ -513,7 +577,7 @@ async def bob(
     sched = get_schedule(schedule)
     n = bits.size
     sizes = sched.block_sizes(qber_estimate, n)
-    leak0, sent0 = _snapshot(channel)
+    snap0 = _snapshot(channel)
     start = await channel.recv(expect="cascade.start")
     theirs = [int(x) for x in np.asarray(start["block_sizes"]).tolist()]
     if int(start["n"]) != n:
@@ -549,19 +613,22 @@ async def bob(
         if state.m == 0:
             break
         q = state.question()
-        await channel.send("cascade.ask", q=q)
+        await channel.send("cascade.ask", disclosed=state.take_decisions(), q=q)
         reply = await channel.recv(expect="cascade.parities")
         if reply.disclosed is None or len(reply.disclosed) != q.shape[0]:
             raise ProtocolAbort(STAGE, "cascade.parities carries the wrong number of parities")
+        state.decide(q, reply.disclosed.packed)
         state.answer(reply.disclosed.packed)
         state.rounds += 1
-    await channel.send("cascade.done", passes=state.active)
-    leak1, sent1 = _snapshot(channel)
+    await channel.send("cascade.done", disclosed=state.take_decisions(), passes=state.active)
+    out_bits, in_bits, round_trips = (b - a for a, b in zip(snap0, _snapshot(channel), strict=True))
     return CascadeResult(
         key=state.key(),
-        leaked_bits=leak1 - leak0,
-        round_trips=sent1 - sent0,
+        leaked_bits=out_bits + in_bits,
+        round_trips=round_trips,
         passes=state.active,
         errors_corrected=state.corrected,
         block_sizes=sizes,
+        parity_bits=in_bits,
+        decision_bits=out_bits,
     )

@@ -85,9 +85,15 @@ class ChannelStats:
         c.wire_bytes += wire_bytes
         c.disclosed_bits += disclosed_bits
 
-    def disclosed_bits(self, stage: str) -> int:
-        """Key-dependent bits that crossed in either direction during ``stage``."""
-        return sum(c.disclosed_bits for (s, _), c in self.counters.items() if s == stage)
+    def disclosed_bits(self, stage: str, direction: str | None = None) -> int:
+        """Key-dependent bits that crossed during ``stage``: both directions, or only ``direction``.
+
+        Both ends see the same frames, so one end's ``sent`` count is the other's ``received``
+        count: the round reports leakage per role (Alice → Bob, Bob → Alice) from these.
+        """
+        return sum(
+            c.disclosed_bits for (s, d), c in self.counters.items() if s == stage and direction in (None, d)
+        )
 
     def wire_bytes(self, stage: str | None = None) -> int:
         return sum(c.wire_bytes for (s, _), c in self.counters.items() if stage in (None, s))

@@ -7,10 +7,21 @@
 round's intermediate bits go out of scope and no key is returned.
 
 The secret length is Lim et al., PRA 89, 022307 (2014), Eq. (1), evaluated with the
-*measured* counts and the *measured* leakage: every bit the channel counted as disclosed
-in the Cascade and verification stages. We subtract the verification tag bits as
-measured leakage *and* keep Eq. (1)'s log2(2/ε_cor) term, which is conservative by at most
-a few hundred bits per block.
+*measured* counts and the *measured* leakage λ: every bit the channel counted as disclosed
+in the Cascade and verification stages, in both directions (rule :data:`LEAKAGE_RULE`):
+
+* Alice's Cascade parities (Alice → Bob);
+* Bob's Cascade decision bits, one per parity of Alice (Bob → Alice): his questions reveal
+  how his parities compare with hers, so against general attacks they count too (the
+  argument is in :mod:`qkdstack.protocol.cascade`);
+* the verification tags (Alice → Bob);
+* the key-basis error count, ⌈log2(n + 1)⌉ bits for n sifted key bits (Bob → Alice).
+
+We subtract the verification tag bits as measured leakage *and* keep Eq. (1)'s
+log2(2/ε_cor) term, which is conservative by at most a few hundred bits per block. Each
+block's proof (``KeyBlock.leakage_accounting``) records the rule and these bits per stage
+and direction; both parties read them from their own channel counters of the same frames,
+so they compute the same ℓ.
 
 Round framing: Alice opens with ``round.start`` (a fresh block ID from the OS CSPRNG and
 the protocol parameters, which Bob checks against his own configuration); Bob answers
@@ -30,16 +41,23 @@ from typing import Any
 
 import numpy as np
 
+from qkdstack.bits import BitArray
 from qkdstack.errors import ChannelError, ConfigError, PeerAbort, ProtocolAbort
 from qkdstack.physics.params import SourceParams
 from qkdstack.physics.records import AliceRecord, DetectionRecord, Frame
 from qkdstack.protocol import amplification, cascade, estimation, sifting, verification
-from qkdstack.protocol.channel import Channel, Message, channel_pair
+from qkdstack.protocol.channel import RECEIVED, SENT, Channel, Message, channel_pair
 from qkdstack.protocol.estimation import Estimate, EstimationPolicy
 from qkdstack.protocol.keyblock import Abort, KeyBlock, RoundOutcome
 from qkdstack.theory.finite import lim2014_secret_length
 
 LEAKING_STAGES = ("cascade", "verification")
+
+LEAKAGE_RULE = "all-disclosed-both-directions"
+"""λ = every disclosed bit of the leaking stages, Alice → Bob and Bob → Alice (valid against general attacks)."""
+
+ALICE_TO_BOB = "alice_to_bob"
+BOB_TO_ALICE = "bob_to_alice"
 
 
 @dataclass(frozen=True)
@@ -80,8 +98,24 @@ class _Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _disclosed(channel: Channel) -> dict[str, int]:
-    return {stage: channel.stats.disclosed_bits(stage) for stage in LEAKING_STAGES}
+def _disclosed(channel: Channel, role: str) -> dict[str, dict[str, int]]:
+    """Disclosed bits so far per leaking stage and direction, named by role so both ends agree."""
+    mine, theirs = (ALICE_TO_BOB, BOB_TO_ALICE) if role == "alice" else (BOB_TO_ALICE, ALICE_TO_BOB)
+    stats = channel.stats
+    return {
+        stage: {mine: stats.disclosed_bits(stage, SENT), theirs: stats.disclosed_bits(stage, RECEIVED)}
+        for stage in LEAKING_STAGES
+    }
+
+
+def _accounting(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """The leakage of this round per stage and direction, and the rule that sums it into λ."""
+    stages = {s: {d: after[s][d] - before[s][d] for d in (ALICE_TO_BOB, BOB_TO_ALICE)} for s in LEAKING_STAGES}
+    return {
+        "rule": LEAKAGE_RULE,
+        "stages": stages,
+        "lambda_bits": sum(sum(by_dir.values()) for by_dir in stages.values()),
+    }
 
 
 def _qber_hint(estimate: Estimate, config: RoundConfig) -> float:
@@ -116,14 +150,14 @@ async def recv_fresh(channel: Channel, kind: str, block_id: str | None = None) -
                 raise
 
 
-def _final_length(estimate: Estimate, leakage: dict[str, int], config: RoundConfig):
+def _final_length(estimate: Estimate, leakage: int, config: RoundConfig):
+    """Lim 2014 Eq. (1) with λ = ``leakage``, every disclosed bit of the leaking stages."""
     policy = config.policy
-    result = lim2014_secret_length(estimate.counts, sum(leakage.values()), policy.eps_sec, policy.eps_cor)
+    result = lim2014_secret_length(estimate.counts, leakage, policy.eps_sec, policy.eps_cor)
     if result.length <= 0:
         raise ProtocolAbort(
             "amplification",
-            f"no secret key left: the finite-key length is {result.length} bits after {sum(leakage.values())} "
-            f"disclosed bits",
+            f"no secret key left: the finite-key length is {result.length} bits after {leakage} disclosed bits",
         )
     return result
 
@@ -133,7 +167,7 @@ def _key_block(
     key,
     estimate: Estimate,
     key_errors: int,
-    leakage: dict[str, int],
+    accounting: dict[str, Any],
     finite,
     config: RoundConfig,
     timer: _Timer,
@@ -149,10 +183,11 @@ def _key_block(
         counts=estimate.to_dict(),
         qber_key=key_errors / n_key if n_key else 0.0,
         qber_test=estimate.qber_test,
-        leakage_bits=dict(leakage),
+        leakage_bits={stage: sum(by_dir.values()) for stage, by_dir in accounting["stages"].items()},
         finite_key=finite.to_dict(),
         stage_seconds=dict(timer.seconds),
         stats=stats,
+        leakage_accounting=accounting,
     )
 
 
@@ -165,18 +200,36 @@ def _check_key_qber(errors: int, n_key: int, config: RoundConfig) -> None:
         )
 
 
+def key_error_bits(n_key: int) -> int:
+    """Width of the key-error count for ``n_key`` sifted bits: ⌈log2(n_key + 1)⌉ (at least 1)."""
+    return max(1, int(n_key).bit_length())
+
+
 async def _exchange_key_errors(channel: Channel, role: str, sifted_bits: np.ndarray, corrected: np.ndarray) -> int:
-    """Bob counts the errors Cascade corrected and announces the count (implied by the parities already public)."""
+    """Bob counts the errors Cascade corrected and announces the count as disclosed bits.
+
+    The count depends on the keys, so it travels as ``disclosed`` bits (fixed width
+    :func:`key_error_bits`, MSB first) and the channel counts it as leakage. (The positions
+    Cascade flipped already follow from the Cascade transcript, so this is conservative.)
+    """
+    width = key_error_bits(sifted_bits.size)
     if role == "alice":
-        return int((await channel.recv(expect="verification.key_errors"))["errors"])
+        bits = (await channel.recv(expect="verification.key_errors")).disclosed
+        if bits is None or len(bits) != width:
+            raise ProtocolAbort("verification", f"the key-error count must be {width} disclosed bits")
+        errors = int("".join(map(str, bits.to_bits())), 2)
+        if errors > sifted_bits.size:
+            raise ProtocolAbort("verification", "the key-error count exceeds the key length")
+        return errors
     errors = int(np.count_nonzero(corrected != sifted_bits))
-    await channel.send("verification.key_errors", errors=errors)
+    count = BitArray.from_bits([(errors >> (width - 1 - i)) & 1 for i in range(width)])
+    await channel.send("verification.key_errors", disclosed=count)
     return errors
 
 
 async def _distill(
     channel: Channel, record: AliceRecord | DetectionRecord, config: RoundConfig, role: str, block_id: str,
-    timer: _Timer, before: dict[str, int],
+    timer: _Timer, before: dict[str, dict[str, int]],
 ) -> KeyBlock:
     """The stages of a round for ``role`` ("alice" or "bob"): each stage module's function of that name."""
     policy = config.policy
@@ -191,21 +244,20 @@ async def _distill(
         await getattr(verification, role)(channel, corrected.key, policy.eps_cor)
         key_errors = await _exchange_key_errors(channel, role, sifted.key_bits, corrected.key)
         _check_key_qber(key_errors, sifted.key_bits.size, config)
-    after = _disclosed(channel)
-    leakage = {s: after[s] - before[s] for s in LEAKING_STAGES}
+    accounting = _accounting(before, _disclosed(channel, role))
     with timer.stage("amplification"):
-        finite = _final_length(estimate, leakage, config)
+        finite = _final_length(estimate, accounting["lambda_bits"], config)
         amplified = await getattr(amplification, role)(channel, corrected.key, finite.length)
     stats = {"detections": sifted.detections, "cascade_round_trips": corrected.round_trips,
              "cascade_passes": corrected.passes}
-    return _key_block(block_id, amplified.key, estimate, key_errors, leakage, finite, config, timer, stats)
+    return _key_block(block_id, amplified.key, estimate, key_errors, accounting, finite, config, timer, stats)
 
 
 async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> RoundOutcome:
     """Alice's half of a round: she opens it with a fresh block ID and the public parameters."""
     block_id = str(uuid.uuid4())  # uuid4 draws from os.urandom
     timer = _Timer()
-    before = _disclosed(channel)
+    before = _disclosed(channel, "alice")
 
     async def body() -> KeyBlock:
         await channel.send("round.start", block_id=block_id, parameters=config.public_parameters())
@@ -218,7 +270,7 @@ async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> R
 async def bob(channel: Channel, record: DetectionRecord, config: RoundConfig) -> RoundOutcome:
     """Bob's half of a round: he checks Alice's public parameters against his own configuration."""
     timer = _Timer()
-    before = _disclosed(channel)
+    before = _disclosed(channel, "bob")
     start = await recv_fresh(channel, "round.start")
     block_id = str(start["block_id"])
 
