@@ -463,7 +463,7 @@ class _Bob:
         self.early_round = -1
         self.tail_start = 0
         self.rounds = 0
-        self.decisions: list[np.ndarray] = []  # decision bits (uint8 0/1) not yet sent to Alice
+        self.decisions: list[BitArray] = []  # decision bits not yet sent to Alice, in order
 
     def activate(self) -> None:
         """Start the next pass: Bob's own top-level parities (of his current key) against Alice's."""
@@ -476,7 +476,7 @@ class _Bob:
         K.top_parities(self.shuf, self.params, self.mcum, j, k, count, mine)
         self.mism[lo:hi] = mine ^ self.alice_top[j]
         # Decision bits of the parities Alice disclosed for this pass (not the implied last one).
-        self.decisions.append(self.mism[lo : hi if j == 0 else hi - 1].copy())
+        self.decisions.append(BitArray.from_bits(self.mism[lo : hi if j == 0 else hi - 1]))
         self.active += 1
 
     def key(self) -> np.ndarray:
@@ -539,12 +539,15 @@ class _Bob:
         """
         mine = np.empty(parities.size, dtype=np.uint8)
         K.answer_questions(self.shuf, self.params, self.mcum, q, mine)
-        self.decisions.append(np.unpackbits(mine ^ parities, count=q.shape[0]))
+        np.bitwise_xor(mine, parities, out=mine)
+        self.decisions.append(BitArray.adopt(mine, q.shape[0]))
 
     def take_decisions(self) -> BitArray | None:
         """The decision bits not yet sent, in order, as one bit array (None when there are none)."""
-        bits = np.concatenate(self.decisions) if self.decisions else np.zeros(0, np.uint8)
-        self.decisions = []
+        chunks, self.decisions = self.decisions, []
+        if len(chunks) == 1 and len(chunks[0]):  # the usual case: the answers to the last question only
+            return chunks[0]
+        bits = np.concatenate([c.to_bits() for c in chunks]) if chunks else np.zeros(0, np.uint8)
         return BitArray.from_bits(bits) if bits.size else None
 
     def answer(self, parities: np.ndarray) -> None:
