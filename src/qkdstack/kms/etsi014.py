@@ -725,8 +725,12 @@ def _load_crls(path: Path | str, ca_path: Path | str) -> bytes:
         data = p.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read: {exc.strerror}") from None
+    marker = b"-----BEGIN X509 CRL-----"
     try:
-        crls = x509.load_pem_x509_crls(data) if b"-----BEGIN X509 CRL-----" in data else [x509.load_der_x509_crl(data)]
+        if marker in data:
+            crls = [x509.load_pem_x509_crl(marker + part) for part in data.split(marker)[1:]]
+        else:
+            crls = [x509.load_der_x509_crl(data)]
     except ValueError:
         crls = []
     if not crls:

@@ -251,6 +251,8 @@ class KmsSection:
     tls_cert: str = ""
     tls_key: str = ""
     ca_cert: str = ""
+    crl: str = ""
+    """Certificate revocation list of the SAE CA (PEM or DER; empty: no revocation check); revoked SAEs fail TLS."""
     sae_ids: list[str] = field(default_factory=list)
     """SAE IDs at this site (client certificate common names admitted to ETSI 014)."""
     local_socket: str = ""

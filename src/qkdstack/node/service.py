@@ -517,7 +517,8 @@ class Node:
             if kms_cfg.tls_cert:
                 host, port = parse_address("kms", "etsi_listen", kms_cfg.etsi_listen)
                 tls = TLSFiles(self.cfg.resolve(kms_cfg.tls_cert), self.cfg.resolve(kms_cfg.tls_key),
-                               self.cfg.resolve(kms_cfg.ca_cert))
+                               self.cfg.resolve(kms_cfg.ca_cert),
+                               self.cfg.resolve(kms_cfg.crl) if kms_cfg.crl else None)
                 running = await stack.enter_async_context(serve_etsi014(self.kme, host, port, tls))
                 self.etsi_url = running.url
                 log.info("%s: ETSI GS QKD 014 server at %s", self.site.name, running.url)
