@@ -263,3 +263,22 @@ def test_optimisation_never_worse_than_given_configuration() -> None:
     mu1, mu2, mu3 = opt.params.source.intensities
     assert mu1 > mu2 + mu3 and mu2 > mu3
     assert opt.to_dict()["secret_bits_per_block"] == opt.length
+
+
+def test_docs_and_code_agree_that_the_verification_tag_counts_in_lambda() -> None:
+    """Issue 10 item 9: the round counts the tag bits in λ *and* Eq. (1) keeps log2(2/ε_cor).
+
+    The code's behaviour is checked in tests/test_leakage.py; here the two places that
+    describe it to users must say the same (they used to say the tag must not be counted).
+    """
+    from pathlib import Path
+
+    from qkdstack.theory import finite
+
+    theory_md = (Path(__file__).resolve().parents[1] / "docs" / "theory.md").read_text()
+    for doc in (finite.__doc__, finite.lim2014_secret_length.__doc__, theory_md):
+        text = " ".join(doc.split())
+        assert "counted twice" in text
+        assert "not be counted" not in text and "do not count it twice" not in text
+    res = lim2014_secret_length(COUNTS, leakage_bits=50_128, eps_sec=1e-10, eps_cor=1e-15)
+    assert res.verification_bits == pytest.approx(math.log2(2 / 1e-15))  # the term is kept

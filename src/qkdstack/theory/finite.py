@@ -28,10 +28,12 @@ well defined.
   γ(a, b, c, d) = sqrt[(c + d)(1 − b) b/(c d ln 2) · log2((c + d)/(c d (1 − b) b) · 21²/a²)];
 * Eq. (1): ℓ = ⌊s_key,0 + s_key,1 − s_key,1 h(φ) − λ_EC − 6 log2(21/ε_sec) − log2(2/ε_cor)⌋.
 
-λ_EC is the number of bits the error correction disclosed; the post-processing passes the
-*measured* leakage (error-correction syndrome/parity bits plus any other key-dependent bits it
-revealed). Lim 2014 count the log2(2/ε_cor) verification tag in Eq. (1) separately, so the
-verification hash must not be counted in λ_EC a second time (see
+λ_EC is the number of bits the error correction disclosed (Lim 2014). The post-processing
+passes the *measured* leakage λ of :mod:`qkdstack.protocol.round`: every key-dependent bit
+that crossed the channel during error correction and verification, in both directions —
+Alice's Cascade parities, Bob's decision bits, the verification tags and the key-error count.
+Eq. (1) also keeps its own log2(2/ε_cor) term for the verification hash, so the tag is
+counted twice: deliberately, conservative by ≈ 128 + log2(2/ε_cor) bits per block (see
 :func:`lim2014_secret_length`).
 
 **Degenerate inputs.** Lower bounds that come out negative are replaced by 0 (a count is
@@ -274,7 +276,8 @@ class FiniteKeyResult:
     phase_error: float
     h_phase_error: float
     leakage_bits: float
-    """λ_EC: bits disclosed by error correction (measured, or f_EC n h(e) for a prediction)."""
+    """λ: bits disclosed by error correction (measured by a round: both directions, verification tags
+    included; or f_EC n h(e) for a prediction)."""
     pa_cost_bits: float
     """6 log2(21/ε_sec)."""
     verification_bits: float
@@ -310,10 +313,13 @@ def lim2014_secret_length(
 
     ℓ = ⌊s_key,0 + s_key,1 − s_key,1 h(φ) − λ_EC − 6 log2(21/ε_sec) − log2(2/ε_cor)⌋, clipped at 0,
     with s_key,0, s_key,1 and φ from :func:`lim2014_bounds`. ``leakage_bits`` is λ_EC, the bits
-    the error correction disclosed; the log2(2/ε_cor) verification tag is already charged by
-    the formula (Lim 2014, Sec. II step 5 and Eq. (1)). The result is ε_sec-secret and
-    ε_cor-correct. ``finite=False`` drops the finite-size terms (Hoeffding, γ, ε costs): the
-    asymptotic limit, for comparison only.
+    the error correction disclosed. The formula charges the verification hash by its own
+    log2(2/ε_cor) term (Lim 2014, Sec. II step 5 and Eq. (1)); a distillation round passes, in
+    addition, the verification tag bits it measured inside ``leakage_bits`` (together with both
+    directions of Cascade and the key-error count), so the tag is counted twice — on purpose,
+    conservative by a few hundred bits. The result is ε_sec-secret and ε_cor-correct.
+    ``finite=False`` drops the finite-size terms (Hoeffding, γ, ε costs): the asymptotic
+    limit, for comparison only.
 
     Invalid inputs (eps outside (0, 1), negative or non-finite leakage, bad counts) raise
     :class:`ConfigError`; degenerate but valid inputs (zero counts, φ ≥ 1/2) give length 0
