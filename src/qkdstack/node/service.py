@@ -203,7 +203,8 @@ class Node:
         try:
             return await serve(host, port, handler, timeout=self.cfg.link.timeout_s)
         except OSError as exc:  # taken (by another node?) or not this host's address: a configuration error
-            raise ConfigError(f"[link] {name} {address} cannot be listened on ({exc.strerror or exc})") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"[link] {name} {address} cannot be listened on ({why})") from None
 
     async def _open(self, name: str, address: str) -> tuple[TcpChannel, asyncio.Event]:
         """The transmitter connects; the receiver takes the next accepted connection."""
