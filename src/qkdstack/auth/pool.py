@@ -319,6 +319,19 @@ class AuthKeyPool:
         """Pad bytes left for ``direction`` (committed, unconsumed)."""
         return self._dirs[direction].pad.balance
 
+    def round_state(self, round_id: int) -> str | None:
+        """``"pending"`` or ``"committed"`` (among the last committed rounds) for a round's refill, else None.
+
+        A node uses it after a crash to decide what to do with a round key it had written aside.
+        """
+        if any(s.round_id == round_id for s in self._pending):
+            return "pending"
+        return "committed" if round_id in self._committed_tail else None
+
+    def pending_refill_bytes(self, round_id: int) -> int | None:
+        """Bytes of a pending round's key that went into the pool (the front of its round key), or None."""
+        return next((s.size for s in self._pending if s.round_id == round_id), None)
+
     def rounds_affordable(self) -> int:
         """How many more rounds the committed pads pay for (ignoring refills and hash-key refreshes)."""
         return min(self._dirs[d].pad.balance for d in DIRECTIONS) // PAD_BYTES
@@ -354,6 +367,8 @@ class AuthKeyPool:
             "epsilon_total": self._stats["epsilon_sum"],
             "epsilon_mac_total": self._stats["epsilon_mac_sum"],
             "epsilon_key_total": self._stats["epsilon_key_sum"],
+            # the key blocks of the rounds this pool authenticated: sum of their epsilon_sec + epsilon_cor
+            "epsilon_blocks_total": self._stats.get("epsilon_blocks_sum", 0.0),
             "committed_rounds": self._committed_count,
             "pending_round_ids": [s.round_id for s in self._pending],
             "bootstrap_seed_retired": self._seed_retired,
@@ -473,7 +488,13 @@ class AuthKeyPool:
         return RoundKeys(round_id, view, meta)
 
     def complete_round(
-        self, keys: RoundKeys, round_key: bytes, *, mac_epsilon: float = 0.0, refill_epsilon: float = 0.0
+        self,
+        keys: RoundKeys,
+        round_key: bytes,
+        *,
+        mac_epsilon: float = 0.0,
+        refill_epsilon: float = 0.0,
+        block_epsilon: float = 0.0,
     ) -> RoundOutcome:
         """The round's tags verified at this end: persist the merged view and take the refill.
 
@@ -482,7 +503,9 @@ class AuthKeyPool:
         ``target_pad_bytes``, in the order a2b-hash, a2b-pad, b2a-hash, b2a-pad; a short key gives
         what it has in that order. It stays pending until a later round commits it.
         ``mac_epsilon`` is the tags' forgery bound, ``refill_epsilon`` the distance of ``round_key``
-        from uniform (its block's ε_sec), charged to every later round that draws from the refill.
+        from uniform (its block's ε_sec), charged to every later round that draws from the refill;
+        ``block_epsilon`` (ε_sec + ε_cor of the round's key block) is added to the link's running total
+        of key-block errors (``report()["epsilon_blocks_total"]``).
         """
         self._check_in_flight(keys)
         self._in_flight = None
@@ -524,6 +547,7 @@ class AuthKeyPool:
                 self._stats["refilled_bytes"][d] += n
         self._pending = [_Segment(keys.round_id, parts, refill_epsilon)]
         self._stats["rounds_authenticated"] += 1
+        self._stats["epsilon_blocks_sum"] = self._stats.get("epsilon_blocks_sum", 0.0) + block_epsilon
         epsilon = self._charge(keys, mac_epsilon)
         self.save()
         return RoundOutcome(

@@ -89,13 +89,14 @@ class RoundAuthenticator:
                 f"does not hold this link's authentication key; the round is discarded"
             )
 
-    async def finish(self, round_key: bytes, key_epsilon: float = 0.0) -> RoundOutcome:
+    async def finish(self, round_key: bytes, key_epsilon: float = 0.0, block_epsilon: float = 0.0) -> RoundOutcome:
         """Exchange and verify the transcript tags; on success refill the pool from ``round_key``.
 
         Returns the :class:`~qkdstack.auth.pool.RoundOutcome` (``key_for_store`` is the round key
         minus the refill slice; ``epsilon`` the round's authentication error: the tags' forgery bound
         plus the distance from uniform of the keys they used). ``key_epsilon`` is ``round_key``'s
-        distance from uniform (its block's ε_sec), charged to the rounds its refill will pay for.
+        distance from uniform (its block's ε_sec), charged to the rounds its refill will pay for;
+        ``block_epsilon`` its block's ε_sec + ε_cor, added to the link's running total.
         """
         if self._done:
             raise ConfigError("this round was already finished or abandoned.")
@@ -119,7 +120,8 @@ class RoundAuthenticator:
             self.pool.release(self.keys)  # no-op when _verify already recorded the failure
             raise
         return self.pool.complete_round(
-            self.keys, round_key, mac_epsilon=self._epsilon(msg), refill_epsilon=key_epsilon
+            self.keys, round_key, mac_epsilon=self._epsilon(msg), refill_epsilon=key_epsilon,
+            block_epsilon=block_epsilon,
         )
 
     def abandon(self) -> None:

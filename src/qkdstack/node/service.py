@@ -39,16 +39,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qkdstack.auth.bootstrap import BOOTSTRAP_ROUND_ID, begin_bootstrap_round
+from qkdstack.auth.bootstrap import BOOTSTRAP_ROUND_ID, DEFAULT_SEED_BYTES, begin_bootstrap_round
 from qkdstack.auth.pool import AuthKeyPool, RoundOutcome
-from qkdstack.auth.psk import pool_from_psk
+from qkdstack.auth.psk import consume_psk, load_psk, pool_from_psk, psk_check
 from qkdstack.auth.session import authenticate_peer, begin_round
 from qkdstack.certs import atomic_write
-from qkdstack.errors import AuthenticationError, ChannelError, ConfigError, KeyPoolExhausted, PeerAbort
+from qkdstack.errors import (
+    AuthenticationError,
+    ChannelError,
+    ConfigError,
+    KeyPoolExhausted,
+    PeerAbort,
+    ProtocolAbort,
+    QKDError,
+)
 from qkdstack.kms.etsi014 import TLSFiles, serve_etsi014
 from qkdstack.kms.kme import KME, KMEConfig
 from qkdstack.kms.local import serve_local
-from qkdstack.kms.store import LinkLimits, open_store
+from qkdstack.kms.store import KeyStoreError, LinkLimits, open_store
 from qkdstack.node.config import NodeConfig, parse_address
 from qkdstack.node.credentials import bootstrap_credentials
 from qkdstack.node.kms_link import KmsPeerLink
@@ -114,6 +122,9 @@ class Node:
                                seed=None if seed is None else seed + 1)
         self.stats = NodeStats()
         self.pool: AuthKeyPool | None = None
+        self.psk_path = config.resolve(config.auth.psk_file) if config.auth.bootstrap == "psk" else None
+        self._rebootstrap = False
+        """The peer never completed a signed bootstrap: run a new one, keeping our pool until it succeeds."""
         self.kme: KME | None = None
         self.link_keys: dict[int, bytes] = {}
         self.link_keys_changed = asyncio.Event()
@@ -143,15 +154,85 @@ class Node:
         self.pending_dir.mkdir(mode=0o700, exist_ok=True)
         if self.pool_path.exists():
             self.pool = AuthKeyPool.load(self.pool_path)
-        elif self.cfg.auth.bootstrap == "psk":
-            self.pool = pool_from_psk(self.cfg.resolve(self.cfg.auth.psk_file), path=self.pool_path)
-            if self.pool.link_id != self.link_id:
+            self._consume_seeding_psk()
+            self._recover_pending()
+        elif self.psk_path is not None:
+            # Checked now (one sentence, exit 2, for a consumed, damaged or foreign PSK); the pool is seeded
+            # only once the peer has shown the same PSK check value (_reconcile_pools).
+            psk = load_psk(self.psk_path)
+            if psk.link_id != self.link_id:
                 raise ConfigError(
-                    f"[auth] psk_file is for link {self.pool.link_id!r}, but this node serves link {self.link_id!r}"
+                    f"[auth] psk_file is for link {psk.link_id!r}, but this node serves link {self.link_id!r}"
                 )
         keys_file = self.data_dir / "kms-link-keys.json"
         if keys_file.exists():
             self.link_keys = {int(r): bytes.fromhex(k) for r, k in json.loads(keys_file.read_text()).items()}
+
+    def _consume_seeding_psk(self) -> None:
+        """Erase the PSK the pool was seeded from, if a crash left it behind (a PSK seeds once, see auth/psk.py)."""
+        if self.psk_path is None or self.pool is None or self.pool.seed_check is None or not self.psk_path.exists():
+            return
+        if psk_check(self.psk_path) == self.pool.seed_check:
+            consume_psk(self.psk_path)
+
+    def _seed_from_psk(self) -> None:
+        """Seed the authentication pool from the PSK file, persist it, then consume the PSK."""
+        assert self.psk_path is not None
+        self.pool = pool_from_psk(self.psk_path, path=self.pool_path)
+        consume_psk(self.psk_path)
+        log.info("%s: authentication pool seeded from the pre-shared key (check %s); the key file is now consumed",
+                 self.site.name, self.pool.seed_check)
+
+    def _my_psk_check(self) -> str | None:
+        """The check value of the PSK this end's pool was (or will be) seeded from; None without a PSK."""
+        if self.pool is not None:
+            return self.pool.seed_check
+        return psk_check(self.psk_path) if self.psk_path is not None else None
+
+    # ------------------------------------------------------------------------------ pending keys
+
+    def _pending_path(self, round_id: int) -> Path:
+        return self.pending_dir / f"{round_id}.json"
+
+    def _write_pending(self, round_id: int, block_id: str, key: bytes, *, whole: bool = False) -> None:
+        """Keep a round's key aside (0600) until both ends are known to hold it.
+
+        ``whole``: the key still includes the pool's refill slice (written before the pool persists the
+        round, so that a crash can never leave the pool ahead of the key; see :meth:`_recover_pending`).
+        """
+        doc = {"block_id": block_id, "key": key.hex(), "whole": whole}
+        atomic_write(self._pending_path(round_id), json.dumps(doc).encode(), 0o600)
+
+    def _recover_pending(self) -> None:
+        """After a restart, bring ``pending/`` in line with the pool (which is persisted after each file).
+
+        A key written whole before its round verified loses the refill slice if the pool holds the round
+        as pending, and is deleted if the pool never accepted it. A round the pool already committed is
+        marked for storing (the crash came between the commit and the store).
+        """
+        assert self.pool is not None
+        for path in sorted(self.pending_dir.glob("*.json")):
+            rid = int(path.stem)
+            doc = json.loads(path.read_text())
+            state = self.pool.round_state(rid)
+            if rid == BOOTSTRAP_ROUND_ID or doc.get("committed"):
+                continue
+            if state is None:
+                log.warning("%s: round %d was never accepted here; its key is dropped", self.site.name, rid)
+                path.unlink()
+                continue
+            if doc.get("whole"):
+                refill = self.pool.pending_refill_bytes(rid)
+                if refill is None:  # committed already, so it was cut before; cannot happen, keep it safe
+                    log.error("%s: pending round %d has no known refill size; its key is dropped", self.site.name,
+                              rid)
+                    path.unlink()
+                    continue
+                self._write_pending(rid, doc["block_id"], bytes.fromhex(doc["key"])[refill:])
+            if state == "committed":
+                doc = json.loads(path.read_text())
+                doc["committed"] = True
+                atomic_write(path, json.dumps(doc).encode(), 0o600)
 
     def _save_link_keys(self) -> None:
         doc = {str(r): k.hex() for r, k in sorted(self.link_keys.items())[-KEPT_LINK_KEYS:]}
@@ -180,6 +261,8 @@ class Node:
             ),
             "auth_bits_consumed": self.stats.auth_bits_consumed,
             "auth_pool": self.pool.report() if self.pool is not None else None,
+            "epsilon": _link_epsilon(self.pool),
+            "device": self.cfg.device_labels,
             "store": store,
             "reconnections": self.stats.reconnections,
             "last_round": self.stats.last,
@@ -260,7 +343,7 @@ class Node:
         record = await self._device_frame(qchan)
         self.stats.pulses += self.cfg.device.pulses_per_frame
         party = distill.alice if self.transmitter else distill.bob
-        if self.pool is None:
+        if self.pool is None or self._rebootstrap:
             await self._bootstrap_round(cchan, record, party)
             return
         auth = await begin_round(cchan, self.pool, self.role, round_id)
@@ -269,11 +352,20 @@ class Node:
             auth.abandon()
             await self._aborted(outcome.stage, outcome.reason, outcome.block_id)
             return
+        key = _key_bytes(outcome)
+        # Written before finish() persists the pool: a crash in between can leave a key without a pool
+        # entry (dropped on restart), never a pool entry without its key.
+        self._write_pending(round_id, outcome.block_id, key, whole=True)
         try:
-            result = await auth.finish(_key_bytes(outcome))
+            result = await auth.finish(key, key_epsilon=outcome.eps_sec,
+                                       block_epsilon=outcome.eps_sec + outcome.eps_cor)
         except (AuthenticationError, PeerAbort) as exc:
+            self._pending_path(round_id).unlink(missing_ok=True)
             await self._aborted("authentication", str(exc), outcome.block_id)
             return
+        except BaseException:
+            self._pending_path(round_id).unlink(missing_ok=True)
+            raise
         self.stats.auth_bits_consumed += result.consumed_bits
         await self._settle(outcome, result)
 
@@ -285,30 +377,37 @@ class Node:
             boot.abandon()
             await self._aborted(outcome.stage, outcome.reason, outcome.block_id)
             return
+        key = _key_bytes(outcome)
+        previous = self._pending_path(BOOTSTRAP_ROUND_ID)
+        kept = previous.read_bytes() if previous.exists() else None
+        # Written before finish() seeds and persists the pool (the first seed_bytes seed it, the rest is key).
+        self._write_pending(BOOTSTRAP_ROUND_ID, outcome.block_id, key[DEFAULT_SEED_BYTES:])
         try:
-            pool, rest = await boot.finish(signer, verifier, _key_bytes(outcome), path=self.pool_path)
-        except (AuthenticationError, PeerAbort) as exc:
+            pool, _ = await boot.finish(signer, verifier, key, path=self.pool_path,
+                                           seed_epsilon=outcome.eps_sec)
+        except BaseException as exc:
+            if kept is None:  # a failed bootstrap leaves the previous one's key as it was
+                previous.unlink(missing_ok=True)
+            else:
+                atomic_write(previous, kept, 0o600)
+            if not isinstance(exc, (AuthenticationError, PeerAbort)):
+                raise
             await self._aborted("authentication", f"bootstrap refused: {exc}", outcome.block_id)
             return
         self.pool = pool
+        self._rebootstrap = False
         log.info("%s: bootstrap by %s succeeded; authentication pool seeded from round %s",
                  self.site.name, self.cfg.auth.bootstrap, outcome.block_id[:8])
         # Pending until the first Wegman-Carter exchange verifies: only that proves the peer seeded its pool
         # from this round too (the last bootstrap message may be lost), see _release_settled.
-        doc = {"block_id": outcome.block_id, "key": rest.hex()}
-        atomic_write(self.pending_dir / f"{BOOTSTRAP_ROUND_ID}.json", json.dumps(doc).encode(), 0o600)
         self._count_accepted(outcome, None)
         await self.write_status()
 
     async def _settle(self, block: KeyBlock, result: RoundOutcome) -> None:
-        """Store what the authenticated round outcome allows; keep the rest pending on disk."""
+        """Keep the round's key pending on disk (without the refill slice); store what earlier rounds allow."""
+        self._write_pending(result.round_id, block.block_id, result.key_for_store)
         await self._release_settled(result)
         self._count_accepted(block, result)
-        if result.pending_round_id is None:
-            await self._store(result.round_id, block.block_id, result.key_for_store)
-        else:
-            doc = {"block_id": block.block_id, "key": result.key_for_store.hex()}
-            atomic_write(self.pending_dir / f"{result.pending_round_id}.json", json.dumps(doc).encode(), 0o600)
         await self.write_status()
 
     async def _store(self, round_id: int, block_id: str, key: bytes) -> None:
@@ -322,9 +421,25 @@ class Node:
             self.stats.stored_bits += chunks * self.kme.config.key_size
 
     def _count_accepted(self, block: KeyBlock, result: RoundOutcome | None) -> None:
-        """Count an accepted round and record (and log) its figures."""
+        """Count an accepted round and record (and log) its figures and its proof.
+
+        The proof gains the device's labels and the composed ε of the block: ε_sec + ε_cor + the round's
+        authentication error (its tags' forgery bound plus ε′ of the keys they used; for a signed
+        bootstrap round, the signatures' own error is not quantified and not included).
+        """
         self.stats.rounds_accepted += 1
         self.stats.secret_bits += block.length
+        auth_eps = result.epsilon if result else 0.0
+        block = block.with_provenance(
+            device=self.cfg.device_labels,
+            authentication={
+                "method": "wegman-carter" if result else self.cfg.auth.bootstrap,
+                "epsilon": auth_eps,
+                "epsilon_mac": result.epsilon_mac if result else None,
+                "epsilon_key": result.epsilon_key if result else None,
+            },
+            epsilon_composed=block.eps_sec + block.eps_cor + auth_eps,
+        )
         meta = block.to_dict()
         self.stats.last = {
             "block_id": block.block_id,
@@ -337,10 +452,11 @@ class Node:
             "auth_bits_consumed": result.consumed_bits if result else 0,
             "auth_refill_bits": result.refill_bits if result else 0,
             "auth_epsilon": result.epsilon if result else None,
+            "epsilon_composed": meta["provenance"]["epsilon_composed"],
             "stage_seconds": block.stage_seconds,
             "detections": block.stats.get("detections"),
         }
-        self._log_round(self.stats.last)
+        self._log_round({**self.stats.last, "proof": meta})
 
     def _log_round(self, doc: dict[str, Any]) -> None:
         """Append the round's outcome (no key bytes) to data/rounds.jsonl."""
@@ -368,7 +484,7 @@ class Node:
         qchan, qdone = await self._open("quantum", self.cfg.link.quantum)
         try:
             await self._reconcile_pools(cchan)
-            if self.pool is not None:
+            if self.pool is not None and not self._rebootstrap:
                 round_id, _ = await self._agree_round_id(cchan)
                 result = await authenticate_peer(cchan, self.pool, self.role, round_id)
                 self.stats.auth_bits_consumed += result.consumed_bits
@@ -377,7 +493,11 @@ class Node:
                          round_id, result.consumed_bits)
             while not self.stop.is_set() and not self.finished:
                 if self.transmitter and self.kme is not None and await self.kme.is_full():
-                    await asyncio.sleep(0.5)  # the store is full: pause key generation
+                    # The store is full: pause key generation but keep the session. An empty keepalive frame
+                    # (outside every transcript, see TcpChannel.keepalive) keeps the receiver's read timeout
+                    # from ending it; a new session would cost an entity authentication (256 pool bits).
+                    await cchan.keepalive()
+                    await asyncio.sleep(min(0.5, self.cfg.link.timeout_s / 4))
                     continue
                 round_id, final = await self._agree_round_id(cchan, final=self.transmitter and self._rounds_done())
                 if final:
@@ -392,35 +512,52 @@ class Node:
             await qchan.close()
 
     async def _reconcile_pools(self, cchan: TcpChannel) -> None:
-        """Both ends say whether they hold an authentication pool (``link.hello``).
+        """Both ends say whether they hold an authentication pool, and which PSK seeds it (``link.hello``).
 
-        After a ``pki``/``pgp`` bootstrap whose last message was lost, one end holds a pool the other
-        never seeded. A pool that has authenticated no round yet is then discarded (with the bootstrap
-        round's pending key) and the link bootstraps again; a forged hello can cause no more than that
-        (a new signature-authenticated bootstrap). A pool that has authenticated rounds is never
-        discarded: the peer then lost its state, and the link is refused until an operator intervenes.
+        The hello is not authenticated, so nothing in it may cost key material or discard state:
+
+        * ``psk``: the ends compare their PSK check values (public, independent of the key: auth/psk.py).
+          Different values mean different pre-shared keys: refused before any key is used. A node without
+          a pool seeds it from its (unconsumed) PSK only now; the lockstep check of the first authenticated
+          exchange refuses a peer whose pool is in another state.
+        * ``pki``/``pgp``: after a bootstrap whose last message was lost, one end holds a pool the other
+          never seeded. If ours has authenticated no round, the link bootstraps again, but our pool is
+          kept until a new signed bootstrap succeeds, so a forged hello costs at most a refused round (it
+          cannot make one end drop a pool the other keeps). A pool that has authenticated rounds is never
+          given up on the peer's word: the peer lost its state, and the link is refused until an operator
+          intervenes.
         """
-        mine = self.pool is not None
+        mine = {"pool": self.pool is not None, "psk_check": self._my_psk_check()}
         if self.transmitter:
-            await cchan.send("link.hello", pool=mine)
-            theirs = bool((await recv_fresh(cchan, "link.hello"))["pool"])
+            await cchan.send("link.hello", **mine)
+            theirs = (await recv_fresh(cchan, "link.hello")).fields
         else:
-            theirs = bool((await recv_fresh(cchan, "link.hello"))["pool"])
-            await cchan.send("link.hello", pool=mine)
-        if self.pool is None or theirs:
+            theirs = (await recv_fresh(cchan, "link.hello")).fields
+            await cchan.send("link.hello", **mine)
+        peer_pool, peer_check = bool(theirs.get("pool")), theirs.get("psk_check")
+        if self.psk_path is not None:
+            if mine["psk_check"] is not None and peer_check is not None and peer_check != mine["psk_check"]:
+                raise AuthenticationError(
+                    f"the two sites hold different pre-shared keys for link {self.link_id} (check value "
+                    f"{mine['psk_check']} here, {peer_check} at {self.site.peer}); nothing was used: put the same "
+                    "PSK file at both sites (or, if this site's pool is established, make a new PSK for both "
+                    "sites and remove both auth-pool.json files, see docs/node.md)"
+                )
+            if self.pool is None:
+                self._seed_from_psk()
             return
-        if self.cfg.auth.bootstrap == "psk" or self.pool.report()["rounds_authenticated"] > 0:
+        self._rebootstrap = False
+        if self.pool is None or peer_pool:
+            return
+        if self.pool.report()["rounds_authenticated"] > 0:
             raise AuthenticationError(
                 f"the peer {self.site.peer} says it holds no authentication pool for link {self.link_id}, but this "
-                "end's pool is established (pre-shared, or rounds were authenticated with it) and is never "
-                "discarded: the peer lost its state (a new bootstrap needs the operator) or the message was forged"
+                "end's pool has authenticated rounds and is never discarded on the peer's word: the peer lost its "
+                "state (a new bootstrap needs the operator, see docs/node.md) or the message was forged"
             )
-        log.warning("%s: the peer never completed the bootstrap; discarding the unused pool and bootstrapping "
-                    "again", self.site.name)
-        self.pool = None
-        for path in (self.pool_path, self.pending_dir / f"{BOOTSTRAP_ROUND_ID}.json"):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        log.warning("%s: the peer has not completed the bootstrap; bootstrapping again (this end's unused pool is "
+                    "kept until the new bootstrap succeeds)", self.site.name)
+        self._rebootstrap = True
 
     async def _settle_last_round(self, cchan: TcpChannel, round_id: int) -> None:
         """After the last round, an empty authenticated round commits the last round's key at both ends."""
@@ -438,17 +575,49 @@ class Node:
         pool seeded by the bootstrap round: that round's pending key is committed here too.
         """
         for rid in result.dropped_round_ids:
-            with contextlib.suppress(FileNotFoundError):
-                (self.pending_dir / f"{rid}.json").unlink()
+            self._pending_path(rid).unlink(missing_ok=True)
         for rid in (BOOTSTRAP_ROUND_ID, *result.committed_round_ids):
-            path = self.pending_dir / f"{rid}.json"
+            path = self._pending_path(rid)
             if path.exists():
                 doc = json.loads(path.read_text())
-                await self._store(rid, doc["block_id"], bytes.fromhex(doc["key"]))
-                path.unlink()
+                doc["committed"] = True
+                atomic_write(path, json.dumps(doc).encode(), 0o600)
+        await self._store_committed()
+
+    async def _store_committed(self) -> None:
+        """Move every committed pending key into the key store; one the store refuses waits for the next try.
+
+        The store refuses a block when it is full (or fails): the key stays in ``pending/`` marked committed
+        and is stored after a later round, instead of stopping the node. Until then the peer may hold the
+        block alone; its KME discards chunks this site does not know when a consumer asks for them.
+        """
+        for path in sorted(self.pending_dir.glob("*.json"), key=lambda p: int(p.stem)):
+            doc = json.loads(path.read_text())
+            if not doc.get("committed"):
+                continue
+            try:
+                await self._store(int(path.stem), doc["block_id"], bytes.fromhex(doc["key"]))
+            except KeyStoreError as exc:
+                log.error("%s: block %s cannot be stored yet (%s); kept in pending/ and retried after the next "
+                          "round", self.site.name, doc["block_id"][:8], exc)
+                return
+            path.unlink()
 
     async def _rounds_loop(self) -> None:
+        """Sessions, one after another, until stopped or finished; the node outlives its peer and the network.
+
+        A session ends on anything the peer or the network can cause: a lost, reset or silent connection
+        (``ChannelError``; a round that aborted because its connection broke leaves the channel broken, so
+        the next message ends the session), a refused authentication, a peer's abort outside a round, a
+        malformed message (``ValueError``, ``TypeError``, ...). Each is logged and counted in
+        ``reconnections``, and a new session starts after a back-off that doubles from 0.2 s to 5 s while
+        sessions keep failing without an accepted round. Fatal conditions are raised, so ``qkdstack node``
+        exits non-zero instead of 0: an exhausted authentication pool, a configuration error, a local
+        failure (disk, key store) or a bug.
+        """
+        delay = 0.2
         while not self.stop.is_set() and not self.finished:
+            accepted = self.stats.rounds_accepted
             try:
                 await self._session()
             except _Stopped:
@@ -458,16 +627,36 @@ class Node:
                 self.stats.aborts.append(f"authentication: {exc}")
                 await self.write_status()
                 self.stop.set()
-            except (ChannelError, AuthenticationError, PeerAbort) as exc:
+                raise
+            except ConfigError:
+                raise
+            except (ChannelError, AuthenticationError, ProtocolAbort, *_PEER_INPUT_ERRORS) as exc:
                 self.stats.reconnections += 1
                 self.stats.aborts.append(f"link: {exc}")
-                log.warning("%s: link to %s lost or refused (%s); reconnecting", self.site.name, self.site.peer, exc)
+                if isinstance(exc, _PEER_INPUT_ERRORS):  # a malformed message, or a bug: keep the traceback
+                    log.error("%s: session with %s failed (%s: %s); reconnecting", self.site.name, self.site.peer,
+                              type(exc).__name__, exc, exc_info=exc)
+                else:
+                    log.warning("%s: link to %s lost or refused (%s); reconnecting", self.site.name,
+                                self.site.peer, exc)
                 await self.write_status()
-                await asyncio.sleep(0.2)
+                if self.stats.rounds_accepted > accepted:
+                    delay = 0.2
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), delay)
+                delay = min(2 * delay, 5.0)
         if not self.finished:
             self.stop.set()
 
     async def _kms_link_loop(self) -> None:
+        """Keep the KME peer link up for as long as the node runs.
+
+        The link pings whenever it has been idle for a quarter of ``[link] timeout_s`` (at most 15 s), so
+        neither end's read timeout closes it between requests, and a ping left unanswered closes it, so it
+        reconnects before an SAE's request finds it dead. Any failure of one connection (lost or reset,
+        refused handshake, the peer KME not answering in time, malformed peer data) is logged and retried
+        after 0.5 s: this task must never end early, or key delivery would stop while generation goes on.
+        """
         assert self.kme is not None
         while not self.stop.is_set():
             if not self.link_keys:
@@ -479,14 +668,18 @@ class Node:
             try:
                 channel, done = await self._open("kms", self.cfg.link.kms)
                 link = KmsPeerLink(channel, self.transmitter,
-                                   lambda msg: self.kme.handle_peer(self.site.peer, msg))  # type: ignore[union-attr]
+                                   lambda msg: self.kme.handle_peer(self.site.peer, msg),  # type: ignore[union-attr]
+                                   keepalive_s=min(self.cfg.link.timeout_s / 4, 15.0))
                 await link.handshake(self.link_keys)
                 await self.kme.attach_peer(link)
                 log.info("%s: KME peer link to %s up", self.site.name, self.site.peer)
                 await link.closed.wait()
-            except (ChannelError, AuthenticationError) as exc:
-                log.warning("%s: KME peer link: %s", self.site.name, exc)
-                await asyncio.sleep(0.5)
+            except _Stopped:
+                return
+            except (QKDError, OSError, TimeoutError, *_PEER_INPUT_ERRORS) as exc:
+                log.warning("%s: KME peer link: %s: %s", self.site.name, type(exc).__name__, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), 0.5)
             finally:
                 self.kme.detach_peer()
                 done.set()
@@ -528,6 +721,8 @@ class Node:
                     serve_local(self.kme, self.cfg.resolve(kms_cfg.local_socket), kms_cfg.local_uid_map())
                 )
             await self.write_status()
+            for caveat in self.cfg.key_caveats:  # keys from a simulated device are not secret: say so at start
+                log.warning("%s: %s", self.site.name, caveat)
             kms_task = asyncio.create_task(self._kms_link_loop())
             try:
                 await self._rounds_loop()
@@ -543,6 +738,22 @@ class Node:
                 await self.write_status()  # before the store closes: the status reads its levels
                 await self.kme.close()
                 store.close()
+
+
+_PEER_INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+"""What a malformed message from the peer (or the network) can raise where fields are parsed."""
+
+
+def _link_epsilon(pool: AuthKeyPool | None) -> dict[str, float] | None:
+    """The link's running error total: key blocks (ε_sec + ε_cor each) plus every round's authentication."""
+    if pool is None:
+        return None
+    rep = pool.report()
+    return {
+        "key_blocks": rep["epsilon_blocks_total"],
+        "authentication": rep["epsilon_total"],
+        "link_total": rep["epsilon_blocks_total"] + rep["epsilon_total"],
+    }
 
 
 class _Stopped(Exception):

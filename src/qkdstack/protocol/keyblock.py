@@ -7,7 +7,7 @@ a log line or ``to_dict()``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qkdstack.bits import BitArray
@@ -30,6 +30,9 @@ class KeyBlock:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     leakage_accounting: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Added by the node once the round is authenticated (:meth:`with_provenance`): the device that made
+    the key and its caveats, and the composed ε (ε_sec + ε_cor + the round's authentication error)."""
     """The rule λ_EC was counted by and the disclosed bits per stage and direction (round.py)."""
 
     @property
@@ -49,10 +52,15 @@ class KeyBlock:
             "qber_test": self.qber_test,
             "leakage_bits": self.leakage_bits,
             "leakage_accounting": self.leakage_accounting,
+            "provenance": self.provenance,
             "finite_key": self.finite_key,
             "stage_seconds": self.stage_seconds,
             "stats": self.stats,
         }
+
+    def with_provenance(self, **entries: Any) -> KeyBlock:
+        """A copy whose proof also records ``entries`` (device labels, authentication, composed ε)."""
+        return replace(self, provenance={**self.provenance, **entries})
 
     def __repr__(self) -> str:
         return f"KeyBlock(id={self.block_id}, {self.length} bits, eps_sec={self.eps_sec:g}, eps_cor={self.eps_cor:g})"
