@@ -2,7 +2,8 @@
 
 Each sub-command lives in its own module under ``qkdstack/commands/`` with a
 ``register(subparsers)`` function that adds its parser and sets ``func``. Errors derived
-from :class:`~qkdstack.errors.QKDError` become one line on stderr and a non-zero exit.
+from :class:`~qkdstack.errors.QKDError` become one line on stderr and their exit code (2 for a
+:class:`~qkdstack.errors.ConfigError`); an :class:`OSError` no check foresaw becomes one line and exit 1.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except QKDError as exc:
         print(f"qkdstack {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a file or socket the command needed failed in a way no check foresaw: still one line
+        print(f"qkdstack {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
