@@ -19,6 +19,13 @@ thousands of small messages per second that information-theoretic tags would pay
 more key than they protect; the post-processing rounds themselves stay authenticated by
 Wegman–Carter. Requests are pipelined by ID, so concurrent ``enc_keys`` calls do not wait
 for one another.
+
+Keepalive: a link that carries no request for ``keepalive_s`` seconds sends a ``ping`` frame,
+authenticated like every other frame, which the peer answers at once; the traffic keeps both
+ends' read timeouts (``[link] timeout_s``) from closing an idle link, and a ping left unanswered
+within the request timeout closes the link, so the node reconnects *before* an SAE's request
+finds it dead. Without it an ``enc_keys`` about one timeout after the previous one met a link
+that had just closed (HTTP 503).
 """
 
 from __future__ import annotations
@@ -53,19 +60,30 @@ class KmsPeerLink:
     answers the peer's requests (the local KME's ``handle_peer``).
     """
 
-    def __init__(self, channel: Channel, is_transmitter: bool, handler: Handler, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        is_transmitter: bool,
+        handler: Handler,
+        timeout: float = 10.0,
+        keepalive_s: float | None = None,
+    ) -> None:
         self._channel = channel
         self._out_label = b"T" if is_transmitter else b"R"
         self._in_label = b"R" if is_transmitter else b"T"
         self._is_transmitter = is_transmitter
         self._handler = handler
         self._timeout = timeout
+        self._keepalive_s = keepalive_s
+        self._last_rx = 0.0
         self._key: bytes | None = None
         self._send_seq = 0
         self._recv_seq = 0
         self._next_id = 0
         self._waiting: dict[int, asyncio.Future] = {}
         self._reader: asyncio.Task | None = None
+        self._pinger: asyncio.Task | None = None
+        self.pings_sent = 0
         self._send_lock = asyncio.Lock()
         self.closed = asyncio.Event()
         self.key_round: int | None = None
@@ -85,7 +103,10 @@ class KmsPeerLink:
         self.key_round = max(shared)
         tx_nonce, rx_nonce = (nonce, peer_nonce) if self._is_transmitter else (peer_nonce, nonce)
         self._key = hmac.new(link_keys[self.key_round], b"qkdstack-kms" + rx_nonce + tx_nonce, hashlib.sha256).digest()
+        self._last_rx = asyncio.get_running_loop().time()
         self._reader = asyncio.create_task(self._read_loop())
+        if self._keepalive_s:
+            self._pinger = asyncio.create_task(self._ping_loop(self._keepalive_s))
 
     async def _send(self, kind: str, message_id: int, payload: dict[str, Any]) -> None:
         assert self._key is not None
@@ -97,6 +118,31 @@ class KmsPeerLink:
 
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send a request to the peer KME and wait for its answer."""
+        return await self._call("req", message)
+
+    async def ping(self) -> None:
+        """One authenticated round trip that the peer answers without its KME (keepalive and liveness)."""
+        await self._call("ping", {})
+
+    async def _ping_loop(self, interval: float) -> None:
+        """Ping whenever nothing arrived for ``interval`` seconds; close the link if a ping goes unanswered."""
+        loop = asyncio.get_running_loop()
+        while not self.closed.is_set():
+            idle_until = self._last_rx + interval
+            if loop.time() < idle_until:
+                await asyncio.sleep(idle_until - loop.time())
+                continue
+            self.pings_sent += 1
+            try:
+                await self.ping()
+            except ChannelError as exc:
+                if not self.closed.is_set():
+                    log.warning("KME peer link: keepalive failed (%s); closing the link to reconnect", exc)
+                await self._channel.close()  # ends the read loop, which sets ``closed``
+                self.closed.set()
+                return
+
+    async def _call(self, kind: str, message: dict[str, Any]) -> dict[str, Any]:
         if self.closed.is_set() or self._key is None:
             raise ChannelError("the link to the peer KME is down")
         self._next_id += 1
@@ -104,7 +150,7 @@ class KmsPeerLink:
         future = asyncio.get_running_loop().create_future()
         self._waiting[message_id] = future
         try:
-            await self._send("req", message_id, message)
+            await self._send(kind, message_id, message)
             return await asyncio.wait_for(future, self._timeout)
         except TimeoutError:
             raise ChannelError("the peer KME did not answer in time") from None
@@ -120,19 +166,28 @@ class KmsPeerLink:
         with contextlib.suppress(ChannelError):
             await self._send("resp", message_id, answer)
 
+    async def _pong(self, message_id: int) -> None:
+        with contextlib.suppress(ChannelError):
+            await self._send("resp", message_id, {"ok": True})
+
     async def _read_loop(self) -> None:
         tasks: set[asyncio.Task] = set()
         try:
             while True:
                 msg = await self._channel.recv(expect="kms.frame")
+                self._last_rx = asyncio.get_running_loop().time()
                 body, tag = msg["body"], msg["tag"]
                 expected = _tag(self._key, self._in_label, self._recv_seq, body)  # type: ignore[arg-type]
                 self._recv_seq += 1
                 if not isinstance(tag, bytes) or not hmac.compare_digest(tag, expected):
                     raise AuthenticationError("a frame from the peer KME failed authentication; link closed")
                 frame = json.loads(body)
-                if frame["kind"] == "req":
-                    task = asyncio.create_task(self._answer(int(frame["id"]), frame["payload"]))
+                if frame["kind"] in ("req", "ping"):
+                    if frame["kind"] == "req":
+                        answer = self._answer(int(frame["id"]), frame["payload"])
+                    else:
+                        answer = self._pong(int(frame["id"]))
+                    task = asyncio.create_task(answer)
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 else:
@@ -152,8 +207,9 @@ class KmsPeerLink:
 
     async def close(self) -> None:
         self.closed.set()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reader
+        for task in (self._pinger, self._reader):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         await self._channel.close()
