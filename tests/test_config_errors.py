@@ -93,6 +93,7 @@ CASES: list[tuple[str, str, Callable[[Path, int], None], str, str]] = [
      "[link] quantum", "raw key"),
     ("quantum-all-interfaces", "B", lambda s, b: edit_config(s / "site.toml", link={"quantum": f"0.0.0.0:{b + 1}"}),
      "[link] quantum", "raw key"),
+    ("crl-not-a-crl", "B", lambda s, b: edit_config(s / "site.toml", kms={"crl": "tls/ca.pem"}), "[kms] crl", ""),
     ("tls-key-unset", "A", lambda s, b: _raw_edit(s, 'tls_key = "tls/kme.key"', ""), "[kms] tls_key", "required"),
     # ports: a listening socket is put on them by the test (see BUSY)
     ("classical-port-in-use", "B", lambda s, b: None, "[link] classical", "in use"),

@@ -42,9 +42,13 @@ def run(args: argparse.Namespace) -> int:
     # The service's imports (NumPy, Numba, FastAPI, uvloop) only once the configuration is known to be good.
     import uvloop
 
-    from qkdstack.kms.etsi014 import tune_gc_for_serving
+    from qkdstack.kms.etsi014 import TLSFiles, server_ssl_context, tune_gc_for_serving
     from qkdstack.node.service import Node
 
+    kms = config.kms
+    if kms.tls_cert:  # the ETSI 014 server's own loading, [kms] crl included, before any state is written
+        server_ssl_context(TLSFiles(*(config.resolve(p) for p in (kms.tls_cert, kms.tls_key, kms.ca_cert)),
+                                    config.resolve(kms.crl) if kms.crl else None))
     node = Node(config)
     tune_gc_for_serving()  # fewer, shorter GC pauses in the ETSI 014 server (p99 latency)
     uvloop.run(_main(node))  # uvloop: faster event loop and TLS for the KME and the links
