@@ -8,18 +8,21 @@ Endpoints (all under ``/api/v1/keys``; JSON; sizes in bits; keys base64):
 * ``GET {master_SAE_ID}/dec_keys?key_ID=`` and ``POST`` with Key IDs -> Key container
 
 **The SAE ID of a caller is the subject common name (CN) of its TLS client certificate**, which
-must be signed by the site CA (verified by the TLS layer: no certificate, another CA or an expired
-certificate fail the handshake). A verified certificate whose CN is not a registered SAE of this
-KME gets 401. Errors are 400 / 401 / 503 with the Error body ``{"message": ..., "details": [...]}``,
-including request validation errors (FastAPI's default would be 422).
+must be signed by the site CA (verified by the TLS layer: no certificate, another CA, an expired
+certificate or, with a CRL configured, a revoked one fail the handshake). A verified certificate
+whose CN is not a registered SAE of this KME gets 401. Errors are 400 / 401 / 503 with the Error body
+``{"message": ..., "details": [...]}``, including request validation errors (FastAPI's default would
+be 422), requests over the size limits (:data:`MAX_URL_BYTES`, :data:`MAX_HEADER_BYTES`,
+:data:`MAX_BODY_BYTES`) and requests the HTTP parser cannot read; a 405 carries ``Allow``.
 
 uvicorn 0.54 does not put the TLS peer certificate into the ASGI scope, so
-:class:`MTLSH11Protocol` (or its httptools twin when httptools is installed) reads it in
+:class:`MTLSHttpToolsProtocol` (and its h11 twin :class:`MTLSH11Protocol`) reads it in
 ``connection_made`` and adds the ASGI TLS extension
 (``scope["extensions"]["tls"]["client_cert_chain"]``, PEM) plus the parsed CN
-(``"qkdstack_sae_id"``) to every request of that connection.
+(``"qkdstack_sae_id"``) to every request of that connection. The same classes enforce the size limits.
 
-The OpenAPI description is served at ``/openapi.json`` (interactive docs at ``/docs``).
+The OpenAPI description is served at ``/openapi.json`` (interactive docs at ``/docs``); it declares
+the limits the server enforces (:func:`_declare_limits`).
 """
 
 from __future__ import annotations
@@ -838,6 +841,7 @@ async def serve_etsi014(
         log_level=log_level,
         access_log=False,
         lifespan="off",
+        ws="none",  # no WebSocket upgrades: ETSI 014 is plain HTTP/1.1
         proxy_headers=False,  # the SAE is identified by its certificate, never by forwarded headers
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
