@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,8 @@ class Node:
         self.psk_path = config.resolve(config.auth.psk_file) if config.auth.bootstrap == "psk" else None
         self._rebootstrap = False
         """The peer never completed a signed bootstrap: run a new one, keeping our pool until it succeeds."""
+        self._last_block_bits = 0
+        """Size of the last block this node stored: the room both stores must have before the next round."""
         self.kme: KME | None = None
         self.link_keys: dict[int, bytes] = {}
         self.link_keys_changed = asyncio.Event()
@@ -311,21 +314,32 @@ class Node:
 
     # ---------------------------------------------------------------------------------- rounds
 
-    async def _agree_round_id(self, channel: TcpChannel, final: bool = False) -> tuple[int, bool]:
-        """Both ends use one more than the larger of their last round IDs (bound into the transcript MAC).
+    async def _agree_round_id(self, channel: TcpChannel, final: bool = False) -> tuple[int, bool, bool]:
+        """Agree the next round: ``(round_id, final, room)``.
 
-        The transmitter also says whether this is the final, settling round (``final``): the
-        receiver follows its decision, so the two ends never disagree about when to stop.
+        Both ends use one more than the larger of their last round IDs (bound into the transcript MAC).
+        The transmitter also says whether this is the final, settling round (``final``): the receiver
+        follows its decision, so the two ends never disagree about when to stop. Each end says whether
+        its key store has room for another block (``room``); a round runs only if both have, so a block
+        is never made that one site cannot store. While either is full the transmitter asks again every
+        half second, which also keeps the session's connections alive.
         """
         mine = self.pool.last_round_id if self.pool is not None else 0
+        room = await self._store_has_room()
         if self.transmitter:
-            await channel.send("link.next", last=mine, final=final)
-            theirs = int((await recv_fresh(channel, "link.next"))["last"])
+            await channel.send("link.next", last=mine, final=final, room=room)
+            msg = await recv_fresh(channel, "link.next")
         else:
             msg = await recv_fresh(channel, "link.next")
-            theirs, final = int(msg["last"]), bool(msg["final"])
-            await channel.send("link.next", last=mine, final=final)
-        return max(mine, theirs) + 1, final
+            final = bool(msg["final"])
+            await channel.send("link.next", last=mine, final=final, room=room)
+        return max(mine, int(msg["last"])) + 1, final, room and bool(msg.fields.get("room", True))
+
+    async def _store_has_room(self) -> bool:
+        """Whether this site's key store is below its high-water mark and can take a block as large as the last."""
+        if self.kme is None:
+            return True
+        return not await self.kme.is_full() and await self.kme.can_store(self._last_block_bits)
 
     async def _device_frame(self, qchan: TcpChannel) -> Any:
         n = self.cfg.device.pulses_per_frame
@@ -356,6 +370,7 @@ class Node:
         # Written before finish() persists the pool: a crash in between can leave a key without a pool
         # entry (dropped on restart), never a pool entry without its key.
         self._write_pending(round_id, outcome.block_id, key, whole=True)
+        _crash_point("round-key-aside")
         try:
             result = await auth.finish(key, key_epsilon=outcome.eps_sec,
                                        block_epsilon=outcome.eps_sec + outcome.eps_cor)
@@ -367,6 +382,7 @@ class Node:
             self._pending_path(round_id).unlink(missing_ok=True)
             raise
         self.stats.auth_bits_consumed += result.consumed_bits
+        _crash_point("round-verified")
         await self._settle(outcome, result)
 
     async def _bootstrap_round(self, cchan: TcpChannel, record: Any, party: Any) -> None:
@@ -419,6 +435,7 @@ class Node:
         if self.kme is not None and rest:
             chunks = await self.kme.add_block(block_id, rest)
             self.stats.stored_bits += chunks * self.kme.config.key_size
+            self._last_block_bits = 8 * len(rest)
 
     def _count_accepted(self, block: KeyBlock, result: RoundOutcome | None) -> None:
         """Count an accepted round and record (and log) its figures and its proof.
@@ -485,26 +502,25 @@ class Node:
         try:
             await self._reconcile_pools(cchan)
             if self.pool is not None and not self._rebootstrap:
-                round_id, _ = await self._agree_round_id(cchan)
+                round_id, _, _ = await self._agree_round_id(cchan)
                 result = await authenticate_peer(cchan, self.pool, self.role, round_id)
                 self.stats.auth_bits_consumed += result.consumed_bits
                 await self._release_settled(result)
                 log.info("%s: peer %s authenticated (round %d, %d key bits)", self.site.name, self.site.peer,
                          round_id, result.consumed_bits)
             while not self.stop.is_set() and not self.finished:
-                if self.transmitter and self.kme is not None and await self.kme.is_full():
-                    # The store is full: pause key generation but keep the session. An empty keepalive frame
-                    # (outside every transcript, see TcpChannel.keepalive) keeps the receiver's read timeout
-                    # from ending it; a new session would cost an entity authentication (256 pool bits).
-                    await cchan.keepalive()
-                    await asyncio.sleep(min(0.5, self.cfg.link.timeout_s / 4))
-                    continue
-                round_id, final = await self._agree_round_id(cchan, final=self.transmitter and self._rounds_done())
+                round_id, final, room = await self._agree_round_id(
+                    cchan, final=self.transmitter and self._rounds_done()
+                )
                 if final:
                     await self._settle_last_round(cchan, round_id)
                     self.finished = True
-                else:
+                elif room:
                     await self._run_round(cchan, qchan, round_id)
+                elif self.transmitter:
+                    # A store is full: pause key generation but keep the session (the next link.next is its
+                    # traffic; a new session would cost an entity authentication, 256 pool bits).
+                    await asyncio.sleep(min(0.5, self.cfg.link.timeout_s / 4))
         finally:
             cdone.set()
             qdone.set()
@@ -601,6 +617,7 @@ class Node:
                 log.error("%s: block %s cannot be stored yet (%s); kept in pending/ and retried after the next "
                           "round", self.site.name, doc["block_id"][:8], exc)
                 return
+            _crash_point("block-stored")
             path.unlink()
 
     async def _rounds_loop(self) -> None:
@@ -742,6 +759,18 @@ class Node:
 
 _PEER_INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
 """What a malformed message from the peer (or the network) can raise where fields are parsed."""
+
+
+CRASH_POINT_ENV = "QKDSTACK_TEST_CRASH_AT"
+"""Fault injection for the crash tests (tests/test_node_crash.py): the node kills itself with SIGKILL at the
+named point when this environment variable names it. Points: ``round-key-aside`` (a round's key written to
+pending/, the pool not yet updated), ``round-verified`` (the pool persisted the round, the pending key not
+yet cut), ``block-stored`` (a committed block in the key store, its pending file not yet removed)."""
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_POINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _link_epsilon(pool: AuthKeyPool | None) -> dict[str, float] | None:
