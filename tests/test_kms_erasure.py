@@ -13,6 +13,8 @@ import base64
 import secrets
 from pathlib import Path
 
+import pytest
+
 from _kms_support import Sites, StoreFactory
 from qkdstack.kms.store import chunk_id, open_store
 
@@ -38,10 +40,11 @@ def _found(files: dict[str, bytes], keys: list[bytes]) -> list[tuple[int, str]]:
     ]
 
 
-async def test_delivered_keys_are_not_in_any_sqlite_file(tmp_path):
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "worker-thread"])
+async def test_delivered_keys_are_not_in_any_sqlite_file(tmp_path, inline):
     """Store API: deliveries at the master and the slave site, and a discard, then grep db/-wal/-shm."""
-    a = open_store(tmp_path / "a.db", wal_truncate_interval=0.0)
-    b = open_store(tmp_path / "b.db", wal_truncate_interval=0.0)
+    a = open_store(tmp_path / "a.db", wal_truncate_interval=0.0, inline=inline)
+    b = open_store(tmp_path / "b.db", wal_truncate_interval=0.0, inline=inline)
     try:
         block = secrets.token_bytes(32 * 64)
         for s in (a, b):
