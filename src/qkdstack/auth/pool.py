@@ -420,7 +420,9 @@ class AuthKeyPool:
         if self._committed_count + len(promote) != peer["count"] + len(peer_promote):
             raise AuthenticationError(
                 f"authentication key pools of link {self.link_id} are out of step "
-                f"({self._committed_count} vs {peer['count']} committed rounds); the round is refused"
+                f"({self._committed_count} here vs {peer['count']} at the peer committed rounds): one end's state "
+                "is older than the other's (restored from a backup, rolled back, or another pool); the round is "
+                "refused before any key is used"
             )
         view = copy.deepcopy(self._dirs)
         seed_retired = self._seed_retired
