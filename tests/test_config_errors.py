@@ -155,3 +155,31 @@ async def test_a_link_port_taken_after_the_check_is_reported_by_the_node_naming_
         busy.listen()
         with pytest.raises(ConfigError, match=r"^\[link\] quantum 127\.0\.0\.1:\d+ cannot be listened on \(Address"):
             await node._listen("quantum", node.cfg.link.quantum)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--pulses-per-frame", "1.5"], "--pulses-per-frame must be a whole number"),
+        (["--pulses-per-frame", "999"], "--pulses-per-frame must be a whole number"),
+        (["--base-port", "65530"], "--base-port must lie in"),
+        (["--distance-km", "-3"], "--distance-km must be a length"),
+    ],
+)
+def test_init_refuses_flags_a_node_would_refuse_before_writing_anything(tmp_path, flags, words):
+    out = tmp_path / "dep"
+    done = subprocess.run([*QKDSTACK, "init", "--out", str(out), *flags], capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and words in done.stderr
+    assert not out.exists()
+
+
+def test_init_writes_frames_given_as_a_float_flag_as_a_toml_integer(tmp_path):
+    """`--pulses-per-frame 1.5e8` (a flag, where floats are the habit) becomes the TOML integer 150000000."""
+    out = tmp_path / "dep"
+    done = subprocess.run([*QKDSTACK, "init", "--out", str(out), "--pulses-per-frame", "1.5e8",
+                           "--base-port", str(free_base_port())], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert "pulses_per_frame = 150000000\n" in (out / "A/site.toml").read_text()
+    assert load_config(out / "A/site.toml").device.pulses_per_frame == 150_000_000

@@ -31,6 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Flags a node would refuse later are refused now, before anything is written.
+    pulses = args.pulses_per_frame
+    if not (pulses == pulses and float(pulses).is_integer() and pulses >= 1000):  # NaN-safe
+        raise ConfigError(f"--pulses-per-frame must be a whole number of pulses, at least 1000, got {pulses:g}")
+    if not 1 <= args.base_port <= 65535 - 11:
+        raise ConfigError(f"--base-port must lie in 1..65524 (the deployment uses it and the next 11 ports), "
+                          f"got {args.base_port}")
+    if not 0 <= args.distance_km < float("inf"):
+        raise ConfigError(f"--distance-km must be a length ≥ 0 km, got {args.distance_km:g}")
     sites = [s.strip() for s in args.sites.split(",") if s.strip()]
     sae_ids = {site: [f"SAE_{site}"] for site in sites}
     for entry in args.sae:
