@@ -371,6 +371,7 @@ def parse_config(data: dict[str, Any], path: Path) -> NodeConfig:
         sections = {name: load_section(cls, name, data.get(name)) for name, cls in SECTIONS.items()}
         config = NodeConfig(path=path, **sections)
         _check_quantum_address(config)
+        _check_distinct_listeners(config)
     except ConfigError as exc:
         raise ConfigError(f"{path.name}: {exc}") from None
     return config
@@ -387,6 +388,17 @@ def _check_quantum_address(config: NodeConfig) -> None:
         "raw key: keep it on 127.0.0.1, or set [device] simulation_testbed = true for a test bed whose keys "
         "need not be secret",
     )
+
+
+def _check_distinct_listeners(config: NodeConfig) -> None:
+    """The receiver's ETSI 014 listener must not take one of its own link addresses."""
+    if config.site.role != "receiver" or not config.kms.tls_cert:
+        return
+    etsi = parse_address("kms", "etsi_listen", config.kms.etsi_listen)
+    for name in ("classical", "quantum", "kms"):
+        if parse_address("link", name, getattr(config.link, name)) == etsi:
+            raise field_error("kms", "etsi_listen", f"must differ from [link] {name} (both {config.kms.etsi_listen}): "
+                              "the receiver listens on each")
 
 
 def load_config(path: str | Path, *, check_files: bool = True) -> NodeConfig:
