@@ -202,6 +202,7 @@ class _LimitsMixin:
     def _limits_init(self) -> None:
         self._refused = False
         self._refusal: tuple[str, list[dict[str, Any]]] | None = None
+        self._body_refused = False
         self._head_open = True
         self._head_bytes = 0
         self._url_bytes = 0
@@ -223,6 +224,7 @@ class _LimitsMixin:
         }
         message, name, limit = limits[what]
         self._refusal = (message, [{name: limit}])
+        self._body_refused = what == "body"
         return _Refuse(message)
 
     def _count_url(self, n: int) -> None:
@@ -271,7 +273,9 @@ class _LimitsMixin:
         if started:  # half an answer to an earlier request is on the wire: nothing sensible can follow
             self.transport.close()
             return
-        self.transport.write(_error_response_bytes(400, message, details))
+        answered = self._body_refused and cycle is not None and cycle.response_complete
+        if not answered:  # (a body past the limit after the app already answered that request: just close)
+            self.transport.write(_error_response_bytes(400, message, details))
         self.flow.resume_reading()
         self._linger_max = self.loop.call_later(LINGER_MAX_S, self._linger_close)
         self._linger_idle = self.loop.call_later(LINGER_IDLE_S, self._linger_close)
@@ -340,8 +344,9 @@ def _client_cert_app(transport: asyncio.Transport, inner: Any) -> Any:
 class MTLSH11Protocol(_LimitsMixin, H11Protocol):
     """uvicorn's h11 protocol with the verified client certificate in each request's scope, and size limits.
 
-    The fallback when httptools is not installed. h11's own limit on an incomplete request head is
-    set above :data:`_MAX_HEAD_BYTES` (see :func:`serve_etsi014`) so that these checks answer first.
+    The h11 twin of :class:`MTLSHttpToolsProtocol` (``serve_etsi014(..., http_protocol=MTLSH11Protocol)``).
+    h11's own limit on an incomplete request head is set above :data:`_MAX_HEAD_BYTES` (see
+    :func:`serve_etsi014`) so that these checks answer first.
     """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
