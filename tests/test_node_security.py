@@ -42,7 +42,8 @@ async def test_lost_pool_file_is_not_reseeded_from_the_psk(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 2, run.stderr[-2000:]
-    assert "consumed" in run.stderr and "qkdstack psk" in run.stderr and "Traceback" not in run.stderr
+    assert "[auth] psk_file" in run.stderr and "consumed" in run.stderr and "qkdstack psk" in run.stderr
+    assert "Traceback" not in run.stderr
     assert not (out / "A" / "data" / "auth-pool.json").exists()
 
 

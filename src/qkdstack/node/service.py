@@ -162,7 +162,10 @@ class Node:
         elif self.psk_path is not None:
             # Checked now (one sentence, exit 2, for a consumed, damaged or foreign PSK); the pool is seeded
             # only once the peer has shown the same PSK check value (_reconcile_pools).
-            psk = load_psk(self.psk_path)
+            try:
+                psk = load_psk(self.psk_path)
+            except ConfigError as exc:
+                raise ConfigError(f"[auth] psk_file: {exc}") from None
             if psk.link_id != self.link_id:
                 raise ConfigError(
                     f"[auth] psk_file is for link {psk.link_id!r}, but this node serves link {self.link_id!r}"
