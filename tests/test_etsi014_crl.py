@@ -57,8 +57,10 @@ class CrlPKI:
     def tls(self, crl: Path | None) -> TLSFiles:
         return TLSFiles(self.root / "kme.pem", self.root / "kme.key", self.root / "ca.pem", crl)
 
-    def client(self, srv, name: str) -> httpx.AsyncClient:
+    def client(self, srv, name: str, tls12: bool = False) -> httpx.AsyncClient:
         ctx = ssl.create_default_context(cafile=str(self.root / "ca.pem"))
+        if tls12:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(self.root / f"{name}.pem"), str(self.root / f"{name}.key"))
         return httpx.AsyncClient(base_url=srv.url, verify=ctx, timeout=10)
 
@@ -77,14 +79,17 @@ async def sites(tmp_path):
     factory.close_all()
 
 
-@pytest.mark.parametrize("der", [False, True], ids=["pem", "der"])
-async def test_revoked_sae_gets_no_key_others_do(sites, crl_pki, der):
+@pytest.mark.parametrize(("der", "tls12"), [(False, False), (True, False), (False, True)],
+                         ids=["pem", "der", "pem-tls1.2"])
+async def test_revoked_sae_gets_no_key_others_do(sites, crl_pki, der, tls12):
     crl = crl_pki.crl_file(f"crl-{der}", ["SAE_A"], der=der)
     async with serve_etsi014(sites.a, "127.0.0.1", 0, crl_pki.tls(crl)) as srv:
-        async with crl_pki.client(srv, "SAE_A") as revoked:
+        async with crl_pki.client(srv, "SAE_A", tls12) as revoked:
             with pytest.raises(REFUSED):
                 await revoked.get("/api/v1/keys/SAE_B/enc_keys")
-        async with crl_pki.client(srv, "SAE_A2") as good:
+            with pytest.raises(REFUSED):
+                await revoked.post("/api/v1/keys/SAE_B/enc_keys", json={})
+        async with crl_pki.client(srv, "SAE_A2", tls12) as good:
             r = await good.get("/api/v1/keys/SAE_B/enc_keys")
             assert r.status_code == 200 and len(r.json()["keys"]) == 1
 
