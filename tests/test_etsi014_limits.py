@@ -233,7 +233,8 @@ async def test_full_10_mb_upload_gets_json_400_and_memory_does_not_grow(server, 
     answer = json.loads(out)
     assert answer["status"] == 400 and answer["type"] == "application/json"
     assert answer["body"]["message"] == "request body too large"
-    assert peak - base < 4 * 1024 * 1024, (peak - base) / 1e6
+    print(f"RSS growth {(peak - base) / 1e6:.2f} MB")
+    assert peak - base < 5 * 1024 * 1024, (peak - base) / 1e6  # half the body; measured 0.5-2 MB
 
 
 async def test_garbage_request_gets_json_400(server, pki):
