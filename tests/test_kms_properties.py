@@ -1,7 +1,8 @@
 """Property test: random interleavings of enc_keys / dec_keys in both directions, with peer-link failures.
 
 Invariants after every sequence: no key ID or key bytes handed out twice, every slave gets the master's
-bytes, counters equal a full recount, and the two stores agree chunk by chunk after a resync.
+bytes, counters equal a full recount, and the two stores agree chunk by chunk after a resync. Some
+sequences store key blocks at one site only (orphans), which the master sites drop as they meet them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ OPS = st.lists(
         st.tuples(st.just("enc"), st.booleans(), st.integers(1, 4), st.sampled_from([64, 136, 256, 512, 1024])),
         st.tuples(st.just("dec"), st.booleans(), st.integers(0, 10**6), st.just(0)),
         st.tuples(st.just("link"), st.sampled_from(["up", "down", "lose"]), st.just(0), st.just(0)),
+        st.tuples(st.just("orphan"), st.booleans(), st.integers(1, 12), st.just(0)),
     ),
     max_size=25,
 )
@@ -31,11 +33,15 @@ def test_random_operations_keep_every_invariant(tmp_path_factory, ops):
 
 
 async def _scenario(tmp, ops) -> None:
-    s = await Sites(StoreFactory("sqlite", tmp), blocks=2, block_bytes=32 * 40).start()
+    s = await Sites(StoreFactory("sqlite", tmp), blocks=2, block_bytes=32 * 40, orphan_grace_s=0.0).start()
     try:
         handed: dict[str, str] = {}  # key ID -> base64 key, from enc_keys
         waiting: list[tuple[bool, str]] = []  # (taken at A?, key ID) not yet fetched by the slave
-        for op, flag, n, size in ops:
+        for i, (op, flag, n, size) in enumerate(ops):
+            if op == "orphan":  # a key block at one site only: it must cost its own keys only
+                await s.add_orphan(flag, f"orphan-{i}", n)
+                await s.add_block(f"after-orphan-{i}")
+                continue
             if op == "link":
                 for link in (s.link_ab, s.link_ba):
                     link.down, link.lose_replies = flag == "down", flag == "lose"
