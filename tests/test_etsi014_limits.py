@@ -171,6 +171,23 @@ async def test_10_mb_body_is_refused_before_it_is_sent(server, pki):
     assert sent <= 256 * 1024 < total
 
 
+async def test_oversized_second_request_on_a_kept_alive_connection(server, pki):
+    """The refusal is answered also after earlier requests on the same connection were served."""
+    _sites, srv = server
+    reader, writer = await _connect(pki, srv)
+    try:
+        writer.write(f"GET {BASE}/status HTTP/1.1\r\nhost: kme\r\n\r\n".encode())
+        status, _headers, _body = await _read_response(reader)
+        assert status == 200
+        for oversized in (
+            f"POST {BASE}/enc_keys HTTP/1.1\r\nhost: kme\r\ncontent-length: {10 << 20}\r\n\r\n".encode(),
+        ):
+            writer.write(oversized + b" " * 4096)
+            _assert_error(*await _read_response(reader), "request body too large")
+    finally:
+        await _close(writer)
+
+
 async def test_chunked_body_is_refused_at_the_limit_not_buffered(server, pki):
     """No Content-Length (chunked): the server counts what arrives and answers once past 64 KiB."""
     _sites, srv = server

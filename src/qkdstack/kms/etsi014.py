@@ -224,7 +224,6 @@ class _LimitsMixin:
         }
         message, name, limit = limits[what]
         self._refusal = (message, [{name: limit}])
-        self._body_refused = what == "body"
         return _Refuse(message)
 
     def _count_url(self, n: int) -> None:
@@ -245,6 +244,7 @@ class _LimitsMixin:
     def _count_body(self, n: int) -> None:
         self._body_bytes += n
         if self._body_bytes > MAX_BODY_BYTES:
+            self._body_refused = True  # the current request's cycle exists (it may have been answered)
             raise self._over("body")
 
     def _feed_head(self, n: int) -> None:
