@@ -179,11 +179,9 @@ async def test_oversized_second_request_on_a_kept_alive_connection(server, pki):
         writer.write(f"GET {BASE}/status HTTP/1.1\r\nhost: kme\r\n\r\n".encode())
         status, _headers, _body = await _read_response(reader)
         assert status == 200
-        for oversized in (
-            f"POST {BASE}/enc_keys HTTP/1.1\r\nhost: kme\r\ncontent-length: {10 << 20}\r\n\r\n".encode(),
-        ):
-            writer.write(oversized + b" " * 4096)
-            _assert_error(*await _read_response(reader), "request body too large")
+        oversized = f"POST {BASE}/enc_keys HTTP/1.1\r\nhost: kme\r\ncontent-length: {10 << 20}\r\n\r\n"
+        writer.write(oversized.encode() + b" " * 4096)
+        _assert_error(*await _read_response(reader), "request body too large")
     finally:
         await _close(writer)
 
