@@ -101,6 +101,11 @@ def test_api_never_fails_on_the_server_side(api_schema, server, session):
                 base_url=server.url, session=session, timeout=10, verify=session.verify, cert=session.cert
             )
             seen.add(response.status_code)
+            if response.status_code == 503:
+                # The OpenAPI description declares number/size bounds, so valid requests of up to
+                # 128 x 8192 bits are drawn and can drain this small store: ETSI 014 answers 503 then.
+                assert response.json()["message"] == "not enough keys available for this request", response.text
+                return
             assert response.status_code < 500, (case.method, case.path, response.text)
             if response.status_code >= 400:
                 body = response.json()
