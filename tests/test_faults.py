@@ -5,21 +5,26 @@ short ``[link] timeout_s``; faults: SIGKILL of either node while rounds run and 
 that black-holes, delays, resets and half-closes each of the three connections (classical, quantum, KME
 peer link), and idle periods longer than every timeout (the store full, no SAE traffic). After each fault
 an SAE takes a key at A over ETSI 014 and the peer SAE gets the same bytes at B, and the two stores agree.
-The long version (100+ kill cycles) is scripts/fault_probe.py.
+A fatal condition (an exhausted authentication pool) ends both processes with exit 1, never 0. The KME
+peer link's keepalive is also tested on its own over a TCP pair. The long version (100+ fault cycles) is
+scripts/fault_probe.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import re
 import secrets
+import subprocess
 import time
 
 import pytest
 
 from _fault_proxy import CONNECTIONS, KeyMismatch, TwoSites
+from _node_support import edit_config, run_nodes
 from qkdstack.errors import ChannelError, QKDError
 from qkdstack.node.kms_link import KmsPeerLink
 from qkdstack.transport.tcp import TcpChannel, connect, serve
@@ -257,3 +262,40 @@ async def test_store_full_pause_and_idle_kms_link_keep_their_sessions(tmp_path):
     finally:
         codes = await sites.close()
     assert codes == {"A": 0, "B": 0}
+
+
+# ------------------------------------------------------------------------------ fatal: exit non-zero
+
+
+def _exhaust_pool(site_dir) -> None:
+    """Spend a saved authentication pool's pads to the last byte (the same at both sites: still in lockstep)."""
+    path = site_dir / "data" / "auth-pool.json"
+    doc = json.loads(path.read_text())
+    for direction in doc["directions"].values():
+        pad = direction["pad"]
+        pad["cursor"], pad["data"] = pad["total"], ""
+    path.write_text(json.dumps(doc, sort_keys=True))
+
+
+async def test_exhausted_pool_stops_both_nodes_with_a_nonzero_exit(tmp_path):
+    """A fatal condition (no authentication key left) stops ``qkdstack node`` with exit 1 and one line, never 0."""
+    sites = TwoSites(tmp_path / "dep", timeout_s=TIMEOUT_S)
+    for site in "AB":  # one settled round, so both sites hold a saved pool, then exhaust it
+        edit_config(sites.layouts[site].config, protocol={"rounds": 1})
+    await run_nodes([sites.layouts["A"].config, sites.layouts["B"].config], timeout=90)
+    for site in "AB":
+        edit_config(sites.layouts[site].config, protocol={"rounds": 0})
+        _exhaust_pool(sites.out / site)
+    try:
+        sites.start("B")
+        sites.start("A")
+        for site in "AB":
+            try:
+                code = sites.procs[site].wait(60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"{site} did not stop on an exhausted pool:\n{sites.log(site)[-2000:]}") from None
+            assert code == 1, (site, code, sites.log(site)[-2000:])
+            assert "Traceback" not in sites.log(site)
+            assert "qkdstack node: error:" in sites.log(site) and "authentication" in sites.log(site).lower()
+    finally:
+        await sites.close()
