@@ -136,7 +136,7 @@ async def _proxy_fault(sites: TwoSites, connection: str, fault: str) -> None:
         assert proxy.drop() >= 1, f"no open {connection} connection to black-hole"
     elif fault == "delay":
         proxy.delay_s = 0.3
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
         proxy.heal()
     elif fault == "reset":
         assert proxy.reset() >= 1, f"no open {connection} connection to reset"
@@ -163,7 +163,7 @@ async def _sigkill(sites: TwoSites, victim: str, rng: random.Random, counts: dic
     await asyncio.sleep(0.5)
     stop.set()
     await traffic
-    await asyncio.sleep(2.0)  # the survivor keeps trying; it must not exit meanwhile
+    await asyncio.sleep(1.0)  # the survivor keeps trying; it must not exit meanwhile
     assert sites.alive(survivor) and sites.pid(survivor) == survivor_pid, sites.log(survivor)[-3000:]
     authenticated = _count(AUTHENTICATED, sites.log(survivor))
     rounds = sites.rounds(survivor)
