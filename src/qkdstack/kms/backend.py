@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger("qkdstack.kms.store")
@@ -34,6 +34,11 @@ class Backend:
 
     def committed(self) -> None:
         """Called after each COMMIT (SQLite: wakes the WAL checkpointer)."""
+
+    def prepare_scrub(self, done: Callable[[], None]) -> bool:
+        """Start work that makes the next :meth:`scrub` shorter, off the store's threads; ``done`` is
+        called (from another thread) when it is finished. False: nothing to prepare, scrub now."""
+        return False
 
     def scrub_delay(self) -> float | None:
         """Seconds until :meth:`scrub` is due (0: now); None when no key material was erased since the last one."""

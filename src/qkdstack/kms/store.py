@@ -161,6 +161,8 @@ class KeyStore:
             self._commit_cf: concurrent.futures.Future | None = None
             self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qkd-keystore-commit")
             self._scrub_timer: asyncio.TimerHandle | None = None
+            self._scrub_preparing = False  # the backend's prepare_scrub is running
+            self._scrub_ready = False  # ... and has finished: the scrub itself is short now
             self.wal_truncate_interval = self._db.scrub_interval
             return
         ready: queue.SimpleQueue = queue.SimpleQueue()
@@ -370,11 +372,25 @@ class KeyStore:
         """Inline mode, on the loop: scrub erased key material if due (else arm a timer), then flush."""
         delay = None if self._closed else self._db.scrub_delay()
         if delay == 0:
-            self._start_scrub()
-            return
-        if delay is not None and self._scrub_timer is None:
+            if self._scrub_ready:
+                self._start_scrub()
+                return
+            if not self._scrub_preparing:
+                loop = asyncio.get_running_loop()
+                if self._db.prepare_scrub(lambda: loop.call_soon_threadsafe(self._scrub_prepared)):
+                    self._scrub_preparing = True  # transactions go on meanwhile
+                else:
+                    self._start_scrub()
+                    return
+        elif delay is not None and self._scrub_timer is None:
             self._scrub_timer = asyncio.get_running_loop().call_later(delay, self._scrub_timer_fired)
         self._schedule_flush()
+
+    def _scrub_prepared(self) -> None:
+        self._scrub_preparing = False
+        self._scrub_ready = True
+        if not (self._closed or self._committing or self._flush_scheduled):
+            self._after_commit()  # else the commit in flight (or the flush about to run) starts the scrub
 
     def _scrub_timer_fired(self) -> None:
         self._scrub_timer = None
@@ -391,6 +407,7 @@ class KeyStore:
         if self._scrub_timer is not None:
             self._scrub_timer.cancel()
             self._scrub_timer = None
+        self._scrub_ready = False
         self._committing = True
         self._lock.acquire()
         self._commit_cf = self._committer.submit(self._db.scrub)
