@@ -20,6 +20,9 @@ Key ID agreement (docs/kms.md has the message formats):
   unknown (timeout, link failure, crash), the pending keys are erased at both sites with
   ``kms.discard`` (retried by :meth:`KME.resync` until the peer acknowledges): safe whatever the
   peer did, and the two stores agree again.
+* If the peer does not hold the key block of a chunk (code ``unknown``: the block was stored at
+  this site only), this site drops that block's unused chunks (once it is ``orphan_grace_s`` old)
+  and retries with other chunks, so one such block costs its own keys only.
 """
 
 from __future__ import annotations
