@@ -99,3 +99,39 @@ def test_light_carries_no_classical_record() -> None:
     np.testing.assert_array_equal(tx.alice_record(dark_only).lookup(dark_only)[2], bit)
     with pytest.raises(ChannelError):
         tx.alice_record(np.array([1_000_000], dtype=np.uint64))
+
+
+def test_light_and_record_cost_scale_with_detections() -> None:
+    """The light that crosses holds about one pulse per detection (η_Bob is applied before it crosses)."""
+    p = params(length_km=10.0)
+    device = SplitDevice(p, seed=11)
+    n = 2_000_000
+    light = device.transmitter.emit(n)
+    bob = device.receiver.detect(light)
+    expected = n * p.eta_sys * np.dot(p.source.intensities, p.source.intensity_probs)
+    assert len(light) < 1.1 * expected + 100, (len(light), expected)  # not η_Bob⁻¹ = 5 times more
+    assert len(light) <= len(bob) + 100
+
+
+def test_transmitter_record_survives_next_frame_and_any_order() -> None:
+    """A record handed to sifting answers for its own frame even after the transmitter emitted the next one."""
+    from qkdstack.node.quantum import TransmitterRecord
+
+    p = params()
+    tx = Transmitter(p, seed=5)
+    light = tx.emit(1_000_000)
+    record = TransmitterRecord(tx, 1_000_000)
+    wanted = np.union1d(light.pulse_index[::7], np.arange(0, 1_000_000, 9973, dtype=np.uint64))
+    first = record.lookup(wanted)
+    tx.emit(1_000_000)
+    again = record.lookup(wanted)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Unsorted and repeated indices give the same settings as the sorted look-up.
+    perm = np.random.default_rng(0).permutation(np.concatenate([wanted, wanted[:50]]))
+    shuffled = record.lookup(perm)
+    pos = np.searchsorted(wanted, perm)
+    for a, b in zip(first, shuffled, strict=True):
+        np.testing.assert_array_equal(a[pos], b)
+    with pytest.raises(ChannelError):
+        record.lookup(np.array([5, 1_000_000], dtype=np.uint64))

@@ -9,7 +9,8 @@ tampering with it shows up as errors, which the protocol measures).
 
 :class:`TransmitterRecord` adapts Alice's transmitter to what sifting needs (``n_pulses``
 and ``lookup``): settings of pulses from which no light arrived are materialised on
-demand, exactly as :meth:`~qkdstack.physics.split.Transmitter.alice_record` does.
+demand as a keyed function of the pulse index (see :class:`~qkdstack.physics.split.TransmittedFrame`),
+so a look-up costs O(detections), never O(pulses).
 """
 
 from __future__ import annotations
@@ -18,30 +19,38 @@ import numpy as np
 
 from qkdstack.bits import BitArray
 from qkdstack.errors import ChannelError
-from qkdstack.physics.split import Light, Transmitter
+from qkdstack.physics.split import Light, TransmittedFrame, Transmitter
 from qkdstack.protocol.channel import Channel
 from qkdstack.transport.varint import decode_increasing, encode_increasing
 
 KIND = "quantum.light"
 
 
+def encode_light(light: Light, frame_id: int) -> dict:
+    """The message fields of one frame's light (indices as varint gaps, basis and bit packed)."""
+    return {
+        "frame_id": frame_id,
+        "n_pulses": light.n_pulses,
+        "count": len(light),
+        "indices": encode_increasing(light.pulse_index),
+        "photons": light.photons.astype(np.uint8) if len(light) and light.photons.max() < 256 else light.photons,
+        "basis": BitArray.from_bits(light.basis),
+        "bit": BitArray.from_bits(light.bit),
+    }
+
+
 async def send_light(channel: Channel, light: Light, frame_id: int) -> None:
     """Send one frame's arriving light."""
-    await channel.send(
-        KIND,
-        frame_id=frame_id,
-        n_pulses=light.n_pulses,
-        count=len(light),
-        indices=encode_increasing(light.pulse_index),
-        photons=light.photons.astype(np.uint8) if len(light) and light.photons.max() < 256 else light.photons,
-        basis=BitArray.from_bits(light.basis),
-        bit=BitArray.from_bits(light.bit),
-    )
+    await channel.send(KIND, **encode_light(light, frame_id))
 
 
 async def recv_light(channel: Channel) -> tuple[int, Light]:
     """Receive one frame's light: (frame ID, light)."""
-    msg = await channel.recv(expect=KIND)
+    return decode_light(await channel.recv(expect=KIND))
+
+
+def decode_light(msg: dict) -> tuple[int, Light]:
+    """(frame ID, light) from the message fields, with every check."""
     count = int(msg["count"])
     photons = np.asarray(msg["photons"]).astype(np.uint16)
     basis, bit = msg["basis"].to_bits(), msg["bit"].to_bits()
@@ -58,11 +67,16 @@ class TransmitterRecord:
     """Alice's record of the current frame, looked up by pulse index (see module docstring)."""
 
     def __init__(self, transmitter: Transmitter, n_pulses: int) -> None:
-        self._tx = transmitter
+        # The frame just emitted, held by this record: the transmitter may emit the next frame while
+        # this one is still being sifted.
+        self._frame: TransmittedFrame = transmitter.last_frame
+        if self._frame.n_pulses != n_pulses:
+            raise ValueError("TransmitterRecord must be made right after the transmitter emitted its frame")
         self.n_pulses = n_pulses
 
     def lookup(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self._tx.alice_record(indices).lookup(indices)
+        """Alice's (intensity, basis, bit) at Bob's announced indices: one merge pass when they are sorted."""
+        return self._frame.lookup(indices)
 
     def __repr__(self) -> str:
         return f"TransmitterRecord(n_pulses={self.n_pulses})"
