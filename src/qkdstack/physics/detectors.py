@@ -74,7 +74,7 @@ def _heap_pop(hg: np.ndarray, hd: np.ndarray, hc: np.ndarray, size: int) -> int:
     return size
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _resolve_kernel(
     index: np.ndarray,
     mask: np.ndarray,

@@ -27,7 +27,7 @@ def _check_sorted_unique(name: str, index: np.ndarray) -> None:
         raise ValueError(f"{name} pulse indices must be strictly increasing")
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gather_sorted(
     recorded: np.ndarray, wanted: np.ndarray, intensity: np.ndarray, basis: np.ndarray, bit: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

@@ -63,7 +63,7 @@ def alias_table(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return _vose(p * (p.size / p.sum()))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _vose(scaled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     size = scaled.size
     scaled = scaled.copy()
@@ -149,7 +149,7 @@ def gap_draw(
     return ctr, fold + np.int64(min(rest, 4.0e18))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sample_events_kernel(
     n_pulses: np.int64,
     gap_threshold: np.ndarray,
@@ -221,7 +221,7 @@ def sample_rows(prob: np.ndarray, size: int, rng: np.random.Generator) -> np.nda
     return rng.choice(p.size, size=size, p=p / p.sum()).astype(np.int32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _sample_detections_kernel(
     n_pulses: np.int64,
     gap_threshold: np.ndarray,
