@@ -98,4 +98,8 @@ class Backend:
             f"""CREATE TABLE IF NOT EXISTS qkd_counts (
                 link_id TEXT NOT NULL, pool SMALLINT NOT NULL, state SMALLINT NOT NULL, n {big} NOT NULL,
                 PRIMARY KEY (link_id, pool, state))""",
+            # The highest erased-chunk count the peer KME has shown for each link: a peer whose store shows
+            # fewer was restored from an older copy (rollback check, see kme.py).
+            f"""CREATE TABLE IF NOT EXISTS qkd_peer_marks (
+                link_id TEXT PRIMARY KEY, peer_erased {big} NOT NULL)""",
         ]

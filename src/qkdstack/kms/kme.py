@@ -23,6 +23,16 @@ Key ID agreement (docs/kms.md has the message formats):
 * If the peer does not hold the key block of a chunk (code ``unknown``: the block was stored at
   this site only), this site drops that block's unused chunks (once it is ``orphan_grace_s`` old)
   and retries with other chunks, so one such block costs its own keys only.
+
+Rollback check: a key store restored from an older copy (a backup, a snapshot) holds again keys it
+has already delivered, and as a slave it would hand them out a second time. Each site's count of
+erased chunks only ever grows, so the two KMEs show each other that count (``kms.hello`` when the
+link comes up, ``kms.sync`` soon after every local delivery, at most every ``sync_interval_s``) and
+each keeps the highest count the peer has shown (``KeyStore.peer_mark``, in its own store). A peer
+showing less than its mark was rolled back: it is told so and stops delivering keys
+(:attr:`KME.rolled_back`, every request 503) until an operator intervenes; and after a restart a site
+delivers keys to its slave SAEs only once the peer has confirmed its count. Not caught: deliveries of
+the last ``sync_interval_s`` before the copy was taken, and both sites restored alike.
 """
 
 from __future__ import annotations
@@ -131,6 +141,8 @@ class KMEConfig:
     link_id: str = ""
     orphan_grace_s: float = 30.0
     """A key block the peer does not hold is dropped once it has been stored here this long (seconds)."""
+    sync_interval_s: float = 0.2
+    """Shortest time between two ``kms.sync`` messages (the rollback check's window, seconds)."""
 
     def __post_init__(self) -> None:
         if not self.kme_id or not self.peer_kme_id or self.kme_id == self.peer_kme_id:
@@ -174,6 +186,11 @@ class KME:
         self.remote_sae_ids: frozenset[str] = frozenset()
         self._background: set[asyncio.Task] = set()
         self._in_flight: set[str] = set()  # key IDs between local reservation and the peer's answer
+        self.rolled_back: str | None = None
+        """Set when the peer showed that this site's key store is older than before: delivery stops."""
+        self._confirmed = False  # the peer has confirmed this store's erased count since start
+        self._sync_task: asyncio.Task | None = None
+        self._sync_again = False
 
     def __repr__(self) -> str:
         return f"KME({self.config.kme_id!r}, peer={self.config.peer_kme_id!r})"
@@ -188,13 +205,96 @@ class KME:
         """
         self.peer = link
         answer = await self._peer_request(
-            {"type": "kms.hello", "kme_ID": self.config.kme_id, "SAE_IDs": sorted(self.config.sae_ids)}
+            {"type": "kms.hello", "kme_ID": self.config.kme_id, "SAE_IDs": sorted(self.config.sae_ids),
+             **await self._marks()}
         )
+        if answer.get("code") == "rolled_back":
+            self.peer = None
+            await self._check_marks(answer)  # sets rolled_back when it names this site
+            raise ChannelError(f"the peer KME refused the link: {answer.get('error')}")
         if answer.get("kme_ID") != self.config.peer_kme_id or not answer.get("ok"):
             self.peer = None
             raise ChannelError(f"the peer link does not lead to KME {self.config.peer_kme_id!r}")
+        refusal = await self._check_marks(answer)
+        if refusal is not None:
+            self.peer = None
+            raise ChannelError(refusal["error"])
+        self._confirmed = True
         self.remote_sae_ids = frozenset(str(s) for s in answer.get("SAE_IDs", []))
         await self.resync()
+
+    # -- rollback check ----------------------------------------------------------------------
+
+    async def _marks(self) -> dict[str, int]:
+        """This site's erased-chunk count and the highest count the peer has shown (see the module doc)."""
+        counts = await self.store.counts(self.config.link_id)
+        return {"erased": counts.erased, "peer_erased_seen": await self.store.peer_mark(self.config.link_id)}
+
+    async def _check_marks(self, theirs: dict[str, Any]) -> dict[str, Any] | None:
+        """Compare the peer's counts with ours; raise our mark of the peer. Returns a refusal, or None.
+
+        ``theirs["erased"]`` below our mark: the peer's store went back. ``theirs["peer_erased_seen"]``
+        above our own count: ours did (then :attr:`rolled_back` is set and delivery stops here).
+        """
+        try:
+            their_erased = int(theirs["erased"])
+            seen_here = int(theirs["peer_erased_seen"])
+        except (KeyError, TypeError, ValueError):
+            return {"ok": False, "error": "the peer KME did not show its key store's counts"}
+        c = self.config
+        mine = await self._marks()
+        if seen_here > mine["erased"]:
+            self.rolled_back = (
+                f"key delivery at {c.kme_id} is stopped: its key store has erased {mine['erased']} chunks but "
+                f"the peer KME {c.peer_kme_id} has already seen {seen_here}, so the store was restored from an "
+                "older copy and could deliver keys a second time (see docs/kms.md, 'Rollback')"
+            )
+            log.error("%s", self.rolled_back)
+            return {"ok": False, "code": "rolled_back", "site": c.kme_id, "error": self.rolled_back}
+        if their_erased < mine["peer_erased_seen"]:
+            error = (
+                f"the key store of {c.peer_kme_id} shows {their_erased} erased chunks, fewer than the "
+                f"{mine['peer_erased_seen']} it showed before: it was restored from an older copy; the link is "
+                "refused so that no key is delivered twice (see docs/kms.md, 'Rollback')"
+            )
+            log.error("%s", error)
+            return {"ok": False, "code": "rolled_back", "site": c.peer_kme_id, "error": error}
+        await self.store.raise_peer_mark(c.link_id, their_erased)
+        return None
+
+    def _delivered(self) -> None:
+        """Keys were erased here: show the peer the new count soon (at most every ``sync_interval_s``)."""
+        if self.peer is None:
+            return
+        if self._sync_task is not None and not self._sync_task.done():
+            self._sync_again = True
+            return
+
+        async def run() -> None:
+            try:
+                while True:
+                    self._sync_again = False
+                    answer = await self._peer_request({"type": "kms.sync", **await self._marks()})
+                    await self._check_marks(answer)
+                    await asyncio.sleep(self.config.sync_interval_s)
+                    if not self._sync_again:
+                        return
+            except (QKDError, OSError, TimeoutError) as exc:
+                log.warning("could not show the key store's count to the peer KME yet (%s)", type(exc).__name__)
+
+        self._sync_task = asyncio.get_running_loop().create_task(run())
+        self._background.add(self._sync_task)
+        self._sync_task.add_done_callback(self._background.discard)
+
+    def _check_delivery_allowed(self, slave: bool = False) -> None:
+        if self.rolled_back is not None:
+            raise KMEError(503, "key delivery is stopped at this site", [{"reason": self.rolled_back}])
+        if slave and not self._confirmed:
+            raise KMEError(
+                503, "not enough keys available for this request",
+                [{"reason": "the peer KME has not yet confirmed this site's key store since it started "
+                            "(the KME peer link is not up yet); retry shortly"}],
+            )
 
     def detach_peer(self) -> None:
         self.peer = None
@@ -271,9 +371,16 @@ class KME:
             return {"ok": False, "error": "unknown peer KME"}
         kind = message.get("type")
         try:
-            if kind == "kms.hello":
+            if kind in ("kms.hello", "kms.sync"):
+                refusal = await self._check_marks(message)
+                if refusal is not None:
+                    return {**refusal, **await self._marks()}
+                if kind == "kms.sync":
+                    return {"ok": True, **await self._marks()}
+                self._confirmed = True
                 self.remote_sae_ids = frozenset(str(s) for s in message.get("SAE_IDs", []))
-                return {"ok": True, "kme_ID": self.config.kme_id, "SAE_IDs": sorted(self.config.sae_ids)}
+                return {"ok": True, "kme_ID": self.config.kme_id, "SAE_IDs": sorted(self.config.sae_ids),
+                        **await self._marks()}
             if kind == "kms.reserve":
                 return await self._peer_reserve(message)
             if kind == "kms.discard":
@@ -349,6 +456,7 @@ class KME:
         """ETSI 014 Get key: reserve keys at both sites, then hand them to the master SAE (Key container)."""
         c = self.config
         self._check_sae(master_sae)
+        self._check_delivery_allowed()
         number = 1 if number is None else number
         size = c.key_size if size is None else size
         if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= c.max_key_per_request:
@@ -445,6 +553,7 @@ class KME:
             keys = await self.store.deliver_master(ids)
         except KeyStoreError:
             raise KMEError(503, "key store error during delivery") from None
+        self._delivered()
         return {"keys": [_key_entry(k.key_id, k.key) for k in keys]}
 
     async def _drop_orphans(self, reservations: Sequence[Reservation], unknown: Any) -> bool:
@@ -482,6 +591,7 @@ class KME:
             ids = [str(uuid.UUID(str(k))) for k in key_ids]
         except ValueError:
             raise KMEError(400, MSG_NOT_FOUND, [{"reason": "key_ID is not a UUID"}]) from None
+        self._check_delivery_allowed(slave=True)
         try:
             keys = await self.store.deliver_slave(ids, slave_sae, master_sae)
         except KeyNotAuthorized:
@@ -490,4 +600,5 @@ class KME:
             raise KMEError(400, MSG_NOT_FOUND) from None
         except KeyStoreError:
             raise KMEError(503, "key store error during delivery") from None
+        self._delivered()
         return {"keys": [_key_entry(k.key_id, k.key) for k in keys]}

@@ -531,6 +531,24 @@ def _op_counts(db: Backend, link_id: str) -> LinkCounts:
     return _tally(db.execute("SELECT pool, state, n FROM qkd_counts WHERE link_id = ?", (link_id,)))
 
 
+def _op_peer_mark(db: Backend, link_id: str) -> int:
+    """The highest erased-chunk count the peer KME has shown for ``link_id`` (0 if none yet)."""
+    rows = db.execute("SELECT peer_erased FROM qkd_peer_marks WHERE link_id = ?", (link_id,))
+    return int(rows[0][0]) if rows else 0
+
+
+def _op_raise_peer_mark(db: Backend, link_id: str, peer_erased: int) -> int:
+    """Raise the peer's mark to ``peer_erased`` (never lower it); returns the mark now stored."""
+    old = _op_peer_mark(db, link_id)
+    if peer_erased > old:
+        if db.execute("SELECT 1 FROM qkd_peer_marks WHERE link_id = ?", (link_id,)):
+            db.execute("UPDATE qkd_peer_marks SET peer_erased = ? WHERE link_id = ?", (peer_erased, link_id))
+        else:
+            db.execute("INSERT INTO qkd_peer_marks (link_id, peer_erased) VALUES (?, ?)", (link_id, peer_erased))
+        return peer_erased
+    return old
+
+
 def _op_recount(db: Backend, link_id: str) -> LinkCounts:
     """Counts by a full scan of the chunks (audit of the counters kept by every operation)."""
     return _tally(db.execute(

@@ -61,7 +61,9 @@ from qkdstack.kms.operations import (
     _op_deliver_slave,
     _op_discard,
     _op_drop_orphans,
+    _op_peer_mark,
     _op_pending,
+    _op_raise_peer_mark,
     _op_recount,
     _op_release,
     _op_reserve,
@@ -542,6 +544,14 @@ class KeyStore:
 
     async def counts(self, link_id: str) -> LinkCounts:
         return await self._call(_op_counts, link_id)
+
+    async def peer_mark(self, link_id: str) -> int:
+        """The highest erased-chunk count the peer KME has shown for the link (its rollback watermark)."""
+        return await self._call(_op_peer_mark, link_id)
+
+    async def raise_peer_mark(self, link_id: str, peer_erased: int) -> int:
+        """Record that the peer KME showed ``peer_erased`` erased chunks (the mark only rises); returns the mark."""
+        return await self._call(_op_raise_peer_mark, link_id, int(peer_erased))
 
     async def recount(self, link_id: str) -> LinkCounts:
         """:meth:`counts` recomputed by a full scan (audits; must equal :meth:`counts`)."""
