@@ -35,7 +35,9 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,10 @@ from qkdstack.kms.store import KeyStoreError, LinkLimits, open_store
 from qkdstack.node.config import NodeConfig, parse_address
 from qkdstack.node.credentials import bootstrap_credentials
 from qkdstack.node.kms_link import KmsPeerLink
-from qkdstack.node.quantum import TransmitterRecord, recv_light, send_light
+from qkdstack.node.quantum import TransmitterRecord, recorded_frame, recv_light, send_light
+from qkdstack.node.rate import RealTimeMeter
 from qkdstack.physics.eve import parse_eve
+from qkdstack.physics.recorded import RecordSource
 from qkdstack.physics.split import Receiver, Transmitter
 from qkdstack.protocol import round as distill
 from qkdstack.protocol.keyblock import Abort, KeyBlock
@@ -74,6 +78,8 @@ log = logging.getLogger("qkdstack.node")
 LINK_KEY_BYTES = 32
 """QKD key bytes per accepted round for the KME peer link's key ring."""
 KEPT_LINK_KEYS = 4
+RATE_LOG_INTERVAL_S = 30.0
+"""How often (at most) the node logs its key rates and real-time factor."""
 
 
 @dataclass
@@ -121,6 +127,9 @@ class Node:
             self.tx = None
             self.rx = Receiver(params.receiver, params.channel.misalignment, params.source.rep_rate_hz,
                                seed=None if seed is None else seed + 1)
+        # [device] source = "records": each site reads its own side's record of each frame (docs/devices.md).
+        self.records = (RecordSource(config.resolve(config.device.records_dir), self.role, params.source.n_intensities)
+                        if config.device.source == "records" else None)
         self.stats = NodeStats()
         self.pool: AuthKeyPool | None = None
         self.psk_path = config.resolve(config.auth.psk_file) if config.auth.bootstrap == "psk" else None
@@ -132,6 +141,15 @@ class Node:
         self.link_keys: dict[int, bytes] = {}
         self.link_keys_changed = asyncio.Event()
         self.stop = asyncio.Event()
+        """Set (on the serving loop, e.g. by SIGTERM) to stop the node; it reaches the distillation loop too."""
+        self._main_loop: asyncio.AbstractEventLoop | None = None
+        """The serving loop: ETSI 014, in-unit delivery, the KME peer link, the key store."""
+        self._dloop: asyncio.AbstractEventLoop | None = None
+        """The distillation loop (its own thread): device frames, the classical link, rounds."""
+        self._dstop: asyncio.Event | None = None
+        self._dgo: asyncio.Event | None = None
+        self.rtf = RealTimeMeter()
+        self._last_rate_log = 0.0
         self.etsi_url: str | None = None
         self._accepted: dict[str, asyncio.Queue[tuple[TcpChannel, asyncio.Event]]] = {}
         self._frame_id = 0
@@ -247,9 +265,10 @@ class Node:
     async def write_status(self) -> None:
         store = None
         if self.kme is not None:
-            counts = await self.kme.store.counts(self.kme.config.link_id)
+            counts = await self._on_main(self.kme.store.counts(self.kme.config.link_id))
             store = {"stored_keys": counts.stored, "key_size_bits": self.kme.config.key_size}
-        elapsed = max(time.time() - self.stats.started, 1e-9)
+        now = time.time()
+        elapsed = max(now - self.stats.started, 1e-9)
         doc = {
             "site": self.site.name,
             "role": self.site.role,
@@ -265,6 +284,9 @@ class Node:
             "secret_key_rate_bit_per_s_device": (
                 self.stats.secret_bits / self.stats.pulses * self.params.source.rep_rate_hz if self.stats.pulses else 0
             ),
+            "real_time_factor": self.rtf.factor(now),
+            "real_time_window_s": self.rtf.window_s,
+            "device_seconds_distilled": self.rtf.total_device_s,
             "auth_bits_consumed": self.stats.auth_bits_consumed,
             "auth_pool": self.pool.report() if self.pool is not None else None,
             "epsilon": _link_epsilon(self.pool),
@@ -304,7 +326,7 @@ class Node:
             opening = self._accepted[name].get()
         # Waiting for the peer must not outlive a stop request (a round in flight is still finished).
         task = asyncio.ensure_future(opening)
-        stopping = asyncio.ensure_future(self.stop.wait())
+        stopping = asyncio.ensure_future(self._stopping().wait())
         await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
         if not task.done():
@@ -328,7 +350,7 @@ class Node:
         half second, which also keeps the session's connections alive.
         """
         mine = self.pool.last_round_id if self.pool is not None else 0
-        room = await self._store_has_room()
+        room = await self._on_main(self._store_has_room())
         if self.transmitter:
             await channel.send("link.next", last=mine, final=final, room=room)
             msg = await recv_fresh(channel, "link.next")
@@ -345,6 +367,9 @@ class Node:
         return not await self.kme.is_full() and await self.kme.can_store(self._last_block_bits)
 
     async def _device_frame(self, qchan: TcpChannel) -> Any:
+        if self.records is not None:
+            self._frame_id, record = await recorded_frame(qchan, self.records)
+            return record
         n = self.cfg.device.pulses_per_frame
         if self.transmitter:
             assert self.tx is not None
@@ -449,6 +474,7 @@ class Node:
         """
         self.stats.rounds_accepted += 1
         self.stats.secret_bits += block.length
+        self.rtf.add(self.cfg.device.pulses_per_frame / self.params.source.rep_rate_hz)
         auth_eps = result.epsilon if result else 0.0
         block = block.with_provenance(
             device=self.cfg.device_labels,
@@ -477,6 +503,22 @@ class Node:
             "detections": block.stats.get("detections"),
         }
         self._log_round({**self.stats.last, "proof": meta})
+        self._rate_log()
+
+    def _rate_log(self, *, force: bool = False) -> None:
+        """Log the key rates and the real-time factor, at most every RATE_LOG_INTERVAL_S (and at the end)."""
+        now = time.time()
+        if not force and now - self._last_rate_log < RATE_LOG_INTERVAL_S:
+            return
+        if not self.stats.rounds_accepted:
+            return
+        self._last_rate_log = now
+        wall = self.stats.secret_bits / max(now - self.stats.started, 1e-9)
+        device = self.stats.secret_bits / self.stats.pulses * self.params.source.rep_rate_hz if self.stats.pulses else 0
+        log.info("%s: %d rounds accepted, %d aborted; secret key rate %.4g bit/s of wall time, %.4g bit/s of device "
+                 "time; real-time factor %.3f (device seconds distilled per wall second, last %.0f s)",
+                 self.site.name, self.stats.rounds_accepted, self.stats.rounds_aborted, wall, device,
+                 self.rtf.factor(now), self.rtf.window_s)
 
     def _log_round(self, doc: dict[str, Any]) -> None:
         """Append the round's outcome (no key bytes) to data/rounds.jsonl."""
@@ -492,6 +534,63 @@ class Node:
         await self.write_status()
 
     # ---------------------------------------------------------------------------------- loops
+
+    def _in_distillation(self) -> bool:
+        """Whether the caller runs on the distillation loop (its thread)."""
+        try:
+            return self._dloop is not None and asyncio.get_running_loop() is self._dloop
+        except RuntimeError:
+            return False
+
+    def _stopping(self) -> asyncio.Event:
+        """The stop event of the running loop (an asyncio.Event belongs to one loop)."""
+        if self._dstop is not None and self._in_distillation():
+            return self._dstop
+        return self.stop
+
+    def _request_stop(self) -> None:
+        """Stop the node from either loop: both loops' stop events are set."""
+        self._stopping().set()
+        main = self._main_loop
+        if main is not None and self._in_distillation():
+            with contextlib.suppress(RuntimeError):  # the serving loop is already closed
+                main.call_soon_threadsafe(self.stop.set)
+
+    async def _on_main(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the serving loop and wait for its result from whichever loop calls.
+
+        The KME, its key store (whose SQLite batches run on the serving loop's thread, kms/store.py) and
+        the KME peer link's key ring belong to the serving loop; the distillation loop reaches them only
+        through here (``asyncio.run_coroutine_threadsafe``), never directly.
+        """
+        main = self._main_loop
+        if main is None or not self._in_distillation():
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, main))
+
+    async def _distillation_main(self, started: Callable[[BaseException | None], None]) -> None:
+        """The distillation loop's body: listen for the classical and quantum links, then run sessions."""
+        self._dloop = asyncio.get_running_loop()
+        self._dstop = asyncio.Event()
+        self._dgo = asyncio.Event()
+        servers: list[asyncio.Server] = []
+        try:
+            if not self.transmitter:
+                for name in ("classical", "quantum"):
+                    servers.append(await self._listen(name, getattr(self.cfg.link, name)))
+        except BaseException as exc:
+            for server in servers:
+                server.close()
+            started(exc)
+            return
+        started(None)
+        try:
+            await self._dgo.wait()  # set by go(), or on stop (the rounds loop then ends at once)
+            await self._rounds_loop()
+        finally:
+            for server in servers:
+                server.close()
+            self._rate_log(force=True)
 
     def _rounds_done(self) -> bool:
         """The transmitter's decision that the configured number of rounds is done."""
@@ -511,7 +610,9 @@ class Node:
                 await self._release_settled(result)
                 log.info("%s: peer %s authenticated (round %d, %d key bits)", self.site.name, self.site.peer,
                          round_id, result.consumed_bits)
-            while not self.stop.is_set() and not self.finished:
+            if not self.stats.rounds_accepted:  # the real-time factor counts from the first session on
+                self.rtf.restart()
+            while not self._stopping().is_set() and not self.finished:
                 round_id, final, room = await self._agree_round_id(
                     cchan, final=self.transmitter and self._rounds_done()
                 )
@@ -615,7 +716,7 @@ class Node:
             if not doc.get("committed"):
                 continue
             try:
-                await self._store(int(path.stem), doc["block_id"], bytes.fromhex(doc["key"]))
+                await self._on_main(self._store(int(path.stem), doc["block_id"], bytes.fromhex(doc["key"])))
             except KeyStoreError as exc:
                 log.error("%s: block %s cannot be stored yet (%s); kept in pending/ and retried after the next "
                           "round", self.site.name, doc["block_id"][:8], exc)
@@ -636,7 +737,7 @@ class Node:
         failure (disk, key store) or a bug.
         """
         delay = 0.2
-        while not self.stop.is_set() and not self.finished:
+        while not self._stopping().is_set() and not self.finished:
             accepted = self.stats.rounds_accepted
             try:
                 await self._session()
@@ -646,7 +747,7 @@ class Node:
                 log.error("%s: %s; stopping the link rather than weakening authentication", self.site.name, exc)
                 self.stats.aborts.append(f"authentication: {exc}")
                 await self.write_status()
-                self.stop.set()
+                self._request_stop()
                 raise
             except ConfigError:
                 raise
@@ -663,10 +764,10 @@ class Node:
                 if self.stats.rounds_accepted > accepted:
                     delay = 0.2
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
+                    await asyncio.wait_for(self._stopping().wait(), delay)
                 delay = min(2 * delay, 5.0)
         if not self.finished:
-            self.stop.set()
+            self._request_stop()
 
     async def _kms_link_loop(self) -> None:
         """Keep the KME peer link up for as long as the node runs.
@@ -723,10 +824,25 @@ class Node:
                       key_size=kms_cfg.key_size_bits),
             store,
         )
+        self._main_loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []
-        if not self.transmitter:
-            for name in ("classical", "quantum", "kms"):
-                servers.append(await self._listen(name, getattr(self.cfg.link, name)))
+        distillation = _DistillationThread(self)
+        try:
+            if not self.transmitter:
+                servers.append(await self._listen("kms", self.cfg.link.kms))
+            # The classical and quantum links listen (on the distillation loop) from the start, as the KME
+            # link does, so a transmitter finds them; no round starts before the KME serves (go() below).
+            await distillation.start()
+            await self._serve(store, servers, distillation)
+        finally:
+            await distillation.shutdown()
+            for server in servers:
+                server.close()
+
+    async def _serve(self, store: Any, servers: list[asyncio.Server], distillation: _DistillationThread) -> None:
+        """Serve keys (ETSI 014, in-unit, KME peer link) on this loop while the distillation thread makes them."""
+        assert self.kme is not None
+        kms_cfg = self.cfg.kms
         async with contextlib.AsyncExitStack() as stack:
             if kms_cfg.tls_cert:
                 host, port = parse_address("kms", "etsi_listen", kms_cfg.etsi_listen)
@@ -745,11 +861,13 @@ class Node:
                 log.warning("%s: %s", self.site.name, caveat)
             kms_task = asyncio.create_task(self._kms_link_loop())
             try:
-                await self._rounds_loop()
+                distillation.go()
+                await distillation.wait()
                 await self.write_status()
                 if self.finished:
                     await self.stop.wait()  # keep serving keys (ETSI 014, peer link) until stopped
             finally:
+                await distillation.shutdown()
                 kms_task.cancel()
                 with contextlib.suppress(BaseException):
                     await kms_task
@@ -786,6 +904,102 @@ def _link_epsilon(pool: AuthKeyPool | None) -> dict[str, float] | None:
         "authentication": rep["epsilon_total"],
         "link_total": rep["epsilon_blocks_total"] + rep["epsilon_total"],
     }
+
+
+class _DistillationThread:
+    """The node's distillation loop on a thread of its own, driven from the serving loop.
+
+    Device frames, the classical and quantum connections and the rounds (sifting, estimation, Cascade,
+    verification, amplification) run on this loop, so that their CPU work never delays an ETSI 014
+    answer, an in-unit delivery or the KME peer link, which keep the serving loop to themselves (issue
+    11). The heavy kernels release the GIL (Numba ``nogil``), so both loops progress on two cores.
+    ``node.stop`` (serving loop) reaches this loop through ``call_soon_threadsafe``; a round in flight
+    is finished first, as before.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.thread: threading.Thread | None = None
+        self._started: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the thread; return once it listens (a ConfigError of its listening is raised here)."""
+        main = asyncio.get_running_loop()
+        self._started, self._done = main.create_future(), main.create_future()
+        factory = _loop_factory(main)
+
+        def settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+            def set_it() -> None:
+                if fut.done():
+                    return
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+            with contextlib.suppress(RuntimeError):  # the serving loop is closed: nobody is waiting
+                main.call_soon_threadsafe(set_it)
+
+        def body() -> None:
+            error: BaseException | None = None
+            try:
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(self.node._distillation_main(lambda exc: settle(self._started, exc)))
+            except BaseException as exc:  # handed to the serving loop, which raises it from Node.run
+                error = exc
+            settle(self._started, error)  # if it failed before listening
+            settle(self._done, error)
+
+        self.thread = threading.Thread(target=body, name=f"qkd-distill-{self.node.site.name}", daemon=True)
+        self.thread.start()
+        await asyncio.shield(self._started)
+        self._watcher = asyncio.create_task(self._forward_stop())
+
+    def _set(self, event: asyncio.Event | None) -> None:
+        dloop = self.node._dloop
+        if dloop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):  # the distillation loop has ended already
+                dloop.call_soon_threadsafe(event.set)
+
+    def go(self) -> None:
+        """Let the rounds start (the KME is serving)."""
+        self._set(self.node._dgo)
+
+    async def _forward_stop(self) -> None:
+        await self.node.stop.wait()
+        self._set(self.node._dstop)
+        self._set(self.node._dgo)
+
+    async def wait(self) -> None:
+        """Wait until the rounds loop ends (stopped, finished, or failed: its exception is raised here)."""
+        assert self._done is not None
+        await asyncio.shield(self._done)
+
+    async def shutdown(self) -> None:
+        """Stop the distillation loop and wait for its thread, keeping the serving loop running meanwhile."""
+        if self._done is None or self.thread is None or (self._done.done() and not self.thread.is_alive()):
+            return
+        self.node.stop.set()
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._forward_stop())
+        while not self._done.done():  # the thread may still call into this loop (key store) on its way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._done)
+        self._watcher.cancel()
+        await asyncio.to_thread(self.thread.join)
+        if not self._done.cancelled():
+            self._done.exception()  # retrieved: raised by wait() already, if anyone waited
+
+
+def _loop_factory(main: asyncio.AbstractEventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The distillation loop's kind: uvloop when the serving loop is uvloop (``qkdstack node``)."""
+    if type(main).__module__.startswith("uvloop"):
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 class _Stopped(Exception):
