@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -100,11 +101,13 @@ class Probe:
         if not all(self.sites.alive(s) and self.sites.pid(s) == pids[s] for s in "AB"):
             raise AssertionError(f"a node exited after {fault} on {connection}")
 
-    async def run(self, cycles: int, faults: list[str]) -> None:
+    async def run(self, cycles: int, faults: list[str], interrupted: asyncio.Event) -> None:
         stop = asyncio.Event()
         traffic = asyncio.create_task(self.traffic(stop))
         try:
             for _ in range(cycles):
+                if interrupted.is_set():
+                    break
                 kind = self.rng.choice(faults)
                 self.counts["cycles"] += 1
                 try:
@@ -132,12 +135,15 @@ async def main(args: argparse.Namespace) -> dict:
     sites = TwoSites(out / "dep", proxied=True, timeout_s=args.timeout_s)
     probe = Probe(sites, random.Random(args.seed), args.timeout_s)
     started = time.monotonic()
+    interrupted = asyncio.Event()  # SIGINT/SIGTERM: finish the cycle, stop the nodes, print the counts so far
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, interrupted.set)
     try:
         await sites.start_proxies()
         sites.start("B")
         sites.start("A")
         await sites.wait_keys_flow(180)
-        await probe.run(args.cycles, args.faults.split(","))
+        await probe.run(args.cycles, args.faults.split(","), interrupted)
     finally:
         codes = await sites.close()
     rec = probe.recovery_s
