@@ -6,6 +6,10 @@ totals (pulses, detections, wall time). The gain of a (class, basis) cell is its
 detections divided by the expected number of pulses sent in it, N·p_k·p_A·p_B: the
 device's record is sparse and holds only materialised pulses, and the relative fluctuation
 of that pulse count (≈ 1/sqrt(N p_k p_A p_B)) is far below that of the detections.
+
+``--save DIR`` writes both parties' raw records of every frame (``--frames``) in the records
+format of :mod:`qkdstack.physics.recorded` (docs/devices.md), for a node with
+``[device] source = "records"`` or any other consumer of raw records.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import parse_eve
 from qkdstack.physics.params import DeviceParams
+from qkdstack.physics.recorded import frame_numbers, save_frame, write_device_json
 from qkdstack.physics.records import Frame
 from qkdstack.physics.split import SplitDevice
 from qkdstack.theory.device import expected_detection_prob, expected_qber
@@ -50,6 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--split", action="store_true", help="run the two-half form (transmitter | light | receiver); slower"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--save", metavar="DIR", default=None,
+        help="also write both parties' raw records of each frame to DIR (alice/ and bob/ frame files, format in "
+        "docs/devices.md), numbered after any frames already there; a node with [device] source = \"records\" "
+        "reads them",
+    )
+    parser.add_argument("--frames", type=int, default=1, help="frames to simulate (and save), default 1")
     parser.set_defaults(func=run)
 
 
@@ -99,9 +111,25 @@ def run(args: argparse.Namespace) -> int:
         device = SimulatedDevice(params, eve, seed=args.seed, afterpulse_mode=args.afterpulse_mode)
     # Load the compiled kernels on a throw-away device first, so that the time reported is the frame's.
     SimulatedDevice(params, eve, seed=0, afterpulse_mode=args.afterpulse_mode).run_frame(1000)
-    start = time.perf_counter()
-    frame = device.run_frame(pulses)
-    elapsed = time.perf_counter() - start
+    if args.frames < 1:
+        raise ConfigError(f"--frames must be at least 1, got {args.frames}")
+    first = 1
+    if args.save is not None:
+        try:
+            first = 1 + max([0, *frame_numbers(args.save, "alice"), *frame_numbers(args.save, "bob")])
+            write_device_json(args.save, params)
+        except OSError as exc:
+            raise ConfigError(f"--save: cannot write to {args.save} ({exc.strerror or exc})") from None
+    elapsed = 0.0
+    for i in range(args.frames):
+        start = time.perf_counter()
+        frame = device.run_frame(pulses)
+        elapsed += time.perf_counter() - start
+        if args.save is not None:
+            try:
+                save_frame(args.save, first + i, frame)
+            except OSError as exc:
+                raise ConfigError(f"--save: cannot write to {args.save} ({exc.strerror or exc})") from None
     rows = summarise(frame, params)
     truth = frame.ground_truth
     result: dict[str, Any] = {
@@ -111,11 +139,13 @@ def run(args: argparse.Namespace) -> int:
         "afterpulse_mode": "next-gate" if args.split else args.afterpulse_mode,
         "seed": args.seed,
         "pulses": pulses,
+        "frames": args.frames,
+        "saved_frames": [first, first + args.frames - 1] if args.save is not None else None,
         "simulated_time_s": pulses / params.source.rep_rate_hz,
-        "detections": len(frame.bob),
+        "detections": len(frame.bob),  # of the last frame (as everything below)
         "sifted": int(sum(r["detections"] for r in rows)),
         "elapsed_s": elapsed,
-        "detections_per_s": len(frame.bob) / elapsed if elapsed > 0 else None,
+        "detections_per_s": args.frames * len(frame.bob) / elapsed if elapsed > 0 else None,
         "eve_knows_fraction_oracle": float(truth.eve_knows.mean()) if truth is not None and len(frame.bob) else 0.0,
         "classes": rows,
     }
@@ -152,4 +182,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"({_fmt(result['detections_per_s'], '.3g')} detections/s)",
         f"Eve knows {100 * result['eve_knows_fraction_oracle']:.2f} % of Bob's detected bits (simulator oracle)",
     ]
+    if result.get("saved_frames"):
+        lo, hi = result["saved_frames"]
+        lines.append(f"saved frames {lo}–{hi} (both parties' records; the table shows the last frame)")
     return "\n".join(lines)

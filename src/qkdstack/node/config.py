@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import os
 import socket
 import ssl
@@ -145,7 +146,14 @@ class DeviceSection:
     dark_count: float = _RECEIVER.dark_count
     afterpulse: float = _RECEIVER.afterpulse
     dead_time_s: float = _RECEIVER.dead_time_s
-    pulses_per_frame: int = 100_000_000
+    pulses_per_frame: int | None = None
+    """Pulses per round; default 100_000_000 unless ``frame_seconds`` is given (exactly one of the two)."""
+    frame_seconds: float | None = None
+    """Device time per round: ``frame_seconds × rep_rate_hz`` pulses (an integer), instead of ``pulses_per_frame``."""
+    source: str = "simulator"
+    """Where frames come from: ``simulator`` (the split simulated device) or ``records`` (docs/devices.md)."""
+    records_dir: str = ""
+    """With ``source = "records"``: the folder holding ``alice/`` and ``bob/`` frame files."""
     eve: str = "none"
     seed: int | None = None
     simulation_testbed: bool = False
@@ -155,8 +163,8 @@ class DeviceSection:
 
     @property
     def simulated(self) -> bool:
-        """Whether keys come from the simulated device (always, today: it is the only device)."""
-        return True
+        """Whether keys come from the simulated device (its light crosses the quantum-channel connection)."""
+        return self.source == "simulator"
 
     @property
     def seeded(self) -> bool:
@@ -165,8 +173,27 @@ class DeviceSection:
         return self.seed is not None
 
     def __post_init__(self) -> None:
+        if self.frame_seconds is not None:
+            if self.pulses_per_frame is not None:
+                raise field_error("device", "frame_seconds", "and pulses_per_frame are alternatives: give exactly "
+                                  "one of the two")
+            pulses = self.frame_seconds * self.rep_rate_hz
+            if not (math.isfinite(pulses) and pulses >= 1000):
+                raise field_error("device", "frame_seconds", f"must give at least 1000 pulses at rep_rate_hz "
+                                  f"{self.rep_rate_hz:g}, got {self.frame_seconds!r} s")
+            if abs(pulses - round(pulses)) > max(1e-6, 4e-16 * pulses) or round(pulses) >= 2**62:
+                raise field_error("device", "frame_seconds", f"× rep_rate_hz must be a whole number of pulses, got "
+                                  f"{self.frame_seconds!r} s × {self.rep_rate_hz:g} Hz = {pulses!r}")
+            object.__setattr__(self, "pulses_per_frame", round(pulses))
+        elif self.pulses_per_frame is None:
+            object.__setattr__(self, "pulses_per_frame", 100_000_000)
         if self.pulses_per_frame < 1000:
             raise field_error("device", "pulses_per_frame", f"must be at least 1000, got {self.pulses_per_frame}")
+        if self.source not in ("simulator", "records"):
+            raise field_error("device", "source", f"must be \"simulator\" or \"records\", got {self.source!r}")
+        if self.source == "records" and not self.records_dir:
+            raise field_error("device", "records_dir", "is required with source = \"records\" (the folder of "
+                              "alice/ and bob/ frame files)")
         try:
             self.params()  # validates every physical parameter
         except ConfigError as exc:
@@ -331,7 +358,13 @@ class NodeConfig:
                 "carries every arriving photon's number, basis and bit in clear, so keys are not secret from "
                 "anyone who can read it"
             )
-        if self.device.seeded:
+        if self.device.source == "records":
+            caveats.append(
+                f"recorded device: both parties' raw records are read from files ([device] records_dir "
+                f"{self.device.records_dir}), so keys are as secret as those files (records written by "
+                "qkdstack simulate --save come from a simulator and are not secret)"
+            )
+        if self.device.seeded and self.device.simulated:
             caveats.append(
                 "seeded simulation: [device] seed makes the simulator's randomness (Alice's bits, at the "
                 "transmitter) a reproducible PCG64 stream, so keys are not secret from anyone who knows the seed"

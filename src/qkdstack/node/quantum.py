@@ -11,6 +11,9 @@ tampering with it shows up as errors, which the protocol measures).
 and ``lookup``): settings of pulses from which no light arrived are materialised on
 demand as a keyed function of the pulse index (see :class:`~qkdstack.physics.split.TransmittedFrame`),
 so a look-up costs O(detections), never O(pulses).
+
+With ``[device] source = "records"`` (:func:`recorded_frame`) no light crosses: the connection only
+carries each frame's number, so that both sites read their own record of the same frame.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import numpy as np
 
 from qkdstack.bits import BitArray
 from qkdstack.errors import ChannelError
+from qkdstack.physics.recorded import RecordSource
+from qkdstack.physics.records import AliceRecord, DetectionRecord
 from qkdstack.physics.split import Light, TransmittedFrame, Transmitter
 from qkdstack.protocol.channel import Channel
 from qkdstack.transport.varint import decode_increasing, encode_increasing
@@ -61,6 +66,28 @@ def decode_light(msg: dict) -> tuple[int, Light]:
     if count and int(index[-1]) >= n_pulses:
         raise ChannelError("light frame has a pulse index beyond the frame")
     return int(msg["frame_id"]), Light(n_pulses, index, photons, basis, bit)
+
+
+async def recorded_frame(channel: Channel, source: RecordSource) -> tuple[int, AliceRecord | DetectionRecord]:
+    """One frame of a device made of files (docs/devices.md): (frame number, this site's record of it).
+
+    The transmitter takes the lowest-numbered frame waiting in ``alice/`` (waiting for one if
+    none is there yet) and sends, in place of light, an empty light message carrying that
+    frame number and its size; the receiver then takes the same frame number from ``bob/``,
+    whose size must agree. Both consume the frame. A malformed record raises
+    :class:`~qkdstack.physics.recorded.RecordError` before any post-processing.
+    """
+    if source.role == "alice":
+        frame_no = await source.wait_frame_number()
+        record = source.take(frame_no)
+        empty = np.empty(0, np.uint64)
+        marker = Light(record.n_pulses, empty, np.empty(0, np.uint16), np.empty(0, np.uint8), np.empty(0, np.uint8))
+        await send_light(channel, marker, frame_no)
+        return frame_no, record
+    frame_no, light = await recv_light(channel)
+    if len(light):
+        raise ChannelError("the transmitter sent light, but this site's [device] source is \"records\"")
+    return frame_no, source.take(frame_no, light.n_pulses)
 
 
 class TransmitterRecord:
