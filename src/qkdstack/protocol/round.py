@@ -1,4 +1,4 @@
-"""One distillation round: sifting → estimation → Cascade → verification → amplification.
+"""One distillation round: sifting → estimation → Cascade or LDPC → verification → amplification.
 
 :func:`alice` and :func:`bob` each run their party's half over a shared
 :class:`~qkdstack.protocol.channel.Channel` and return a
@@ -45,13 +45,16 @@ from qkdstack.bits import BitArray
 from qkdstack.errors import ChannelError, ConfigError, PeerAbort, ProtocolAbort
 from qkdstack.physics.params import SourceParams
 from qkdstack.physics.records import AliceRecord, DetectionRecord, Frame
-from qkdstack.protocol import amplification, cascade, estimation, sifting, verification
+from qkdstack.protocol import amplification, cascade, estimation, ldpc, sifting, verification
 from qkdstack.protocol.channel import RECEIVED, SENT, Channel, Message, channel_pair
 from qkdstack.protocol.estimation import Estimate, EstimationPolicy
 from qkdstack.protocol.keyblock import Abort, KeyBlock, RoundOutcome
 from qkdstack.theory.finite import lim2014_secret_length
 
 LEAKING_STAGES = ("cascade", "verification")
+"""The leaking stages of a Cascade round; an LDPC round has ("ldpc", "verification") (:func:`leaking_stages`)."""
+
+RECONCILIATIONS = ("cascade", "ldpc")
 
 LEAKAGE_RULE = "all-disclosed-both-directions"
 """λ = every disclosed bit of the leaking stages, Alice → Bob and Bob → Alice (valid against general attacks)."""
@@ -68,21 +71,37 @@ class RoundConfig:
     cascade_schedule: str = "batched"
     min_qber_estimate: float = 0.005
     """Floor of the QBER estimate handed to Cascade (a zero estimate would make blocks unbounded)."""
+    reconciliation: str = "cascade"
+    """``cascade`` (interactive, :mod:`cascade`) or ``ldpc`` (syndrome + blind rounds, :mod:`ldpc`)."""
+    ldpc: ldpc.LdpcParams = field(default_factory=ldpc.LdpcParams)
+
+    def __post_init__(self) -> None:
+        if self.reconciliation not in RECONCILIATIONS:
+            raise ConfigError(f"[protocol] reconciliation must be \"cascade\" or \"ldpc\", got {self.reconciliation!r}")
 
     @classmethod
     def for_source(cls, source: SourceParams, **kwargs: Any) -> RoundConfig:
         """A config whose public decoy parameters are those of ``source``; kwargs go to the policy or here."""
-        own = {k: kwargs.pop(k) for k in ("cascade_schedule", "min_qber_estimate") if k in kwargs}
+        own = {k: kwargs.pop(k) for k in ("cascade_schedule", "min_qber_estimate", "reconciliation", "ldpc")
+               if k in kwargs}
         policy = EstimationPolicy(source.intensities, source.intensity_probs, **kwargs)
         return cls(policy, **own)
 
     def public_parameters(self) -> dict[str, Any]:
-        params = asdict(self.policy)
+        params: dict[str, Any] = asdict(self.policy)
         params["intensities"] = list(params["intensities"])
         params["intensity_probs"] = list(params["intensity_probs"])
         params["cascade_schedule"] = self.cascade_schedule
         params["min_qber_estimate"] = self.min_qber_estimate
+        params["reconciliation"] = self.reconciliation
+        if self.reconciliation == "ldpc":
+            params["ldpc"] = self.ldpc.public()
         return params
+
+    @property
+    def leaking_stages(self) -> tuple[str, str]:
+        """The stages whose disclosed bits make up λ: the reconciliation stage and verification."""
+        return (self.reconciliation, "verification")
 
 
 @dataclass
@@ -98,19 +117,19 @@ class _Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def _disclosed(channel: Channel, role: str) -> dict[str, dict[str, int]]:
+def _disclosed(channel: Channel, role: str, stages: tuple[str, ...] = LEAKING_STAGES) -> dict[str, dict[str, int]]:
     """Disclosed bits so far per leaking stage and direction, named by role so both ends agree."""
     mine, theirs = (ALICE_TO_BOB, BOB_TO_ALICE) if role == "alice" else (BOB_TO_ALICE, ALICE_TO_BOB)
     stats = channel.stats
     return {
         stage: {mine: stats.disclosed_bits(stage, SENT), theirs: stats.disclosed_bits(stage, RECEIVED)}
-        for stage in LEAKING_STAGES
+        for stage in stages
     }
 
 
 def _accounting(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, Any]:
     """The leakage of this round per stage and direction, and the rule that sums it into λ."""
-    stages = {s: {d: after[s][d] - before[s][d] for d in (ALICE_TO_BOB, BOB_TO_ALICE)} for s in LEAKING_STAGES}
+    stages = {s: {d: after[s][d] - before[s][d] for d in (ALICE_TO_BOB, BOB_TO_ALICE)} for s in before}
     return {
         "rule": LEAKAGE_RULE,
         "stages": stages,
@@ -195,7 +214,7 @@ def _check_key_qber(errors: int, n_key: int, config: RoundConfig) -> None:
     qber = errors / n_key if n_key else 0.0
     if qber > config.policy.max_qber:
         raise ProtocolAbort(
-            "cascade",
+            config.reconciliation,
             f"QBER {100 * qber:.2f}% in the key basis exceeds the tolerance {100 * config.policy.max_qber:.2f}%",
         )
 
@@ -237,19 +256,35 @@ async def _distill(
         sifted = await getattr(sifting, role)(channel, record)
     with timer.stage("estimation"):
         estimate = await getattr(estimation, role)(channel, sifted, policy)
-    with timer.stage("cascade"):
-        corrected = await getattr(cascade, role)(channel, sifted.key_bits, _qber_hint(estimate, config),
-                                                 config.cascade_schedule)
+    with timer.stage(config.reconciliation):
+        if config.reconciliation == "ldpc":
+            corrected = await getattr(ldpc, role)(channel, sifted.key_bits, _qber_hint(estimate, config),
+                                                  config.ldpc)
+        else:
+            corrected = await getattr(cascade, role)(channel, sifted.key_bits, _qber_hint(estimate, config),
+                                                     config.cascade_schedule)
     with timer.stage("verification"):
         await getattr(verification, role)(channel, corrected.key, policy.eps_cor)
         key_errors = await _exchange_key_errors(channel, role, sifted.key_bits, corrected.key)
         _check_key_qber(key_errors, sifted.key_bits.size, config)
-    accounting = _accounting(before, _disclosed(channel, role))
+    accounting = _accounting(before, _disclosed(channel, role, config.leaking_stages))
     with timer.stage("amplification"):
         finite = _final_length(estimate, accounting["lambda_bits"], config)
         amplified = await getattr(amplification, role)(channel, corrected.key, finite.length)
-    stats = {"detections": sifted.detections, "cascade_round_trips": corrected.round_trips,
-             "cascade_passes": corrected.passes}
+    stats: dict[str, Any] = {"detections": sifted.detections, "reconciliation": config.reconciliation}
+    if config.reconciliation == "ldpc":
+        n_key = sifted.key_bits.size
+        h = ldpc.binary_entropy(key_errors / n_key) if n_key else 0.0
+        stats.update({
+            "ldpc_round_trips": corrected.round_trips, "ldpc_code": corrected.code,
+            "ldpc_codewords": corrected.codewords, "ldpc_failed_first": corrected.failed_first,
+            "ldpc_blind_rounds": corrected.blind_rounds, "ldpc_syndrome_bits": corrected.syndrome_bits,
+            "ldpc_revealed_bits": corrected.revealed_bits, "ldpc_status_bits": corrected.status_bits,
+            # f counts everything the LDPC stage disclosed, both directions, against n·h(key QBER).
+            "ldpc_efficiency": corrected.leaked_bits / (n_key * h) if h > 0 else None,
+        })
+    else:
+        stats.update({"cascade_round_trips": corrected.round_trips, "cascade_passes": corrected.passes})
     return _key_block(block_id, amplified.key, estimate, key_errors, accounting, finite, config, timer, stats)
 
 
@@ -257,7 +292,7 @@ async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> R
     """Alice's half of a round: she opens it with a fresh block ID and the public parameters."""
     block_id = str(uuid.uuid4())  # uuid4 draws from os.urandom
     timer = _Timer()
-    before = _disclosed(channel, "alice")
+    before = _disclosed(channel, "alice", config.leaking_stages)
 
     async def body() -> KeyBlock:
         await channel.send("round.start", block_id=block_id, parameters=config.public_parameters())
@@ -270,7 +305,7 @@ async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> R
 async def bob(channel: Channel, record: DetectionRecord, config: RoundConfig) -> RoundOutcome:
     """Bob's half of a round: he checks Alice's public parameters against his own configuration."""
     timer = _Timer()
-    before = _disclosed(channel, "bob")
+    before = _disclosed(channel, "bob", config.leaking_stages)
     start = await recv_fresh(channel, "round.start")
     block_id = str(start["block_id"])
 

@@ -1,0 +1,198 @@
+"""LDPC reconciliation: keys agree after reconciliation + verification, every crossing bit is counted,
+frames beyond the codes' reach fail cleanly, codes are deterministic, rounds work end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qkdstack.errors import ConfigError, ProtocolAbort
+from qkdstack.protocol import ldpc, ldpc_codes, verification
+from qkdstack.protocol.channel import RECEIVED, SENT, channel_pair
+from qkdstack.protocol.keyblock import Abort, KeyBlock
+from qkdstack.protocol.round import RoundConfig, run_in_memory
+
+N_CODE = 2048
+"""Small codes keep the tests fast (each is built once per process, a second or two)."""
+
+# Generous parameters: small codes are far from capacity, and the tests check correctness, not f.
+EASY = ldpc.LdpcParams(code_n=N_CODE, f_start=1.4, blind_step=0.15, max_blind_rounds=12)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("QKDSTACK_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ldpc-cache"))
+
+
+def _frame(n: int, qber: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Alice's key and Bob's copy with exactly round(qber·n) flipped positions."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2, n, dtype=np.uint8)
+    flips = rng.choice(n, size=round(qber * n), replace=False)
+    b = a.copy()
+    b[flips] ^= 1
+    return a, b
+
+
+async def _reconcile(a, b, qber, params=EASY, log=None):
+    ca, cb = channel_pair(timeout=60)
+    if log is not None:
+        cb.add_observer(lambda direction, frame: log.append((direction, frame)))
+    ra, rb = await asyncio.gather(ldpc.alice(ca, a, qber, params, seed=1), ldpc.bob(cb, b, qber, params))
+    return ra, rb, ca, cb
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    qber=st.sampled_from([0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.10]),
+    n=st.integers(1500, 6000),
+    seed=st.integers(0, 2**32),
+)
+def test_keys_identical_after_reconciliation_and_verification(qber, n, seed):
+    a, b = _frame(n, qber, seed)
+
+    async def run():
+        ra, rb, ca, cb = await _reconcile(a, b, qber)
+        va, vb = await asyncio.gather(verification.alice(ca, ra.key, 1e-12), verification.bob(cb, rb.key, 1e-12))
+        return ra, rb, va, vb
+
+    ra, rb, _va, _vb = asyncio.run(run())  # verification raises ProtocolAbort on any residual error
+    assert np.array_equal(ra.key, a)  # Alice's key never changes
+    assert np.array_equal(rb.key, a)
+    assert rb.errors_corrected == int(np.count_nonzero(a != b))
+
+
+def test_disclosed_bits_equal_what_crossed():
+    a, b = _frame(5000, 0.03, 3)
+    log = []
+    # A tight start forces blind rounds, so reveal and repeated status messages are counted too.
+    params = dataclasses.replace(EASY, f_start=1.0, blind_step=0.1)
+    ra, rb, ca, cb = asyncio.run(_reconcile(a, b, 0.03, params, log))
+    assert rb.blind_rounds >= 1 and rb.revealed_bits > 0
+    from qkdstack.transport.codec import decode_message
+
+    crossed = {SENT: 0, RECEIVED: 0}
+    for direction, frame in log:
+        _kind, _fields, disclosed = decode_message(frame)
+        crossed[direction] += len(disclosed) if disclosed is not None else 0
+    # Bob's view: he received the syndromes and revealed bits, sent one status bit per open codeword.
+    assert crossed[RECEIVED] == rb.syndrome_bits + rb.revealed_bits
+    assert crossed[SENT] == rb.status_bits >= rb.codewords
+    assert rb.leaked_bits == ra.leaked_bits == sum(crossed.values()) == cb.stats.disclosed_bits("ldpc")
+    assert ca.stats.disclosed_bits("ldpc", SENT) == cb.stats.disclosed_bits("ldpc", RECEIVED)
+    assert rb.round_trips == ra.round_trips == rb.blind_rounds + 1
+
+
+def test_frame_beyond_reach_fails_cleanly_and_is_counted():
+    # The estimate says 1 %, the frame has 12 %: no number of small blind rounds saves it.
+    a, b = _frame(4000, 0.12, 5)
+    params = dataclasses.replace(EASY, f_start=1.1, blind_step=0.02, max_blind_rounds=2)
+    with pytest.raises(ProtocolAbort, match=r"codewords failed to decode after 2 blind rounds") as info:
+        asyncio.run(_reconcile(a, b, 0.01, params))
+    assert info.value.stage == "ldpc"
+
+
+def test_estimate_beyond_any_code_is_refused():
+    with pytest.raises(ProtocolAbort, match="beyond the reach"):
+        ldpc.make_plan(10_000, 0.3, EASY)
+    with pytest.raises(ConfigError):
+        ldpc.make_plan(0, 0.03, EASY)
+
+
+def test_plan_uses_shortening_and_splits_frames():
+    plan = ldpc.make_plan(100_000, 0.03, EASY)
+    assert sum(plan.payloads) == 100_000 and max(plan.payloads) - min(plan.payloads) <= 1
+    assert max(plan.payloads) <= N_CODE and plan.codewords == -(-100_000 // max(plan.payloads))
+    m = round(N_CODE * (1 - plan.rate))
+    # syndrome bits per key bit are at least what the first attempt targets
+    assert m / max(plan.payloads) >= EASY.f_start * ldpc.binary_entropy(0.03) - 1e-9
+
+
+def test_codes_are_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("QKDSTACK_CACHE_DIR", str(tmp_path))
+    one = ldpc_codes.build_code(0.8, 1024)
+    two = ldpc_codes.build_code(0.8, 1024)
+    assert np.array_equal(one.col_idx, two.col_idx) and np.array_equal(one.row_ptr, two.row_ptr)
+    ldpc_codes.get_code.cache_clear()
+    cached = ldpc_codes.get_code(0.8, 1024)
+    assert np.array_equal(cached.col_idx, one.col_idx)
+    assert list(tmp_path.glob("ldpc/*.npz"))
+    # Degrees follow the distribution: at most m − 1 degree-2 variables, no repeated edge in a check.
+    deg = np.diff(one.var_ptr)
+    assert np.count_nonzero(deg == 2) <= one.m - 1 and deg.min() >= 2
+    for c in range(one.m):
+        row = one.col_idx[one.row_ptr[c] : one.row_ptr[c + 1]]
+        assert np.unique(row).size == row.size
+    rows = np.diff(one.row_ptr)
+    assert rows.max() - rows.min() <= 1  # concentrated check degrees
+    ldpc_codes.get_code.cache_clear()
+
+
+def test_decoder_corrects_a_known_error_pattern():
+    code = ldpc_codes.get_code(0.5, N_CODE)
+    rng = np.random.default_rng(0)
+    err = (rng.random((3, code.n)) < 0.03).astype(np.uint8)
+    synd = np.stack([code.syndrome(e) for e in err])
+    llr = np.full((3, code.n), np.log(0.97 / 0.03), dtype=np.float32)
+    out = np.zeros_like(err)
+    iters = np.zeros(3, dtype=np.int32)
+    ldpc.decode_batch(code.row_ptr, code.col_idx, llr, synd, 50, 0.0, out, iters)
+    assert (iters > 0).all() and np.array_equal(out, err)
+
+
+def test_mismatched_key_length_aborts():
+    a, _ = _frame(3000, 0.02, 1)
+
+    async def run():
+        ca, cb = channel_pair(timeout=10)
+        return await asyncio.gather(ldpc.alice(ca, a, 0.02, EASY, seed=1), ldpc.bob(cb, a[:2999], 0.02, EASY),
+                                    return_exceptions=True)
+
+    _ra, rb = asyncio.run(run())
+    assert isinstance(rb, ProtocolAbort) and "length mismatch" in str(rb)
+
+
+def test_round_in_memory_with_ldpc():
+    from qkdstack.physics.device import SimulatedDevice
+    from qkdstack.physics.eve import parse_eve
+    from qkdstack.physics.params import ChannelParams, DeviceParams, ReceiverParams, SourceParams
+
+    params = DeviceParams(
+        source=SourceParams(intensities=(0.5, 0.25, 0.0), intensity_probs=(0.4, 0.4, 0.2), p_z=0.8),
+        channel=ChannelParams(length_km=25),
+        receiver=ReceiverParams(p_z=0.8),
+    )
+    frame = SimulatedDevice(params, eve=parse_eve("none"), seed=7).run_frame(60_000_000)
+    config = RoundConfig.for_source(params.source, reconciliation="ldpc", ldpc=EASY)
+    a, b = asyncio.run(run_in_memory(frame, config))
+    assert isinstance(a, KeyBlock) and isinstance(b, KeyBlock), (a, b)
+    assert a.key == b.key and a.length > 0
+    assert set(a.leakage_bits) == {"ldpc", "verification"}
+    assert a.stats["reconciliation"] == "ldpc" and a.stats["ldpc_efficiency"] > 1.0
+    assert a.leakage_accounting["lambda_bits"] == a.finite_key["leakage_bits"]
+    assert "ldpc" in a.stage_seconds
+
+
+def test_round_parties_must_agree_on_reconciliation():
+    from qkdstack.physics.params import SourceParams
+    from qkdstack.protocol import round as round_mod
+
+    source = SourceParams(intensities=(0.5, 0.25, 0.0), intensity_probs=(0.4, 0.4, 0.2), p_z=0.8)
+    alice_cfg = RoundConfig.for_source(source, reconciliation="ldpc")
+    bob_cfg = RoundConfig.for_source(source)
+    assert alice_cfg.public_parameters()["reconciliation"] == "ldpc"
+
+    async def run():
+        ca, cb = channel_pair(timeout=10)
+        await ca.send("round.start", block_id="x", parameters=alice_cfg.public_parameters())
+        return await round_mod.bob(cb, None, bob_cfg)  # type: ignore[arg-type]
+
+    outcome = asyncio.run(run())
+    assert isinstance(outcome, Abort) and "reconciliation" in outcome.reason
+    with pytest.raises(ConfigError, match="reconciliation"):
+        RoundConfig.for_source(source, reconciliation="turbo")
