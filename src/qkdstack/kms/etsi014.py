@@ -37,7 +37,7 @@ import re
 import socket
 import ssl
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -615,7 +615,7 @@ def create_app(kme: KME) -> FastAPI:
     async def post_enc_keys(
         slave_SAE_ID: SaeId, request: Request, body: Annotated[KeyRequest | None, Body()] = None
     ) -> JSONResponse:
-        """Get key with a Key request body (an empty body means the defaults)."""
+        """Get key with a Key request body (empty: defaults); extension_optional [{"qkdstack_proof": true}]: proofs."""
         sae = caller_sae_id(request)
         r = body or KeyRequest()
         return JSONResponse(
@@ -644,9 +644,10 @@ def create_app(kme: KME) -> FastAPI:
         f"{API_PREFIX}/{{master_SAE_ID}}/dec_keys", response_model=KeyContainer, responses=ERRORS, tags=["ETSI 014"]
     )
     async def post_dec_keys(master_SAE_ID: SaeId, body: Annotated[KeyIDs, Body()], request: Request) -> JSONResponse:
-        """Get key with key IDs (Key IDs body)."""
+        """Get key with key IDs (Key IDs body); key_IDs_extension {"qkdstack_proof": true} adds the proofs."""
         sae = caller_sae_id(request)
-        return JSONResponse(await kme.dec_keys(sae, master_SAE_ID, [k.key_ID for k in body.key_IDs]))
+        ext = [body.key_IDs_extension] if body.key_IDs_extension else None
+        return JSONResponse(await kme.dec_keys(sae, master_SAE_ID, [k.key_ID for k in body.key_IDs], ext))
 
     return app
 
@@ -825,17 +826,20 @@ async def serve_etsi014(
     *,
     log_level: str = "warning",
     http_protocol: type | None = None,
+    middleware: Callable[[Any], Any] | None = None,
 ) -> AsyncIterator[RunningServer]:
     """Run the ETSI 014 server in the current event loop for the duration of the ``async with``.
 
     ``port=0`` picks a free port (see the yielded ``RunningServer.port``). On exit the server stops
     accepting, lets requests in flight finish (graceful shutdown) and closes. ``http_protocol``
     chooses uvicorn's HTTP implementation (default :func:`http_protocol_class`; tests also run
-    :class:`MTLSH11Protocol`).
+    :class:`MTLSH11Protocol`). ``middleware`` wraps the whole ASGI application, fast path included (the
+    node's request metrics, :class:`qkdstack.ops.metrics.Etsi014Metrics`).
     """
     ctx = server_ssl_context(tls)
+    app: Any = EncKeysFastPath(kme, create_app(kme))
     config = uvicorn.Config(
-        EncKeysFastPath(kme, create_app(kme)),
+        middleware(app) if middleware is not None else app,
         host=host,
         port=port,
         http=http_protocol or http_protocol_class(),

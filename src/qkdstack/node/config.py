@@ -11,6 +11,8 @@ Sections (each field documented in docs/node.md):
 - ``[protocol]``: security parameters and tolerances of the post-processing.
 - ``[auth]``: bootstrap mode (``psk``, ``pki``, ``pgp``) and its files.
 - ``[kms]``: key store URL, key size, capacity marks, ETSI 014 listener and TLS files.
+- ``[admin]``: the admin HTTP listener (metrics, dashboard, status) and its bearer token
+  (docs/operations.md).
 
 Relative paths are resolved against the configuration file's directory. Any error is one
 sentence naming the section and field.
@@ -316,6 +318,41 @@ class KmsSection:
         return out
 
 
+MIN_ADMIN_TOKEN_CHARS = 16
+
+
+def check_admin_listen(listen: str, token: str) -> tuple[str, int] | None:
+    """(host, port) of ``[admin] listen``, or None when it is empty (no admin listener); ConfigError naming the field.
+
+    The admin listener serves metrics, the dashboard and the status without TLS, so a non-loopback
+    address needs ``[admin] token`` (then every data path requires it as a bearer token).
+    """
+    if token and len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise field_error("admin", "token", f"must be at least {MIN_ADMIN_TOKEN_CHARS} characters (a random "
+                          f"secret), got {len(token)}")
+    if not listen:
+        return None
+    host, port = parse_address("admin", "listen", listen)
+    if not is_loopback(host) and not token:
+        raise field_error("admin", "listen", f"{listen} is not a loopback address, and the admin listener serves "
+                          "the link's figures without TLS: set [admin] token to require a bearer token, or keep "
+                          "it on 127.0.0.1")
+    return host, port
+
+
+@dataclass(frozen=True)
+class AdminSection:
+    """The admin HTTP listener: Prometheus ``/metrics``, the dashboard and ``/status.json`` (docs/operations.md)."""
+
+    listen: str = "127.0.0.1:0"
+    """HOST:PORT (port 0: a free port, named in status.json); empty: no admin listener."""
+    token: str = field(default="", repr=False)
+    """Bearer token required on every data path; needed for a non-loopback ``listen``."""
+
+    def __post_init__(self) -> None:
+        check_admin_listen(self.listen, self.token)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """A whole site's configuration, with paths resolved against the config file's folder."""
@@ -327,6 +364,7 @@ class NodeConfig:
     protocol: ProtocolSection
     auth: AuthSection
     kms: KmsSection
+    admin: AdminSection = field(default_factory=AdminSection)
 
     def resolve(self, relative: str) -> Path:
         """A path from the config, relative to the config file's folder unless absolute."""
@@ -391,6 +429,7 @@ SECTIONS = {
     "protocol": ProtocolSection,
     "auth": AuthSection,
     "kms": KmsSection,
+    "admin": AdminSection,
 }
 
 
@@ -593,6 +632,8 @@ def listen_addresses(config: NodeConfig) -> list[tuple[str, str, str]]:
         out += [("link", name, getattr(config.link, name)) for name in ("classical", "quantum", "kms")]
     if config.kms.tls_cert:
         out.append(("kms", "etsi_listen", config.kms.etsi_listen))
+    if config.admin.listen and not config.admin.listen.endswith(":0"):
+        out.append(("admin", "listen", config.admin.listen))
     return out
 
 

@@ -15,6 +15,8 @@
     (``pki``) the node's classical (Ed25519) and ML-DSA-65 certificate chains and keys, the two
     operator roots (``roots.pem``) and their CRLs (``crls.pem``). The operator CAs' keys stay in
     ``DIR/operator/`` and never go to a site.
+``[admin] listen``
+    each site's admin listener (metrics, dashboard) on loopback: ``base_port + 12`` and ``+ 13``.
 ``DIR/<site>/gnupg/``
     (``pgp``) the node's GnuPG home: its own key (ultimately trusted), the operator's key
     (an introducer with full owner trust) and the peer's key certified by the operator, so the
@@ -43,6 +45,8 @@ class SiteLayout:
     etsi_url: str
     sae_ids: tuple[str, ...]
     ca: Path
+    admin_url: str = ""
+    """The site's admin listener (``/metrics``, ``/`` dashboard), from ``[admin] listen``."""
 
     def sae_cert(self, sae_id: str) -> tuple[Path, Path]:
         folder = self.config.parent / "sae"
@@ -204,11 +208,12 @@ def write_deployment(
             "auth": auth,
             "kms": {"store": store, "etsi_listen": f"127.0.0.1:{etsi_port}", "tls_cert": "tls/kme.pem",
                     "tls_key": "tls/kme.key", "ca_cert": "tls/ca.pem", "sae_ids": sae_ids[site]},
+            "admin": {"listen": f"127.0.0.1:{base_port + 12 + i}"},
         }
         path = site_dir / "site.toml"
         path.write_text(render_toml(config))
         layouts[site] = SiteLayout(site, path, f"https://127.0.0.1:{etsi_port}", tuple(sae_ids[site]),
-                                   site_dir / "tls" / "ca.pem")
+                                   site_dir / "tls" / "ca.pem", f"http://127.0.0.1:{base_port + 12 + i}")
     (out / "README.txt").write_text(_readme(sites, layouts, bootstrap))
     return layouts
 
@@ -222,6 +227,10 @@ def _readme(sites: list[str], layouts: dict[str, SiteLayout], bootstrap: str) ->
 Start the sites (two terminals):
   qkdstack node --config {layouts[a].config}
   qkdstack node --config {layouts[b].config}
+
+Watch them (metrics, live dashboard; loopback only):
+  {layouts[a].admin_url}/  and  {layouts[b].admin_url}/
+  qkdstack dashboard --deployment {layouts[a].config.parent.parent}
 
 Fetch a key at site {a} as {sa}, for {sb} at site {b}:
   curl --cert {cert} --key {key} --cacert {layouts[a].ca} \\

@@ -65,6 +65,7 @@ from qkdstack.node.credentials import bootstrap_credentials
 from qkdstack.node.kms_link import KmsPeerLink
 from qkdstack.node.quantum import TransmitterRecord, recorded_frame, recv_light, send_light
 from qkdstack.node.rate import RealTimeMeter
+from qkdstack.ops.service import NodeOps
 from qkdstack.physics.eve import parse_eve
 from qkdstack.physics.recorded import RecordSource
 from qkdstack.physics.split import Receiver, Transmitter
@@ -151,6 +152,9 @@ class Node:
         self.rtf = RealTimeMeter()
         self._last_rate_log = 0.0
         self.etsi_url: str | None = None
+        self.ops: NodeOps | None = None
+        self.status_doc: dict[str, Any] | None = None
+        """The last status document written (what ``status.json`` holds); read by the metrics (qkdstack.ops)."""
         self._accepted: dict[str, asyncio.Queue[tuple[TcpChannel, asyncio.Event]]] = {}
         self._frame_id = 0
         self.finished = False
@@ -275,6 +279,8 @@ class Node:
             "link": self.link_id,
             "updated": time.time(),
             "etsi014_url": self.etsi_url,
+            "metrics_url": self.ops.metrics_url if self.ops else None,
+            "dashboard_url": self.ops.dashboard_url if self.ops else None,
             "finished": self.finished,
             "rounds_accepted": self.stats.rounds_accepted,
             "rounds_aborted": self.stats.rounds_aborted,
@@ -296,6 +302,7 @@ class Node:
             "last_round": self.stats.last,
             "recent_aborts": self.stats.aborts[-5:],
         }
+        self.status_doc = doc
         atomic_write(self.data_dir / "status.json", json.dumps(doc, indent=1, default=str).encode(), 0o600)
 
     # ------------------------------------------------------------------------------ connections
@@ -828,6 +835,7 @@ class Node:
         servers: list[asyncio.Server] = []
         distillation = _DistillationThread(self)
         try:
+            self.ops = NodeOps(self.cfg, lambda: self.status_doc).start()  # metrics, dashboard ([admin] listen)
             if not self.transmitter:
                 servers.append(await self._listen("kms", self.cfg.link.kms))
             # The classical and quantum links listen (on the distillation loop) from the start, as the KME
@@ -838,6 +846,8 @@ class Node:
             await distillation.shutdown()
             for server in servers:
                 server.close()
+            if self.ops is not None:
+                self.ops.stop()
 
     async def _serve(self, store: Any, servers: list[asyncio.Server], distillation: _DistillationThread) -> None:
         """Serve keys (ETSI 014, in-unit, KME peer link) on this loop while the distillation thread makes them."""
@@ -849,7 +859,8 @@ class Node:
                 tls = TLSFiles(self.cfg.resolve(kms_cfg.tls_cert), self.cfg.resolve(kms_cfg.tls_key),
                                self.cfg.resolve(kms_cfg.ca_cert),
                                self.cfg.resolve(kms_cfg.crl) if kms_cfg.crl else None)
-                running = await stack.enter_async_context(serve_etsi014(self.kme, host, port, tls))
+                running = await stack.enter_async_context(serve_etsi014(
+                    self.kme, host, port, tls, middleware=self.ops.etsi014_middleware if self.ops else None))
                 self.etsi_url = running.url
                 log.info("%s: ETSI GS QKD 014 server at %s", self.site.name, running.url)
             if kms_cfg.local_socket:
