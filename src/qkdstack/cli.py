@@ -25,6 +25,7 @@ COMMANDS: list[str] = [
     "node",
     "tunnel",
     "demo",
+    "dashboard",
 ]
 
 

@@ -10,7 +10,11 @@
 4. A file is uploaded from A to a file service at B through ``qkdstack tunnel`` (hybrid QKD +
    ML-KEM-768 + X25519 keys, AES-256-GCM, rekeyed from fresh QKD keys); its SHA-256 is checked
    on B's disk.
-5. A summary; the processes are stopped and the folder removed (unless ``--keep``).
+5. A summary; the processes are stopped and the folder removed. With ``--keep [DIR]`` the folder is
+   kept and the nodes keep running (serving keys, their dashboards live) until Ctrl-C.
+
+Each node serves its live dashboard and Prometheus metrics on loopback (``[admin] listen``); the demo
+prints their addresses as the nodes start (docs/operations.md).
 
 With an eavesdropper (``--eve intercept-resend:0.3``) every round aborts, and the demo shows
 that no key reaches the key store and no key can be delivered.
@@ -306,7 +310,7 @@ async def run_demo(opts: DemoOptions) -> DemoResult:
     result = DemoResult()
     _say(f"qkdstack demo: two sites on loopback, {opts.distance_km:g} km of fibre, {opts.bootstrap} bootstrap"
          + ("" if opts.eve == "none" else f", eavesdropper {opts.eve}"))
-    layouts = write_deployment(workdir, SITES, bootstrap=opts.bootstrap, base_port=_free_port_block(12),
+    layouts = write_deployment(workdir, SITES, bootstrap=opts.bootstrap, base_port=_free_port_block(14),
                                distance_km=opts.distance_km, pulses_per_frame=opts.pulses_per_frame,
                                rounds=opts.rounds, eve=opts.eve, seed=opts.seed)
     _say(f"  deployment written to {workdir} (site A transmitter, site B receiver)")
@@ -314,6 +318,8 @@ async def run_demo(opts: DemoOptions) -> DemoResult:
     try:
         _say(f"  nodes started (pids {procs['A'].pid}, {procs['B'].pid}); distilling {opts.rounds} rounds of "
              f"{opts.pulses_per_frame:.3g} pulses")
+        _say(f"  live dashboard: {layouts['A'].admin_url}/ (site A), {layouts['B'].admin_url}/ (site B); "
+             f"metrics at .../metrics")
         await _watch_rounds(layouts, procs, opts, result)
         result.qber_z = _qbers(layouts["A"])
         if result.rounds_accepted:
@@ -321,13 +327,31 @@ async def run_demo(opts: DemoOptions) -> DemoResult:
             await _send_file(layouts, opts, result, workdir)
         else:
             await _show_no_key(layouts, result)
+        if opts.keep is not None:
+            result.wall_s = time.monotonic() - start
+            await _linger(layouts, procs, workdir, result, opts)
     finally:
         _stop_nodes(procs)
         result.wall_s = time.monotonic() - start
-        if not opts.keep:
+        if opts.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    _say(_summary(result, opts))
+    if opts.keep is None:
+        _say(_summary(result, opts))
     return result
+
+
+async def _linger(layouts: dict[str, SiteLayout], procs: dict[str, subprocess.Popen], workdir: Path,
+                  result: DemoResult, opts: DemoOptions) -> None:
+    """``--keep``: print the summary, then keep the nodes running for a look until Ctrl-C (or a node exits)."""
+    _say(_summary(result, opts))
+    _say(f"\nthe nodes keep running (deployment in {workdir}); they serve keys over ETSI 014 and their "
+         f"dashboards stay live:\n  site A {layouts['A'].admin_url}/\n  site B {layouts['B'].admin_url}/\n"
+         f"  both sites: qkdstack dashboard --deployment {workdir}\nCtrl-C stops them.")
+    try:
+        while all(proc.poll() is None for proc in procs.values()):
+            await asyncio.sleep(0.5)
+    except asyncio.CancelledError:  # Ctrl-C: stop the nodes (the caller's finally), exit normally
+        _say("\nstopping the nodes")
 
 
 def _qbers(layout: SiteLayout) -> list[float]:

@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eve", default="none", help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION")
     parser.add_argument("--rounds", type=int, default=4, help="distillation rounds (default 4)")
     parser.add_argument("--pulses-per-frame", type=float, default=1e8, help="pulses per round (default 1e8)")
-    parser.add_argument("--keep", metavar="DIR", help="write the deployment to DIR and keep it afterwards")
+    parser.add_argument("--keep", metavar="DIR", nargs="?", const="",
+                        help="keep the deployment (in DIR, or a temporary folder) and keep the nodes running, "
+                        "dashboards live, until Ctrl-C")
     parser.add_argument("--seed", type=int, default=None, help="seed of the device simulation")
     parser.set_defaults(func=run)
 

@@ -9,6 +9,8 @@ import signal
 from typing import TYPE_CHECKING
 
 from qkdstack.node.config import check_listen_addresses, load_config
+from qkdstack.ops.logs import TEXT_FORMAT
+from qkdstack.ops.logs import configure as configure_logs
 
 if TYPE_CHECKING:
     from qkdstack.node.service import Node
@@ -23,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", required=True, help="the site's TOML configuration")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text (default, readable) or json: one JSON object per line with event, site, link "
+                        "and round (docs/operations.md)")
     parser.set_defaults(func=run)
 
 
@@ -34,10 +39,12 @@ async def _main(node: Node) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=TEXT_FORMAT)
     # Everything the configuration names is checked before anything starts (files, TLS material, the
     # addresses to listen on): a bad configuration is one sentence and exit code 2, with no state written.
     config = load_config(args.config)
+    configure_logs(args.log_level, args.log_format, site=config.site.name,
+                   link="-".join(sorted((config.site.name, config.site.peer))))
     check_listen_addresses(config)
     # The service's imports (NumPy, Numba, FastAPI, uvloop) only once the configuration is known to be good.
     import uvloop
