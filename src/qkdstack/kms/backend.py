@@ -74,12 +74,23 @@ class Backend:
     def close(self) -> None:
         raise NotImplementedError
 
+    def migrate(self) -> None:
+        """Add the columns a store made by an older qkdstack lacks (after :meth:`schema`, same transaction).
+
+        ``qkd_blocks.proof`` (nullable JSON text): the block's proof, returned with its keys on request.
+        """
+        if self.blob == "BYTEA":  # PostgreSQL
+            self.execute("ALTER TABLE qkd_blocks ADD COLUMN IF NOT EXISTS proof TEXT")
+        elif "proof" not in {row[1] for row in self.execute("PRAGMA table_info(qkd_blocks)")}:
+            self.execute("ALTER TABLE qkd_blocks ADD COLUMN proof TEXT")
+
     def schema(self) -> list[str]:
         b, big = self.blob, self.bigint
         return [
             f"""CREATE TABLE IF NOT EXISTS qkd_blocks (
                 link_id TEXT NOT NULL, block_id TEXT NOT NULL, seq {big} NOT NULL,
                 n_chunks INTEGER NOT NULL, chunk_bits INTEGER NOT NULL, added_at DOUBLE PRECISION NOT NULL,
+                proof TEXT,
                 PRIMARY KEY (link_id, block_id))""",
             f"""CREATE TABLE IF NOT EXISTS qkd_chunks (
                 chunk_id TEXT PRIMARY KEY, link_id TEXT NOT NULL, block_seq {big} NOT NULL,

@@ -63,6 +63,16 @@ from qkdstack.kms.store import (
 log = logging.getLogger(__name__)
 
 MSG_NOT_FOUND = "one or more keys specified are not found on KME"
+PROOF_EXTENSION = "qkdstack_proof"
+"""The optional extension asking for each key's proof (``extension_optional: [{"qkdstack_proof": true}]``)."""
+
+
+def wants_proof(extensions: Sequence[Any] | None) -> bool:
+    """Whether ``extension_optional`` (a list of objects; a bare name is taken too) asks for the proof."""
+    return any(
+        (isinstance(e, dict) and e.get(PROOF_EXTENSION) not in (None, False)) or e == PROOF_EXTENSION
+        for e in extensions or ()
+    )
 
 
 class KMEError(QKDError):
@@ -167,8 +177,11 @@ class KMEConfig:
         return 0 if self.kme_id < self.peer_kme_id else 1
 
 
-def _key_entry(key_id: str, key: bytes) -> dict[str, str]:
-    return {"key_ID": key_id, "key": base64.b64encode(key).decode("ascii")}
+def _key_entry(key_id: str, key: bytes, proofs: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"key_ID": key_id, "key": base64.b64encode(key).decode("ascii")}
+    if proofs is not None:
+        entry["key_extension"] = {PROOF_EXTENSION: proofs.get(key_id, [])}
+    return entry
 
 
 class KME:
@@ -299,9 +312,13 @@ class KME:
     def detach_peer(self) -> None:
         self.peer = None
 
-    async def add_block(self, block_id: str, key: bytes) -> int:
-        """Store an accepted key block (identical call at both sites). Returns the chunks stored."""
-        return await self.store.add_block(self.config.link_id, block_id, key)
+    async def add_block(self, block_id: str, key: bytes, proof: dict[str, Any] | None = None) -> int:
+        """Store an accepted key block (identical call at both sites). Returns the chunks stored.
+
+        ``proof``: the block's proof (no key bits), returned with its keys when a consumer asks
+        (:data:`PROOF_EXTENSION`; docs/kms.md, "A proof with every key").
+        """
+        return await self.store.add_block(self.config.link_id, block_id, key, proof)
 
     async def is_full(self) -> bool:
         return await self.store.is_full(self.config.link_id)
@@ -474,7 +491,8 @@ class KME:
                 "not all extension_mandatory parameters are supported",
                 [{"extension_mandatory_unsupported": names}],
             )
-        # extension_optional: none supported, ignored as the specification allows.
+        # extension_optional: qkdstack_proof is served; any other is ignored, as the specification allows.
+        proof = wants_proof(extension_optional)
         slaves = [slave_sae, *(additional_slave_SAE_IDs or [])]
         if len(set(slaves)) != len(slaves):
             raise KMEError(400, "slave SAE IDs must be distinct")
@@ -485,13 +503,15 @@ class KME:
         if self.peer is None:
             raise KMEError(503, "the peer KME is not connected")
         for attempt in range(self.TAKE_ATTEMPTS):
-            result = await self._take(master_sae, slaves, number, size, last=attempt == self.TAKE_ATTEMPTS - 1)
+            result = await self._take(
+                master_sae, slaves, number, size, last=attempt == self.TAKE_ATTEMPTS - 1, proof=proof
+            )
             if result is not None:
                 return result
         raise AssertionError("unreachable")
 
     async def _take(
-        self, master_sae: str, slaves: list[str], number: int, size: int, *, last: bool
+        self, master_sae: str, slaves: list[str], number: int, size: int, *, last: bool, proof: bool = False
     ) -> dict[str, Any] | None:
         """One attempt of enc_keys' reserve / peer reserve / deliver; None: retry (stale chunks dropped)."""
         c = self.config
@@ -504,12 +524,12 @@ class KME:
         ids = [r.key_id for r in reservations]
         self._in_flight.update(ids)
         try:
-            return await self._confirm_and_deliver(reservations, master_sae, slaves, last=last)
+            return await self._confirm_and_deliver(reservations, master_sae, slaves, last=last, proof=proof)
         finally:
             self._in_flight.difference_update(ids)
 
     async def _confirm_and_deliver(
-        self, reservations: list[Reservation], master_sae: str, slaves: list[str], *, last: bool
+        self, reservations: list[Reservation], master_sae: str, slaves: list[str], *, last: bool, proof: bool = False
     ) -> dict[str, Any] | None:
         c = self.config
         ids = [r.key_id for r in reservations]
@@ -550,11 +570,12 @@ class KME:
                 raise KMEError(400, "slave SAE ID is not known to the peer KME", [{"slave_SAE_IDs": slaves}])
             raise KMEError(503, "the peer KME refused the reservation", [{"reason": str(answer.get("error"))}])
         try:
+            proofs = await self.store.proofs(ids) if proof else None
             keys = await self.store.deliver_master(ids)
         except KeyStoreError:
             raise KMEError(503, "key store error during delivery") from None
         self._delivered()
-        return {"keys": [_key_entry(k.key_id, k.key) for k in keys]}
+        return {"keys": [_key_entry(k.key_id, k.key, proofs) for k in keys]}
 
     async def _drop_orphans(self, reservations: Sequence[Reservation], unknown: Any) -> bool:
         """The peer does not hold the key blocks of these chunks: erase those blocks here too.
@@ -580,8 +601,14 @@ class KME:
             )
         return bool(dropped)
 
-    async def dec_keys(self, slave_sae: str, master_sae: str, key_ids: Sequence[Any]) -> dict[str, Any]:
-        """ETSI 014 Get key with key IDs: the slave SAE fetches keys the master SAE took (Key container)."""
+    async def dec_keys(
+        self, slave_sae: str, master_sae: str, key_ids: Sequence[Any], extension_optional: Sequence[Any] | None = None
+    ) -> dict[str, Any]:
+        """ETSI 014 Get key with key IDs: the slave SAE fetches keys the master SAE took (Key container).
+
+        ``extension_optional`` asking for :data:`PROOF_EXTENSION` adds each key's proof (ETSI 014 has no
+        such field in a Key IDs request: the REST server takes it from ``key_IDs_extension``).
+        """
         self._check_sae(slave_sae)
         if not key_ids:
             raise KMEError(400, "key_ID or key_IDs is required")
@@ -593,6 +620,7 @@ class KME:
             raise KMEError(400, MSG_NOT_FOUND, [{"reason": "key_ID is not a UUID"}]) from None
         self._check_delivery_allowed(slave=True)
         try:
+            proofs = await self.store.proofs(ids) if wants_proof(extension_optional) else None
             keys = await self.store.deliver_slave(ids, slave_sae, master_sae)
         except KeyNotAuthorized:
             raise KMEError(401, "the SAE is not authorized to get one or more keys specified") from None
@@ -601,4 +629,4 @@ class KME:
         except KeyStoreError:
             raise KMEError(503, "key store error during delivery") from None
         self._delivered()
-        return {"keys": [_key_entry(k.key_id, k.key) for k in keys]}
+        return {"keys": [_key_entry(k.key_id, k.key, proofs) for k in keys]}

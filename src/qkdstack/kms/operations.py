@@ -85,21 +85,28 @@ def _in(n: int) -> str:
 # Operations: plain functions run inside a transaction on the worker thread.
 
 
-def _op_add_block(db: Backend, link_id: str, block_id: str, key: bytes, chunk_bits: int, limits: LinkLimits) -> int:
+def _op_add_block(
+    db: Backend, link_id: str, block_id: str, key: bytes, chunk_bits: int, limits: LinkLimits, proof: str | None = None
+) -> int:
     nbytes = chunk_bits // 8
     n = len(key) // nbytes
     known = db.execute(
         "SELECT seq, n_chunks, chunk_bits FROM qkd_blocks WHERE link_id = ? AND block_id = ?", (link_id, block_id)
     )
     if known:
-        return _same_block(db, link_id, block_id, known[0], key, n, chunk_bits)
+        n = _same_block(db, link_id, block_id, known[0], key, n, chunk_bits)
+        if proof is not None:  # a retried add_block may bring the proof a first call lacked
+            db.execute("UPDATE qkd_blocks SET proof = ? WHERE link_id = ? AND block_id = ? AND proof IS NULL",
+                       (proof, link_id, block_id))
+        return n
     stored = _held(db, link_id)
     if stored + n > limits.capacity:
         raise StoreFull(f"link {link_id!r} is full ({stored} of {limits.capacity} chunks); block not stored")
     seq = db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM qkd_blocks WHERE link_id = ?", (link_id,))[0][0]
     db.execute(
-        "INSERT INTO qkd_blocks (link_id, block_id, seq, n_chunks, chunk_bits, added_at) VALUES (?, ?, ?, ?, ?, ?)",
-        (link_id, block_id, seq, n, chunk_bits, time.time()),
+        "INSERT INTO qkd_blocks (link_id, block_id, seq, n_chunks, chunk_bits, added_at, proof)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (link_id, block_id, seq, n, chunk_bits, time.time(), proof),
     )
     rows = [
         (chunk_id(link_id, block_id, i), link_id, seq, i, i % 2, AVAILABLE, key[i * nbytes : (i + 1) * nbytes])
@@ -388,6 +395,21 @@ def _read_and_erase(db: Backend, key_rows: list[tuple[str, int]], erase: set[str
         db.dirty = True
     for (link_id, pool), n in changes.items():
         _bump(db, link_id, {(pool, RESERVED): -n, (pool, ERASED): n})
+    return out
+
+
+def _op_proofs(db: Backend, key_ids: list[str]) -> dict[str, list[tuple[str, str | None]]]:
+    """For each key: (block ID, proof JSON or None) of the key blocks its chunks come from, in key order."""
+    out: dict[str, list[tuple[str, str | None]]] = {k: [] for k in key_ids}
+    for sl in _slices(list(out)):
+        for kid, block_id, proof in db.execute(
+            "SELECT c.key_id, b.block_id, b.proof FROM qkd_chunks c"
+            " JOIN qkd_blocks b ON b.link_id = c.link_id AND b.seq = c.block_seq"
+            f" WHERE c.key_id IN {_in(len(sl))} ORDER BY c.key_id, c.pos",
+            sl,
+        ):
+            if not out[kid] or out[kid][-1][0] != block_id:
+                out[kid].append((block_id, proof))
     return out
 
 

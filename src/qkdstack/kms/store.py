@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -63,6 +64,7 @@ from qkdstack.kms.operations import (
     _op_drop_orphans,
     _op_peer_mark,
     _op_pending,
+    _op_proofs,
     _op_raise_peer_mark,
     _op_recount,
     _op_release,
@@ -192,6 +194,7 @@ class KeyStore:
             db.count_delta = {}
             for stmt in db.schema():
                 db.execute(stmt)
+            db.migrate()
             db.execute("COMMIT")
         except Exception as exc:
             if db is not None:
@@ -454,21 +457,34 @@ class KeyStore:
     def limits(self, link_id: str) -> LinkLimits:
         return self._limits.get(link_id, self.default_limits)
 
-    async def add_block(self, link_id: str, block_id: str, key: bytes) -> int:
+    async def add_block(self, link_id: str, block_id: str, key: bytes, proof: dict[str, Any] | None = None) -> int:
         """Store a distilled key block agreed by both sites; returns the number of chunks stored.
 
         ``key`` holds the block's bits packed MSB first (``BitArray.to_bytes()``). Call it with the
         same ``link_id``, ``block_id`` and bytes at both sites. Raises :class:`StoreFull` beyond capacity.
         Idempotent: the same block again (same ID, same bytes) stores nothing and returns the same
         count; the same ID with other bytes or another length raises :class:`BlockConflict`.
+
+        ``proof`` (optional, JSON-compatible, no key bits): the block's proof, kept with the block and
+        returned with its keys on request (:meth:`proofs`).
         """
         if not isinstance(key, bytes | bytearray | memoryview):
             raise KeyStoreError("key block must be bytes")
         if not block_id:
             raise KeyStoreError("block_id must not be empty")
+        proof_json = None if proof is None else json.dumps(proof, sort_keys=True, separators=(",", ":"))
         return await self._call(
-            _op_add_block, link_id, str(block_id), bytes(key), self.chunk_bits, self.limits(link_id)
+            _op_add_block, link_id, str(block_id), bytes(key), self.chunk_bits, self.limits(link_id), proof_json
         )
+
+    async def proofs(self, key_ids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """For each key ID: the proofs of the key blocks its chunks come from (``{"block_id": ...}`` alone for
+        a block stored without one). Reads no key material; call it before the keys are delivered."""
+        rows = await self._call(_op_proofs, list(dict.fromkeys(key_ids)))
+        return {
+            kid: [{**(json.loads(p) if p else {}), "block_id": block_id} for block_id, p in blocks]
+            for kid, blocks in rows.items()
+        }
 
     async def can_store(self, link_id: str, bits: int) -> bool:
         """Whether a key block of ``bits`` bits still fits on ``link_id`` (:meth:`add_block` would store it).
