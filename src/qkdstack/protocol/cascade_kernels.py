@@ -152,7 +152,7 @@ def _mask_word(p, w, member):
     return z & _valid_bits(p[P_N], w)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mask_count(p):
     """Number of members of a mask shuffle."""
     c = np.uint64(0)
@@ -161,7 +161,7 @@ def mask_count(p):
     return c
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mask_fwd(i, p):
     """Key index at position ``i`` of a mask shuffle (select)."""
     c1 = np.int64(p[P_B1])
@@ -185,7 +185,7 @@ def _mask_fwd(i, p):
     return np.int64(-1)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mask_inv(x, p):
     """Position of key index ``x`` in a mask shuffle (rank)."""
     w = x >> 6
@@ -198,7 +198,7 @@ def _mask_inv(x, p):
     return np.int64(cnt) if member else np.int64(p[P_B1]) + np.int64(cnt)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mask_cum(p, out):
     """out[w] = number of members in the words before ``w`` (w = 0 … ⌈n/64⌉); returns the total.
 
@@ -233,7 +233,7 @@ def _nth_bit(m, r):
     return b
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mask_select_kind(p, cum, r, member):
     """Key index of the ``r``-th member (or non-member) in index order (``r`` < their count)."""
     n = np.int64(p[P_N])
@@ -270,7 +270,7 @@ def mask_rank(p, cum, x):
     return np.int64(p[P_B1]) + (np.int64(w) * 64 - cum[w]) + np.int64(_popcount(nonm))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _mask_kind_parity(packed, p, cum, r0, r1, member):
     """Parity of the packed key over the members (or non-members) of ranks [r0, r1)."""
     if r1 <= r0:
@@ -294,7 +294,7 @@ def _mask_kind_parity(packed, p, cum, r0, r1, member):
     return np.uint8(_popcount(acc) & np.uint64(1))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mask_range_parity(packed, p, cum, a, b):
     """Parity of positions [a, b) of a mask shuffle, from the packed key: one XOR and AND per word spanned."""
     c1 = np.int64(p[P_B1])
@@ -387,7 +387,7 @@ def _tile_inv(y, p):
     return _perm_inv1(u, p[TILE_SIGMA : TILE_SIGMA + 16]) * 64 + (v & 63)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def tile_words(src_row, p, out):
     """out = the packed row of tile shuffle ``p`` from the packed row of its source pass."""
     n = np.int64(p[P_N])
@@ -453,7 +453,7 @@ def perm_inv(x, p):
 _CHUNK = 1024  # positions evaluated per vectorised batch
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _fill_positions(p, start, count, buf):
     """buf[i] = one round of the keyed map at start + i (no cycle walking), i < count.
 
@@ -480,7 +480,7 @@ def _fill_positions(p, start, count, buf):
             buf[i] = _round_fwd(np.uint64(start + i), p)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def prefix_parity(key, p, out=None):
     """Prefix XOR of the key read in shuffled order: out[i] = key[π(0)] ⊕ … ⊕ key[π(i-1)]."""
     n = key.size
@@ -528,7 +528,7 @@ def prefix_parity(key, p, out=None):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def shuffled_words(packed, p, out):
     """out = the key read in the pass's shuffled order, packed like :func:`pack_key`.
 
@@ -548,7 +548,7 @@ def shuffled_words(packed, p, out):
         _shuffled_words(packed, p, out, np.empty(_CHUNK, np.uint64))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _round_again(p, vals, count):
     """vals[i] = one more round of the keyed map, i < count: cycle walking, vectorised like :func:`_fill_positions`."""
     if p[P_MASK] <= np.uint64(0xFFFFFFFF):
@@ -570,7 +570,7 @@ def _round_again(p, vals, count):
             vals[i] = _round_fwd(np.uint64(vals[i]), p)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _shuffled_words(packed, p, out, buf):
     n = np.int64(p[P_N])
     nn = p[P_N]
@@ -639,7 +639,7 @@ def range_parity(shuf, params, mcum, j, a, b):
     return words_parity(shuf[j], a, b)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def top_parities(shuf, params, mcum, j, k, count, out):
     """out[t] = parity of pass j's top-level block t (positions [t k, min((t+1) k, n))), t < count."""
     n = np.int64(params[j, P_N])
@@ -647,7 +647,7 @@ def top_parities(shuf, params, mcum, j, k, count, out):
         out[t] = range_parity(shuf, params, mcum, j, t * k, min((t + 1) * k, n))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def answer_questions(shuf, params, mcum, q, out):
     """Alice's answer to one ``cascade.ask``: the parity of every asked range, packed MSB first into ``out``.
 
@@ -682,7 +682,7 @@ def _node(s, e, level, index):
     return s, e
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def build_question(p, s, e, depth_max, depth, q):
     """Bob's ``cascade.ask``: one (pass, start, end) row per asked range; returns the rows used.
 
@@ -716,7 +716,7 @@ def _packed_bit(packed, t):
     return (packed[t >> 3] >> (7 - (t & 7))) & np.uint8(1)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def originals(params, passes, positions):
     """Original key indices of shuffled ``positions`` in the given passes."""
     out = np.empty(positions.size, np.int64)
@@ -725,7 +725,7 @@ def originals(params, passes, positions):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def apply_corrections(xs, shuf, params, mcum, active, block_size, mism, mism_off):
     """Flip Bob's bits ``xs`` (distinct original indices) and update every active pass.
 
@@ -753,7 +753,7 @@ def apply_corrections(xs, shuf, params, mcum, active, block_size, mism, mism_off
     return touched
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def free_descent(shuf, params, mcum, p, s, e, a, d, bits, leaf, rbits, on):
     """Walk each search down the recorded path of its block while that path's parities are known.
 
@@ -785,7 +785,7 @@ def free_descent(shuf, params, mcum, p, s, e, a, d, bits, leaf, rbits, on):
             on[t] = follow
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, depth, answers):
     """Descend every search ``depth[t]`` levels with Alice's parities (``answers``: packed, MSB first).
 
@@ -830,7 +830,7 @@ def apply_answers(shuf, params, mcum, p, s, e, a, d, bits, depth, answers):
         s[t], e[t], a[t], d[t], bits[t] = st, en, at, dt, bt
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def resolve_searches(
     shuf,
     params,

@@ -67,7 +67,7 @@ class Estimate:
         }
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _class_counts(classes: np.ndarray, n_classes: int, where: np.ndarray) -> np.ndarray:
     """Counts of each class ``0..n_classes-1`` in one pass (only entries with ``where[i]``, if ``where`` is non-empty).
 

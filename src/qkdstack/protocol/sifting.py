@@ -58,7 +58,7 @@ def _packed_bit(packed: np.ndarray, i: int) -> int:
     return (packed[i >> 3] >> (7 - (i & 7))) & 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _split(
     bits: np.ndarray, basis: np.ndarray, other: np.ndarray, classes: np.ndarray, per_match: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
