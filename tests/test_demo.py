@@ -22,6 +22,8 @@ def test_demo_delivers_keys_and_the_file_arrives_intact():
     assert "2 accepted, 0 aborted" in out
     assert "identical at both sites: True" in out
     assert "SHA-256 at B matches" in out and "file through the tunnel   intact" in out
+    factor = out.split("real-time factor", 1)[1].split()[0] if "real-time factor" in out else "missing"
+    assert factor != "missing" and float(factor) > 0, out  # issue 12: the factor is shown where users look
 
 
 def test_demo_with_an_eavesdropper_delivers_no_key():

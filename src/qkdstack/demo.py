@@ -71,6 +71,8 @@ class DemoResult:
     qber_z: list[float] = field(default_factory=list)
     key_rate_bit_per_s_device: float = 0.0
     key_rate_bit_per_s_wall: float = 0.0
+    real_time_factor: float = 0.0
+    """Device seconds distilled per wall second (status.json, over the node's sliding window)."""
     auth_bits_consumed: int = 0
     keys_delivered: int = 0
     keys_match: bool | None = None
@@ -121,7 +123,8 @@ def _round_line(status: dict[str, Any], peer: dict[str, Any] | None, rounds: int
     store_b = ((peer or {}).get("store") or {}).get("stored_keys", 0)
     if last.get("accepted"):
         what = (f"accepted  QBER {100 * last['qber_z']:.2f} %  key {last['key_bits']} bits  "
-                f"rate {status['secret_key_rate_bit_per_s_device'] / 1e6:.2f} Mbit/s (device time)")
+                f"rate {status['secret_key_rate_bit_per_s_device'] / 1e6:.2f} Mbit/s (device time)  "
+                f"real-time factor {status.get('real_time_factor', 0.0):.2f}")
     else:
         what = f"ABORTED in {last.get('stage')}: {last.get('reason')}"
     return (f"  round {done}/{rounds}  {what}\n"
@@ -180,6 +183,7 @@ async def _watch_rounds(layouts: dict[str, SiteLayout], procs: dict[str, subproc
                 result.secret_bits = status_a["secret_bits"]
                 result.key_rate_bit_per_s_device = status_a["secret_key_rate_bit_per_s_device"]
                 result.key_rate_bit_per_s_wall = status_a["secret_key_rate_bit_per_s_wall"]
+                result.real_time_factor = status_a.get("real_time_factor", 0.0)
                 result.auth_bits_consumed = status_a["auth_bits_consumed"]
                 result.aborts = status_a.get("recent_aborts", [])
                 return status_a
@@ -291,6 +295,8 @@ def _summary(result: DemoResult, opts: DemoOptions) -> str:
         f"  secret key                {result.secret_bits} bits",
         f"  secret key rate           {result.key_rate_bit_per_s_device:.4g} bit/s of device time, "
         f"{result.key_rate_bit_per_s_wall:.4g} bit/s of wall time (simulation on this machine)",
+        f"  real-time factor          {result.real_time_factor:.3f} device seconds distilled per wall second "
+        "(1.0: the nodes keep up with their device)",
         f"  authentication key used   {result.auth_bits_consumed} bits "
         f"({100 * result.auth_bits_consumed / max(result.secret_bits, 1):.2f} % of the secret key)",
         f"  keys delivered (ETSI 014) {result.keys_delivered}"
