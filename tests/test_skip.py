@@ -320,3 +320,21 @@ def test_psk_file_format_and_permissions(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=r"\[kms\] skip_psk_file"):
             load_psk_file(path)
+
+
+def test_kms_skip_configuration_errors_name_the_field():
+    from qkdstack.node.config import KmsSection
+    from qkdstack.node.schema import load_section
+
+    tls = {"tls_cert": "c.pem", "tls_key": "k.pem", "ca_cert": "ca.pem"}
+    ok = load_section(KmsSection, "kms", {**tls, "skip_listen": "127.0.0.1:7115", "skip_psk_file": "p"})
+    assert ok.skip_listen == "127.0.0.1:7115"
+    cases = [
+        ({"skip_listen": "127.0.0.1:7115"}, r"\[kms\] skip_listen needs tls_cert"),
+        ({**tls, "skip_listen": "nowhere"}, r"\[kms\] skip_listen"),
+        ({**tls, "skip_listen": "127.0.0.1:8443"}, r"\[kms\] skip_listen must differ from etsi_listen"),
+        ({**tls, "skip_psk_file": "p"}, r"\[kms\] skip_psk_file is set but skip_listen is not"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_section(KmsSection, "kms", data)

@@ -67,6 +67,18 @@ PROOF_EXTENSION = "qkdstack_proof"
 """The optional extension asking for each key's proof (``extension_optional: [{"qkdstack_proof": true}]``)."""
 
 
+PROOF_FIELDS = ("block_id", "length_bits", "eps_sec", "eps_cor", "bound", "qber_key", "qber_test", "leakage_bits",
+                "finite_key", "provenance")
+"""The fields of a round's proof (``KeyBlock.to_dict()`` with the node's provenance) kept with its key block:
+all but the bulky ones (detection counts, the leakage ledger, stage timings, statistics)."""
+
+
+def key_proof(block_meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of a round's proof (``KeyBlock.to_dict()``) stored with its block and returned with its keys."""
+    kept = {name: block_meta[name] for name in PROOF_FIELDS if name in block_meta}
+    return json.loads(json.dumps(kept, default=str))  # JSON values only, as data/rounds.jsonl writes them
+
+
 def wants_proof(extensions: Sequence[Any] | None) -> bool:
     """Whether ``extension_optional`` (a list of objects; a bare name is taken too) asks for the proof."""
     return any(

@@ -10,7 +10,7 @@ Sections (each field documented in docs/node.md):
 - ``[device]``: the simulated device (same meaning as ``qkdstack simulate`` flags).
 - ``[protocol]``: security parameters and tolerances of the post-processing.
 - ``[auth]``: bootstrap mode (``psk``, ``pki``, ``pgp``) and its files.
-- ``[kms]``: key store URL, key size, capacity marks, ETSI 014 listener and TLS files.
+- ``[kms]``: key store URL, key size, capacity marks, ETSI 014 and SKIP listeners and TLS files.
 - ``[admin]``: the admin HTTP listener (metrics, dashboard, status) and its bearer token
   (docs/operations.md).
 
@@ -288,6 +288,10 @@ class KmsSection:
     """Path of the in-unit delivery Unix socket (empty: disabled)."""
     local_users: list[str] = field(default_factory=list)
     """In-unit delivery: ``"UID:SAE_ID"`` entries, the local users admitted and the SAE each one is."""
+    skip_listen: str = ""
+    """``HOST:PORT`` of the SKIP key provider (draft-cisco-skip; kms/skip.py); empty: no SKIP server."""
+    skip_psk_file: str = ""
+    """SKIP TLS-PSK identities, ``SAE_ID:HEXKEY`` lines (0600); empty: SKIP takes client certificates only."""
 
     def __post_init__(self) -> None:
         if self.tls_cert or self.tls_key or self.ca_cert:
@@ -303,6 +307,14 @@ class KmsSection:
             raise field_error("kms", "high_water_keys",
                               "must satisfy 0 < low_water_keys < high_water_keys ≤ capacity_keys")
         parse_address("kms", "etsi_listen", self.etsi_listen)
+        if self.skip_listen:
+            if not self.tls_cert:
+                raise field_error("kms", "skip_listen", "needs tls_cert, tls_key and ca_cert (SKIP runs over TLS)")
+            if parse_address("kms", "skip_listen", self.skip_listen) == parse_address("kms", "etsi_listen",
+                                                                                      self.etsi_listen):
+                raise field_error("kms", "skip_listen", f"must differ from etsi_listen (both {self.skip_listen})")
+        if self.skip_psk_file and not self.skip_listen:
+            raise field_error("kms", "skip_psk_file", "is set but skip_listen is not (the PSKs are SKIP's)")
         local = self.local_uid_map()
         if self.local_socket and not local:
             raise field_error("kms", "local_users", "must admit at least one UID:SAE_ID when local_socket is set")
@@ -623,6 +635,10 @@ def check_files_of(config: NodeConfig) -> None:
             raise field_error("kms", "local_socket", f"names {socket_path}, which exists and is not a socket")
     if config.kms.tls_cert:
         _check_tls(config)
+    if config.kms.skip_psk_file:
+        from qkdstack.kms.skip import load_psk_file
+
+        load_psk_file(config.resolve(config.kms.skip_psk_file))
 
 
 def listen_addresses(config: NodeConfig) -> list[tuple[str, str, str]]:
@@ -632,6 +648,8 @@ def listen_addresses(config: NodeConfig) -> list[tuple[str, str, str]]:
         out += [("link", name, getattr(config.link, name)) for name in ("classical", "quantum", "kms")]
     if config.kms.tls_cert:
         out.append(("kms", "etsi_listen", config.kms.etsi_listen))
+    if config.kms.skip_listen:
+        out.append(("kms", "skip_listen", config.kms.skip_listen))
     if config.admin.listen and not config.admin.listen.endswith(":0"):
         out.append(("admin", "listen", config.admin.listen))
     return out

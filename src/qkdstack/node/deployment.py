@@ -11,6 +11,11 @@
     the site CA (``ca.pem``) that signs the KME's server certificate (``kme.pem``/``kme.key``)
     and the key consumers' client certificates (``DIR/<site>/sae/<SAE_ID>.pem``/``.key``);
     an SAE's ID is its certificate's subject common name.
+``DIR/<site>/sae/<SAE_ID>.psk`` and ``DIR/<site>/tls/skip.psk``
+    SKIP TLS-PSK identities (``SAE_ID:HEXKEY``, 32 random bytes, 0600): the consumer's own line, and
+    the site's list of them all (``[kms] skip_psk_file``). The PSK identity is the SAE ID.
+``[kms] skip_listen``
+    each site's SKIP key provider (kms/skip.py) on loopback: ``base_port + 8`` and ``+ 9``.
 ``DIR/<site>/pki/``
     (``pki``) the node's classical (Ed25519) and ML-DSA-65 certificate chains and keys, the two
     operator roots (``roots.pem``) and their CRLs (``crls.pem``). The operator CAs' keys stay in
@@ -27,6 +32,7 @@ Every private key and secret file is created 0600 (:mod:`qkdstack.certs`).
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +53,16 @@ class SiteLayout:
     ca: Path
     admin_url: str = ""
     """The site's admin listener (``/metrics``, ``/`` dashboard), from ``[admin] listen``."""
+    skip_address: str = ""
+    """The site's SKIP key provider, ``HOST:PORT`` (``[kms] skip_listen``)."""
 
     def sae_cert(self, sae_id: str) -> tuple[Path, Path]:
         folder = self.config.parent / "sae"
         return folder / f"{sae_id}.pem", folder / f"{sae_id}.key"
+
+    def sae_psk(self, sae_id: str) -> Path:
+        """The SAE's SKIP TLS-PSK file: one ``SAE_ID:HEXKEY`` line (identity and key, 0600)."""
+        return self.config.parent / "sae" / f"{sae_id}.psk"
 
 
 def _toml_value(value: object) -> str:
@@ -91,6 +103,18 @@ def _write_tls(site_dir: Path, site: str, sae_ids: list[str]) -> None:
         cert = certs.issue_certificate(ca_cert, ca_key, sae, key.public_key(), client=True, server=False)
         certs.write_certificate(sae_dir / f"{sae}.pem", cert)
         certs.write_private_key(sae_dir / f"{sae}.key", key)
+
+
+def _write_skip_psks(site_dir: Path, sae_ids: list[str]) -> None:
+    """A fresh TLS-PSK per consumer for SKIP: ``sae/<SAE_ID>.psk`` (the consumer's), ``tls/skip.psk`` (the node's)."""
+    from qkdstack.kms.skip import format_psk_line
+
+    lines = []
+    for sae in sae_ids:
+        line = format_psk_line(sae, secrets.token_bytes(32))
+        certs.atomic_write(site_dir / "sae" / f"{sae}.psk", line.encode(), 0o600)
+        lines.append(line)
+    certs.atomic_write(site_dir / "tls" / "skip.psk", "".join(lines).encode(), 0o600)
 
 
 def _write_pki(out: Path, sites: list[str]) -> None:
@@ -187,6 +211,7 @@ def write_deployment(
         site_dir = out / site
         site_dir.mkdir(parents=True, exist_ok=True)
         _write_tls(site_dir, site, sae_ids[site])
+        _write_skip_psks(site_dir, sae_ids[site])
         if psk_secret is not None and i == 1:
             certs.atomic_write(site_dir / "link.psk", psk_secret, 0o600)
         auth: dict[str, object] = {"bootstrap": bootstrap}
@@ -207,13 +232,15 @@ def write_deployment(
             "protocol": {"rounds": rounds},
             "auth": auth,
             "kms": {"store": store, "etsi_listen": f"127.0.0.1:{etsi_port}", "tls_cert": "tls/kme.pem",
-                    "tls_key": "tls/kme.key", "ca_cert": "tls/ca.pem", "sae_ids": sae_ids[site]},
+                    "tls_key": "tls/kme.key", "ca_cert": "tls/ca.pem", "sae_ids": sae_ids[site],
+                    "skip_listen": f"127.0.0.1:{base_port + 8 + i}", "skip_psk_file": "tls/skip.psk"},
             "admin": {"listen": f"127.0.0.1:{base_port + 12 + i}"},
         }
         path = site_dir / "site.toml"
         path.write_text(render_toml(config))
         layouts[site] = SiteLayout(site, path, f"https://127.0.0.1:{etsi_port}", tuple(sae_ids[site]),
-                                   site_dir / "tls" / "ca.pem", f"http://127.0.0.1:{base_port + 12 + i}")
+                                   site_dir / "tls" / "ca.pem", f"http://127.0.0.1:{base_port + 12 + i}",
+                                   f"127.0.0.1:{base_port + 8 + i}")
     (out / "README.txt").write_text(_readme(sites, layouts, bootstrap))
     return layouts
 
@@ -238,4 +265,10 @@ Fetch a key at site {a} as {sa}, for {sb} at site {b}:
 Then at site {b} as {sb}, by its key_ID:
   curl --cert {layouts[b].sae_cert(sb)[0]} --key {layouts[b].sae_cert(sb)[1]} --cacert {layouts[b].ca} \\
        '{layouts[b].etsi_url}/api/v1/keys/{sa}/dec_keys?key_ID=KEY_ID'
+
+The same keys over SKIP (draft-cisco-skip; docs/kms.md), e.g. with the PyPI client skip-qkd:
+  a = SkipQKDClient("{layouts[a].skip_address}", "{sa}", mtls_config=MTLSConfig("{layouts[a].ca}", "{cert}", "{key}"))
+  a.request_key("{sb}")  ->  {{"keyId": ..., "key": ...}}
+  (new client object per call) at site {b} ({layouts[b].skip_address}) as {sb}: fetch_key_by_id(KEY_ID, "{sa}")
+TLS-PSK instead of certificates: identity and key in {layouts[a].sae_psk(sa)}.
 """

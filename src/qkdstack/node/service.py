@@ -57,7 +57,7 @@ from qkdstack.errors import (
     QKDError,
 )
 from qkdstack.kms.etsi014 import TLSFiles, serve_etsi014
-from qkdstack.kms.kme import KME, KMEConfig
+from qkdstack.kms.kme import KME, KMEConfig, key_proof
 from qkdstack.kms.local import serve_local
 from qkdstack.kms.store import KeyStoreError, LinkLimits, open_store
 from qkdstack.node.config import NodeConfig, parse_address
@@ -152,6 +152,8 @@ class Node:
         self.rtf = RealTimeMeter()
         self._last_rate_log = 0.0
         self.etsi_url: str | None = None
+        self.skip_url: str | None = None
+        self._block_proofs: dict[str, dict[str, Any]] = {}  # block ID -> proof, until the block is stored
         self.ops: NodeOps | None = None
         self.status_doc: dict[str, Any] | None = None
         """The last status document written (what ``status.json`` holds); read by the metrics (qkdstack.ops)."""
@@ -279,6 +281,7 @@ class Node:
             "link": self.link_id,
             "updated": time.time(),
             "etsi014_url": self.etsi_url,
+            "skip_url": self.skip_url,
             "metrics_url": self.ops.metrics_url if self.ops else None,
             "dashboard_url": self.ops.dashboard_url if self.ops else None,
             "finished": self.finished,
@@ -468,7 +471,8 @@ class Node:
             self._save_link_keys()
             self.link_keys_changed.set()
         if self.kme is not None and rest:
-            chunks = await self.kme.add_block(block_id, rest)
+            chunks = await self.kme.add_block(block_id, rest, proof=self._block_proofs.get(block_id))
+            self._block_proofs.pop(block_id, None)
             self.stats.stored_bits += chunks * self.kme.config.key_size
             self._last_block_bits = 8 * len(rest)
 
@@ -494,6 +498,7 @@ class Node:
             epsilon_composed=block.eps_sec + block.eps_cor + auth_eps,
         )
         meta = block.to_dict()
+        self._block_proofs[block.block_id] = key_proof(meta)  # stored with the block's keys (kms/kme.py)
         self.stats.last = {
             "block_id": block.block_id,
             "accepted": True,
@@ -863,6 +868,14 @@ class Node:
                     self.kme, host, port, tls, middleware=self.ops.etsi014_middleware if self.ops else None))
                 self.etsi_url = running.url
                 log.info("%s: ETSI GS QKD 014 server at %s", self.site.name, running.url)
+                if kms_cfg.skip_listen:  # SKIP key provider (kms/skip.py) on the same KME and TLS files
+                    from qkdstack.kms.skip import load_psk_file, serve_skip
+
+                    psks = load_psk_file(self.cfg.resolve(kms_cfg.skip_psk_file)) if kms_cfg.skip_psk_file else None
+                    skip = await stack.enter_async_context(serve_skip(
+                        self.kme, *parse_address("kms", "skip_listen", kms_cfg.skip_listen), tls, psks=psks))
+                    self.skip_url = skip.address
+                    log.info("%s: SKIP key provider at %s", self.site.name, skip.address)
             if kms_cfg.local_socket:
                 await stack.enter_async_context(
                     serve_local(self.kme, self.cfg.resolve(kms_cfg.local_socket), kms_cfg.local_uid_map())
