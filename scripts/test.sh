@@ -10,6 +10,11 @@ VENV=.venv
 if ! command -v gpg >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gnupg >&2
 fi
+# The dashboard test renders the page in a real headless browser (Debian package chromium, driven by Playwright's
+# Python package with the system browser); install it where it is missing and we are root.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
+fi
 if [ -z "${QKDSTACK_TEST_PG_URL:-}" ] && [ -x scripts/pg-test-server.sh ]; then
   eval "$(bash scripts/pg-test-server.sh start)"
   trap 'bash scripts/pg-test-server.sh stop >/dev/null 2>&1 || true' EXIT
