@@ -2,12 +2,14 @@
 
 Each round simulates one frame of the device (same flags as ``qkdstack simulate``) and
 runs the whole post-processing over an in-memory channel: sifting, parameter
-estimation, Cascade, verification and privacy amplification. It prints what an operator
-checks: sifted bits, QBER in both bases, the Cascade efficiency
-f = (Alice's parities) / (n·h(QBER)) — the usual figure, comparable with the literature —
-and its round trips, the leakage λ subtracted (every disclosed bit, both directions), the
-verification result, the final key length with ε_sec and ε_cor, the secret key rate
-(bit/pulse and bit/s at the source's repetition rate) and the time per stage.
+estimation, reconciliation (Cascade, or LDPC with ``--reconciliation ldpc``), verification
+and privacy amplification. It prints what an operator checks: sifted bits, QBER in both
+bases, the reconciliation efficiency f and round trips (Cascade: f = Alice's parities /
+(n·h(QBER)), the usual figure, comparable with the literature; LDPC: f = *everything* the
+LDPC stage disclosed, both directions, / (n·h(QBER)), with the frame's codeword outcomes),
+the leakage λ subtracted (every disclosed bit, both directions), the verification result,
+the final key length with ε_sec and ε_cor, the secret key rate (bit/pulse and bit/s at the
+source's repetition rate) and the time per stage.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="abort above this phase-error bound (default 0.2)")
     parser.add_argument("--cascade-schedule", choices=sorted(SCHEDULES), default="batched",
                         help="Cascade block-size schedule (default batched)")
+    parser.add_argument("--reconciliation", choices=("cascade", "ldpc"), default="cascade",
+                        help="error correction: interactive Cascade (default) or one-way LDPC with blind rounds")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 
@@ -58,8 +62,21 @@ def _round_report(outcome: KeyBlock | Abort, pulses: int, rep_rate: float, wall_
     n_key = int(sum(meta["counts"]["key_counts"]))
     n_test = int(sum(meta["counts"]["test_counts"]))
     h = binary_entropy(outcome.qber_key) if outcome.qber_key > 0 else 0.0
-    leak_ec = outcome.leakage_accounting["stages"]["cascade"]["alice_to_bob"]  # Alice's parities: the usual f
-    return {
+    stats = meta["stats"]
+    recon = stats.get("reconciliation", "cascade")
+    if recon == "ldpc":
+        f = stats["ldpc_efficiency"]
+        round_trips = stats["ldpc_round_trips"]
+        frames = {"codewords": stats["ldpc_codewords"], "failed_first_decoding": stats["ldpc_failed_first"],
+                  "blind_rounds": stats["ldpc_blind_rounds"], "code": stats["ldpc_code"],
+                  "syndrome_bits": stats["ldpc_syndrome_bits"], "revealed_bits": stats["ldpc_revealed_bits"],
+                  "status_bits": stats["ldpc_status_bits"]}
+    else:
+        leak_ec = outcome.leakage_accounting["stages"]["cascade"]["alice_to_bob"]  # Alice's parities: the usual f
+        f = leak_ec / (n_key * h) if h > 0 else None
+        round_trips = stats["cascade_round_trips"]
+        frames = None
+    report = {
         "block_id": outcome.block_id,
         "aborted": False,
         "pulses": pulses,
@@ -69,8 +86,9 @@ def _round_report(outcome: KeyBlock | Abort, pulses: int, rep_rate: float, wall_
         "qber_z": outcome.qber_key,
         "qber_x": outcome.qber_test,
         "phase_error_bound": meta["finite_key"]["phase_error"],
-        "cascade_efficiency": leak_ec / (n_key * h) if h > 0 else None,
-        "cascade_round_trips": meta["stats"]["cascade_round_trips"],
+        "reconciliation": recon,
+        "reconciliation_efficiency": f,
+        "reconciliation_round_trips": round_trips,
         "leakage_bits": outcome.leakage_bits,
         "leakage_accounting": outcome.leakage_accounting,
         "verification": "passed",
@@ -83,23 +101,33 @@ def _round_report(outcome: KeyBlock | Abort, pulses: int, rep_rate: float, wall_
         "wall_seconds": wall_s,
         "finite_key": {k: v for k, v in meta["finite_key"].items() if k not in ("counts", "bounds")},
     }
+    if recon == "cascade":  # the names of earlier releases, kept for scripts that read them
+        report["cascade_efficiency"] = f
+        report["cascade_round_trips"] = round_trips
+    else:
+        report["ldpc_frames"] = frames
+    return report
 
 
 def _print_round(r: dict[str, Any], out) -> None:
     if r["aborted"]:
         print(f"round {r['block_id'][:8]}  ABORTED in {r['stage']}: {r['reason']}", file=out)
         return
-    f = r["cascade_efficiency"]
+    f = r["reconciliation_efficiency"]
+    name = "Cascade" if r["reconciliation"] == "cascade" else "LDPC"
     rows = [
         ("pulses", f"{r['pulses']:.3g}"),
         ("detections", f"{r['detections']}"),
         ("sifted bits (key Z / test X)", f"{r['sifted_key_bits']} / {r['sifted_test_bits']}"),
         ("QBER Z / X", f"{100 * r['qber_z']:.3f} % / {100 * r['qber_x']:.3f} %"),
         ("phase-error bound", f"{100 * r['phase_error_bound']:.2f} %"),
-        ("Cascade efficiency f", "n/a (no errors)" if f is None else f"{f:.3f}"),
-        ("Cascade round trips", f"{r['cascade_round_trips']}"),
-        ("disclosed bits (Cascade / verification)",
-         f"{r['leakage_bits']['cascade']} / {r['leakage_bits']['verification']}"),
+        (f"{name} efficiency f", "n/a (no errors)" if f is None else f"{f:.3f}"),
+        (f"{name} round trips", f"{r['reconciliation_round_trips']}"),
+        *([("LDPC codewords (failed first / blind rounds)",
+            f"{r['ldpc_frames']['codewords']} ({r['ldpc_frames']['failed_first_decoding']} / "
+            f"{r['ldpc_frames']['blind_rounds']})")] if r["reconciliation"] == "ldpc" else []),
+        (f"disclosed bits ({name} / verification)",
+         f"{r['leakage_bits'][r['reconciliation']]} / {r['leakage_bits']['verification']}"),
         ("verification", r["verification"]),
         ("secret key", f"{r['key_bits']} bits"),
         ("ε_sec / ε_cor", f"{r['eps_sec']:g} / {r['eps_cor']:g}"),
@@ -132,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     config = RoundConfig.for_source(
         params.source, eps_sec=args.eps_sec, eps_cor=args.eps_cor, max_qber=args.max_qber,
         max_phase_error=args.max_phase_error, cascade_schedule=args.cascade_schedule,
+        reconciliation=args.reconciliation,
     )
     device = SimulatedDevice(params, eve=parse_eve(args.eve), seed=args.seed)
     reports = []
@@ -162,6 +191,14 @@ def run(args: argparse.Namespace) -> int:
         "secret_key_rate_bit_per_s": secret_bits / total_pulses * params.source.rep_rate_hz,
         "wall_seconds": wall,
     }
+    if args.reconciliation == "ldpc":
+        ok = [r["ldpc_frames"] for r in reports if not r["aborted"]]
+        summary["ldpc"] = {
+            "codewords_decoded": sum(x["codewords"] for x in ok),
+            "codewords_failed_first_decoding": sum(x["failed_first_decoding"] for x in ok),
+            "blind_rounds": sum(x["blind_rounds"] for x in ok),
+            "frames_given_up": sum(1 for r in reports if r["aborted"] and r["stage"] == "ldpc"),
+        }
     if args.json:
         json.dump({"summary": summary, "rounds": reports}, sys.stdout, indent=2, default=float)
         print()

@@ -219,6 +219,8 @@ class ProtocolSection:
     max_qber: float = 0.11
     max_phase_error: float = 0.2
     cascade_schedule: str = "batched"
+    reconciliation: str = "cascade"
+    """``cascade`` or ``ldpc`` (docs/ldpc.md); both sites must agree (checked at ``round.start``)."""
     rounds: int = 0
     """Rounds to run before stopping (0: run until stopped)."""
 
@@ -233,6 +235,9 @@ class ProtocolSection:
                 raise field_error("protocol", name, f"must lie in (0, 0.5], got {value}")
         if self.rounds < 0:
             raise field_error("protocol", "rounds", f"must be ≥ 0, got {self.rounds}")
+        if self.reconciliation not in ("cascade", "ldpc"):
+            raise field_error("protocol", "reconciliation", f"must be \"cascade\" or \"ldpc\", got "
+                              f"{self.reconciliation!r}")
 
 
 @dataclass(frozen=True)

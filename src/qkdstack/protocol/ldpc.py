@@ -3,10 +3,10 @@
 Roles and messages (all kinds start with ``"ldpc."``):
 
 1. Both parties derive the same *plan* from public data: the key length N and the QBER
-   estimate q (the test-basis QBER, floored): the code of the family
-   (:mod:`qkdstack.protocol.ldpc_codes`) of highest rate whose syndrome still carries
-   f_start·h(q) bits per key bit, and the payload k ≤ n of every codeword so that
-   m/k ≈ f_start·h(q). The frame is split into ⌈N/k⌉ codewords of near-equal payload.
+   estimate q (the test-basis QBER, floored): the payload k = min(n, m/(f_start·h(q))) of a
+   codeword of each code of the family (:mod:`qkdstack.protocol.ldpc_codes`), and the code
+   whose ⌈N/k⌉ codewords disclose the fewest syndrome bits in total (at most ``max_shortened``
+   of a codeword shortened). The frame is split into ⌈N/k⌉ codewords of near-equal payload.
    The n − k positions of a codeword that carry no key bit are *shortened*: fixed to 0 and
    known to both, so they are never sent (Elkouss, Martinez-Mateo, Martin, QIC 11 (2011),
    rate adaptation by shortening; the code's rate drops from 1 − m/n to (k − m)/k).
@@ -19,7 +19,8 @@ Roles and messages (all kinds start with ``"ldpc."``):
    codeword still open: 1 decoded (the syndrome is satisfied), 0 failed.
 4. Blind rounds (Martinez-Mateo, Elkouss, Martin, "Blind reconciliation", QIC 12 (2012)):
    for every failed codeword, ``ldpc.reveal`` (Alice → Bob) discloses the values of
-   Δ = ⌈blind_step·k·h(q)⌉ further key bits, in the public order; Bob fixes them (as shortened
+   r·Δ further key bits in blind round r, Δ = ⌈blind_step·k·h(q)⌉, in the public order (growing
+   steps: a few rounds reach far past the first attempt's rate); Bob fixes them (as shortened
    bits) and decodes again; ``ldpc.status`` again. The original protocol converts punctured
    symbols into shortened ones; here the revealed symbols are key bits, which keeps the
    accounting literal (every revealed bit is key-dependent and counted). After
@@ -48,6 +49,7 @@ from qkdstack.bits import BitArray
 from qkdstack.errors import ConfigError, ProtocolAbort
 from qkdstack.protocol import ldpc_codes
 from qkdstack.protocol.channel import RECEIVED, SENT, Channel
+from qkdstack.protocol.ldpc_codes import LdpcCode
 
 __all__ = ["LdpcParams", "LdpcResult", "Plan", "alice", "bob", "decode_batch", "make_plan"]
 
@@ -69,8 +71,10 @@ class LdpcParams:
     f_start: float = 1.08
     """Target efficiency of the first attempt: syndrome bits per key bit = f_start·h(q)."""
     blind_step: float = 0.03
-    """Each blind round reveals blind_step·k·h(q) more key bits of every failed codeword."""
+    """Blind round r reveals r·blind_step·k·h(q) more key bits of every failed codeword."""
     max_blind_rounds: int = 8
+    max_shortened: float = 0.5
+    """At most this fraction of a codeword is shortened (heavily shortened codes decode poorly and slowly)."""
     code_n: int = ldpc_codes.DEFAULT_N
     code_seed: int = ldpc_codes.DEFAULT_SEED
     max_iterations: int = 60
@@ -80,8 +84,8 @@ class LdpcParams:
 
     def public(self) -> dict[str, float | int]:
         return {"f_start": self.f_start, "blind_step": self.blind_step, "max_blind_rounds": self.max_blind_rounds,
-                "code_n": self.code_n, "code_seed": self.code_seed, "max_iterations": self.max_iterations,
-                "alpha": self.alpha}
+                "max_shortened": self.max_shortened, "code_n": self.code_n, "code_seed": self.code_seed,
+                "max_iterations": self.max_iterations, "alpha": self.alpha}
 
 
 @dataclass(frozen=True)
@@ -110,13 +114,22 @@ def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
     if need >= 1.0:
         raise ProtocolAbort(STAGE, f"QBER estimate {100 * qber:.2f}% is beyond the reach of syndrome "
                                    "reconciliation (the syndrome would be longer than the key)")
-    rate = min(ldpc_codes.RATES)  # below the lowest rate, shortening lowers it further
-    for r in sorted(ldpc_codes.RATES, reverse=True):
-        if round(n * (1.0 - r)) >= need * n:
-            rate = r
-            break
-    m = round(n * (1.0 - rate))
-    k = min(n, int(m / need))
+    # The code whose codewords, each shortened to carry k = min(n, m/need) key bits, disclose the fewest
+    # syndrome bits for the whole frame (a frame is a whole number of codewords, so the highest rate that
+    # fits is not always the cheapest); ties go to fewer codewords.
+    best = None
+    for r in ldpc_codes.RATES:
+        m = round(n * (1.0 - r))
+        k = min(n, int(m / need))
+        if k <= m or k < (1.0 - params.max_shortened) * n:
+            continue
+        count = -(-n_key // k)
+        cost = (count * m, count)
+        if best is None or cost < best[0]:
+            best = (cost, r, k)
+    if best is None:
+        raise ProtocolAbort(STAGE, f"QBER estimate {100 * qber:.2f}% is beyond the reach of the LDPC codes")
+    _cost, rate, k = best
     count = -(-n_key // k)
     base, extra = divmod(n_key, count)
     payloads = tuple(base + (1 if i < extra else 0) for i in range(count))
@@ -263,19 +276,50 @@ def _syndromes(row_ptr, col_idx, words, out):
 # Helpers shared by both parties
 
 
-def _layout(seed: int, plan: Plan, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The key positions in a codeword (a public permutation of 0..n-1; the first k carry key bits)
-    and the public order in which payload indices are revealed."""
-    rng = np.random.default_rng(seed)
-    positions = rng.permutation(n).astype(np.int64)
-    order = rng.permutation(max(plan.payloads)).astype(np.int64)
-    return positions, order
+def _layout(seed: int, n: int) -> np.ndarray:
+    """The codeword positions of the key bits: a public permutation of 0..n-1; the first k carry key bits."""
+    return np.random.default_rng(seed).permutation(n).astype(np.int64)
 
 
-def _reveal_indices(order: np.ndarray, k: int, start: int, count: int) -> np.ndarray:
-    """Payload indices start..start+count-1 of the reveal order, restricted to a payload of k bits."""
-    valid = order[order < k]
-    return valid[start : start + count]
+def extension_weight(qber: float) -> int:
+    """Row weight w of the blind rounds' extra parity checks: (1 − 2q)^w ≈ 1/2, clamped to [3, 64].
+
+    A parity of w bits each wrong with probability q is itself wrong with probability
+    (1 − (1 − 2q)^w)/2; at w ≈ ln 2 / −ln(1 − 2q) the check is neither nearly certain (wasted) nor
+    nearly useless to belief propagation. A heuristic of ours, not from the cited papers.
+    """
+    q = min(max(qber, 1e-4), 0.25)
+    return int(min(64, max(3, round(math.log(2) / -math.log(1 - 2 * q)))))
+
+
+def _extension(seed: int, blind_round: int, k: int, count: int, weight: int, positions: np.ndarray):
+    """Extra parity checks of one blind round for a payload of k bits, in CSR form over codeword positions.
+
+    Each row: ``weight`` distinct key positions drawn from a generator keyed by (seed, round, k), so both
+    parties derive the same rows from public data.
+    """
+    rng = np.random.default_rng([seed, blind_round, k])
+    w = min(weight, k)
+    cols = np.empty((count, w), dtype=np.int64)
+    for r in range(count):
+        cols[r] = np.sort(positions[rng.choice(k, size=w, replace=False)])
+    return cols
+
+
+def _extended(code: LdpcCode, rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """H with the extra rows appended (CSR: row_ptr, col_idx)."""
+    if not rows:
+        return code.row_ptr, code.col_idx
+    extra = np.concatenate(rows)
+    lens = np.full(extra.shape[0], extra.shape[1], dtype=np.int64)
+    row_ptr = np.concatenate([code.row_ptr, code.row_ptr[-1] + np.cumsum(lens)])
+    col_idx = np.concatenate([code.col_idx, extra.ravel().astype(code.col_idx.dtype)])
+    return row_ptr, col_idx
+
+
+def _parities(words: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Parities of ``rows`` (count × w codeword positions) of each word: (words, count) uint8."""
+    return np.bitwise_xor.reduce(words[:, rows], axis=2).astype(np.uint8)
 
 
 def _words(key: np.ndarray, plan: Plan, positions: np.ndarray, n: int) -> np.ndarray:
@@ -318,22 +362,22 @@ async def alice(
     channel: Channel, key: np.ndarray, qber_estimate: float, params: LdpcParams | None = None, *,
     seed: int | None = None,
 ) -> LdpcResult:
-    """Alice's side: send the syndromes, then reveal key bits of failed codewords until Bob decodes all."""
+    """Alice's side: send the syndromes, then extra parities of failed codewords until Bob decodes all."""
     params = params or LdpcParams()
     bits = _check_key(key)
     plan = make_plan(bits.size, qber_estimate, params)
     code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
     seed = secrets.randbits(63) if seed is None else seed
-    positions, order = _layout(seed, plan, code.n)
+    positions = _layout(seed, code.n)
+    weight = extension_weight(qber_estimate)
     snap0 = _snapshot(channel)
     words = _words(bits, plan, positions, code.n)
     synd = np.empty((plan.codewords, code.m), dtype=np.uint8)
     _syndromes(code.row_ptr, code.col_idx, words, synd)
     await channel.send("ldpc.start", disclosed=BitArray.from_bits(synd.ravel()), seed=seed, n_key=bits.size,
                        code=code.name, codewords=plan.codewords)
-    offsets = _offsets(plan)
     open_ = np.arange(plan.codewords)
-    revealed = np.zeros(plan.codewords, dtype=np.int64)
+    extra = 0
     failed_first = 0
     blind = 0
     while True:
@@ -352,14 +396,14 @@ async def alice(
         out = []
         for i in open_:
             k = plan.payloads[i]
-            idx = _reveal_indices(order, k, int(revealed[i]), plan.reveal_step[i])
-            revealed[i] += idx.size
-            out.append(bits[offsets[i] + idx])
+            rows = _extension(seed, blind, k, blind * plan.reveal_step[i], weight, positions)
+            out.append(_parities(words[i : i + 1], rows)[0])
+        extra += sum(x.size for x in out)
         await channel.send("ldpc.reveal", disclosed=BitArray.from_bits(np.concatenate(out)), round=blind)
     sent, received, round_trips = (b - a for a, b in zip(snap0, _snapshot(channel), strict=True))
     return LdpcResult(
         key=bits.copy(), leaked_bits=sent + received, round_trips=round_trips, codewords=plan.codewords,
-        code=code.name, blind_rounds=blind, revealed_bits=int(revealed.sum()), syndrome_bits=int(synd.size),
+        code=code.name, blind_rounds=blind, revealed_bits=extra, syndrome_bits=int(synd.size),
         status_bits=received, failed_first=failed_first,
     )
 
@@ -367,7 +411,7 @@ async def alice(
 async def bob(
     channel: Channel, key: np.ndarray, qber_estimate: float, params: LdpcParams | None = None,
 ) -> LdpcResult:
-    """Bob's side: decode every codeword to Alice's word; report each outcome; take revealed bits on failure."""
+    """Bob's side: decode every codeword to Alice's word; report each outcome; take extra parities on failure."""
     params = params or LdpcParams()
     bits = _check_key(key)
     plan = make_plan(bits.size, qber_estimate, params)
@@ -381,7 +425,9 @@ async def bob(
                                    f"Bob {code.name} x {plan.codewords}")
     if start.disclosed is None or len(start.disclosed) != plan.codewords * code.m:
         raise ProtocolAbort(STAGE, "ldpc.start carries the wrong number of syndrome bits")
-    positions, order = _layout(int(start["seed"]), plan, code.n)
+    seed = int(start["seed"])
+    positions = _layout(seed, code.n)
+    weight = extension_weight(qber_estimate)
     words = _words(bits, plan, positions, code.n)
     synd_a = start.disclosed.to_bits().reshape(plan.codewords, code.m)
     synd_b = np.empty_like(synd_a)
@@ -394,21 +440,31 @@ async def bob(
         llr[i, positions[:k]] = channel_llr
     offsets = _offsets(plan)
     err = np.zeros((plan.codewords, code.n), dtype=np.uint8)
-    iters = np.zeros(plan.codewords, dtype=np.int32)
     open_ = np.arange(plan.codewords)
-    revealed = np.zeros(plan.codewords, dtype=np.int64)
+    rows: dict[int, list[np.ndarray]] = {k: [] for k in set(plan.payloads)}  # extra rows so far, per payload
+    extra_target: dict[int, list[np.ndarray]] = {int(i): [] for i in open_}
+    extra = 0
     failed_first = 0
     blind = 0
     total_iters = 0
     while True:
-        sub_err = np.empty((open_.size, code.n), dtype=np.uint8)
-        sub_it = np.empty(open_.size, dtype=np.int32)
-        await asyncio.to_thread(decode_batch, code.row_ptr, code.col_idx, llr[open_], target[open_],
-                                params.max_iterations, params.alpha, sub_err, sub_it)
-        err[open_] = sub_err
-        iters[open_] = sub_it
-        total_iters += int(np.abs(sub_it).sum())
-        ok = sub_it >= 0
+        ok = np.zeros(open_.size, dtype=bool)
+        for k, k_rows in rows.items():
+            members = np.nonzero(np.array([plan.payloads[i] == k for i in open_], dtype=bool))[0]
+            if members.size == 0:
+                continue
+            idx = open_[members]
+            row_ptr, col_idx = _extended(code, k_rows)
+            tgt = np.ascontiguousarray(np.concatenate(
+                [target[idx], *([np.stack([np.concatenate(extra_target[int(i)]) for i in idx])]
+                                if k_rows else [])], axis=1))
+            sub_err = np.empty((idx.size, code.n), dtype=np.uint8)
+            sub_it = np.empty(idx.size, dtype=np.int32)
+            await asyncio.to_thread(decode_batch, row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt,
+                                    params.max_iterations, params.alpha, sub_err, sub_it)
+            err[idx] = sub_err
+            total_iters += int(np.abs(sub_it).sum())
+            ok[members] = sub_it >= 0
         if blind == 0:
             failed_first = int(np.count_nonzero(~ok))
         await channel.send("ldpc.status", disclosed=BitArray.from_bits(ok.astype(np.uint8)))
@@ -419,28 +475,29 @@ async def bob(
             raise _give_up(open_.size, plan, params)
         blind += 1
         msg = await channel.recv(expect="ldpc.reveal")
-        counts = []
-        for i in open_:
-            idx = _reveal_indices(order, plan.payloads[i], int(revealed[i]), plan.reveal_step[i])
-            counts.append(idx)
-        total = sum(idx.size for idx in counts)
+        new_rows = {}
+        for k in sorted({plan.payloads[i] for i in open_}):
+            step = plan.reveal_step[plan.payloads.index(k)]
+            new_rows[k] = _extension(seed, blind, k, blind * step, weight, positions)
+            rows[k].append(new_rows[k])
+        total = sum(new_rows[plan.payloads[i]].shape[0] for i in open_)
         if msg.disclosed is None or len(msg.disclosed) != total:
-            raise ProtocolAbort(STAGE, "ldpc.reveal carries the wrong number of bits")
+            raise ProtocolAbort(STAGE, "ldpc.reveal carries the wrong number of parity bits")
         values = msg.disclosed.to_bits()
         pos = 0
-        for i, idx in zip(open_, counts, strict=True):
-            alice_bits = values[pos : pos + idx.size]
-            pos += idx.size
-            revealed[i] += idx.size
-            e = alice_bits ^ bits[offsets[i] + idx]
-            llr[i, positions[idx]] = np.where(e == 1, -KNOWN_LLR, KNOWN_LLR)
+        for i in open_:
+            r = new_rows[plan.payloads[i]]
+            theirs = values[pos : pos + r.shape[0]]
+            pos += r.shape[0]
+            extra_target[int(i)].append(theirs ^ _parities(words[i : i + 1], r)[0])
+        extra += total
     corrected = bits.copy()
     for i, k in enumerate(plan.payloads):
         corrected[offsets[i] : offsets[i] + k] ^= err[i, positions[:k]]
     sent, received, round_trips = (b - a for a, b in zip(snap0, _snapshot(channel), strict=True))
     return LdpcResult(
         key=corrected, leaked_bits=sent + received, round_trips=round_trips, codewords=plan.codewords,
-        code=code.name, blind_rounds=blind, revealed_bits=int(revealed.sum()), syndrome_bits=int(synd_a.size),
+        code=code.name, blind_rounds=blind, revealed_bits=extra, syndrome_bits=int(synd_a.size),
         status_bits=sent, failed_first=failed_first,
         errors_corrected=int(np.count_nonzero(corrected != bits)), iterations=total_iters,
     )
