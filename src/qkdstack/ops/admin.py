@@ -50,6 +50,7 @@ def _json(doc: Any) -> bytes:
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: _AdminHTTPServer
     protocol_version = "HTTP/1.1"
+    timeout = 30  # an idle kept-alive connection (a browser, a scraper) is closed after 30 s
 
     def log_message(self, *args: Any) -> None:  # no access log on stderr
         pass
