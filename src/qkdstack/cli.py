@@ -26,6 +26,7 @@ COMMANDS: list[str] = [
     "tunnel",
     "demo",
     "dashboard",
+    "key",
 ]
 
 
