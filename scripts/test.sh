@@ -15,9 +15,12 @@ fi
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >&2
 fi
-# The PSK-consumer and SKIP tests drive Debian's OpenSSL tool (s_server/s_client); install it where it is missing.
-if ! command -v openssl >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >&2
+# The PSK-consumer and SKIP tests drive Debian's TLS tools (openssl s_server/s_client, GnuTLS gnutls-serv/-cli);
+# install them where they are missing and we are root.
+if { ! command -v openssl >/dev/null 2>&1 || ! command -v gnutls-serv >/dev/null 2>&1; } && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl gnutls-bin >&2
 fi
 if [ -z "${QKDSTACK_TEST_PG_URL:-}" ] && [ -x scripts/pg-test-server.sh ]; then
   eval "$(bash scripts/pg-test-server.sh start)"

@@ -167,3 +167,41 @@ def test_config_names_the_sites_etsi_server_and_the_sae_files(tmp_path):
     kind, (url, cert, key, ca) = _source(args)
     assert (kind, url) == ("etsi", layouts["A"].etsi_url)
     assert (cert, key) == tuple(str(p) for p in layouts["A"].sae_cert("SAE_A")) and ca == str(layouts["A"].ca)
+
+
+def _gnutls_server_openssl_client(server_file, client_psk: str, message: str) -> tuple[str, str]:
+    """gnutls-serv (echo, PSKs from the exported file: the key stays off its command line) and openssl s_client."""
+    c_id, c_key = client_psk.strip().split(":")
+    port = _free_port()
+    priority = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+ECDHE-PSK:+DHE-PSK:-PSK"  # TLS 1.3, psk_dhe_ke only
+    server = subprocess.Popen(["gnutls-serv", "--port", str(port), "--pskpasswd", str(server_file),
+                               "--priority", priority, "--echo"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert server.stdout is not None
+        for _ in range(50):
+            if b"listening" in server.stdout.readline():
+                break
+        client = subprocess.run(
+            ["bash", "-c", f"(printf '%s\\n' '{message}'; sleep 1) | openssl s_client -connect 127.0.0.1:{port} "
+             f"-tls1_3 -psk_identity {c_id} -psk {c_key} -brief -nocommands"],
+            capture_output=True, text=True, timeout=20,
+        )
+        return client.stdout, client.stderr
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+@pytest.mark.skipif(shutil.which("gnutls-serv") is None or shutil.which("openssl") is None,
+                    reason="Debian's gnutls-bin or openssl is not installed (scripts/test.sh installs them)")
+async def test_gnutls_server_and_openssl_client_interoperate_on_the_exported_psk(sites, pki, tmp_path):
+    a = await export(sites, pki, "A", tmp_path / "a", "--format", "tls")
+    key_id = re.search(r"key_ID ([0-9a-f-]{36})", a.stdout).group(1)
+    b = await export(sites, pki, "B", tmp_path / "b", "--format", "tls", "--key-id", key_id)
+    assert b.returncode == 0, b.stderr
+    out, summary = await asyncio.to_thread(_gnutls_server_openssl_client, tmp_path / "a" / "tls-psk.txt",
+                                           (tmp_path / "b" / "tls-psk.txt").read_text(), "two TLS stacks, one key")
+    assert "two TLS stacks, one key" in out, summary  # echoed back by GnuTLS
+    assert "Protocol version: TLSv1.3" in summary and "No peer certificate" in summary
+    assert re.search(r"Server Temp Key: (X25519|X448|ECDH|DH)", summary)
