@@ -205,3 +205,24 @@ async def test_gnutls_server_and_openssl_client_interoperate_on_the_exported_psk
     assert "two TLS stacks, one key" in out, summary  # echoed back by GnuTLS
     assert "Protocol version: TLSv1.3" in summary and "No peer certificate" in summary
     assert re.search(r"Server Temp Key: (X25519|X448|ECDH|DH)", summary)
+
+
+async def test_export_by_in_unit_delivery(sites, tmp_path):
+    import os
+
+    from qkdstack.kms.local import serve_local
+
+    uid = os.getuid()
+    async with serve_local(sites.a, tmp_path / "a.sock", {uid: "SAE_A"}), \
+            serve_local(sites.b, tmp_path / "b.sock", {uid: "SAE_B"}):
+        run = [*QKDSTACK, "key", "export", "--format", "tls"]
+        a = await asyncio.to_thread(subprocess.run, [*run, "--local", str(tmp_path / "a.sock"), "--peer", "SAE_B",
+                                                     "--out", str(tmp_path / "a")], capture_output=True, text=True)
+        assert a.returncode == 0, a.stderr
+        key_id = re.search(r"key_ID ([0-9a-f-]{36})", a.stdout).group(1)
+        b = await asyncio.to_thread(subprocess.run, [*run, "--local", str(tmp_path / "b.sock"), "--peer", "SAE_A",
+                                                     "--key-id", key_id, "--out", str(tmp_path / "b")],
+                                    capture_output=True, text=True)
+        assert b.returncode == 0, b.stderr
+    assert (tmp_path / "a" / "tls-psk.txt").read_text() == (tmp_path / "b" / "tls-psk.txt").read_text()
+    await sites.agree()
