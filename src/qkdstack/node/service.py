@@ -152,6 +152,10 @@ class Node:
         self.rtf = RealTimeMeter()
         self._last_rate_log = 0.0
         self.etsi_url: str | None = None
+        self._status_task: asyncio.Future[None] | None = None
+        self._status_again = False
+        self._device_lock = threading.Lock()
+        """Held by the worker thread that emits or detects a frame (one at a time per device half)."""
         self.skip_url: str | None = None
         self._block_proofs: dict[str, dict[str, Any]] = {}  # block ID -> proof, until the block is stored
         self.ops: NodeOps | None = None
@@ -306,7 +310,39 @@ class Node:
             "recent_aborts": self.stats.aborts[-5:],
         }
         self.status_doc = doc
-        atomic_write(self.data_dir / "status.json", json.dumps(doc, indent=1, default=str).encode(), 0o600)
+        data = json.dumps(doc, indent=1, default=str).encode()
+        if self._in_distillation():  # the file's fsync on a worker thread, not on the distillation loop
+            await asyncio.to_thread(atomic_write, self.data_dir / "status.json", data, 0o600)
+        else:
+            atomic_write(self.data_dir / "status.json", data, 0o600)
+
+    def _status_soon(self) -> None:
+        """Write status.json in the background, coalescing writes: a status file is off a round's critical path.
+
+        The next round starts at once; one writer task at a time writes the latest state (again, if
+        rounds ended while it wrote). Fatal paths and the stop still write synchronously.
+        """
+        if self._status_task is not None and not self._status_task.done():
+            self._status_again = True
+            return
+
+        async def writer() -> None:
+            while True:
+                self._status_again = False
+                try:
+                    await self.write_status()
+                except (OSError, QKDError) as exc:  # a status file is not worth stopping the node for
+                    log.error("%s: status.json not written: %s", self.site.name, exc)
+                if not self._status_again:
+                    return
+
+        self._status_task = asyncio.ensure_future(writer())
+
+    async def _status_flushed(self) -> None:
+        """Wait for a background status write in flight, if any."""
+        if self._status_task is not None:
+            with contextlib.suppress(Exception):
+                await self._status_task
 
     # ------------------------------------------------------------------------------ connections
 
@@ -383,16 +419,30 @@ class Node:
         n = self.cfg.device.pulses_per_frame
         if self.transmitter:
             assert self.tx is not None
-            light = self.tx.emit(n)
+            light, record = await asyncio.to_thread(self._emit, n)
             self._frame_id += 1
             await send_light(qchan, light, self._frame_id)
-            return TransmitterRecord(self.tx, n)
+            return record
         assert self.rx is not None
         self._frame_id, light = await recv_light(qchan)
-        return self.rx.detect(light)
+        return await asyncio.to_thread(self._detect, light)
 
-    async def _run_round(self, cchan: TcpChannel, qchan: TcpChannel, round_id: int) -> None:
-        record = await self._device_frame(qchan)
+    def _emit(self, n: int) -> tuple[Any, TransmitterRecord]:
+        """Worker thread: emit a frame and take Alice's record of it (the record holds that frame)."""
+        assert self.tx is not None
+        with self._device_lock:
+            light = self.tx.emit(n)
+            return light, TransmitterRecord(self.tx, n)
+
+    def _detect(self, light: Any) -> Any:
+        """Worker thread: Bob's detection of one frame's light."""
+        assert self.rx is not None
+        with self._device_lock:
+            return self.rx.detect(light)
+
+    async def _run_round(self, cchan: TcpChannel, qchan: TcpChannel, round_id: int,
+                         frames: _FramePipeline | None = None) -> None:
+        record = await (frames.next() if frames is not None else self._device_frame(qchan))
         self.stats.pulses += self.cfg.device.pulses_per_frame
         party = distill.alice if self.transmitter else distill.bob
         if self.pool is None or self._rebootstrap:
@@ -455,14 +505,14 @@ class Node:
         # Pending until the first Wegman-Carter exchange verifies: only that proves the peer seeded its pool
         # from this round too (the last bootstrap message may be lost), see _release_settled.
         self._count_accepted(outcome, None)
-        await self.write_status()
+        self._status_soon()
 
     async def _settle(self, block: KeyBlock, result: RoundOutcome) -> None:
         """Keep the round's key pending on disk (without the refill slice); store what earlier rounds allow."""
         self._write_pending(result.round_id, block.block_id, result.key_for_store)
         await self._release_settled(result)
         self._count_accepted(block, result)
-        await self.write_status()
+        self._status_soon()
 
     async def _store(self, round_id: int, block_id: str, key: bytes) -> None:
         link_key, rest = key[:LINK_KEY_BYTES], key[LINK_KEY_BYTES:]
@@ -543,7 +593,7 @@ class Node:
         self.stats.aborts.append(f"{stage}: {reason}")
         self._log_round(self.stats.last)
         log.warning("%s: round %s aborted in %s: %s", self.site.name, block_id[:8], stage, reason)
-        await self.write_status()
+        self._status_soon()
 
     # ---------------------------------------------------------------------------------- loops
 
@@ -600,6 +650,7 @@ class Node:
             await self._dgo.wait()  # set by go(), or on stop (the rounds loop then ends at once)
             await self._rounds_loop()
         finally:
+            await self._status_flushed()
             for server in servers:
                 server.close()
             self._rate_log(force=True)
@@ -613,6 +664,7 @@ class Node:
         """One pair of classical + quantum connections: entity authentication, then rounds."""
         cchan, cdone = await self._open("classical", self.cfg.link.classical)
         qchan, qdone = await self._open("quantum", self.cfg.link.quantum)
+        frames = _FramePipeline(self, qchan)
         try:
             await self._reconcile_pools(cchan)
             if self.pool is not None and not self._rebootstrap:
@@ -632,12 +684,13 @@ class Node:
                     await self._settle_last_round(cchan, round_id)
                     self.finished = True
                 elif room:
-                    await self._run_round(cchan, qchan, round_id)
+                    await self._run_round(cchan, qchan, round_id, frames)
                 elif self.transmitter:
                     # A store is full: pause key generation but keep the session (the next link.next is its
                     # traffic; a new session would cost an entity authentication, 256 pool bits).
                     await asyncio.sleep(min(0.5, self.cfg.link.timeout_s / 4))
         finally:
+            await frames.close()
             cdone.set()
             qdone.set()
             await cchan.close()
@@ -928,6 +981,55 @@ def _link_epsilon(pool: AuthKeyPool | None) -> dict[str, float] | None:
         "authentication": rep["epsilon_total"],
         "link_total": rep["epsilon_blocks_total"] + rep["epsilon_total"],
     }
+
+
+class _FramePipeline:
+    """Device frames made one ahead of the rounds that use them, within one session (issue 12).
+
+    While round k is distilled, frame k+1 is emitted, carried over the quantum connection and
+    detected (the device halves run on a worker thread, their Numba kernels without the GIL). At most
+    one frame is made ahead: a new frame starts only when a round takes the previous one, so a
+    transmitter whose rounds are slower than its device waits (back-pressure) and memory stays flat.
+    Both ends make and use frames in the same order on one connection, so round k at both ends uses
+    frame k; a session that ends drops the frame made ahead (at both ends, since both close it). An
+    error of the device half or the quantum connection is raised by the round that takes the frame.
+    """
+
+    def __init__(self, node: Node, qchan: TcpChannel) -> None:
+        self.node = node
+        self.qchan = qchan
+        self._ready: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
+        self._credit = asyncio.Semaphore(1)
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"_FramePipeline(ready={self._ready.qsize()})"
+
+    async def _produce(self) -> None:
+        while True:
+            await self._credit.acquire()
+            try:
+                item = await self.node._device_frame(self.qchan)
+            except Exception as exc:  # handed to the round that takes the frame
+                await self._ready.put(exc)
+                return
+            await self._ready.put(item)
+
+    async def next(self) -> Any:
+        """The next frame's record; the frame after it starts at once."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._produce())
+        item = await self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        self._credit.release()
+        return item
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
 
 
 class _DistillationThread:

@@ -1,0 +1,162 @@
+"""Two ``qkdstack node`` processes on loopback: real-time factor, key rate, CPU and peak RSS (issue 12).
+
+A deployment as ``qkdstack init`` writes it (PSK, SQLite, frames of 1e8 pulses at 1 GHz) at each
+distance of ``QKDSTACK_BENCH_NODE_KM`` (default ``25``; e.g. ``10,25,50``). After a warm-up (the first
+accepted rounds, Numba's compilation), the steady state is measured for ``QKDSTACK_BENCH_NODE_SECONDS``
+(default 60) from the sites' ``status.json``:
+
+* ``real_time_factor``: device seconds distilled per wall second, ``Δ device_seconds_distilled / Δ wall``
+  at site A (1.0: the nodes keep up with their device);
+* ``secret_bit_per_s_wall``: ``Δ secret_bits / Δ wall`` at site A;
+* ``cpu_s`` and ``peak_rss_mib`` (VmHWM) of each process, and the machine's load average (the
+  machine may be shared: both nodes and anything else running compete for its cores).
+
+Key stores are sized so that generation never pauses for a full store during the run.
+Run: ``.venv/bin/python benchmarks/run_all.py node`` or ``benchmarks/bench_node.py --minutes 10`` (one
+long run at 25 km, RSS sampled each minute, to check that memory stays flat).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+SECONDS = float(os.environ.get("QKDSTACK_BENCH_NODE_SECONDS", "60"))
+DISTANCES_KM = [float(x) for x in os.environ.get("QKDSTACK_BENCH_NODE_KM", "25").split(",")]
+WARMUP_ROUNDS = 3
+WARMUP_TIMEOUT_S = 240.0
+
+
+def _base_port() -> int:
+    for base in range(31100, 60000, 131):
+        ok = True
+        for port in range(base, base + 16):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports on loopback")
+
+
+def _status(site_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((site_dir / "data" / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _proc(pid: int) -> tuple[float, float]:
+    """(CPU seconds, peak RSS in MiB) of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    hwm = 0.0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) / 1024
+    return cpu, hwm
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> dict[str, Any]:
+    """Run two nodes at ``distance_km`` and measure ``seconds`` of steady state."""
+    from qkdstack.node.deployment import render_toml, write_deployment
+
+    with tempfile.TemporaryDirectory(prefix="qkdstack-bench-node-") as tmp:
+        root = Path(tmp)
+        layouts = write_deployment(root / "dep", ["A", "B"], bootstrap="psk", base_port=_base_port(),
+                                   distance_km=distance_km)
+        for layout in layouts.values():
+            data = tomllib.loads(layout.config.read_text())
+            data["kms"].update(capacity_keys=5_000_000, high_water_keys=4_900_000, low_water_keys=1_000)
+            layout.config.write_text(render_toml(data))
+        dirs = {s: layouts[s].config.parent for s in ("A", "B")}
+        exe = str(Path(sys.executable).with_name("qkdstack"))
+        procs: dict[str, subprocess.Popen] = {}
+        logs = {}
+        try:
+            for site in ("B", "A"):
+                logs[site] = open(root / f"{site}.log", "wb")  # noqa: SIM115 - closed below
+                procs[site] = subprocess.Popen([exe, "node", "--config", str(layouts[site].config)],
+                                               stdout=logs[site], stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + WARMUP_TIMEOUT_S
+            while _status(dirs["A"]).get("rounds_accepted", 0) < WARMUP_ROUNDS:
+                if any(p.poll() is not None for p in procs.values()):
+                    raise RuntimeError("a node exited during warm-up: " + (root / "A.log").read_text()[-2000:])
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no rounds accepted within the warm-up time")
+                time.sleep(0.5)
+            s0, w0 = _status(dirs["A"]), time.time()
+            c0 = {s: _proc(p.pid)[0] for s, p in procs.items()}
+            rss: list[dict[str, float]] = []
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                time.sleep(min(rss_every_s or seconds, max(0.0, end - time.monotonic())))
+                if rss_every_s:
+                    rss.append({s: round(_rss_mib(p.pid), 1) for s, p in procs.items()})
+            s1, w1 = _status(dirs["A"]), time.time()
+            wall = w1 - w0
+            out: dict[str, Any] = {
+                "distance_km": distance_km,
+                "seconds": round(wall, 1),
+                "rounds_accepted": s1["rounds_accepted"] - s0["rounds_accepted"],
+                "rounds_aborted": s1["rounds_aborted"] - s0["rounds_aborted"],
+                "real_time_factor": round(
+                    (s1.get("device_seconds_distilled", 0.0) - s0.get("device_seconds_distilled", 0.0)) / wall, 3),
+                "secret_bit_per_s_wall": round((s1["secret_bits"] - s0["secret_bits"]) / wall),
+                "secret_bit_per_s_device": round(s1["secret_key_rate_bit_per_s_device"]),
+                "cpu_s": {s: round(_proc(p.pid)[0] - c0[s], 1) for s, p in procs.items()},
+                "peak_rss_mib": {s: round(_proc(p.pid)[1], 1) for s, p in procs.items()},
+                "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+                "cpu_count": os.cpu_count(),
+            }
+            if rss:
+                out["rss_mib_each_interval"] = rss
+            return out
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs.values():
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            for f in logs.values():
+                with contextlib.suppress(OSError):
+                    f.close()
+
+
+def run() -> dict:
+    return {"target": "real_time_factor >= 1.0 at 25 and 50 km, 1 GHz (issue 12)",
+            "runs": [measure(km, SECONDS) for km in DISTANCES_KM]}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--minutes":
+        print(json.dumps(measure(25.0, 60 * float(sys.argv[2]), rss_every_s=60.0), indent=2))
+    else:
+        print(json.dumps(run(), indent=2))
