@@ -1,0 +1,215 @@
+"""Reconciliation benchmark: LDPC (syndrome + blind rounds) beside Cascade and the PyPI ``ldpc`` decoder.
+
+For QBER 1, 2, 3, 5, 8 % and frames of ``N`` = 10^5 bits with i.i.d. errors (the QBER estimate
+handed to both parties is the true rate), it runs the whole LDPC stage (Alice and Bob over the
+in-memory channel pair, one process) with the default :class:`~qkdstack.protocol.ldpc.LdpcParams`
+(codes of n = 16384 bits, built once into the cache) and reports:
+
+* ``f`` = *everything* the stage disclosed (syndromes, blind-round parities, Bob's status bits)
+  / (N h(e)), e the frame's actual error fraction; ``f_syndrome`` = the first syndrome alone;
+* ``codeword_fer_first``: codewords whose first decoding failed / codewords;
+  ``frame_fer_first``: frames with at least one such codeword; ``frame_fer_final``: frames given
+  up after the blind rounds or with a residual error (with the rule-of-three 95 % bound 3/frames
+  when none);
+* round trips (mean, max), wall time of the stage and ``throughput_bit_per_s`` = N / wall time;
+* ``decoder_bit_per_s``: key bits per second of our decoder alone on the frame's first attempt
+  (one thread, every codeword, failures included);
+* ``ldpc_pkg``: the PyPI ``ldpc`` package's ``BpDecoder`` (product-sum, serial schedule, same code,
+  the same syndromes and channel probabilities, shortened bits at probability 1e-9) on the same
+  first attempt of ``PKG_CODEWORDS`` codewords: its key bits per second and failures; the ratio
+  ours / theirs. Skipped (``null``) when the package is not installed.
+
+``latency``: the whole reconciliation stage at QBER 3 % over a channel that delays every frame by
+5 ms (10 ms round trip), LDPC and Cascade ("batched") side by side with their zero-delay times.
+
+Frames per QBER: ``FRAMES`` (multiply with ``QKDSTACK_BENCH_RECON_SCALE``). The machine is
+shared: timings are noisy. Run: ``.venv/bin/python benchmarks/run_all.py reconciliation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+
+import numpy as np
+
+from qkdstack.errors import ProtocolAbort
+from qkdstack.protocol import cascade, ldpc, ldpc_codes
+from qkdstack.protocol.channel import InMemoryChannel
+
+QBERS = (0.01, 0.02, 0.03, 0.05, 0.08)
+N = 100_000
+FRAMES = max(1, round(4 * float(os.environ.get("QKDSTACK_BENCH_RECON_SCALE", "1"))))
+PKG_CODEWORDS = 2
+DELAY_S = 0.005
+
+
+class DelayedChannel(InMemoryChannel):
+    """An in-memory channel end whose frames arrive ``delay`` seconds after they are sent."""
+
+    def __init__(self, inbox, outbox, delay: float) -> None:
+        super().__init__(inbox, outbox, 60.0)
+        self._delay = delay
+
+    async def _send_frame(self, frame: bytes) -> None:
+        if self._delay:
+            asyncio.get_running_loop().call_later(self._delay, self._outbox.put_nowait, frame)
+        else:
+            self._outbox.put_nowait(frame)
+
+
+def _pair(delay: float = 0.0):
+    a_to_b: asyncio.Queue[bytes] = asyncio.Queue()
+    b_to_a: asyncio.Queue[bytes] = asyncio.Queue()
+    return DelayedChannel(b_to_a, a_to_b, delay), DelayedChannel(a_to_b, b_to_a, delay)
+
+
+def _frame(q: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2, N, dtype=np.uint8)
+    return a, a ^ (rng.random(N) < q).astype(np.uint8)
+
+
+async def _ldpc(a, b, q, seed, delay=0.0):
+    ca, cb = _pair(delay)
+    return await asyncio.gather(ldpc.alice(ca, a, q, seed=seed), ldpc.bob(cb, b, q))
+
+
+async def _cascade(a, b, q, delay=0.0):
+    ca, cb = _pair(delay)
+    return await asyncio.gather(cascade.alice(ca, a, q, "batched"), cascade.bob(cb, b, q, "batched"))
+
+
+def _first_attempt(a, b, q, seed):
+    """The first decoding problem of a frame: code, llr, targets, payload positions (as Bob builds them)."""
+    params = ldpc.LdpcParams()
+    plan = ldpc.make_plan(N, q, params)
+    code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
+    positions = ldpc._layout(seed, code.n)
+    wa, wb = ldpc._words(a, plan, positions, code.n), ldpc._words(b, plan, positions, code.n)
+    sa = np.empty((plan.codewords, code.m), np.uint8)
+    sb = np.empty_like(sa)
+    ldpc._syndromes(code.row_ptr, code.col_idx, wa, sa)
+    ldpc._syndromes(code.row_ptr, code.col_idx, wb, sb)
+    llr = np.full((plan.codewords, code.n), ldpc.KNOWN_LLR, np.float32)
+    for i, k in enumerate(plan.payloads):
+        llr[i, positions[:k]] = math.log((1 - q) / q)
+    return params, plan, code, llr, sa ^ sb, wa ^ wb
+
+
+def _decoder_rate(a, b, q, seed) -> float:
+    params, plan, code, llr, target, _err = _first_attempt(a, b, q, seed)
+    out = np.empty((plan.codewords, code.n), np.uint8)
+    iters = np.empty(plan.codewords, np.int32)
+    t0 = time.perf_counter()
+    ldpc.decode_batch(code.row_ptr, code.col_idx, llr, target, params.max_iterations, params.alpha, out, iters)
+    return N / (time.perf_counter() - t0)
+
+
+def _pkg(a, b, q, seed) -> dict | None:
+    try:
+        from ldpc import BpDecoder
+    except ImportError:
+        return None
+    params, plan, code, llr, target, err = _first_attempt(a, b, q, seed)
+    H = code.to_scipy()
+    bits = fails = 0
+    ours_t = theirs_t = 0.0
+    for i in range(min(PKG_CODEWORDS, plan.codewords)):
+        probs = np.where(llr[i] == ldpc.KNOWN_LLR, 1e-9, q)
+        dec = BpDecoder(H, error_channel=probs, max_iter=params.max_iterations, bp_method="product_sum",
+                        schedule="serial", input_vector_type="syndrome")
+        t0 = time.perf_counter()
+        est = dec.decode(target[i])
+        theirs_t += time.perf_counter() - t0
+        fails += int(not np.array_equal(np.asarray(est, dtype=np.uint8), err[i]))
+        out = np.empty((1, code.n), np.uint8)
+        iters = np.empty(1, np.int32)
+        t0 = time.perf_counter()
+        ldpc.decode_batch(code.row_ptr, code.col_idx, llr[i : i + 1], target[i : i + 1], params.max_iterations,
+                          params.alpha, out, iters)
+        ours_t += time.perf_counter() - t0
+        bits += plan.payloads[i]
+    return {"codewords": min(PKG_CODEWORDS, plan.codewords), "failures": fails,
+            "bit_per_s": bits / theirs_t, "ours_same_codewords_bit_per_s": bits / ours_t,
+            "speedup": theirs_t / ours_t}
+
+
+def _one_qber(q: float) -> dict:
+    fs, fsyn, cw_first, fr_first, rts, walls, decs = [], [], [], [], [], [], []
+    final_fail = 0
+    pkg = None
+    for frame in range(FRAMES):
+        seed = 1000 * frame + round(q * 1e4)
+        a, b = _frame(q, seed)
+        e = np.count_nonzero(a != b) / N
+        h = ldpc.binary_entropy(e)
+        t0 = time.perf_counter()
+        try:
+            _ra, rb = asyncio.run(_ldpc(a, b, q, seed))
+        except ProtocolAbort:
+            final_fail += 1
+            continue
+        walls.append(time.perf_counter() - t0)
+        if not np.array_equal(rb.key, a):
+            final_fail += 1
+        fs.append(rb.leaked_bits / (N * h))
+        fsyn.append(rb.syndrome_bits / (N * h))
+        cw_first.append(rb.failed_first / rb.codewords)
+        fr_first.append(rb.failed_first > 0)
+        rts.append(rb.round_trips)
+        decs.append(_decoder_rate(a, b, q, seed))
+        if pkg is None:
+            pkg = _pkg(a, b, q, seed)
+    code = ldpc.make_plan(N, q, ldpc.LdpcParams())
+    return {
+        "qber": q,
+        "frames": FRAMES,
+        "code_rate": code.rate,
+        "codewords_per_frame": code.codewords,
+        "f": float(np.mean(fs)) if fs else None,
+        "f_max": float(np.max(fs)) if fs else None,
+        "f_syndrome": float(np.mean(fsyn)) if fsyn else None,
+        "codeword_fer_first": float(np.mean(cw_first)) if cw_first else None,
+        "frame_fer_first": float(np.mean(fr_first)) if fr_first else None,
+        "frame_fer_final": final_fail / FRAMES,
+        "frame_fer_final_95_bound": (final_fail / FRAMES) if final_fail else 3 / FRAMES,
+        "round_trips_mean": float(np.mean(rts)) if rts else None,
+        "round_trips_max": int(np.max(rts)) if rts else None,
+        "stage_seconds_mean": float(np.mean(walls)) if walls else None,
+        "throughput_bit_per_s": N / float(np.mean(walls)) if walls else None,
+        "decoder_bit_per_s": float(np.median(decs)) if decs else None,
+        "ldpc_pkg": pkg,
+    }
+
+
+def _latency() -> dict:
+    q = 0.03
+    a, b = _frame(q, 99)
+    out = {"qber": q, "one_way_delay_s": DELAY_S}
+    for name, fn in (("ldpc", lambda d: _ldpc(a, b, q, 5, d)), ("cascade", lambda d: _cascade(a, b, q, d))):
+        times = {}
+        for label, delay in (("zero_delay_s", 0.0), ("delayed_s", DELAY_S)):
+            t0 = time.perf_counter()
+            _ra, rb = asyncio.run(fn(delay))
+            times[label] = time.perf_counter() - t0
+        times["round_trips"] = rb.round_trips
+        times["ratio"] = times["delayed_s"] / times["zero_delay_s"]
+        out[name] = times
+    return out
+
+
+def run() -> dict:
+    ldpc.make_plan(N, 0.03, ldpc.LdpcParams())
+    for r in ldpc_codes.RATES:  # build or load every code before timing anything
+        ldpc_codes.get_code(r)
+    return {"n": N, "code_n": ldpc.LdpcParams().code_n, "per_qber": [_one_qber(q) for q in QBERS],
+            "latency": _latency()}
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=2))
