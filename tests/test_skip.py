@@ -338,3 +338,21 @@ def test_kms_skip_configuration_errors_name_the_field():
     for data, message in cases:
         with pytest.raises(ConfigError, match=message):
             load_section(KmsSection, "kms", data)
+
+
+async def test_plaintext_and_oversized_requests_leave_the_server_serving(sites, pki):
+    host, port = sites.skip_a.split(":")
+
+    def plaintext() -> bytes:
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            raw.sendall(b"GET /capabilities HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                return raw.recv(1024)
+            except ConnectionError:
+                return b""
+
+    assert not (await asyncio.to_thread(plaintext)).startswith(b"HTTP/")  # TLS only: no answer in clear
+    status, _, body = await get(sites, pki, "A", "SAE_A", "/key?remoteSystemID=SAE_B&pad=" + "x" * 9000)
+    assert status == 414 and body["message"]
+    status, headers, body = await get(sites, pki, "A", "SAE_A", "/capabilities")
+    assert status == 200 and headers["server"] == "qkdstack-SKIP" and headers["cache-control"] == "no-store"

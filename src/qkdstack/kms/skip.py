@@ -362,9 +362,11 @@ class SkipService:
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "qkdstack-SKIP"
-    sys_version = ""
     timeout = REQUEST_TIMEOUT_S
     server: _SkipServer
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("SKIP %s: " + format, self.client_address[0], *args)
