@@ -2,7 +2,7 @@
 
 Layers (see docs/architecture.md): ``physics`` (simulated decoy-state BB84 device),
 ``theory`` (key-rate formulas and finite-key bounds), ``protocol`` (post-processing
-stages over a :class:`~qkdstack.protocol.channel.Channel`), ``auth`` (Wegman–Carter
+stages over a :class:`~qkdstack.transport.channel.Channel`), ``auth`` (Wegman–Carter
 authentication and bootstrap), ``transport`` (codec and TCP link), ``kms`` (key store
 and delivery), ``node`` (the site service) and ``apps`` (key consumers).
 """

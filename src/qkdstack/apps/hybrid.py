@@ -49,7 +49,7 @@ one component is — which is why ``ct_mlkem`` and the public keys are in ``T``.
 Handshake and scarcity of QKD key
 ---------------------------------
 :func:`initiator` and :func:`responder` run over a
-:class:`~qkdstack.protocol.channel.Channel`. The post-quantum and classical parts run
+:class:`~qkdstack.transport.channel.Channel`. The post-quantum and classical parts run
 first and are key-confirmed on their own (tags from a pre-confirmation key derived from
 K_mlkem and K_x25519 only, with the same combiner and purpose ``pre-confirm``); only when
 that succeeds does the initiator (the ETSI 014 master) fetch a QKD key and send its key
@@ -85,7 +85,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qkdstack.apps.keysource import KeySource, QKDKey
 from qkdstack.errors import AuthenticationError, ChannelError, ConfigError, KeyStoreError, ProtocolAbort
-from qkdstack.protocol.channel import Channel, Message
+from qkdstack.transport.channel import Channel, Message
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ away, which is what the ``2^106`` in the bound accounts for).
 The transcript MAC
 ------------------
 :class:`TranscriptMac` observes every frame of a round on a
-:class:`~qkdstack.protocol.channel.Channel` and MACs the *whole* transcript once per direction, so a
+:class:`~qkdstack.transport.channel.Channel` and MACs the *whole* transcript once per direction, so a
 round costs two 128-bit pads instead of a tag per message (Kiktenko et al., arXiv:1903.10237). See
 :func:`encode_transcript` for the exact encoding.
 """

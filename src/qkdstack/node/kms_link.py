@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from qkdstack.errors import AuthenticationError, ChannelError
-from qkdstack.protocol.channel import Channel
+from qkdstack.transport.channel import Channel
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,8 @@ carries each frame's number, so that both sites read their own record of the sam
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from qkdstack.bits import BitArray
@@ -25,7 +27,7 @@ from qkdstack.errors import ChannelError
 from qkdstack.physics.recorded import RecordSource
 from qkdstack.physics.records import AliceRecord, DetectionRecord
 from qkdstack.physics.split import Light, TransmittedFrame, Transmitter
-from qkdstack.protocol.channel import Channel
+from qkdstack.transport.channel import Channel
 from qkdstack.transport.varint import decode_increasing, encode_increasing
 
 KIND = "quantum.light"
@@ -68,17 +70,22 @@ def decode_light(msg: dict) -> tuple[int, Light]:
     return int(msg["frame_id"]), Light(n_pulses, index, photons, basis, bit)
 
 
-async def recorded_frame(channel: Channel, source: RecordSource) -> tuple[int, AliceRecord | DetectionRecord]:
+async def recorded_frame(
+    channel: Channel, source: RecordSource, stop: asyncio.Event | None = None
+) -> tuple[int, AliceRecord | DetectionRecord]:
     """One frame of a device made of files (docs/devices.md): (frame number, this site's record of it).
 
     The transmitter takes the lowest-numbered frame waiting in ``alice/`` (waiting for one if
     none is there yet) and sends, in place of light, an empty light message carrying that
     frame number and its size; the receiver then takes the same frame number from ``bob/``,
     whose size must agree. Both consume the frame. A malformed record raises
-    :class:`~qkdstack.physics.recorded.RecordError` before any post-processing.
+    :class:`~qkdstack.physics.recorded.RecordError` before any post-processing. If ``stop`` is set
+    while the transmitter waits for a frame, :class:`ChannelError` ends the session.
     """
     if source.role == "alice":
-        frame_no = await source.wait_frame_number()
+        frame_no = await source.wait_frame_number(stop=stop)
+        if frame_no is None:
+            raise ChannelError("stopped while waiting for the next records frame")
         record = source.take(frame_no)
         empty = np.empty(0, np.uint64)
         marker = Light(record.n_pulses, empty, np.empty(0, np.uint16), np.empty(0, np.uint8), np.empty(0, np.uint8))

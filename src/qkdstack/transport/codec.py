@@ -1,6 +1,6 @@
 """Compact, self-describing binary codec for protocol messages.
 
-A :class:`~qkdstack.protocol.channel.Message` becomes one frame of bytes. Values may be
+A :class:`~qkdstack.transport.channel.Message` becomes one frame of bytes. Values may be
 ``None``, ``bool``, ``int`` (signed, 64-bit), ``float``, ``str``, ``bytes``,
 :class:`numpy.ndarray` (numeric dtypes, any shape, sent raw little-endian),
 :class:`~qkdstack.bits.BitArray` (sent packed), and ``list``/``dict`` of these.

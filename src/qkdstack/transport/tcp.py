@@ -12,7 +12,7 @@ receiver (:meth:`TcpChannel.keepalive`); the codec never produces an empty frame
 Every failure of the connection reaches callers as :class:`~qkdstack.errors.ChannelError`
 and leaves the channel broken (fail-stop); the node then ends the session and reconnects.
 
-:class:`TcpChannel` is a :class:`~qkdstack.protocol.channel.Channel`: post-processing
+:class:`TcpChannel` is a :class:`~qkdstack.transport.channel.Channel`: post-processing
 stages run over it unchanged. :func:`connect` retries with back-off until the peer
 listens; :func:`serve` accepts connections and hands each to a callback.
 """
@@ -25,7 +25,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from qkdstack.errors import ChannelError
-from qkdstack.protocol.channel import Channel
+from qkdstack.transport.channel import Channel
 
 _HEADER = struct.Struct(">IQ")
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
