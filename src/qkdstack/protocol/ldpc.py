@@ -160,6 +160,10 @@ class LdpcResult:
 # Numba kernels
 
 
+STALL_ITERATIONS = 12
+"""A decoding whose count of unsatisfied checks has not reached a new minimum for this many iterations is
+declared failed (it would almost never converge later; failures otherwise cost all ``max_iterations``)."""
+
 PHI_SCALE = 256.0
 PHI_MAX = 24.0
 
@@ -195,6 +199,8 @@ def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, 
         L[v] = llr0[v]
     for e in range(R.size):
         R[e] = 0.0
+    best = m + 1
+    best_it = 0
     for it in range(max_iter):
         for c in range(m):
             start = row_ptr[c]
@@ -244,17 +250,20 @@ def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, 
                     r = -mag if s else mag
                     R[e] = r
                     L[col_idx[e]] = t + r
-        ok = True
+        unsatisfied = 0
         for c in range(m):
             p = synd[c]
             for e in range(row_ptr[c], row_ptr[c + 1]):
                 if L[col_idx[e]] < 0:
                     p ^= 1
-            if p:
-                ok = False
-                break
-        if ok:
+            unsatisfied += p
+        if unsatisfied == 0:
             return it + 1
+        if unsatisfied < best:
+            best = unsatisfied
+            best_it = it
+        elif it - best_it >= STALL_ITERATIONS:  # no progress for a while: a failure, stop early
+            return -1
     return -1
 
 
