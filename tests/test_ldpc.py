@@ -178,6 +178,26 @@ def test_round_in_memory_with_ldpc():
     assert "ldpc" in a.stage_seconds
 
 
+def test_round_gives_up_a_frame_cleanly():
+    """A first attempt far below capacity and no blind rounds: the round aborts in the LDPC stage."""
+    from qkdstack.physics.device import SimulatedDevice
+    from qkdstack.physics.eve import parse_eve
+    from qkdstack.physics.params import ChannelParams, DeviceParams, ReceiverParams, SourceParams
+
+    params = DeviceParams(
+        source=SourceParams(intensities=(0.5, 0.25, 0.0), intensity_probs=(0.4, 0.4, 0.2), p_z=0.8),
+        channel=ChannelParams(length_km=25),
+        receiver=ReceiverParams(p_z=0.8),
+    )
+    frame = SimulatedDevice(params, eve=parse_eve("none"), seed=8).run_frame(60_000_000)
+    hopeless = dataclasses.replace(EASY, f_start=0.5, max_blind_rounds=0)
+    config = RoundConfig.for_source(params.source, reconciliation="ldpc", ldpc=hopeless)
+    a, b = asyncio.run(run_in_memory(frame, config))
+    for outcome in (a, b):
+        assert isinstance(outcome, Abort) and outcome.stage == "ldpc", outcome
+        assert "failed to decode after 0 blind rounds; the frame is given up" in outcome.reason
+
+
 def test_round_parties_must_agree_on_reconciliation():
     from qkdstack.physics.params import SourceParams
     from qkdstack.protocol import round as round_mod

@@ -38,7 +38,9 @@ Cascade.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
+import os
 import secrets
 from dataclasses import dataclass, field
 
@@ -383,6 +385,24 @@ def _give_up(failed: int, plan: Plan, params: LdpcParams) -> ProtocolAbort:
                                 f"{params.max_blind_rounds} blind rounds; the frame is given up")
 
 
+DECODER_THREADS = max(1, min(4, os.cpu_count() or 1))
+"""Worker threads Bob decodes codewords on (the kernel releases the GIL)."""
+
+
+async def _decode_threads(row_ptr, col_idx, llr: np.ndarray, target: np.ndarray, params: LdpcParams):
+    """decode_batch over the rows of ``llr``, split across :data:`DECODER_THREADS` worker threads."""
+    count, n = llr.shape
+    err = np.empty((count, n), dtype=np.uint8)
+    iters = np.empty(count, dtype=np.int32)
+    bounds = np.linspace(0, count, min(DECODER_THREADS, count) + 1).astype(int)
+    await asyncio.gather(*(
+        asyncio.to_thread(decode_batch, row_ptr, col_idx, llr[a:b], target[a:b], params.max_iterations,
+                          params.alpha, err[a:b], iters[a:b])
+        for a, b in itertools.pairwise(bounds) if b > a
+    ))
+    return err, iters
+
+
 # --------------------------------------------------------------------------------------------
 # The two parties
 
@@ -487,10 +507,7 @@ async def bob(
             tgt = np.ascontiguousarray(np.concatenate(
                 [target[idx], *([np.stack([np.concatenate(extra_target[int(i)]) for i in idx])]
                                 if k_rows else [])], axis=1))
-            sub_err = np.empty((idx.size, code.n), dtype=np.uint8)
-            sub_it = np.empty(idx.size, dtype=np.int32)
-            await asyncio.to_thread(decode_batch, row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt,
-                                    params.max_iterations, params.alpha, sub_err, sub_it)
+            sub_err, sub_it = await _decode_threads(row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt, params)
             err[idx] = sub_err
             total_iters += int(np.abs(sub_it).sum())
             ok[members] = sub_it >= 0
