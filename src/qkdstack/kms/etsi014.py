@@ -541,6 +541,11 @@ def _declare_limits(spec: dict[str, Any], kme: KME) -> dict[str, Any]:
         "anyOf": [{"type": "array", "items": {"type": "object"}, "maxItems": 0}, {"type": "null"}],
         "description": "no extension is supported: a non-empty list is refused with 400",
     }
+    props["extension_optional"] = {
+        "anyOf": [{"type": "array", "items": {"type": "object"}}, {"type": "null"}],
+        "description": 'served: {"qkdstack_proof": true} (each key\'s proof in key_extension.qkdstack_proof, '
+        "docs/kms.md); other entries are ignored",
+    }
     schemas["KeyIDs"]["properties"]["key_IDs"].update(minItems=1, maxItems=c.max_key_per_request)
     schemas["KeyIDEntry"]["properties"]["key_ID"] = uuid_schema
     return spec
