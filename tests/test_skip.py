@@ -356,3 +356,12 @@ async def test_plaintext_and_oversized_requests_leave_the_server_serving(sites, 
     assert status == 414 and body["message"]
     status, headers, body = await get(sites, pki, "A", "SAE_A", "/capabilities")
     assert status == 200 and headers["server"] == "qkdstack-SKIP" and headers["cache-control"] == "no-store"
+
+
+async def test_concurrent_clients_get_distinct_keys_each_fetched_once(sites, pki):
+    got = await asyncio.gather(*(call(sites, "A", "SAE_A", pki, "request_key", "SAE_B") for _ in range(16)))
+    assert len({k["keyId"] for k in got}) == 16 and len({k["key"] for k in got}) == 16
+    same = await asyncio.gather(*(call(sites, "B", "SAE_B", pki, "fetch_key_by_id", k["keyId"], "SAE_A")
+                                  for k in got))
+    assert same == got
+    await sites.agree()
