@@ -80,6 +80,13 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
+def _device_s(st: dict[str, Any], frame_s: float) -> float:
+    """Device seconds distilled so far (status.json; from the accepted rounds for nodes that predate the field)."""
+    if "device_seconds_distilled" in st:
+        return float(st["device_seconds_distilled"])
+    return st.get("rounds_accepted", 0) * frame_s
+
+
 def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> dict[str, Any]:
     """Run two nodes at ``distance_km`` and measure ``seconds`` of steady state."""
     from qkdstack.node.deployment import render_toml, write_deployment
@@ -93,6 +100,8 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> 
             data["kms"].update(capacity_keys=5_000_000, high_water_keys=4_900_000, low_water_keys=1_000)
             layout.config.write_text(render_toml(data))
         dirs = {s: layouts[s].config.parent for s in ("A", "B")}
+        dev = tomllib.loads(layouts["A"].config.read_text())["device"]
+        frame_s = float(dev.get("pulses_per_frame", 1e8)) / float(dev.get("rep_rate_hz", 1e9))
         exe = str(Path(sys.executable).with_name("qkdstack"))
         procs: dict[str, subprocess.Popen] = {}
         logs = {}
@@ -123,8 +132,7 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> 
                 "seconds": round(wall, 1),
                 "rounds_accepted": s1["rounds_accepted"] - s0["rounds_accepted"],
                 "rounds_aborted": s1["rounds_aborted"] - s0["rounds_aborted"],
-                "real_time_factor": round(
-                    (s1.get("device_seconds_distilled", 0.0) - s0.get("device_seconds_distilled", 0.0)) / wall, 3),
+                "real_time_factor": round((_device_s(s1, frame_s) - _device_s(s0, frame_s)) / wall, 3),
                 "secret_bit_per_s_wall": round((s1["secret_bits"] - s0["secret_bits"]) / wall),
                 "secret_bit_per_s_device": round(s1["secret_key_rate_bit_per_s_device"]),
                 "cpu_s": {s: round(_proc(p.pid)[0] - c0[s], 1) for s, p in procs.items()},
