@@ -76,7 +76,7 @@ class LdpcParams:
     """Target efficiency of the first attempt: syndrome bits per key bit = f_start·h(q)."""
     blind_step: float = 0.03
     """Blind round r reveals r·blind_step·k·h(q) more key bits of every failed codeword."""
-    max_blind_rounds: int = 8
+    max_blind_rounds: int = 12
     max_shortened: float = 0.25
     """At most this fraction of a codeword is shortened (heavily shortened codes decode poorly and slowly);
     the highest-rate code may be shortened up to ``max_shortened_top``."""
