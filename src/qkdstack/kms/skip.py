@@ -40,8 +40,9 @@ TLS (draft section 3, Table 1): TLS 1.2 or 1.3. Certificates: the site CA's SAE 
 verified as for ETSI 014 (another CA, an expired or revoked certificate fail the handshake).
 Pre-shared keys (``[kms] skip_psk_file``; identities are SAE IDs): TLS 1.2 PSK cipher suites, the
 draft's ``TLS_DHE_PSK_WITH_AES_256_CBC_SHA384`` / ``..._CBC_SHA`` first (the RFC 7919 ffdhe2048 group),
-then ECDHE-PSK and plain PSK suites; TLS 1.3 external PSKs work where the client offers them the way
-OpenSSL's PSK callbacks take them (SHA-256 suites). Python 3.11's :mod:`ssl` has no PSK callbacks, so
+then ECDHE-PSK and plain PSK suites. A TLS 1.3 external PSK is not accepted (see :func:`_peer_identity`:
+the identity a TLS 1.3 handshake used cannot be learnt safely through Python's ssl); such a client gets 401
+unless it also shows a certificate. Python 3.11's :mod:`ssl` has no PSK callbacks, so
 PSK uses the ``sslpsk3`` package (OpenSSL's ``SSL_set_psk_server_callback``); it is imported only when
 a PSK file is configured.
 
@@ -197,8 +198,11 @@ def skip_ssl_context(tls: TLSFiles, psks: dict[str, bytes] | None = None) -> tup
         ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_CIPHERS)
-    ctx.options |= ssl.OP_NO_TICKET  # no resumption: every connection authenticates afresh
-    ctx.num_tickets = 0
+    # TLS 1.3: one session ticket after the handshake. Besides allowing resumption (the certificate of a
+    # resumed session is the one verified when it was made), it carries the server's ACK of the client's
+    # last handshake flight: with none, a client that writes its request separately (Nagle) waits for the
+    # delayed ACK, about 40 ms per request.
+    ctx.num_tickets = 1
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
     ctx.load_verify_locations(str(tls.ca))
     if tls.crl:
@@ -221,9 +225,13 @@ def _peer_identity(sock: ssl.SSLSocket, state: _Handshake) -> str | None:
             return _cn_of_der(der)[0] or None
         except ValueError:
             return None
+    # Only a TLS 1.2 PSK suite proves the identity: its Finished messages are keyed by the PSK of the identity
+    # in this handshake's ClientKeyExchange (a resumed TLS 1.2 session has none, so no identity). In TLS 1.3
+    # OpenSSL calls the callback for every offered identity it looks at, and may then skip it and resume a
+    # ticket instead; Python's ssl cannot tell which PSK was used, so a TLS 1.3 PSK handshake gets no identity.
     identity = state.psk_identity
     cipher = (sock.cipher() or ("",))[0]
-    if identity and ("PSK" in cipher or (sock.version() == "TLSv1.3" and sock.session_reused)):
+    if identity and "PSK" in cipher and sock.version() != "TLSv1.3":
         return identity
     return None
 
@@ -380,8 +388,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         for name, value in headers:
             self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+        # Head and body in one write (one TLS record): a second small write would wait for the client's
+        # delayed ACK (Nagle), about 40 ms per request.
+        self._headers_buffer.append(b"\r\n" + data)
+        self.flush_headers()
         self.close_connection = True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -457,6 +467,8 @@ class _SkipServer(http.server.ThreadingHTTPServer):
         tls_sock = None
         try:
             request.settimeout(HANDSHAKE_TIMEOUT_S)
+            with contextlib.suppress(OSError):
+                request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.state.psk_identity = None
             tls_sock = self.ctx.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
             tls_sock.do_handshake()
