@@ -26,13 +26,17 @@ in-memory channel pair, one process) with the default :class:`~qkdstack.protocol
 
 Frames per QBER: ``FRAMES`` (multiply with ``QKDSTACK_BENCH_RECON_SCALE``). The machine is
 shared: timings are noisy. Run: ``.venv/bin/python benchmarks/run_all.py reconciliation``.
+Frame error rates over more frames (not part of ``make bench``):
+``.venv/bin/python benchmarks/bench_reconciliation.py fer 50`` (one JSON line per QBER on stderr).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -214,7 +218,31 @@ def run() -> dict:
             "latency": _latency()}
 
 
-if __name__ == "__main__":
-    import json
+def _fer(frames: int) -> dict:
+    """Only the per-QBER figures, over ``frames`` frames each (no ``ldpc`` package, no latency run)."""
+    global FRAMES
+    FRAMES = frames
+    for r in ldpc_codes.RATES:
+        ldpc_codes.get_code(r)
+    out = []
+    for q in QBERS:
+        row = _one_qber_no_pkg(q)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        out.append(row)
+    return {"n": N, "frames_per_qber": frames, "per_qber": out}
 
-    print(json.dumps(run(), indent=2))
+
+def _one_qber_no_pkg(q: float) -> dict:
+    global _pkg
+    saved, _pkg = _pkg, lambda *a: None
+    try:
+        return _one_qber(q)
+    finally:
+        _pkg = saved
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "fer":
+        print(json.dumps(_fer(int(sys.argv[2])), indent=2))
+    else:
+        print(json.dumps(run(), indent=2))
