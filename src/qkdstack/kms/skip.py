@@ -203,6 +203,7 @@ def skip_ssl_context(tls: TLSFiles, psks: dict[str, bytes] | None = None) -> tup
     # last handshake flight: with none, a client that writes its request separately (Nagle) waits for the
     # delayed ACK, about 40 ms per request.
     ctx.num_tickets = 1
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # a connection's identity is the one of its (only) handshake
     ctx.load_cert_chain(str(tls.cert), str(tls.key))
     ctx.load_verify_locations(str(tls.ca))
     if tls.crl:
