@@ -195,15 +195,21 @@ PHI_TABLE = _phi_table()
 
 @njit(cache=True, nogil=True, inline="always")
 def _phi(x, table):
-    i = int(x * PHI_SCALE)
+    i = int(x * np.float32(PHI_SCALE))
     if i >= table.size:
         return np.float32(0.0)
     return table[i]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, table):
-    """Layered normalised min-sum on one codeword; L holds the posteriors. Returns iterations used (−1: failed)."""
+    """Layered BP on one codeword (sum-product, or normalised min-sum when alpha > 0).
+
+    L holds the posteriors. Returns the iterations used, or −1 when the syndrome was not met
+    within ``max_iter`` iterations or the decoding stalled (:data:`STALL_ITERATIONS`). Each row
+    also checks its parity under the current hard decisions as it is read; only when a whole
+    iteration saw every row satisfied is the exact check pass run.
+    """
     n = llr0.size
     m = row_ptr.size - 1
     for v in range(n):
@@ -213,27 +219,32 @@ def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, 
     best = m + 1
     best_it = 0
     for it in range(max_iter):
+        unsatisfied = 0
         for c in range(m):
             start = row_ptr[c]
             end = row_ptr[c + 1]
             sgn = synd[c]
-            min1 = np.float32(1e30)
-            min2 = np.float32(1e30)
-            idx = -1
-            for e in range(start, end):
-                t = L[col_idx[e]] - R[e]
-                tmp[e - start] = t
-                a = t
-                if t < 0:
-                    sgn ^= 1
-                    a = -t
-                if a < min1:
-                    min2 = min1
-                    min1 = a
-                    idx = e
-                elif a < min2:
-                    min2 = a
+            hard = synd[c]
             if alpha > 0:
+                min1 = np.float32(1e30)
+                min2 = np.float32(1e30)
+                idx = -1
+                for e in range(start, end):
+                    lv = L[col_idx[e]]
+                    if lv < 0:
+                        hard ^= 1
+                    t = lv - R[e]
+                    tmp[e - start] = t
+                    a = t
+                    if t < 0:
+                        sgn ^= 1
+                        a = -t
+                    if a < min1:
+                        min2 = min1
+                        min1 = a
+                        idx = e
+                    elif a < min2:
+                        min2 = a
                 m1 = alpha * min1
                 m2 = alpha * min2
                 for e in range(start, end):
@@ -248,33 +259,45 @@ def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, 
             else:  # sum-product: phi(x) = -log tanh(x/2) is its own inverse (Gallager)
                 total = np.float32(0.0)
                 for e in range(start, end):
-                    a = abs(tmp[e - start])
+                    lv = L[col_idx[e]]
+                    if lv < 0:
+                        hard ^= 1
+                    t = lv - R[e]
+                    tmp[e - start] = t
+                    a = t
+                    if t < 0:
+                        sgn ^= 1
+                        a = -t
                     ph = _phi(a, table)
                     phis[e - start] = ph
                     total += ph
                 for e in range(start, end):
                     t = tmp[e - start]
-                    mag = _phi(max(total - phis[e - start], np.float32(0.0)), table)
+                    d = total - phis[e - start]
+                    mag = _phi(d if d > 0 else np.float32(0.0), table)
                     s = sgn
                     if t < 0:
                         s ^= 1
                     r = -mag if s else mag
                     R[e] = r
                     L[col_idx[e]] = t + r
-        unsatisfied = 0
-        for c in range(m):
-            p = synd[c]
-            for e in range(row_ptr[c], row_ptr[c + 1]):
-                if L[col_idx[e]] < 0:
-                    p ^= 1
-            unsatisfied += p
-        if unsatisfied == 0:
-            return it + 1
+            unsatisfied += hard
+        if unsatisfied == 0:  # every row looked satisfied as it was read: check exactly
+            exact = 0
+            for c in range(m):
+                p = synd[c]
+                for e in range(row_ptr[c], row_ptr[c + 1]):
+                    if L[col_idx[e]] < 0:
+                        p ^= 1
+                exact += p
+            if exact == 0:
+                return it + 1
         if unsatisfied < best:
             best = unsatisfied
             best_it = it
         elif it - best_it >= STALL_ITERATIONS:  # no progress for a while: a failure, stop early
             return -1
+    return -1
     return -1
 
 
