@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -136,6 +137,8 @@ class Node:
         self.psk_path = config.resolve(config.auth.psk_file) if config.auth.bootstrap == "psk" else None
         self._rebootstrap = False
         """The peer never completed a signed bootstrap: run a new one, keeping our pool until it succeeds."""
+        self._quantum_waiting: dict[Any, tuple[TcpChannel, asyncio.Event]] = {}
+        """Receiver: quantum connections by session nonce, until their classical connection comes."""
         self._last_block_bits = 0
         """Size of the last block this node stored: the room both stores must have before the next round."""
         self.kme: KME | None = None
@@ -157,7 +160,6 @@ class Node:
         self._device_lock = threading.Lock()
         """Held by the worker thread that emits or detects a frame (one at a time per device half)."""
         self.skip_url: str | None = None
-        self._block_proofs: dict[str, dict[str, Any]] = {}  # block ID -> proof, until the block is stored
         self.ops: NodeOps | None = None
         self.status_doc: dict[str, Any] | None = None
         """The last status document written (what ``status.json`` holds); read by the metrics (qkdstack.ops)."""
@@ -228,13 +230,16 @@ class Node:
     def _pending_path(self, round_id: int) -> Path:
         return self.pending_dir / f"{round_id}.json"
 
-    def _write_pending(self, round_id: int, block_id: str, key: bytes, *, whole: bool = False) -> None:
-        """Keep a round's key aside (0600) until both ends are known to hold it.
+    def _write_pending(
+        self, round_id: int, block_id: str, key: bytes, *, whole: bool = False, proof: dict[str, Any] | None = None
+    ) -> None:
+        """Keep a round's key aside (0600), with its proof, until both ends are known to hold it.
 
         ``whole``: the key still includes the pool's refill slice (written before the pool persists the
         round, so that a crash can never leave the pool ahead of the key; see :meth:`_recover_pending`).
+        ``proof``: what the key store keeps with the block (:func:`~qkdstack.kms.kme.key_proof`).
         """
-        doc = {"block_id": block_id, "key": key.hex(), "whole": whole}
+        doc = {"block_id": block_id, "key": key.hex(), "whole": whole, "proof": proof}
         atomic_write(self._pending_path(round_id), json.dumps(doc).encode(), 0o600)
 
     def _recover_pending(self) -> None:
@@ -262,7 +267,7 @@ class Node:
                               rid)
                     path.unlink()
                     continue
-                self._write_pending(rid, doc["block_id"], bytes.fromhex(doc["key"])[refill:])
+                self._write_pending(rid, doc["block_id"], bytes.fromhex(doc["key"])[refill:], proof=doc.get("proof"))
             if state == "committed":
                 doc = json.loads(path.read_text())
                 doc["committed"] = True
@@ -414,7 +419,7 @@ class Node:
 
     async def _device_frame(self, qchan: TcpChannel) -> Any:
         if self.records is not None:
-            self._frame_id, record = await recorded_frame(qchan, self.records)
+            self._frame_id, record = await recorded_frame(qchan, self.records, self._stopping())
             return record
         n = self.cfg.device.pulses_per_frame
         if self.transmitter:
@@ -457,7 +462,7 @@ class Node:
         key = _key_bytes(outcome)
         # Written before finish() persists the pool: a crash in between can leave a key without a pool
         # entry (dropped on restart), never a pool entry without its key.
-        self._write_pending(round_id, outcome.block_id, key, whole=True)
+        self._write_pending(round_id, outcome.block_id, key, whole=True, proof=key_proof(outcome.to_dict()))
         _crash_point("round-key-aside")
         try:
             result = await auth.finish(key, key_epsilon=outcome.eps_sec,
@@ -504,30 +509,30 @@ class Node:
                  self.site.name, self.cfg.auth.bootstrap, outcome.block_id[:8])
         # Pending until the first Wegman-Carter exchange verifies: only that proves the peer seeded its pool
         # from this round too (the last bootstrap message may be lost), see _release_settled.
-        self._count_accepted(outcome, None)
+        proof = self._count_accepted(outcome, None)
+        self._write_pending(BOOTSTRAP_ROUND_ID, outcome.block_id, key[DEFAULT_SEED_BYTES:], proof=proof)
         self._status_soon()
 
     async def _settle(self, block: KeyBlock, result: RoundOutcome) -> None:
         """Keep the round's key pending on disk (without the refill slice); store what earlier rounds allow."""
-        self._write_pending(result.round_id, block.block_id, result.key_for_store)
+        proof = self._count_accepted(block, result)
+        self._write_pending(result.round_id, block.block_id, result.key_for_store, proof=proof)
         await self._release_settled(result)
-        self._count_accepted(block, result)
         self._status_soon()
 
-    async def _store(self, round_id: int, block_id: str, key: bytes) -> None:
+    async def _store(self, round_id: int, block_id: str, key: bytes, proof: dict[str, Any] | None = None) -> None:
         link_key, rest = key[:LINK_KEY_BYTES], key[LINK_KEY_BYTES:]
         if len(link_key) == LINK_KEY_BYTES:
             self.link_keys[round_id] = link_key
             self._save_link_keys()
             self.link_keys_changed.set()
         if self.kme is not None and rest:
-            chunks = await self.kme.add_block(block_id, rest, proof=self._block_proofs.get(block_id))
-            self._block_proofs.pop(block_id, None)
+            chunks = await self.kme.add_block(block_id, rest, proof=proof)
             self.stats.stored_bits += chunks * self.kme.config.key_size
             self._last_block_bits = 8 * len(rest)
 
-    def _count_accepted(self, block: KeyBlock, result: RoundOutcome | None) -> None:
-        """Count an accepted round and record (and log) its figures and its proof.
+    def _count_accepted(self, block: KeyBlock, result: RoundOutcome | None) -> dict[str, Any]:
+        """Count an accepted round, record (and log) its figures and its proof; returns the proof to store.
 
         The proof gains the device's labels and the composed ε of the block: ε_sec + ε_cor + the round's
         authentication error (its tags' forgery bound plus ε′ of the keys they used; for a signed
@@ -548,7 +553,6 @@ class Node:
             epsilon_composed=block.eps_sec + block.eps_cor + auth_eps,
         )
         meta = block.to_dict()
-        self._block_proofs[block.block_id] = key_proof(meta)  # stored with the block's keys (kms/kme.py)
         self.stats.last = {
             "block_id": block.block_id,
             "accepted": True,
@@ -566,6 +570,7 @@ class Node:
         }
         self._log_round({**self.stats.last, "proof": meta})
         self._rate_log()
+        return key_proof(meta)  # stored with the block's keys (kms/kme.py)
 
     def _rate_log(self, *, force: bool = False) -> None:
         """Log the key rates and the real-time factor, at most every RATE_LOG_INTERVAL_S (and at the end)."""
@@ -662,8 +667,7 @@ class Node:
 
     async def _session(self) -> None:
         """One pair of classical + quantum connections: entity authentication, then rounds."""
-        cchan, cdone = await self._open("classical", self.cfg.link.classical)
-        qchan, qdone = await self._open("quantum", self.cfg.link.quantum)
+        cchan, cdone, qchan, qdone = await self._open_session()
         frames = _FramePipeline(self, qchan)
         try:
             await self._reconcile_pools(cchan)
@@ -695,6 +699,52 @@ class Node:
             qdone.set()
             await cchan.close()
             await qchan.close()
+
+    async def _open_session(self) -> tuple[TcpChannel, asyncio.Event, TcpChannel, asyncio.Event]:
+        """Open a session's classical and quantum connections, paired by a fresh session nonce.
+
+        The receiver accepts the two kinds on separate ports, so a quantum connection left over from a
+        failed attempt could otherwise pair with a later session's classical one (every round would then
+        abort at 50 % QBER, for good). The transmitter sends one nonce first on both connections; the
+        receiver keeps quantum connections by nonce and takes the one that matches its classical
+        connection's (the others are closed once more than a few wait, oldest first).
+        """
+        cchan, cdone = await self._open("classical", self.cfg.link.classical)
+        try:
+            if self.transmitter:
+                qchan, qdone = await self._open("quantum", self.cfg.link.quantum)
+                nonce = secrets.token_bytes(16)
+                await cchan.send("link.session", nonce=nonce)
+                await qchan.send("link.session", nonce=nonce)
+                return cchan, cdone, qchan, qdone
+            nonce = (await cchan.recv("link.session"))["nonce"]
+            try:
+                async with asyncio.timeout(self.cfg.link.timeout_s):
+                    await self._await_quantum(nonce)
+            except TimeoutError:
+                raise ChannelError("the quantum-channel connection of this session did not come") from None
+            qchan, qdone = self._quantum_waiting.pop(nonce)
+            return cchan, cdone, qchan, qdone
+        except BaseException:
+            cdone.set()
+            await cchan.close()
+            raise
+
+    async def _await_quantum(self, nonce: Any) -> None:
+        """Receiver: accept quantum connections, filed by their session nonce, until ``nonce``'s is there."""
+        while nonce not in self._quantum_waiting:
+            qchan, qdone = await self._open("quantum", self.cfg.link.quantum)
+            try:
+                theirs = (await qchan.recv("link.session"))["nonce"]
+            except ChannelError:
+                qdone.set()
+                await qchan.close()
+                continue
+            self._quantum_waiting[theirs] = (qchan, qdone)
+            while len(self._quantum_waiting) > 4:
+                old_chan, old_done = self._quantum_waiting.pop(next(iter(self._quantum_waiting)))
+                old_done.set()
+                await old_chan.close()
 
     async def _reconcile_pools(self, cchan: TcpChannel) -> None:
         """Both ends say whether they hold an authentication pool, and which PSK seeds it (``link.hello``).
@@ -781,7 +831,9 @@ class Node:
             if not doc.get("committed"):
                 continue
             try:
-                await self._on_main(self._store(int(path.stem), doc["block_id"], bytes.fromhex(doc["key"])))
+                await self._on_main(
+                    self._store(int(path.stem), doc["block_id"], bytes.fromhex(doc["key"]), doc.get("proof"))
+                )
             except KeyStoreError as exc:
                 log.error("%s: block %s cannot be stored yet (%s); kept in pending/ and retried after the next "
                           "round", self.site.name, doc["block_id"][:8], exc)
