@@ -640,6 +640,9 @@ class Node:
         self._dloop = asyncio.get_running_loop()
         self._dstop = asyncio.Event()
         self._dgo = asyncio.Event()
+        if self.stop.is_set():  # asked to stop before this loop existed (a plain flag read across threads)
+            self._dstop.set()
+            self._dgo.set()
         servers: list[asyncio.Server] = []
         try:
             if not self.transmitter:
@@ -1160,12 +1163,15 @@ class _DistillationThread:
         if self._done is None or self.thread is None or (self._done.done() and not self.thread.is_alive()):
             return
         self.node.stop.set()
-        if self._watcher is None:
-            self._watcher = asyncio.create_task(self._forward_stop())
+        # Forwarded here, not only by the watcher task: a cancelled node task (a test's teardown cancels every
+        # task) may have cancelled the watcher before it ran, and the thread would then wait for ever.
+        self._set(self.node._dstop)
+        self._set(self.node._dgo)
         while not self._done.done():  # the thread may still call into this loop (key store) on its way out
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(self._done)
-        self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         await asyncio.to_thread(self.thread.join)
         if not self._done.cancelled():
             self._done.exception()  # retrieved: raised by wait() already, if anyone waited
