@@ -47,8 +47,6 @@ def test_config_reconciliation_field(tmp_path):
         load_config(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="node/service.py does not yet pass [protocol] reconciliation to "
-                   "RoundConfig.for_source (one line, outside this change's files)")
 async def test_two_nodes_over_tcp_with_ldpc(tmp_path):
     out = tmp_path / "dep"
     layouts = deploy(out, "psk", rounds=2)

@@ -119,6 +119,7 @@ class Node:
             max_qber=config.protocol.max_qber,
             max_phase_error=config.protocol.max_phase_error,
             cascade_schedule=config.protocol.cascade_schedule,
+            reconciliation=config.protocol.reconciliation,
         )
         seed = config.device.seed
         if self.transmitter:
