@@ -161,10 +161,10 @@ def test_frame_seconds_in_a_site_file(tmp_path):
 async def test_two_nodes_distill_from_saved_records(tmp_path):
     """Records written by `qkdstack simulate --save` feed two nodes; a truncated record aborts one round only."""
     rec = tmp_path / "records"
-    argv = ["simulate", "--distance-km", "5", "--pulses", str(PULSES), "--frames", "3", "--seed", "9",
+    argv = ["simulate", "--distance-km", "5", "--pulses", str(PULSES), "--frames", "5", "--seed", "9",
             "--save", str(rec), "--json"]
     assert cli_main(argv) == 0
-    assert frame_numbers(rec, "alice") == [1, 2, 3] == frame_numbers(rec, "bob")
+    assert frame_numbers(rec, "alice") == [1, 2, 3, 4, 5] == frame_numbers(rec, "bob")
     assert (rec / "device.json").exists()
     bad = frame_path(rec, "bob", 2)
     _truncate(bad)
@@ -175,10 +175,32 @@ async def test_two_nodes_distill_from_saved_records(tmp_path):
     await run_nodes([layouts["A"].config, layouts["B"].config], timeout=90)
     keys_a, keys_b = store_keys(out / "A"), store_keys(out / "B")
     assert keys_a and keys_a == keys_b
-    assert len(store_blocks(out / "A")) == 2 == len(store_blocks(out / "B"))  # frames 1 and 3; frame 2 stored nothing
-    assert frame_numbers(rec, "alice") == [] == frame_numbers(rec, "bob")
+    # Frame 1 and a later one; frame 2 stored nothing (and the frame made ahead when that session broke is
+    # dropped with it: consumed, never distilled).
+    assert len(store_blocks(out / "A")) == 2 == len(store_blocks(out / "B"))
+    assert 1 not in frame_numbers(rec, "alice") and 2 not in frame_numbers(rec, "bob")
+    assert set(frame_numbers(rec, "alice")) <= set(frame_numbers(rec, "bob"))  # no frame read by Alice twice
     assert bad.with_name(bad.name + ".bad").exists()
     st_b = status(out / "B")
     assert st_b["rounds_accepted"] == 2
     assert any(str(bad) in line and "truncated or corrupt" in line for line in st_b["recent_aborts"]), st_b
     assert any("recorded device" in c for c in st_b["device"]["caveats"])
+
+
+async def test_nodes_waiting_for_records_stop_when_asked(tmp_path):
+    """A transmitter waiting for its device's next frame file stops promptly when the node is stopped."""
+    import asyncio
+    import time
+
+    rec = tmp_path / "records"
+    (rec / "alice").mkdir(parents=True)
+    out = tmp_path / "dep"
+    layouts = deploy(out, rounds=2)
+    for layout in layouts.values():
+        edit_config(layout.config, device={"source": "records", "records_dir": str(rec)})
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    until = loop.time() + 2.0
+    await run_nodes([layouts["A"].config, layouts["B"].config], until=lambda nodes: loop.time() > until, timeout=30)
+    assert time.monotonic() - start < 12  # 2 s of waiting, then a prompt stop (not run_nodes' 30 s give-up)
+    assert status(out / "A").get("rounds_accepted", 0) == 0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import zipfile
@@ -46,6 +47,7 @@ from qkdstack.physics.records import AliceRecord, DetectionRecord, Frame
 FORMAT_VERSION = 1
 ROLES = ("alice", "bob")
 _NAME = re.compile(r"^frame-(\d{6,})\.npz$")
+log = logging.getLogger("qkdstack.device")
 
 
 class RecordError(ProtocolAbort):
@@ -215,9 +217,18 @@ class RecordSource:
         numbers = frame_numbers(self.records_dir, self.role)
         return numbers[0] if numbers else None
 
-    async def wait_frame_number(self, poll_s: float = 0.2) -> int:
-        """The lowest frame number waiting, after waiting for one to appear (a device writes them as it runs)."""
+    async def wait_frame_number(self, poll_s: float = 0.2, stop: asyncio.Event | None = None) -> int | None:
+        """The lowest frame number waiting, after waiting for one to appear (a device writes them as it runs).
+
+        Returns None if ``stop`` is set while waiting. Logs once per wait that it is waiting.
+        """
+        logged = False
         while (number := self.next_frame_number()) is None:
+            if stop is not None and stop.is_set():
+                return None
+            if not logged:
+                log.info("waiting for the next frame in %s", self.records_dir / self.role)
+                logged = True
             await asyncio.sleep(poll_s)
         return number
 

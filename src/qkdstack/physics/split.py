@@ -103,7 +103,14 @@ def absorbed_light_table(table: LightTable, eta_bob: float) -> LightTable:
         cols[name] = np.concatenate([col[keep] for keep, _, _ in parts])
     cols["j"] = np.concatenate([jp for _, jp, _ in parts])
     cols["prob"] = np.concatenate([p for _, _, p in parts])
-    return LightTable(**cols)
+    # Rows that differ only in the photons at the entrance are now the same outcome: merge them, so the
+    # alias tables stay small (L1-resident) and the sampler fast.
+    names = ("k", "a", "n", "j", "s", "rel", "ek")
+    key = np.stack([cols[name].astype(np.int64) for name in names], axis=1)
+    unique, inverse = np.unique(key, axis=0, return_inverse=True)
+    prob = np.bincount(inverse.reshape(-1), weights=cols["prob"], minlength=unique.shape[0])
+    merged = {name: unique[:, i].astype(cols[name].dtype) for i, name in enumerate(names)}
+    return LightTable(**merged, prob=prob)
 
 
 @njit(cache=True, nogil=True)
