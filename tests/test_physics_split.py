@@ -9,7 +9,7 @@ import pytest
 
 from qkdstack.errors import ChannelError
 from qkdstack.physics.device import QKDDevice, SimulatedDevice
-from qkdstack.physics.eve import Eavesdropper, InterceptResend, NoEve, PhotonNumberSplitting
+from qkdstack.physics.eve import BeamSplitting, Eavesdropper, InterceptResend, NoEve, PhotonNumberSplitting
 from qkdstack.physics.params import ChannelParams, DeviceParams, ReceiverParams, SourceParams, Z
 from qkdstack.physics.split import Light, SplitDevice, Transmitter
 from qkdstack.theory.device import expected_detection_prob, expected_qber
@@ -50,6 +50,7 @@ def two_sample_ok(x1: float, n1: float, x2: float, n2: float, sigmas: float = 5.
         (NoEve(), 0.06, 30e-9),
         (InterceptResend(0.5), 0.0, 0.0),
         (PhotonNumberSplitting(), 0.0, 0.0),
+        (BeamSplitting(0.3), 0.02, 10e-9),
     ],
 )
 def test_split_matches_combined(eve: Eavesdropper, afterpulse: float, dead_s: float) -> None:
