@@ -187,6 +187,15 @@ async def test_two_nodes_distill_from_saved_records(tmp_path):
     assert any("recorded device" in c for c in st_b["device"]["caveats"])
 
 
+def test_records_dir_must_exist(tmp_path):
+    from qkdstack.node.config import load_config
+
+    layouts = deploy(tmp_path / "dep", rounds=1)
+    edit_config(layouts["A"].config, device={"source": "records", "records_dir": "no-such-folder"})
+    with pytest.raises(ConfigError, match=r"\[device\] records_dir names .*no-such-folder, which is not an existing"):
+        load_config(layouts["A"].config)
+
+
 async def test_nodes_waiting_for_records_stop_when_asked(tmp_path):
     """A transmitter waiting for its device's next frame file stops promptly when the node is stopped."""
     import asyncio

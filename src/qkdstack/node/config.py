@@ -624,6 +624,11 @@ def check_files_of(config: NodeConfig) -> None:
     while no pool exists) and are not checked here.
     """
     _creatable_folder("site", "data_dir", config.data_dir)
+    if config.device.source == "records":
+        records = config.resolve(config.device.records_dir)
+        if not records.is_dir():
+            raise field_error("device", "records_dir", f"names {records}, which is not an existing folder (the "
+                              "device's alice/ and bob/ frame files go there)")
     store = config.kms.store
     if store.startswith("sqlite:///"):
         db = config.resolve(store.removeprefix("sqlite:///"))
