@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="where after-pulses land: next gate of the same intensity (Lim 2014 model) or next live gate",
     )
     parser.add_argument(
-        "--split", action="store_true", help="run the two-half form (transmitter | light | receiver); slower"
+        "--split", action="store_true", help="run the two-half form of the nodes (transmitter | light | receiver)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(

@@ -1,8 +1,9 @@
 """The quantum channel between two node processes: it carries only what a fibre carries.
 
 The transmitter's node sends, per frame, the :class:`~qkdstack.physics.split.Light` that
-reaches the receiver (pulse index, photon number, polarisation basis and bit of the
-photons) and nothing of Alice's classical record. Indices travel as varint gaps, the
+reaches the receiver's detectors (pulse index, photon number, polarisation basis and bit of
+the photons; the receiver's basis-independent loss η_Bob is applied before it crosses, see
+:mod:`qkdstack.physics.split`) and nothing of Alice's classical record. Indices travel as varint gaps, the
 basis and bit as packed bits. This connection stands in for the fibre in simulations; it
 is not part of the classical channel and is not authenticated (a fibre is not either:
 tampering with it shows up as errors, which the protocol measures).
