@@ -141,6 +141,8 @@ class Node:
         self._quantum_waiting: dict[Any, tuple[TcpChannel, asyncio.Event]] = {}
         """Receiver: quantum connections by session nonce, until their classical connection comes."""
         self._last_block_bits = 0
+        self._frame_pulses = config.device.pulses_per_frame
+        """Pulses of the frame of the round in flight (the device time it stands for)."""
         """Size of the last block this node stored: the room both stores must have before the next round."""
         self.kme: KME | None = None
         self.link_keys: dict[int, bytes] = {}
@@ -449,7 +451,8 @@ class Node:
     async def _run_round(self, cchan: TcpChannel, qchan: TcpChannel, round_id: int,
                          frames: _FramePipeline | None = None) -> None:
         record = await (frames.next() if frames is not None else self._device_frame(qchan))
-        self.stats.pulses += self.cfg.device.pulses_per_frame
+        self._frame_pulses = record.n_pulses  # a recorded frame may differ from the configured size
+        self.stats.pulses += record.n_pulses
         party = distill.alice if self.transmitter else distill.bob
         if self.pool is None or self._rebootstrap:
             await self._bootstrap_round(cchan, record, party)
@@ -541,7 +544,7 @@ class Node:
         """
         self.stats.rounds_accepted += 1
         self.stats.secret_bits += block.length
-        self.rtf.add(self.cfg.device.pulses_per_frame / self.params.source.rep_rate_hz)
+        self.rtf.add(self._frame_pulses / self.params.source.rep_rate_hz)
         auth_eps = result.epsilon if result else 0.0
         block = block.with_provenance(
             device=self.cfg.device_labels,
