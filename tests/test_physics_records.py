@@ -161,10 +161,11 @@ def test_frame_seconds_in_a_site_file(tmp_path):
 async def test_two_nodes_distill_from_saved_records(tmp_path):
     """Records written by `qkdstack simulate --save` feed two nodes; a truncated record aborts one round only."""
     rec = tmp_path / "records"
-    argv = ["simulate", "--distance-km", "5", "--pulses", str(PULSES), "--frames", "5", "--seed", "9",
+    # 8 frames for 2 rounds: a broken session drops the frame made ahead, and a loaded machine may break one more
+    argv = ["simulate", "--distance-km", "5", "--pulses", str(PULSES), "--frames", "8", "--seed", "9",
             "--save", str(rec), "--json"]
     assert cli_main(argv) == 0
-    assert frame_numbers(rec, "alice") == [1, 2, 3, 4, 5] == frame_numbers(rec, "bob")
+    assert frame_numbers(rec, "alice") == list(range(1, 9)) == frame_numbers(rec, "bob")
     assert (rec / "device.json").exists()
     bad = frame_path(rec, "bob", 2)
     _truncate(bad)
