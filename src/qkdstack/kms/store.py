@@ -315,7 +315,8 @@ class KeyStore:
             if loop is running:
                 _settle(fut, ok, value)
             else:
-                loop.call_soon_threadsafe(_settle, fut, ok, value)
+                with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, fut, ok, value)
 
     def _run_batch(self, db: Backend, batch: list) -> None:
         """Worker-thread mode: the whole transaction on this thread."""
@@ -601,7 +602,8 @@ class KeyStore:
                     self._lock.acquire()
                     self._lock.release()
                 for _fn, _args, loop, fut in self._pending:
-                    loop.call_soon_threadsafe(_settle, fut, False, KeyStoreError("the key store is closed"))
+                    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
+                        loop.call_soon_threadsafe(_settle, fut, False, KeyStoreError("the key store is closed"))
                 self._pending = []
                 self._db.close()
                 self._committer.shutdown(wait=True)
