@@ -25,10 +25,12 @@ with conservative defaults.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import secrets
 import ssl
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -250,6 +252,9 @@ class Etsi014Client:
     AuthenticationError; 400 and 503 (and any other non-200) -> KeyStoreError; a KME
     that cannot be reached -> ChannelError. ``max_key_bits`` and
     ``max_keys_per_request`` come from the KME's Status on first use (:meth:`status`).
+    A 503 (the KME cannot serve *now*: no key yet, the peer KME not connected yet, a block still on
+    its way into the peer's store) is retried with back-off for up to ``busy_retry_s`` seconds
+    before it becomes a KeyStoreError.
     """
 
     def __init__(
@@ -260,6 +265,7 @@ class Etsi014Client:
         key: str,
         ca: str,
         timeout_s: float = 10.0,
+        busy_retry_s: float = 5.0,
     ) -> None:
         if not base_url.startswith("https://"):
             raise ConfigError(f"kme-url must be an https:// URL, got {base_url!r}")
@@ -270,6 +276,7 @@ class Etsi014Client:
         self._client = httpx.AsyncClient(
             base_url=f"{self.base_url}/api/v1/keys/", verify=_tls_context(cert, key, ca), timeout=timeout_s
         )
+        self.busy_retry_s = busy_retry_s
         self.max_key_bits = DEFAULT_MAX_KEY_BITS
         self.max_keys_per_request = DEFAULT_MAX_KEYS_PER_REQUEST
         self._status_read = False
@@ -285,10 +292,17 @@ class Etsi014Client:
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         url = f"{self.peer_sae_id}/{path}"
-        try:
-            resp = await self._client.request(method, url, json=body)
-        except httpx.TransportError as exc:
-            raise ChannelError(f"cannot reach the KME at {self.base_url}: {type(exc).__name__}: {exc}") from None
+        deadline = time.monotonic() + self.busy_retry_s
+        delay = 0.05
+        while True:
+            try:
+                resp = await self._client.request(method, url, json=body)
+            except httpx.TransportError as exc:
+                raise ChannelError(f"cannot reach the KME at {self.base_url}: {type(exc).__name__}: {exc}") from None
+            if resp.status_code != 503 or time.monotonic() + delay > deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 1.0)
         try:
             data = resp.json()
         except ValueError:
