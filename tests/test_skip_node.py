@@ -164,6 +164,25 @@ async def test_skip_psk_and_proofs_on_a_fresh_deployment(tmp_path):
         )
         assert code == 200
         _check_proofs(same["key_extension"]["qkdstack_proof"], rec_b)
+
+        # every SKIP request shows in the site's Prometheus metrics (issue 15: the other delivery interfaces)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with httpx.AsyncClient() as http:
+            text_a = (await http.get(status(out / "A")["metrics_url"])).text
+            text_b = (await http.get(status(out / "B")["metrics_url"])).text
+
+        def samples(text: str, name: str) -> dict[tuple[str, ...], float]:
+            return {tuple(sorted(s.labels.items())): s.value for fam in text_string_to_metric_families(text)
+                    for s in fam.samples if s.name == name}
+
+        req_a, req_b = samples(text_a, "qkdstack_skip_requests_total"), samples(text_b, "qkdstack_skip_requests_total")
+        assert req_a[(("code", "200"), ("endpoint", "capabilities"), ("site", "A"))] == 2
+        assert req_a[(("code", "200"), ("endpoint", "key"), ("site", "A"))] == 2
+        assert req_b[(("code", "200"), ("endpoint", "key_by_id"), ("site", "B"))] == 2
+        assert req_b[(("code", "200"), ("endpoint", "entropy"), ("site", "B"))] == 1
+        assert samples(text_a, "qkdstack_skip_keys_delivered_total")[(("endpoint", "key"), ("site", "A"))] == 2
+        assert key["key"] not in text_a + text_b  # no key bytes in metrics
     finally:
         for n in nodes:
             n.stop.set()

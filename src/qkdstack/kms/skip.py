@@ -67,9 +67,10 @@ import ssl
 import stat
 import tempfile
 import threading
+import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -418,6 +419,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._reply(405, {"message": "only GET is supported"}, (("Allow", "GET"),))
                 return
             parts = urllib.parse.urlsplit(self.path)
+            start = time.perf_counter()
             try:
                 query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=False,
                                               max_num_fields=16)
@@ -432,6 +434,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 status, body = 500, {"message": "internal error while reading or erasing the key"}
             self._reply(status, body)
             self.wfile.flush()
+            if self.server.observer is not None:
+                self.server.observer(parts.path, status, time.perf_counter() - start)
         except (TimeoutError, OSError):
             self.close_connection = True
 
@@ -449,6 +453,7 @@ class _SkipServer(http.server.ThreadingHTTPServer):
         self.service = service
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.identities: dict[int, str | None] = {}
+        self.observer: Callable[[str, int, float], None] | None = None
 
     def server_bind(self) -> None:  # bound by serve_skip
         pass
@@ -513,11 +518,13 @@ class RunningSkip:
 
 @contextlib.asynccontextmanager
 async def serve_skip(
-    kme: KME, host: str, port: int, tls: TLSFiles, *, psks: dict[str, bytes] | None = None
+    kme: KME, host: str, port: int, tls: TLSFiles, *, psks: dict[str, bytes] | None = None,
+    observer: Callable[[str, int, float], None] | None = None,
 ) -> AsyncIterator[RunningSkip]:
     """Serve SKIP for ``kme`` (which lives in the current event loop) during the ``async with``.
 
     ``port=0`` picks a free port. ``psks`` ({identity: key}) enables TLS-PSK; identities are SAE IDs.
+    ``observer(path, status, seconds)`` is called after each answered request (metrics; no key bytes).
     On exit the server stops accepting and closes; requests in flight finish on their own threads.
     """
     ctx, state = skip_ssl_context(tls, psks)
@@ -532,6 +539,7 @@ async def serve_skip(
         raise ConfigError(f"[kms] skip_listen: the SKIP server cannot listen on {host}:{port}: {exc.strerror}") \
             from None
     server = _SkipServer(sock, ctx, state, SkipService(kme, asyncio.get_running_loop()))
+    server.observer = observer
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="skip-server",
                               daemon=True)
     thread.start()

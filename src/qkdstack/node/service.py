@@ -985,7 +985,8 @@ class Node:
 
                     psks = load_psk_file(self.cfg.resolve(kms_cfg.skip_psk_file)) if kms_cfg.skip_psk_file else None
                     skip = await stack.enter_async_context(serve_skip(
-                        self.kme, *parse_address("kms", "skip_listen", kms_cfg.skip_listen), tls, psks=psks))
+                        self.kme, *parse_address("kms", "skip_listen", kms_cfg.skip_listen), tls, psks=psks,
+                        observer=self.ops.skip_observer if self.ops else None))
                     self.skip_url = skip.address
                     log.info("%s: SKIP key provider at %s", self.site.name, skip.address)
             if kms_cfg.local_socket:

@@ -404,6 +404,41 @@ class Etsi014Metrics:
         return metered
 
 
+class SkipMetrics:
+    """SKIP key-provider metrics (kms/skip.py): requests by endpoint and status code, latency, keys delivered.
+
+    The SKIP server calls :meth:`observe` once per answered request (from its connection threads;
+    prometheus_client's metrics are thread-safe). No label holds a key, key ID or system ID.
+    """
+
+    ENDPOINTS = frozenset({"capabilities", "entropy", "key"})
+
+    def __init__(self, registry: CollectorRegistry, site: str) -> None:
+        self.site = site
+        self.requests = Counter("qkdstack_skip_requests", "SKIP requests answered, by endpoint (capabilities, key, "
+                                "key_by_id, entropy, other) and HTTP status code.", ["site", "endpoint", "code"],
+                                registry=registry)
+        self.latency = Histogram("qkdstack_skip_request_duration_seconds", "SKIP request latency, from the parsed "
+                                 "request to the answer.", ["site", "endpoint"],
+                                 buckets=Etsi014Metrics.BUCKETS, registry=registry)
+        self.keys = Counter("qkdstack_skip_keys_delivered", "Keys handed out by SKIP (key: new keys, key_by_id: the "
+                            "peer's keys by ID).", ["site", "endpoint"], registry=registry)
+
+    @classmethod
+    def endpoint(cls, path: str) -> str:
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 1:
+            return parts[0] if parts[0] in cls.ENDPOINTS else "other"
+        return "key_by_id" if len(parts) == 2 and parts[0] == "key" else "other"
+
+    def observe(self, path: str, code: int, seconds: float) -> None:
+        endpoint = self.endpoint(path)
+        self.requests.labels(self.site, endpoint, str(code)).inc()
+        self.latency.labels(self.site, endpoint).observe(seconds)
+        if code == 200 and endpoint in ("key", "key_by_id"):
+            self.keys.labels(self.site, endpoint).inc()
+
+
 class NodeMetrics:
     """The Prometheus registry of one node: its status collector and its ETSI 014 metrics."""
 
@@ -414,6 +449,7 @@ class NodeMetrics:
         self.collector = StatusCollector(status, self.history, extras)
         self.registry.register(self.collector)
         self.etsi014 = Etsi014Metrics(self.registry, site)
+        self.skip = SkipMetrics(self.registry, site)
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (prometheus_client's own writer)."""

@@ -117,6 +117,10 @@ class NodeOps:
         return self.metrics.etsi014.middleware
 
     @property
+    def skip_observer(self) -> Callable[[str, int, float], None]:
+        return self.metrics.skip.observe
+
+    @property
     def metrics_url(self) -> str | None:
         return f"{self.server.url}/metrics" if self.server else None
 
