@@ -43,11 +43,11 @@ def _free(port: int) -> bool:
 
 
 def free_base_port(extra: int = 0) -> int:
-    """A base port P with P..P+2, P+10..P+13 (the deployment's: links, ETSI 014, admin) and P+20..P+20+extra free
-    and unused in this run."""
+    """A base port P with P..P+2, P+8..P+13 (the deployment's: links, SKIP, ETSI 014, admin) and P+20..P+20+extra
+    free and unused in this run."""
     for _ in range(500):
         base = random.randrange(20_000, 60_000, 50)
-        wanted = [base, base + 1, base + 2, *range(base + 10, base + 14), *range(base + 20, base + 20 + extra)]
+        wanted = [base, base + 1, base + 2, *range(base + 8, base + 14), *range(base + 20, base + 20 + extra)]
         if not _used_ports.intersection(wanted) and all(_free(p) for p in wanted):
             _used_ports.update(wanted)
             return base
