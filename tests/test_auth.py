@@ -134,24 +134,30 @@ def test_encoding_is_injective_on_lengths():
 
 @pytest.fixture(autouse=True)
 def no_pad_reuse(monkeypatch):
-    """Record every pad and hash key each pool hands out; at the end, no pad was handed out twice."""
-    seen: dict[tuple[int, str], list[bytes]] = {}
+    """Record every pad and hash key each pool hands out; at the end, no pad entered two tags at one end.
+
+    A pad handed out for a round that ended before its end computed or verified a tag with it is given
+    back (``AuthKeyPool.release``) and may be handed out again; once used in a tag it never is.
+    """
+    handed: dict[tuple[int, str], list] = {}
     hash_keys: dict[tuple[int, str], set[bytes]] = {}
     original = AuthKeyPool.reserve_round
 
     def recording(self, peer_state, round_id):
         keys = original(self, peer_state, round_id)
         for d in (A_TO_B, B_TO_A):
-            seen.setdefault((id(self), d), []).append(keys.pad[d])
+            handed.setdefault((id(self), d), []).append(keys)
             hash_keys.setdefault((id(self), d), set()).add(keys.hash_key[d])
         return keys
 
     monkeypatch.setattr(AuthKeyPool, "reserve_round", recording)
-    yield seen
-    for (_, d), pads in seen.items():
-        assert len(pads) == len(set(pads)), f"a {d} pad was used twice"
+    yield handed
+    for (_, d), rounds in handed.items():
+        used = [k.pad[d] for k in rounds if d in k.touched]
+        assert len(used) == len(set(used)), f"a {d} pad was used twice"
     for (pool_id, d), hs in hash_keys.items():
-        assert not hs & set(seen.get((pool_id, d), [])), "a byte string served as hash key and pad"
+        pads = {k.pad[d] for k in handed.get((pool_id, d), [])}
+        assert not hs & pads, "a byte string served as hash key and pad"
 
 
 async def _round(ca: Channel, cb: Channel, pa: AuthKeyPool, pb: AuthKeyPool, rid: int, key: bytes, tamper=None):

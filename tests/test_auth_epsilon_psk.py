@@ -138,3 +138,21 @@ def test_psk_command(tmp_path: Path):
     again = subprocess.run([sys.executable, "-m", "qkdstack.cli", "psk", "--link", "A-B", "--out", str(out)],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+async def test_rounds_that_abort_before_any_tag_give_their_keys_back():
+    """A run of aborted rounds (too small a frame, high QBER) must not exhaust the pool (issue 11): keys that
+    entered no tag at an end are given back there; a round whose tags were exchanged keeps its burns."""
+    seed = secrets.token_bytes(512)
+    pa, pb = AuthKeyPool.from_seed("A-B", seed), AuthKeyPool.from_seed("A-B", seed)
+    ca, cb = channel_pair(2)
+    await _round(ca, cb, pa, pb, 1, secrets.token_bytes(4000))
+    balance = pa.report()["balance_bits"], pb.report()["balance_bits"]
+    for rid in range(2, 200):  # far more rounds than the pool has pads
+        auth_a, auth_b = await asyncio.gather(begin_round(ca, pa, "alice", rid), begin_round(cb, pb, "bob", rid))
+        auth_a.abandon()
+        auth_b.abandon()
+    assert (pa.report()["balance_bits"], pb.report()["balance_bits"]) == balance
+    oa, ob = await _round(ca, cb, pa, pb, 200, secrets.token_bytes(4000))
+    assert oa.key_for_store == ob.key_for_store and pa.fingerprint() == pb.fingerprint()
+    assert oa.consumed_bits in (256, 512)  # that round did pay for its tags

@@ -177,6 +177,8 @@ class RoundKeys:
         self.hash_key = {d: view[d].r for d in DIRECTIONS}
         self.pad: dict[str, bytes] = meta.pop("pads")
         self.consumed_bytes: dict[str, int] = meta["consumed"]
+        self.touched: set[str] = set()
+        """Directions whose hash key and pad computed or verified a tag at this end (they stay burnt)."""
 
     def __repr__(self) -> str:
         return f"RoundKeys(round_id={self.round_id}, consumed_bytes={self.consumed_bytes}, keys=<hidden>)"
@@ -465,7 +467,9 @@ class AuthKeyPool:
             sources.update(dv.pad.sources(PAD_BYTES))
             _, pads[d] = dv.pad.take(PAD_BYTES)
             consumed[d] += PAD_BYTES
-        # write-ahead: the real state burns everything the view used before any tag is computed
+        # write-ahead: the real state burns everything the view used before any tag is computed; what it
+        # held before is kept in memory so that a round that ends before any tag can give its keys back
+        before = {d: copy.deepcopy(self._dirs[d]) for d in DIRECTIONS}
         for d in DIRECTIONS:
             for k in KINDS:
                 self._dirs[d].stream(k).skip_to(view[d].stream(k).cursor)
@@ -486,6 +490,8 @@ class AuthKeyPool:
             "drop": sorted(mine_p - set(promote) - set(keep_pending)),
             "seed_retired": seed_retired,
             "key_epsilon": sum(sources.values()),
+            "before": before,
+            "refreshed": refreshed,
         }
         return RoundKeys(round_id, view, meta)
 
@@ -589,9 +595,26 @@ class AuthKeyPool:
         self.save()
 
     def release(self, keys: RoundKeys) -> None:
-        """The round ended without a verification result (aborted, channel lost): keep the burns only."""
-        if self._in_flight == keys.round_id:
-            self._in_flight = None
+        """The round ended without a verification result (aborted, channel lost).
+
+        A direction whose keys computed or checked no tag at this end (``keys.touched``) gets them back:
+        a pad and hash key that never entered a tag or a verification revealed nothing, and the merge
+        rule (cursors = max of both ends) keeps the two ends in step whatever the peer did. Without
+        this, every round that aborts (a too-small frame, a high QBER, an eavesdropper) would burn a
+        pad per direction and a run of aborts would exhaust the pool. Directions that were used keep
+        their burns (Portmann 2014: a pad is consumed once a tag was computed or verified with it).
+        """
+        if self._in_flight != keys.round_id:
+            return
+        self._in_flight = None
+        untouched = [d for d in DIRECTIONS if d not in keys.touched]
+        for d in untouched:
+            self._dirs[d] = keys.meta["before"][d]
+            self._stats["consumed_bytes"][d] -= keys.consumed_bytes[d]
+            if d in keys.meta["refreshed"]:
+                self._stats["hash_key_refreshes"][d] -= 1
+        if untouched:
+            self.save()
 
     def _check_in_flight(self, keys: RoundKeys) -> None:
         if self._in_flight != keys.round_id:

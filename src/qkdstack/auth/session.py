@@ -66,6 +66,7 @@ class RoundAuthenticator:
         return f"RoundAuthenticator(role={self.role!r}, round_id={self.keys.round_id}, done={self._done})"
 
     def _tag(self, direction: str) -> bytes:
+        self.keys.touched.add(direction)
         return self.transcript.tag(WegmanCarterMac(self.keys.hash_key[direction]), self.keys.pad[direction])
 
     def _epsilon(self, msg: Any) -> float:
@@ -77,6 +78,7 @@ class RoundAuthenticator:
         return self.mac_epsilon
 
     def _verify(self, direction: str, msg: Any) -> None:
+        self.keys.touched.add(direction)
         tag = msg.fields.get("tag")
         ok = isinstance(tag, bytes) and self.transcript.verify(
             WegmanCarterMac(self.keys.hash_key[direction]), self.keys.pad[direction], tag
