@@ -37,14 +37,14 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qkdstack.apps.keysource import Etsi014Client
 from qkdstack.apps.tunnel import Tunnel, TunnelConfig
 from qkdstack.errors import QKDError
-from qkdstack.node.deployment import SiteLayout, write_deployment
+from qkdstack.node.deployment import SiteLayout, default_frame_pulses, write_deployment
 
 SITES = ["A", "B"]
 
@@ -55,7 +55,8 @@ class DemoOptions:
     bootstrap: str = "psk"
     eve: str = "none"
     rounds: int = 4
-    pulses_per_frame: int = 100_000_000
+    pulses_per_frame: int | None = None
+    """None: follows the distance (node/deployment.default_frame_pulses)."""
     keys: int = 4
     file_bytes: int = 256 * 1024
     keep: str | None = None
@@ -314,6 +315,8 @@ async def run_demo(opts: DemoOptions) -> DemoResult:
     start = time.monotonic()
     workdir = Path(opts.keep) if opts.keep else Path(tempfile.mkdtemp(prefix="qkdstack-demo-"))
     result = DemoResult()
+    if opts.pulses_per_frame is None:
+        opts = replace(opts, pulses_per_frame=default_frame_pulses(opts.distance_km))
     _say(f"qkdstack demo: two sites on loopback, {opts.distance_km:g} km of fibre, {opts.bootstrap} bootstrap"
          + ("" if opts.eve == "none" else f", eavesdropper {opts.eve}"))
     layouts = write_deployment(workdir, SITES, bootstrap=opts.bootstrap, base_port=_free_port_block(14),

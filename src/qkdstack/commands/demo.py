@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", choices=BOOTSTRAPS, default="psk", help="trust anchor of the first round")
     parser.add_argument("--eve", default="none", help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION")
     parser.add_argument("--rounds", type=int, default=4, help="distillation rounds (default 4)")
-    parser.add_argument("--pulses-per-frame", type=float, default=1e8, help="pulses per round (default 1e8)")
+    parser.add_argument("--pulses-per-frame", type=float, default=None,
+                        help="pulses per round (default: follows the distance, as qkdstack init)")
     parser.add_argument("--keep", metavar="DIR", nargs="?", const="",
                         help="keep the deployment (in DIR, or a temporary folder) and keep the nodes running, "
                         "dashboards live, until Ctrl-C")
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if args.distance_km < 0:
         raise ConfigError(f"--distance-km must be ≥ 0, got {args.distance_km}")
     opts = DemoOptions(distance_km=args.distance_km, bootstrap=args.bootstrap, eve=args.eve, rounds=args.rounds,
-                       pulses_per_frame=int(args.pulses_per_frame), keep=args.keep, seed=args.seed)
+                       pulses_per_frame=None if args.pulses_per_frame is None else int(args.pulses_per_frame),
+                       keep=args.keep, seed=args.seed)
     result = asyncio.run(run_demo(opts))
     return 0 if demo_ok(result, opts) else 1

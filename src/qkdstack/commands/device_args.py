@@ -181,7 +181,9 @@ def pulse_count(text: str) -> int:
 def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of a simulated frame: ``--pulses``, ``--eve``, ``--seed`` (simulate, distill)."""
     g = parser.add_argument_group("frame")
-    g.add_argument("--pulses", type=pulse_count, default=100_000_000, help="pulses per frame (default 1e8)")
+    g.add_argument("--pulses", type=pulse_count, default=None,
+                   help="pulses per frame (default: simulate 1e8; distill follows the distance, at least 0.4 s of "
+                   "device time, as qkdstack init)")
     g.add_argument("--eve", default="none", metavar="ATTACK",
                    help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION (default none)")
     g.add_argument("--seed", type=int, default=None, help="seed of the simulation (default: fresh)")

@@ -29,6 +29,7 @@ from qkdstack.protocol.cascade import SCHEDULES
 from qkdstack.protocol.keyblock import Abort, KeyBlock
 from qkdstack.protocol.round import RoundConfig, run_in_memory
 from qkdstack.theory.entropy import binary_entropy
+from qkdstack.theory.frames import frame_pulses
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -154,7 +155,7 @@ def _progress(done: int, total: int, accepted: int, bits: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = device_params_from_args(args)
-    pulses = check_pulses(args.pulses)
+    pulses = frame_pulses(params) if args.pulses is None else check_pulses(args.pulses)
     if args.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
     config = RoundConfig.for_source(

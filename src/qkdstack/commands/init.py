@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bootstrap", choices=BOOTSTRAPS, default="psk", help="trust anchor of the first round")
     parser.add_argument("--base-port", type=int, default=7100, help="first of the loopback ports (default 7100)")
     parser.add_argument("--distance-km", type=float, default=25.0, help="simulated fibre length (default 25 km)")
-    parser.add_argument("--pulses-per-frame", type=float, default=1e8, help="pulses per round (default 1e8)")
+    parser.add_argument("--pulses-per-frame", type=float, default=None,
+                        help="pulses per round (default: follows the distance, at least 0.4 s of device time; "
+                        "4e8 at 25 km, 4e9 at 100 km)")
     parser.add_argument("--store", default="sqlite:///data/keys.db",
                         help="key store: sqlite:///PATH (default) or a postgresql:// URL")
     parser.add_argument("--sae", action="append", default=[], metavar="SITE=ID[,ID]",
@@ -33,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Flags a node would refuse later are refused now, before anything is written.
     pulses = args.pulses_per_frame
-    if not (pulses == pulses and float(pulses).is_integer() and pulses >= 1000):  # NaN-safe
+    if pulses is not None and not (pulses == pulses and float(pulses).is_integer() and pulses >= 1000):  # NaN-safe
         raise ConfigError(f"--pulses-per-frame must be a whole number of pulses, at least 1000, got {pulses:g}")
     if not 1 <= args.base_port <= 65535 - 11:
         raise ConfigError(f"--base-port must lie in 1..65524 (the deployment uses it and the next 11 ports), "
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         sae_ids[site] = [i.strip() for i in ids.split(",") if i.strip()]
     layouts = write_deployment(
         args.out, sites, bootstrap=args.bootstrap, base_port=args.base_port, distance_km=args.distance_km,
-        pulses_per_frame=int(args.pulses_per_frame), store=args.store, sae_ids=sae_ids,
+        pulses_per_frame=None if pulses is None else int(pulses), store=args.store, sae_ids=sae_ids,
     )
     for layout in layouts.values():
         print(f"site {layout.name}: {layout.config}  (ETSI 014 at {layout.etsi_url}, SAEs {', '.join(layout.sae_ids)})")

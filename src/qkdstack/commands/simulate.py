@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     params = device_params_from_args(args)
     eve = parse_eve(args.eve)
     try:
-        pulses = check_pulses(args.pulses)
+        pulses = check_pulses(100_000_000 if args.pulses is None else args.pulses)
     except ConfigError as exc:
         raise ConfigError(f"--pulses: {exc}") from None
     device = SplitDevice(params, eve, seed=args.seed) if args.split else None

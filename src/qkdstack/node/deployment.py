@@ -171,6 +171,18 @@ def _write_pgp(out: Path, sites: list[str]) -> dict[str, str]:
             ring.close()
 
 
+def default_frame_pulses(distance_km: float) -> int:
+    """Pulses per round for the default device at ``distance_km``: enough for a finite key with margin, and
+    at least 0.4 s of device time (:func:`qkdstack.theory.frames.frame_pulses`)."""
+    from dataclasses import replace
+
+    from qkdstack.physics.params import DeviceParams
+    from qkdstack.theory.frames import frame_pulses
+
+    params = DeviceParams()
+    return frame_pulses(replace(params, channel=replace(params.channel, length_km=float(distance_km))))
+
+
 def write_deployment(
     out: str | Path,
     sites: list[str],
@@ -178,18 +190,23 @@ def write_deployment(
     bootstrap: str = "psk",
     base_port: int = 7100,
     distance_km: float = 25.0,
-    pulses_per_frame: int = 100_000_000,
+    pulses_per_frame: int | None = None,
     rounds: int = 0,
     eve: str = "none",
     seed: int | None = None,
     store: str = "sqlite:///data/keys.db",
     sae_ids: dict[str, list[str]] | None = None,
 ) -> dict[str, SiteLayout]:
-    """Write the two sites' files under ``out``; returns what was made per site."""
+    """Write the two sites' files under ``out``; returns what was made per site.
+
+    ``pulses_per_frame=None`` follows the distance (:func:`default_frame_pulses`).
+    """
     if len(sites) != 2 or sites[0] == sites[1]:
         raise ConfigError("--sites must name exactly two different sites, e.g. A,B")
     if bootstrap not in BOOTSTRAPS:
         raise ConfigError(f"--bootstrap must be one of {', '.join(BOOTSTRAPS)}, got {bootstrap!r}")
+    if pulses_per_frame is None:
+        pulses_per_frame = default_frame_pulses(distance_km)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
