@@ -81,8 +81,10 @@ def test_disclosed_bits_equal_what_crossed():
     for direction, frame in log:
         _kind, _fields, disclosed = decode_message(frame)
         crossed[direction] += len(disclosed) if disclosed is not None else 0
-    # Bob's view: he received the syndromes and revealed bits, sent one status bit per open codeword.
-    assert crossed[RECEIVED] == rb.syndrome_bits + rb.revealed_bits
+    # Bob's view: he received the syndromes, check parities and revealed bits, sent one status bit per open
+    # codeword.
+    assert rb.check_bits == ra.check_bits == ldpc.CHECK_BITS * rb.codewords
+    assert crossed[RECEIVED] == rb.syndrome_bits + rb.check_bits + rb.revealed_bits
     assert crossed[SENT] == rb.status_bits >= rb.codewords
     assert rb.leaked_bits == ra.leaked_bits == sum(crossed.values()) == cb.stats.disclosed_bits("ldpc")
     assert ca.stats.disclosed_bits("ldpc", SENT) == cb.stats.disclosed_bits("ldpc", RECEIVED)

@@ -13,11 +13,15 @@ Roles and messages (all kinds start with ``"ldpc."``):
    rate adaptation by shortening; the code's rate drops from 1 − m/n to (k − m)/k).
 2. ``ldpc.start`` (Alice → Bob): a public seed (which positions of each codeword carry key
    bits, and the blind rounds' extra checks), the code's name, the number of codewords, and —
-   disclosed — the m syndrome bits of every codeword.
+   disclosed — the m syndrome bits of every codeword, then ``CHECK_BITS`` check parities of every
+   codeword (dense random rows, half the payload each, from the public seed). Belief propagation can
+   converge to a *wrong* codeword with the right syndrome; the check parities catch that (a wrong
+   word passes all 32 with probability 2^-32) so Bob reports it as failed and the blind rounds go on,
+   instead of the verification stage rejecting the whole frame.
 3. Bob decodes each codeword with layered belief propagation (sum-product, or normalised min-sum)
    (:func:`decode_batch`, a Numba kernel, ``nogil``), looking for the error pattern
    e = x ⊕ y with syndrome H·x ⊕ H·y, and answers ``ldpc.status`` with one disclosed bit per
-   codeword still open: 1 decoded (the syndrome is satisfied), 0 failed.
+   codeword still open: 1 decoded (the syndrome and the check parities are satisfied), 0 failed.
 4. Blind rounds (after Martinez-Mateo, Elkouss, Martin, "Blind reconciliation", QIC 12 (2012)):
    for every failed codeword, ``ldpc.reveal`` (Alice → Bob) discloses r·Δ extra parity bits in
    blind round r, Δ = ⌈blind_step·k·h(q)⌉ (growing steps: a few rounds reach far past the first
@@ -29,8 +33,8 @@ Roles and messages (all kinds start with ``"ldpc."``):
    bit. After ``max_blind_rounds`` a codeword that still fails gives up the whole frame: both
    parties raise :class:`~qkdstack.errors.ProtocolAbort` naming how many codewords failed.
 
-Leakage: everything that crosses is ``disclosed`` and counted by the channel: the syndromes
-and extra parities (Alice → Bob) and Bob's status bits (Bob → Alice; his success/failure
+Leakage: everything that crosses is ``disclosed`` and counted by the channel: the syndromes,
+check parities and extra parities (Alice → Bob) and Bob's status bits (Bob → Alice; his success/failure
 is a function of the error pattern, so against general attacks it counts too). λ_ldpc =
 m·(codewords) + extra parities + status bits. Bob's decoded word satisfies the syndrome but may
 still differ from Alice's (a wrong codeword); the verification stage catches that, as after
@@ -59,6 +63,14 @@ __all__ = ["LdpcParams", "LdpcResult", "Plan", "alice", "bob", "decode_batch", "
 
 STAGE = "ldpc"
 KNOWN_LLR = np.float32(64.0)
+CHECK_BITS = 32
+"""Check parities per codeword: a decoded word that is not Alice's passes them with probability 2^-32."""
+_CHECK_ROUND = 1 << 20  # the check rows' stream of the public seed (blind rounds use 1, 2, ...)
+
+
+def _check_rows(seed: int, plan: Plan, positions: np.ndarray) -> dict[int, np.ndarray]:
+    """The check rows of each payload size: CHECK_BITS dense rows of half the payload's positions."""
+    return {k: _extension(seed, _CHECK_ROUND, k, CHECK_BITS, max(1, k // 2), positions) for k in set(plan.payloads)}
 """|LLR| of a bit both parties know (a shortened position): large enough never to be a check's minimum."""
 
 
@@ -165,6 +177,8 @@ class LdpcResult:
     """Codewords that failed their first decoding (before any blind round)."""
     errors_corrected: int = 0
     iterations: int = 0
+    check_bits: int = 0
+    """Check parities Alice disclosed (CHECK_BITS per codeword) so that Bob can tell a wrong codeword."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,8 +469,10 @@ async def alice(
     words = _words(bits, plan, positions, code.n)
     synd = np.empty((plan.codewords, code.m), dtype=np.uint8)
     _syndromes(code.row_ptr, code.col_idx, words, synd)
-    await channel.send("ldpc.start", disclosed=BitArray.from_bits(synd.ravel()), seed=seed, n_key=bits.size,
-                       code=code.name, codewords=plan.codewords)
+    check_rows = _check_rows(seed, plan, positions)
+    checks = np.concatenate([_parities(words[i : i + 1], check_rows[k])[0] for i, k in enumerate(plan.payloads)])
+    await channel.send("ldpc.start", disclosed=BitArray.from_bits(np.concatenate([synd.ravel(), checks])),
+                       seed=seed, n_key=bits.size, code=code.name, codewords=plan.codewords)
     open_ = np.arange(plan.codewords)
     extra = 0
     failed_first = 0
@@ -485,7 +501,7 @@ async def alice(
     return LdpcResult(
         key=bits.copy(), leaked_bits=sent + received, round_trips=round_trips, codewords=plan.codewords,
         code=code.name, blind_rounds=blind, revealed_bits=extra, syndrome_bits=int(synd.size),
-        status_bits=received, failed_first=failed_first,
+        status_bits=received, failed_first=failed_first, check_bits=int(checks.size),
     )
 
 
@@ -504,13 +520,17 @@ async def bob(
     if str(start["code"]) != code.name or int(start["codewords"]) != plan.codewords:
         raise ProtocolAbort(STAGE, f"code mismatch: Alice uses {start['code']} x {start['codewords']}, "
                                    f"Bob {code.name} x {plan.codewords}")
-    if start.disclosed is None or len(start.disclosed) != plan.codewords * code.m:
-        raise ProtocolAbort(STAGE, "ldpc.start carries the wrong number of syndrome bits")
+    n_synd = plan.codewords * code.m
+    if start.disclosed is None or len(start.disclosed) != n_synd + plan.codewords * CHECK_BITS:
+        raise ProtocolAbort(STAGE, "ldpc.start carries the wrong number of syndrome and check bits")
     seed = int(start["seed"])
     positions = _layout(seed, code.n)
     weight = extension_weight(qber_estimate)
     words = _words(bits, plan, positions, code.n)
-    synd_a = start.disclosed.to_bits().reshape(plan.codewords, code.m)
+    disclosed = start.disclosed.to_bits()
+    synd_a = disclosed[:n_synd].reshape(plan.codewords, code.m)
+    checks_a = disclosed[n_synd:].reshape(plan.codewords, CHECK_BITS)
+    check_rows = _check_rows(seed, plan, positions)
     synd_b = np.empty_like(synd_a)
     _syndromes(code.row_ptr, code.col_idx, words, synd_b)
     target = synd_a ^ synd_b
@@ -542,7 +562,10 @@ async def bob(
             sub_err, sub_it = await _decode_threads(row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt, params)
             err[idx] = sub_err
             total_iters += int(np.abs(sub_it).sum())
-            ok[members] = sub_it >= 0
+            decoded = sub_it >= 0
+            # a word with the right syndrome may still not be Alice's: her check parities tell
+            mine = _parities(words[idx] ^ sub_err, check_rows[k])
+            ok[members] = decoded & np.all(mine == checks_a[idx], axis=1)
         if blind == 0:
             failed_first = int(np.count_nonzero(~ok))
         await channel.send("ldpc.status", disclosed=BitArray.from_bits(ok.astype(np.uint8)))
@@ -578,4 +601,5 @@ async def bob(
         code=code.name, blind_rounds=blind, revealed_bits=extra, syndrome_bits=int(synd_a.size),
         status_bits=sent, failed_first=failed_first,
         errors_corrected=int(np.count_nonzero(corrected != bits)), iterations=total_iters,
+        check_bits=int(checks_a.size),
     )
