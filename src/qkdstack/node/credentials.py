@@ -37,3 +37,13 @@ def bootstrap_credentials(config: NodeConfig) -> tuple[Signer, Verifier]:
         ring = GpgKeyring(config.resolve(auth.gpg_home))
         return pgp_signer(ring, auth.own_fingerprint), pgp_verifier(ring, auth.peer_fingerprint)
     raise ConfigError(f"[auth] bootstrap {auth.bootstrap!r} has no signing credentials")
+
+
+def release_credentials(config: NodeConfig) -> None:
+    """Stop what the bootstrap credentials started: GnuPG's agent for the node's ``gpg_home`` (``pgp``).
+
+    gpg starts a gpg-agent daemon per home directory that outlives the node; the bootstrap round is
+    the only user, so the node stops it when the round is over.
+    """
+    if config.auth.bootstrap == "pgp":
+        GpgKeyring(config.resolve(config.auth.gpg_home)).close()

@@ -62,7 +62,7 @@ from qkdstack.kms.kme import KME, KMEConfig, key_proof
 from qkdstack.kms.local import serve_local
 from qkdstack.kms.store import KeyStoreError, LinkLimits, open_store
 from qkdstack.node.config import NodeConfig, parse_address
-from qkdstack.node.credentials import bootstrap_credentials
+from qkdstack.node.credentials import bootstrap_credentials, release_credentials
 from qkdstack.node.kms_link import KmsPeerLink
 from qkdstack.node.quantum import TransmitterRecord, recorded_frame, recv_light, send_light
 from qkdstack.node.rate import RealTimeMeter
@@ -483,6 +483,12 @@ class Node:
         await self._settle(outcome, result)
 
     async def _bootstrap_round(self, cchan: TcpChannel, record: Any, party: Any) -> None:
+        try:
+            await self._bootstrap_round_signed(cchan, record, party)
+        finally:
+            await asyncio.to_thread(release_credentials, self.cfg)  # GnuPG's agent must not outlive the round
+
+    async def _bootstrap_round_signed(self, cchan: TcpChannel, record: Any, party: Any) -> None:
         signer, verifier = bootstrap_credentials(self.cfg)
         boot = await begin_bootstrap_round(cchan, self.role, self.link_id, self.site.name)
         outcome = await party(cchan, record, self.round_config)
