@@ -18,10 +18,8 @@ Run: ``.venv/bin/python benchmarks/run_all.py kms_generating`` (about a minute; 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_kms  # noqa: E402 - the load generator of the plain KMS benchmark
+from bench_node import stop_nodes  # noqa: E402 - the same two node processes
 
 DURATION_S = float(os.environ.get("QKDSTACK_BENCH_KMS_GEN_DURATION", "10"))
 CLIENTS = 64
@@ -168,18 +167,7 @@ def run() -> dict:
                 "cpu_count": os.cpu_count(),
             }
         finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs.values():
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            for f in logs.values():
-                with contextlib.suppress(OSError):
-                    f.close()
+            stop_nodes(procs, logs)
 
 
 if __name__ == "__main__":

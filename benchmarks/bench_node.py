@@ -1,6 +1,6 @@
 """Two ``qkdstack node`` processes on loopback: real-time factor, key rate, CPU and peak RSS (issue 12).
 
-A deployment as ``qkdstack init`` writes it (PSK, SQLite, 1 GHz; frames of 1e8 pulses, 4e8 beyond 25 km) at each
+A deployment as ``qkdstack init`` writes it (PSK, SQLite, 1 GHz, frames that follow the distance) at each
 distance of ``QKDSTACK_BENCH_NODE_KM`` (default ``25``; e.g. ``10,25,50``). After a warm-up (the first
 accepted rounds, Numba's compilation), the steady state is measured for ``QKDSTACK_BENCH_NODE_SECONDS``
 (default 60) from the sites' ``status.json``:
@@ -87,9 +87,28 @@ def _device_s(st: dict[str, Any], frame_s: float) -> float:
     return st.get("rounds_accepted", 0) * frame_s
 
 
+def stop_nodes(procs: dict[str, subprocess.Popen], logs: dict[str, Any]) -> None:
+    """SIGTERM the benchmark's node processes, wait (SIGKILL after 30 s) and close their log files."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for f in logs.values():
+        with contextlib.suppress(OSError):
+            f.close()
+
+
 def frame_pulses(distance_km: float) -> int:
-    """``init``'s 1e8 pulses up to 25 km; 4e8 beyond, where 1e8 pulses give no finite key (every round aborts)."""
-    return int(os.environ.get("QKDSTACK_BENCH_NODE_FRAME", 100_000_000 if distance_km <= 25 else 400_000_000))
+    """``qkdstack init``'s frame for the distance (4e8 pulses up to 50 km at 1 GHz) or QKDSTACK_BENCH_NODE_FRAME."""
+    from qkdstack.node.deployment import default_frame_pulses
+
+    override = os.environ.get("QKDSTACK_BENCH_NODE_FRAME")
+    return int(float(override)) if override else default_frame_pulses(distance_km)
 
 
 def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> dict[str, Any]:
@@ -149,18 +168,7 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> 
                 out["rss_mib_each_interval"] = rss
             return out
         finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs.values():
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            for f in logs.values():
-                with contextlib.suppress(OSError):
-                    f.close()
+            stop_nodes(procs, logs)
 
 
 def run() -> dict:
