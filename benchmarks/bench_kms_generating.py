@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_kms  # noqa: E402 - the load generator of the plain KMS benchmark
-from bench_node import stop_nodes  # noqa: E402 - the same two node processes
+from bench_node import start_nodes, stop_nodes  # noqa: E402 - the same two node processes
 
 DURATION_S = float(os.environ.get("QKDSTACK_BENCH_KMS_GEN_DURATION", "10"))
 CLIENTS = 64
@@ -126,14 +126,10 @@ def run() -> dict:
         (certs / "ca_A.pem").symlink_to(a_dir / "tls" / "ca.pem")
         (certs / "SAE_A.pem").symlink_to(a_dir / "sae" / "SAE_A.pem")
         (certs / "SAE_A.key").symlink_to(a_dir / "sae" / "SAE_A.key")
-        exe = str(Path(sys.executable).with_name("qkdstack"))
         procs: dict[str, subprocess.Popen] = {}
-        logs = {}
+        logs: dict[str, Any] = {}
         try:
-            for site in ("B", "A"):
-                logs[site] = open(root / f"{site}.log", "wb")  # noqa: SIM115 - closed below
-                procs[site] = subprocess.Popen([exe, "node", "--config", str(layouts[site].config)],
-                                               stdout=logs[site], stderr=subprocess.STDOUT)
+            start_nodes(layouts, root, procs, logs)
             deadline = time.monotonic() + WARMUP_TIMEOUT_S
             url = None
             while time.monotonic() < deadline:

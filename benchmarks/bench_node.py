@@ -87,6 +87,17 @@ def _device_s(st: dict[str, Any], frame_s: float) -> float:
     return st.get("rounds_accepted", 0) * frame_s
 
 
+def start_nodes(layouts: dict[str, Any], root: Path, procs: dict[str, subprocess.Popen],
+                logs: dict[str, Any]) -> None:
+    """Start ``qkdstack node`` for B then A, logging to ``root/SITE.log``; fills ``procs`` and ``logs`` as it goes
+    (so that :func:`stop_nodes` stops whatever did start)."""
+    exe = str(Path(sys.executable).with_name("qkdstack"))
+    for site in ("B", "A"):
+        logs[site] = open(root / f"{site}.log", "wb")  # noqa: SIM115 - closed by stop_nodes
+        procs[site] = subprocess.Popen([exe, "node", "--config", str(layouts[site].config)],
+                                       stdout=logs[site], stderr=subprocess.STDOUT)
+
+
 def stop_nodes(procs: dict[str, subprocess.Popen], logs: dict[str, Any]) -> None:
     """SIGTERM the benchmark's node processes, wait (SIGKILL after 30 s) and close their log files."""
     for p in procs.values():
@@ -126,14 +137,10 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> 
         dirs = {s: layouts[s].config.parent for s in ("A", "B")}
         dev = tomllib.loads(layouts["A"].config.read_text())["device"]
         frame_s = float(dev.get("pulses_per_frame", 1e8)) / float(dev.get("rep_rate_hz", 1e9))
-        exe = str(Path(sys.executable).with_name("qkdstack"))
         procs: dict[str, subprocess.Popen] = {}
-        logs = {}
+        logs: dict[str, Any] = {}
         try:
-            for site in ("B", "A"):
-                logs[site] = open(root / f"{site}.log", "wb")  # noqa: SIM115 - closed below
-                procs[site] = subprocess.Popen([exe, "node", "--config", str(layouts[site].config)],
-                                               stdout=logs[site], stderr=subprocess.STDOUT)
+            start_nodes(layouts, root, procs, logs)
             deadline = time.monotonic() + WARMUP_TIMEOUT_S
             while _status(dirs["A"]).get("rounds_accepted", 0) < WARMUP_ROUNDS:
                 if any(p.poll() is not None for p in procs.values()):
