@@ -938,67 +938,52 @@ class Node:
                     await link.close()
 
     async def run(self) -> None:
-        """Run until stopped (``self.stop``) or until the configured number of rounds is done."""
+        """Run a one-link site until stopped (``self.stop``) or until the configured number of rounds is done.
+
+        The node owns the site's key store, KME, consumer servers (ETSI 014, SKIP, in-unit) and
+        operations listener. In a multi-link site (:mod:`qkdstack.node.site`) the site owns those, and
+        each link runs :meth:`run_in_site` instead.
+        """
         self._load_state()
         kms_cfg = self.cfg.kms
-        store_path = kms_cfg.store
-        if store_path.startswith("sqlite:///") and not Path(store_path.removeprefix("sqlite:///")).is_absolute():
-            store_path = "sqlite:///" + str(self.cfg.resolve(store_path.removeprefix("sqlite:///")))
-        store = open_store(
-            store_path,
-            chunk_bits=kms_cfg.key_size_bits,
-            limits=LinkLimits(kms_cfg.capacity_keys, kms_cfg.high_water_keys, kms_cfg.low_water_keys),
-        )
+        store = open_site_store(self.cfg)
         self.kme = KME(
             KMEConfig(kme_id=self.site.name, peer_kme_id=self.site.peer, sae_ids=frozenset(kms_cfg.sae_ids),
                       key_size=kms_cfg.key_size_bits),
             store,
         )
+        try:
+            self.ops = NodeOps(self.cfg, lambda: self.status_doc).start()  # metrics, dashboard ([admin] listen)
+            async with contextlib.AsyncExitStack() as stack:
+                urls = await serve_consumers(stack, self.cfg, self.kme, self.ops)
+                self.etsi_url, self.skip_url = urls.etsi_url, urls.skip_url
+                await self._run_link()
+        finally:
+            if self.ops is not None:
+                self.ops.stop()
+            await self.kme.close()
+            store.close()
+
+    async def run_in_site(self, kme: KME) -> None:
+        """Run this link inside a multi-link site, on the site's KME for this link (its store is the site's)."""
+        self._load_state()
+        self.kme = kme
+        await self._run_link()
+
+    async def _run_link(self) -> None:
+        """The link itself: the distillation thread (rounds) and the KME peer link, until stopped.
+
+        The receiver's KME peer link and its classical and quantum links listen from the start, so a
+        transmitter finds them; no round starts before the KME serves (``go()`` below).
+        """
+        assert self.kme is not None
         self._main_loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []
         distillation = _DistillationThread(self)
         try:
-            self.ops = NodeOps(self.cfg, lambda: self.status_doc).start()  # metrics, dashboard ([admin] listen)
             if not self.transmitter:
                 servers.append(await self._listen("kms", self.cfg.link.kms))
-            # The classical and quantum links listen (on the distillation loop) from the start, as the KME
-            # link does, so a transmitter finds them; no round starts before the KME serves (go() below).
             await distillation.start()
-            await self._serve(store, servers, distillation)
-        finally:
-            await distillation.shutdown()
-            for server in servers:
-                server.close()
-            if self.ops is not None:
-                self.ops.stop()
-
-    async def _serve(self, store: Any, servers: list[asyncio.Server], distillation: _DistillationThread) -> None:
-        """Serve keys (ETSI 014, in-unit, KME peer link) on this loop while the distillation thread makes them."""
-        assert self.kme is not None
-        kms_cfg = self.cfg.kms
-        async with contextlib.AsyncExitStack() as stack:
-            if kms_cfg.tls_cert:
-                host, port = parse_address("kms", "etsi_listen", kms_cfg.etsi_listen)
-                tls = TLSFiles(self.cfg.resolve(kms_cfg.tls_cert), self.cfg.resolve(kms_cfg.tls_key),
-                               self.cfg.resolve(kms_cfg.ca_cert),
-                               self.cfg.resolve(kms_cfg.crl) if kms_cfg.crl else None)
-                running = await stack.enter_async_context(serve_etsi014(
-                    self.kme, host, port, tls, middleware=self.ops.etsi014_middleware if self.ops else None))
-                self.etsi_url = running.url
-                log.info("%s: ETSI GS QKD 014 server at %s", self.site.name, running.url)
-                if kms_cfg.skip_listen:  # SKIP key provider (kms/skip.py) on the same KME and TLS files
-                    from qkdstack.kms.skip import load_psk_file, serve_skip
-
-                    psks = load_psk_file(self.cfg.resolve(kms_cfg.skip_psk_file)) if kms_cfg.skip_psk_file else None
-                    skip = await stack.enter_async_context(serve_skip(
-                        self.kme, *parse_address("kms", "skip_listen", kms_cfg.skip_listen), tls, psks=psks,
-                        observer=self.ops.skip_observer if self.ops else None))
-                    self.skip_url = skip.address
-                    log.info("%s: SKIP key provider at %s", self.site.name, skip.address)
-            if kms_cfg.local_socket:
-                await stack.enter_async_context(
-                    serve_local(self.kme, self.cfg.resolve(kms_cfg.local_socket), kms_cfg.local_uid_map())
-                )
             await self.write_status()
             for caveat in self.cfg.key_caveats:  # keys from a simulated device are not secret: say so at start
                 log.warning("%s: %s", self.site.name, caveat)
@@ -1014,11 +999,64 @@ class Node:
                 kms_task.cancel()
                 with contextlib.suppress(BaseException):
                     await kms_task
-                for server in servers:
-                    server.close()
-                await self.write_status()  # before the store closes: the status reads its levels
-                await self.kme.close()
-                store.close()
+        finally:
+            await distillation.shutdown()
+            for server in servers:
+                server.close()
+            await self.write_status()  # before the store closes: the status reads its levels
+
+
+@dataclass
+class ConsumerURLs:
+    """Where a site's consumer servers listen (for ``status.json``)."""
+
+    etsi_url: str | None = None
+    skip_url: str | None = None
+
+
+def open_site_store(cfg: NodeConfig) -> Any:
+    """The site's key store from ``[kms]`` (a relative SQLite path is relative to the configuration file)."""
+    kms_cfg = cfg.kms
+    store_path = kms_cfg.store
+    if store_path.startswith("sqlite:///") and not Path(store_path.removeprefix("sqlite:///")).is_absolute():
+        store_path = "sqlite:///" + str(cfg.resolve(store_path.removeprefix("sqlite:///")))
+    return open_store(
+        store_path,
+        chunk_bits=kms_cfg.key_size_bits,
+        limits=LinkLimits(kms_cfg.capacity_keys, kms_cfg.high_water_keys, kms_cfg.low_water_keys),
+    )
+
+
+async def serve_consumers(stack: contextlib.AsyncExitStack, cfg: NodeConfig, kme: Any,
+                          ops: NodeOps | None) -> ConsumerURLs:
+    """Start the site's key delivery servers on ``kme`` (a link's KME, or a site's ``SiteKME``).
+
+    ETSI 014 over mutual TLS (``[kms] tls_cert``), the SKIP key provider on the same TLS files
+    (``[kms] skip_listen``) and in-unit delivery (``[kms] local_socket``); they stop with ``stack``.
+    """
+    kms_cfg = cfg.kms
+    site = cfg.site.name
+    urls = ConsumerURLs()
+    if kms_cfg.tls_cert:
+        host, port = parse_address("kms", "etsi_listen", kms_cfg.etsi_listen)
+        tls = TLSFiles(cfg.resolve(kms_cfg.tls_cert), cfg.resolve(kms_cfg.tls_key), cfg.resolve(kms_cfg.ca_cert),
+                       cfg.resolve(kms_cfg.crl) if kms_cfg.crl else None)
+        running = await stack.enter_async_context(serve_etsi014(
+            kme, host, port, tls, middleware=ops.etsi014_middleware if ops else None))
+        urls.etsi_url = running.url
+        log.info("%s: ETSI GS QKD 014 server at %s", site, running.url)
+        if kms_cfg.skip_listen:  # SKIP key provider (kms/skip.py) on the same KME and TLS files
+            from qkdstack.kms.skip import load_psk_file, serve_skip
+
+            psks = load_psk_file(cfg.resolve(kms_cfg.skip_psk_file)) if kms_cfg.skip_psk_file else None
+            skip = await stack.enter_async_context(serve_skip(
+                kme, *parse_address("kms", "skip_listen", kms_cfg.skip_listen), tls, psks=psks,
+                observer=ops.skip_observer if ops else None))
+            urls.skip_url = skip.address
+            log.info("%s: SKIP key provider at %s", site, skip.address)
+    if kms_cfg.local_socket:
+        await stack.enter_async_context(serve_local(kme, cfg.resolve(kms_cfg.local_socket), kms_cfg.local_uid_map()))
+    return urls
 
 
 _PEER_INPUT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
