@@ -19,12 +19,14 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from qkdstack.commands.device_args import add_device_arguments, add_frame_arguments, device_params_from_args
 from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
-from qkdstack.physics.eve import parse_eve
+from qkdstack.physics.eve import Eavesdropper, parse_eve
+from qkdstack.physics.params import DeviceParams
 from qkdstack.protocol.cascade import SCHEDULES
 from qkdstack.protocol.keyblock import Abort, KeyBlock
 from qkdstack.protocol.round import RoundConfig, run_in_memory
@@ -153,27 +155,67 @@ def _progress(done: int, total: int, accepted: int, bits: int) -> None:
           flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    params = device_params_from_args(args)
-    pulses = frame_pulses(params) if args.pulses is None else check_pulses(args.pulses)
+def resolve_pulses(params: DeviceParams, pulses: int | None) -> int:
+    """Pulses per frame: the given number (checked), or by default a frame that follows the distance."""
+    return frame_pulses(params) if pulses is None else check_pulses(pulses)
+
+
+def round_config(args: argparse.Namespace, params: DeviceParams) -> RoundConfig:
+    """The round settings the flags describe, checked before any frame is simulated.
+
+    Raises :class:`ConfigError` naming the flag (the Python API, :mod:`qkdstack.api`, calls this too).
+    """
     if args.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
-    config = RoundConfig.for_source(
+    for flag, value in (("--eps-sec", args.eps_sec), ("--eps-cor", args.eps_cor)):
+        if not 0 < value < 1:
+            raise ConfigError(f"{flag} must lie in (0, 1), got {value}")
+    for flag, value in (("--max-qber", args.max_qber), ("--max-phase-error", args.max_phase_error)):
+        if not 0 < value <= 0.5:
+            raise ConfigError(f"{flag} must lie in (0, 0.5] (an error rate), got {value}")
+    return RoundConfig.for_source(
         params.source, eps_sec=args.eps_sec, eps_cor=args.eps_cor, max_qber=args.max_qber,
         max_phase_error=args.max_phase_error, cascade_schedule=args.cascade_schedule,
         reconciliation=args.reconciliation,
     )
-    device = SimulatedDevice(params, eve=parse_eve(args.eve), seed=args.seed)
-    reports = []
-    secret_bits = accepted = 0
-    start = time.perf_counter()
-    for i in range(args.rounds):
+
+
+def distill_rounds(
+    params: DeviceParams,
+    config: RoundConfig,
+    *,
+    pulses: int,
+    rounds: int,
+    eve: Eavesdropper,
+    seed: int | None,
+    run_async: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run,
+) -> Iterator[dict[str, Any]]:
+    """Yield one report per round: a frame of a device seeded with ``seed``, distilled in memory.
+
+    ``run_async`` runs a round's coroutine to completion (``asyncio.run`` by default; the Python API
+    passes one that works inside a running event loop, such as Jupyter's).
+    """
+    device = SimulatedDevice(params, eve=eve, seed=seed)
+    for _ in range(rounds):
         t0 = time.perf_counter()
         frame = device.run_frame(pulses)
         sim_s = time.perf_counter() - t0
-        alice_out, _bob_out = asyncio.run(run_in_memory(frame, config))
+        alice_out, _bob_out = run_async(run_in_memory(frame, config))
         report = _round_report(alice_out, pulses, params.source.rep_rate_hz, time.perf_counter() - t0)
         report["simulation_seconds"] = sim_s
+        yield report
+
+
+def run(args: argparse.Namespace) -> int:
+    params = device_params_from_args(args)
+    config = round_config(args, params)
+    eve = parse_eve(args.eve)
+    pulses = resolve_pulses(params, args.pulses)
+    reports = []
+    secret_bits = accepted = 0
+    start = time.perf_counter()
+    rounds = distill_rounds(params, config, pulses=pulses, rounds=args.rounds, eve=eve, seed=args.seed)
+    for i, report in enumerate(rounds):
         reports.append(report)
         if not report["aborted"]:
             accepted += 1
