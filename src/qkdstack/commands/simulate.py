@@ -33,6 +33,8 @@ from qkdstack.physics.split import SplitDevice
 from qkdstack.theory.device import expected_detection_prob, expected_qber
 
 BASIS_NAMES = ("Z", "X")
+DEFAULT_PULSES = 100_000_000
+"""Pulses of a frame when ``--pulses`` is not given (the Python API's default too)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     params = device_params_from_args(args)
     eve = parse_eve(args.eve)
     try:
-        pulses = check_pulses(100_000_000 if args.pulses is None else args.pulses)
+        pulses = check_pulses(DEFAULT_PULSES if args.pulses is None else args.pulses)
     except ConfigError as exc:
         raise ConfigError(f"--pulses: {exc}") from None
     device = SplitDevice(params, eve, seed=args.seed) if args.split else None
