@@ -1,4 +1,4 @@
-"""``qkdstack node --config site.toml``: run one site (see :mod:`qkdstack.node.service`)."""
+"""``qkdstack node --config site.toml``: run one site (node/service.py; a multi-link site: node/site.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
-from qkdstack.node.config import check_listen_addresses, load_config
+from qkdstack.node.site_config import check_site_listen_addresses, load_site_config
 from qkdstack.ops.logs import TEXT_FORMAT
 from qkdstack.ops.logs import configure as configure_logs
 
 if TYPE_CHECKING:
     from qkdstack.node.service import Node
+    from qkdstack.node.site import Site
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-async def _main(node: Node) -> None:
+async def _main(node: Node | Site) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, node.stop.set)
@@ -42,21 +43,29 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=TEXT_FORMAT)
     # Everything the configuration names is checked before anything starts (files, TLS material, the
     # addresses to listen on): a bad configuration is one sentence and exit code 2, with no state written.
-    config = load_config(args.config)
-    configure_logs(args.log_level, args.log_format, site=config.site.name,
-                   link="-".join(sorted((config.site.name, config.site.peer))))
-    check_listen_addresses(config)
+    site = load_site_config(args.config)
+    config = site.first
+    links = ",".join("-".join(sorted((site.name, peer))) for peer in site.peers)
+    configure_logs(args.log_level, args.log_format, site=site.name, link=links)
+    check_site_listen_addresses(site)
     # The service's imports (NumPy, Numba, FastAPI, uvloop) only once the configuration is known to be good.
     import uvloop
 
     from qkdstack.kms.etsi014 import TLSFiles, server_ssl_context, tune_gc_for_serving
-    from qkdstack.node.service import Node
 
     kms = config.kms
     if kms.tls_cert:  # the ETSI 014 server's own loading, [kms] crl included, before any state is written
         server_ssl_context(TLSFiles(*(config.resolve(p) for p in (kms.tls_cert, kms.tls_key, kms.ca_cert)),
                                     config.resolve(kms.crl) if kms.crl else None))
-    node = Node(config)
+    runner: Node | Site
+    if site.multi_link:
+        from qkdstack.node.site import Site
+
+        runner = Site(site)
+    else:
+        from qkdstack.node.service import Node
+
+        runner = Node(config)
     tune_gc_for_serving()  # fewer, shorter GC pauses in the ETSI 014 server (p99 latency)
-    uvloop.run(_main(node))  # uvloop: faster event loop and TLS for the KME and the links
+    uvloop.run(_main(runner))  # uvloop: faster event loop and TLS for the KME and the links
     return 0
