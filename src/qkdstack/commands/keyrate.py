@@ -98,19 +98,30 @@ def _rate(args: argparse.Namespace, settings: dict[str, Any], distance_km: float
     return expected_key_rate(params, **settings)
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def rate_rows(args: argparse.Namespace, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per ``--distance-km``: :meth:`ExpectedRate.to_dict` with ``loss_db`` and ``plob_per_pulse``.
+
+    Every distance is validated before any rate is optimised. The Python API (:mod:`qkdstack.api`)
+    calls this too.
+    """
     distances = tuple(args.distance_km)
-    points = [_rate(args, settings, d) for d in distances]  # validates every distance first
-    max_km = max_distance_km(lambda d: _rate(args, settings, d).rate_per_pulse)
+    for d in distances:
+        device_params_from_args(args, distance_km=d)
     rows = []
-    for d, r in zip(distances, points, strict=True):
-        eta_ch = r.params.channel.transmittance
+    for d in distances:
+        r = _rate(args, settings, d)
         row = r.to_dict()
         row["distance_km"] = d
         row["loss_db"] = r.params.channel.loss_db
-        row["plob_per_pulse"] = float(plob_bound(eta_ch))
+        row["plob_per_pulse"] = float(plob_bound(r.params.channel.transmittance))
         rows.append(row)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    rows = rate_rows(args, settings)
+    max_km = max_distance_km(lambda d: _rate(args, settings, d).rate_per_pulse)
     if args.plot:
         _plot(args.plot, rows, settings["method"], max_km)
     if args.json:
