@@ -139,11 +139,11 @@ def parse_site_config(data: dict[str, Any], path: Path) -> SiteConfig:
     """A parsed ``site.toml`` of either format (see the module docstring)."""
     if "links" not in data:
         return _single(parse_config(data, path))
+    if "link" in data:
+        raise ConfigError(f"{path.name}: a multi-link site has no top-level [link]; each [[links]] entry has its own")
     unknown = sorted(set(data) - set(SITE_SECTIONS))
     if unknown:
         raise ConfigError(f"{path.name}: unknown section [{unknown[0]}] (known: {', '.join(SITE_SECTIONS)})")
-    if "link" in data:
-        raise ConfigError(f"{path.name}: a multi-link site has no top-level [link]; each [[links]] entry has its own")
     site = _table("[site]", data.get("site"))
     for name in ("role", "peer"):
         if name in site:
