@@ -138,8 +138,6 @@ class Topology:
 
     def to_toml(self) -> str:
         """The topology as TOML in the format :func:`parse_topology` reads (``network.toml``)."""
-        from qkdstack.node.deployment import _toml_value
-
         lines = ["# qkdstack network topology (docs/network.md)"]
         for spec in self.sites.values():
             lines.append(f"\n[sites.{spec.name}]")
@@ -155,6 +153,17 @@ class Topology:
             lines.append(f"receiver = {_toml_value(link.receiver)}")
             lines.extend(f"{key} = {_toml_value(value)}" for key, value in link.device.items())
         return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML value for what a topology holds: strings, booleans, numbers and lists of them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
 
 
 def _device_fields() -> dict[str, Any]:
