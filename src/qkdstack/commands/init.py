@@ -1,4 +1,5 @@
-"""``qkdstack init``: write a ready two-site deployment (see :mod:`qkdstack.node.deployment`)."""
+"""``qkdstack init``: write a ready two-site deployment, or with ``--topology FILE`` one for every site of a
+network (see :mod:`qkdstack.node.deployment`, docs/network.md)."""
 
 from __future__ import annotations
 
@@ -6,22 +7,27 @@ import argparse
 
 from qkdstack.errors import ConfigError
 from qkdstack.node.config import BOOTSTRAPS
-from qkdstack.node.deployment import write_deployment
+from qkdstack.node.deployment import write_deployment, write_network_deployment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "init",
-        help="write configurations, keys and certificates for a two-site deployment",
+        help="write configurations, keys and certificates for a two-site deployment or a network",
         description="Write a ready two-site deployment: node configurations, the bootstrap credentials "
         "(pre-shared key, PKI certificates or OpenPGP keys), the sites' TLS CAs, KME server certificates "
-        "and the key consumers' (SAEs') client certificates.",
+        "and the key consumers' (SAEs') client certificates. With --topology FILE, the same for every site "
+        "of a network (docs/network.md).",
     )
-    parser.add_argument("--sites", default="A,B", help="the two site names, transmitter first (default A,B)")
+    parser.add_argument("--sites", default=None, help="the two site names, transmitter first (default A,B)")
+    parser.add_argument("--topology", default=None, metavar="FILE",
+                        help="a network topology (TOML: [sites.NAME] and [[links]]; docs/network.md): write a "
+                        "deployment for every site instead of two")
     parser.add_argument("--out", required=True, help="folder to write (must be new or empty)")
     parser.add_argument("--bootstrap", choices=BOOTSTRAPS, default="psk", help="trust anchor of the first round")
     parser.add_argument("--base-port", type=int, default=7100, help="first of the loopback ports (default 7100)")
-    parser.add_argument("--distance-km", type=float, default=25.0, help="simulated fibre length (default 25 km)")
+    parser.add_argument("--distance-km", type=float, default=25.0,
+                        help="simulated fibre length (default 25 km; with --topology: of links that give none)")
     parser.add_argument("--pulses-per-frame", type=float, default=None,
                         help="pulses per round (default: follows the distance, at least 0.4 s of device time; "
                         "4e8 at 25 km, 4e9 at 100 km)")
@@ -37,12 +43,14 @@ def run(args: argparse.Namespace) -> int:
     pulses = args.pulses_per_frame
     if pulses is not None and not (pulses == pulses and float(pulses).is_integer() and pulses >= 1000):  # NaN-safe
         raise ConfigError(f"--pulses-per-frame must be a whole number of pulses, at least 1000, got {pulses:g}")
+    if args.topology is not None:
+        return _run_topology(args, None if pulses is None else int(pulses))
     if not 1 <= args.base_port <= 65535 - 11:
         raise ConfigError(f"--base-port must lie in 1..65524 (the deployment uses it and the next 11 ports), "
                           f"got {args.base_port}")
     if not 0 <= args.distance_km < float("inf"):
         raise ConfigError(f"--distance-km must be a length ≥ 0 km, got {args.distance_km:g}")
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    sites = [s.strip() for s in (args.sites or "A,B").split(",") if s.strip()]
     sae_ids = {site: [f"SAE_{site}"] for site in sites}
     for entry in args.sae:
         site, _, ids = entry.partition("=")
@@ -55,5 +63,28 @@ def run(args: argparse.Namespace) -> int:
     )
     for layout in layouts.values():
         print(f"site {layout.name}: {layout.config}  (ETSI 014 at {layout.etsi_url}, SAEs {', '.join(layout.sae_ids)})")
+    print(f"next: see {args.out}/README.txt")
+    return 0
+
+
+def _run_topology(args: argparse.Namespace, pulses: int | None) -> int:
+    from qkdstack.network.topology import load_topology
+
+    if args.sites is not None:
+        raise ConfigError("--sites does not apply with --topology: the topology's [sites.NAME] tables name the sites")
+    if args.sae:
+        raise ConfigError("--sae does not apply with --topology: give each site's SAEs as sae = [...] in its "
+                          "[sites.NAME] table")
+    if not 0 <= args.distance_km < float("inf"):
+        raise ConfigError(f"--distance-km must be a length ≥ 0 km, got {args.distance_km:g}")
+    topology = load_topology(args.topology)
+    layouts = write_network_deployment(
+        topology, args.out, bootstrap=args.bootstrap, base_port=args.base_port, store=args.store,
+        distance_km=args.distance_km, pulses_per_frame=pulses,
+    )
+    for layout in layouts.values():
+        saes = ", ".join(layout.sae_ids) or "none: a trusted relay node"
+        print(f"site {layout.name}: {layout.config}  (ETSI 014 at {layout.etsi_url}, KME-to-KME at "
+              f"{layout.kme_url}, SAEs {saes})")
     print(f"next: see {args.out}/README.txt")
     return 0
