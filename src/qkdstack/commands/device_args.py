@@ -178,6 +178,17 @@ def pulse_count(text: str) -> int:
     return int(f)
 
 
+def seed_value(text: str) -> int:
+    """A simulation seed: a whole number ≥ 0 (what ``numpy.random.default_rng`` accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed must be ≥ 0, got {value}")
+    return value
+
+
 def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of a simulated frame: ``--pulses``, ``--eve``, ``--seed`` (simulate, distill)."""
     g = parser.add_argument_group("frame")
@@ -186,7 +197,7 @@ def add_frame_arguments(parser: argparse.ArgumentParser) -> None:
                    "device time, as qkdstack init)")
     g.add_argument("--eve", default="none", metavar="ATTACK",
                    help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION (default none)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the simulation (default: fresh)")
+    g.add_argument("--seed", type=seed_value, default=None, help="seed of the simulation, ≥ 0 (default: fresh)")
 
 
 def default_intensity_probs(n_intensities: int) -> tuple[float, ...]:
