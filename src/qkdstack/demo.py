@@ -85,7 +85,7 @@ class DemoResult:
     wall_s: float = 0.0
 
 
-def _free_port_block(count: int) -> int:
+def free_port_block(count: int) -> int:
     """A base port with ``count`` consecutive free ports on 127.0.0.1."""
     for _ in range(200):
         base = 20000 + secrets.randbelow(30000)
@@ -104,7 +104,7 @@ def _free_port_block(count: int) -> int:
     raise QKDError("no block of free loopback ports found")
 
 
-def _status(layout: SiteLayout) -> dict[str, Any] | None:
+def site_status(layout: SiteLayout) -> dict[str, Any] | None:
     path = layout.config.parent / "data" / "status.json"
     try:
         return json.loads(path.read_text())
@@ -112,7 +112,7 @@ def _status(layout: SiteLayout) -> dict[str, Any] | None:
         return None
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, flush=True)
 
 
@@ -134,9 +134,10 @@ def _round_line(status: dict[str, Any], peer: dict[str, Any] | None, rounds: int
             f"{status['auth_bits_consumed']} bits, pool {balance} bits")
 
 
-def _start_nodes(layouts: dict[str, SiteLayout]) -> dict[str, subprocess.Popen]:
+def start_nodes(layouts: dict[str, SiteLayout], order: list[str] | None = None) -> dict[str, subprocess.Popen]:
+    """A ``qkdstack node`` process per site (``order``: which first; default the receiver, which listens)."""
     procs = {}
-    for site in reversed(SITES):  # the receiver listens first
+    for site in order or list(reversed(SITES)):
         log = open(layouts[site].config.parent / "node.log", "wb")  # noqa: SIM115 - closed with the process
         procs[site] = subprocess.Popen(
             [sys.executable, "-m", "qkdstack.cli", "node", "--config", str(layouts[site].config)],
@@ -145,7 +146,7 @@ def _start_nodes(layouts: dict[str, SiteLayout]) -> dict[str, subprocess.Popen]:
     return procs
 
 
-def _stop_nodes(procs: dict[str, subprocess.Popen]) -> None:
+def stop_nodes(procs: dict[str, subprocess.Popen]) -> None:
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -157,7 +158,7 @@ def _stop_nodes(procs: dict[str, subprocess.Popen]) -> None:
             proc.wait()
 
 
-def _log_tail(layout: SiteLayout, lines: int = 15) -> str:
+def log_tail(layout: SiteLayout, lines: int = 15) -> str:
     path = layout.config.parent / "node.log"
     with contextlib.suppress(FileNotFoundError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -172,13 +173,13 @@ async def _watch_rounds(layouts: dict[str, SiteLayout], procs: dict[str, subproc
     while True:
         for site, proc in procs.items():
             if proc.poll() is not None:
-                raise QKDError(f"node {site} exited with code {proc.returncode}:\n{_log_tail(layouts[site])}")
-        status_a, status_b = _status(layouts["A"]), _status(layouts["B"])
+                raise QKDError(f"node {site} exited with code {proc.returncode}:\n{log_tail(layouts[site])}")
+        status_a, status_b = site_status(layouts["A"]), site_status(layouts["B"])
         if status_a is not None:
             done = status_a["rounds_accepted"] + status_a["rounds_aborted"]
             if done > shown:
                 shown = done
-                _say(_round_line(status_a, status_b, opts.rounds))
+                say(_round_line(status_a, status_b, opts.rounds))
             if status_a.get("finished") and status_b is not None and status_b.get("finished"):
                 result.rounds_accepted = status_a["rounds_accepted"]
                 result.rounds_aborted = status_a["rounds_aborted"]
@@ -214,10 +215,10 @@ async def _fetch_keys(layouts: dict[str, SiteLayout], opts: DemoOptions, result:
         keys_b = await slave.get_keys_by_id([k.key_id for k in keys_a])
     result.keys_delivered = len(keys_a)
     result.keys_match = [k.key for k in keys_a] == [k.key for k in keys_b]
-    _say(f"  {sae_a} at A took {len(keys_a)} keys of 256 bits (enc_keys); {sae_b} at B fetched them by ID "
+    say(f"  {sae_a} at A took {len(keys_a)} keys of 256 bits (enc_keys); {sae_b} at B fetched them by ID "
          f"(dec_keys): {'identical' if result.keys_match else 'DIFFERENT'}")
     for k in keys_a[:2]:
-        _say(f"      key_ID {k.key_id}")
+        say(f"      key_ID {k.key_id}")
 
 
 class _UploadHandler(http.server.BaseHTTPRequestHandler):
@@ -283,7 +284,7 @@ async def _send_file(layouts: dict[str, SiteLayout], opts: DemoOptions, result: 
         result.file_ok = answer.decode() == expected == on_disk
         result.tunnel_rekeys = entry.stats.rekeys
         result.tunnel_qkd_bits = entry.stats.qkd_bits_consumed
-        _say(f"  {len(payload)} bytes from A to B through the tunnel (hybrid QKD + ML-KEM-768 + X25519, "
+        say(f"  {len(payload)} bytes from A to B through the tunnel (hybrid QKD + ML-KEM-768 + X25519, "
              f"AES-256-GCM): SHA-256 at B {'matches' if result.file_ok else 'DIFFERS'}; {entry.stats.rekeys} "
              f"rekeys, {entry.stats.qkd_bits_consumed} bits of QKD key")
     finally:
@@ -297,9 +298,9 @@ async def _show_no_key(layouts: dict[str, SiteLayout], result: DemoResult) -> No
         try:
             result.keys_delivered = len(await master.get_new_keys(1, 256))
         except QKDError as exc:
-            _say(f"  ETSI 014 enc_keys at A is refused: {exc}")
-    stored = ((_status(layouts["A"]) or {}).get("store") or {}).get("stored_keys")
-    _say(f"  key store at A holds {stored} keys: no key was delivered")
+            say(f"  ETSI 014 enc_keys at A is refused: {exc}")
+    stored = ((site_status(layouts["A"]) or {}).get("store") or {}).get("stored_keys")
+    say(f"  key store at A holds {stored} keys: no key was delivered")
 
 
 def _summary(result: DemoResult, opts: DemoOptions) -> str:
@@ -334,17 +335,17 @@ async def run_demo(opts: DemoOptions) -> DemoResult:
     result = DemoResult()
     if opts.pulses_per_frame is None:
         opts = replace(opts, pulses_per_frame=default_frame_pulses(opts.distance_km))
-    _say(f"qkdstack demo: two sites on loopback, {opts.distance_km:g} km of fibre, {opts.bootstrap} bootstrap"
+    say(f"qkdstack demo: two sites on loopback, {opts.distance_km:g} km of fibre, {opts.bootstrap} bootstrap"
          + ("" if opts.eve == "none" else f", eavesdropper {opts.eve}"))
-    layouts = write_deployment(workdir, SITES, bootstrap=opts.bootstrap, base_port=_free_port_block(14),
+    layouts = write_deployment(workdir, SITES, bootstrap=opts.bootstrap, base_port=free_port_block(14),
                                distance_km=opts.distance_km, pulses_per_frame=opts.pulses_per_frame,
                                rounds=opts.rounds, eve=opts.eve, seed=opts.seed)
-    _say(f"  deployment written to {workdir} (site A transmitter, site B receiver)")
-    procs = _start_nodes(layouts)
+    say(f"  deployment written to {workdir} (site A transmitter, site B receiver)")
+    procs = start_nodes(layouts)
     try:
-        _say(f"  nodes started (pids {procs['A'].pid}, {procs['B'].pid}); distilling {opts.rounds} rounds of "
+        say(f"  nodes started (pids {procs['A'].pid}, {procs['B'].pid}); distilling {opts.rounds} rounds of "
              f"{opts.pulses_per_frame:.3g} pulses")
-        _say(f"  live dashboard: {layouts['A'].admin_url}/ (site A), {layouts['B'].admin_url}/ (site B); "
+        say(f"  live dashboard: {layouts['A'].admin_url}/ (site A), {layouts['B'].admin_url}/ (site B); "
              f"metrics at .../metrics")
         await _watch_rounds(layouts, procs, opts, result)
         result.qber_z = _qbers(layouts["A"])
@@ -357,27 +358,27 @@ async def run_demo(opts: DemoOptions) -> DemoResult:
             result.wall_s = time.monotonic() - start
             await _linger(layouts, procs, workdir, result, opts)
     finally:
-        _stop_nodes(procs)
+        stop_nodes(procs)
         result.wall_s = time.monotonic() - start
         if opts.keep is None:
             shutil.rmtree(workdir, ignore_errors=True)
     if opts.keep is None:
-        _say(_summary(result, opts))
+        say(_summary(result, opts))
     return result
 
 
 async def _linger(layouts: dict[str, SiteLayout], procs: dict[str, subprocess.Popen], workdir: Path,
                   result: DemoResult, opts: DemoOptions) -> None:
     """``--keep``: print the summary, then keep the nodes running for a look until Ctrl-C (or a node exits)."""
-    _say(_summary(result, opts))
-    _say(f"\nthe nodes keep running (deployment in {workdir}); they serve keys over ETSI 014 and their "
+    say(_summary(result, opts))
+    say(f"\nthe nodes keep running (deployment in {workdir}); they serve keys over ETSI 014 and their "
          f"dashboards stay live:\n  site A {layouts['A'].admin_url}/\n  site B {layouts['B'].admin_url}/\n"
          f"  both sites: qkdstack dashboard --deployment {workdir}\nCtrl-C stops them.")
     try:
         while all(proc.poll() is None for proc in procs.values()):
             await asyncio.sleep(0.5)
     except asyncio.CancelledError:  # Ctrl-C: stop the nodes (the caller's finally), exit normally
-        _say("\nstopping the nodes")
+        say("\nstopping the nodes")
 
 
 def _qbers(layout: SiteLayout) -> list[float]:

@@ -22,20 +22,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--distance-km", type=float, default=25.0, help="fibre length (default 25 km)")
     parser.add_argument("--bootstrap", choices=BOOTSTRAPS, default="psk", help="trust anchor of the first round")
     parser.add_argument("--eve", default="none", help="none | intercept-resend:FRACTION | pns | beamsplit:FRACTION")
-    parser.add_argument("--rounds", type=int, default=4, help="distillation rounds (default 4)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="distillation rounds (default 4; with --topology 2 per link)")
     parser.add_argument("--pulses-per-frame", type=float, default=None,
                         help="pulses per round (default: follows the distance, as qkdstack init)")
     parser.add_argument("--keep", metavar="DIR", nargs="?", const="",
                         help="keep the deployment (in DIR, or a temporary folder) and keep the nodes running, "
                         "dashboards live, until Ctrl-C")
     parser.add_argument("--seed", type=int, default=None, help="seed of the device simulation")
+    parser.add_argument("--topology", metavar="FILE", default=None,
+                        help="run a whole network instead (a topology TOML, e.g. examples/topologies/ring5.toml): "
+                        "every site, keys relayed between the two SAEs farthest apart, a relay node killed and the "
+                        "keys rerouted (docs/network.md)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    parse_eve(args.eve)
+    args.rounds = (2 if args.topology else 4) if args.rounds is None else args.rounds
     if args.rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {args.rounds}")
+    if args.topology is not None:
+        from qkdstack.demo_network import NetworkDemoOptions, network_demo_ok, run_network_demo
+
+        options = NetworkDemoOptions(topology=args.topology, rounds=args.rounds,
+                                     pulses_per_frame=None if args.pulses_per_frame is None
+                                     else int(args.pulses_per_frame))
+        return 0 if network_demo_ok(asyncio.run(run_network_demo(options))) else 1
+    parse_eve(args.eve)
     if args.distance_km < 0:
         raise ConfigError(f"--distance-km must be ≥ 0, got {args.distance_km}")
     opts = DemoOptions(distance_km=args.distance_km, bootstrap=args.bootstrap, eve=args.eve, rounds=args.rounds,
