@@ -223,6 +223,11 @@ def _parse_site(source: str, name: Any, data: Any) -> SiteSpec:
         if not s or not s.isprintable() or s.strip() != s or any(c in s for c in ":/,"):
             raise ConfigError(f"{where}: sae {s!r} is not a usable SAE ID (printable, no spaces at either end, "
                               f"no ':', '/' or ',')")
+    from qkdstack.network.relay import RELAY_SAE  # imported here: the relay modules may come to import this one
+
+    if RELAY_SAE in sae:
+        raise ConfigError(f"{where}: sae {RELAY_SAE!r} is reserved for the key relay between KMEs; choose "
+                          f"another SAE ID")
     if len(set(sae)) != len(sae):
         dup = next(s for s in sae if sae.count(s) > 1)
         raise ConfigError(f"{where}: sae lists {dup!r} twice")
