@@ -522,7 +522,7 @@ def write_network_deployment(
     return layouts
 
 
-def _most_distant_sae_sites(topology: Topology) -> tuple[str, str] | None:
+def most_distant_sae_sites(topology: Topology) -> tuple[str, str] | None:
     """The two sites with SAEs that are the most hops apart (first in file order on ties), or None."""
     with_sae = [n for n, s in topology.sites.items() if s.sae]
     best: tuple[int, str, str] | None = None
@@ -555,7 +555,7 @@ Links (transmitter -> receiver):
 Start every site (one terminal each):
 {starts}
 """
-    pair = _most_distant_sae_sites(topology)
+    pair = most_distant_sae_sites(topology)
     if pair is not None:
         a, b = (layouts[n] for n in pair)
         sa, sb = a.sae_ids[0], b.sae_ids[0]
