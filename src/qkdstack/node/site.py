@@ -79,7 +79,8 @@ class Site:
                            data_dir=self.cfg.data_dir)
         tasks: list[asyncio.Task] = []
         try:
-            self.ops = NodeOps(self.cfg.first, lambda: self.status_doc).start()
+            self.ops = NodeOps(self.cfg.first, lambda: self.status_doc,
+                               link_rounds={n.link_id: n.data_dir / "rounds.jsonl" for n in self.nodes}).start()
             async with contextlib.AsyncExitStack() as stack:
                 urls = await serve_consumers(stack, self.cfg.first, self.kme, self.ops)
                 network = await stack.enter_async_context(

@@ -207,9 +207,11 @@ class StatusCollector(Collector):
     """Metric families from the status document and the round history, built at each scrape."""
 
     def __init__(self, status: StatusSource, history: RoundHistory | None = None,
-                 extras: dict[str, Any] | None = None) -> None:
+                 extras: dict[str, Any] | None = None, link_histories: dict[str, RoundHistory] | None = None) -> None:
         self.status = status
         self.history = history
+        self.link_histories = link_histories or {}
+        """A multi-link site's round history per link (by the status documents' ``link``)."""
         self.extras = extras or {}
         """Configured figures the status document does not carry: ``capacity_keys``, ``max_qber``, ..."""
 
@@ -217,9 +219,25 @@ class StatusCollector(Collector):
         return iter(())  # built from the status at each scrape; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
+        """One family per metric; a multi-link site's status (``links``) gives one series per link in each."""
         doc = self.status()
         if not doc:
             return
+        if "links" not in doc:
+            yield from self._families(doc, self.history)
+            return
+        merged: dict[str, Metric] = {}
+        for link_doc in doc["links"]:
+            history = self.link_histories.get(str(link_doc.get("link", "")))
+            for family in self._families(link_doc, history):
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        yield from merged.values()
+
+    def _families(self, doc: dict[str, Any], history: RoundHistory | None) -> Iterator[Metric]:
+        """The metric families of one link's status document and its round history."""
         site, link = str(doc.get("site", "")), str(doc.get("link", ""))
         lbl = ["site", "link"]
         base = [site, link]
@@ -271,7 +289,7 @@ class StatusCollector(Collector):
 
         # The last round's figures: an accepted one from the status, else the history's last accepted one.
         last = doc.get("last_round") or {}
-        hist = self.history.snapshot() if self.history is not None else None
+        hist = history.snapshot() if history is not None else None
         accepted_last = last if last.get("accepted") else (hist or {}).get("last_accepted") or {}
         qber = GaugeMetricFamily("qkdstack_qber", "QBER of the last accepted round: Z is the key basis "
                                  "(corrected errors), X the test basis (disclosed sample).", labels=[*lbl, "basis"],
@@ -443,10 +461,11 @@ class NodeMetrics:
     """The Prometheus registry of one node: its status collector and its ETSI 014 metrics."""
 
     def __init__(self, status: StatusSource, *, site: str, rounds_path: Path | None = None,
-                 extras: dict[str, Any] | None = None) -> None:
+                 extras: dict[str, Any] | None = None, link_rounds: dict[str, Path] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.history = RoundHistory(rounds_path, from_end=True) if rounds_path is not None else None
-        self.collector = StatusCollector(status, self.history, extras)
+        links = {link: RoundHistory(path, from_end=True) for link, path in (link_rounds or {}).items()}
+        self.collector = StatusCollector(status, self.history, extras, links)
         self.registry.register(self.collector)
         self.etsi014 = Etsi014Metrics(self.registry, site)
         self.skip = SkipMetrics(self.registry, site)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from qkdstack.node.config import NodeConfig
@@ -82,13 +83,14 @@ class StoreWatch:
 class NodeOps:
     """Metrics and admin listener of one node."""
 
-    def __init__(self, config: NodeConfig, status: StatusSource) -> None:
+    def __init__(self, config: NodeConfig, status: StatusSource, link_rounds: dict[str, Path] | None = None) -> None:
+        """``link_rounds``: a multi-link site's ``rounds.jsonl`` per link (its status lists ``links``)."""
         self.config = config
         self.site = config.site.name
         self._status = status
         self.figures = ops_figures(config)
         self.metrics = NodeMetrics(status, site=self.site, rounds_path=config.data_dir / "rounds.jsonl",
-                                   extras=self.figures)
+                                   extras=self.figures, link_rounds=link_rounds)
         self.server: AdminServer | None = None
         self.store_watch = StoreWatch(self.site, status, self.figures)
 
