@@ -1,9 +1,11 @@
 """Two ``qkdstack node`` processes on loopback: real-time factor, key rate, CPU and peak RSS (issue 12).
 
-A deployment as ``qkdstack init`` writes it (PSK, SQLite, 1 GHz, frames that follow the distance) at each
-distance of ``QKDSTACK_BENCH_NODE_KM`` (default ``25``; e.g. ``10,25,50``). After a warm-up (the first
-accepted rounds, Numba's compilation), the steady state is measured for ``QKDSTACK_BENCH_NODE_SECONDS``
-(default 60) from the sites' ``status.json``:
+A deployment as ``qkdstack init`` writes it (PSK, SQLite, frames that follow the distance) for each case of
+``QKDSTACK_BENCH_NODE_KM``: ``KM`` (a 1 GHz source) or ``KM@GHZ`` (the source's ``[device] rep_rate_hz`` in
+GHz, the frame chosen by :func:`qkdstack.theory.frames.frame_pulses` for that source: 10^9 pulses, 0.4 s, at
+2.5 GHz); default ``10,25,50,25@2.5``, the cases of issue 12. After a warm-up (the first accepted rounds,
+Numba's compilation), the steady state is measured for ``QKDSTACK_BENCH_NODE_SECONDS`` (default 60) from the
+sites' ``status.json``:
 
 * ``real_time_factor``: device seconds distilled per wall second, ``Δ device_seconds_distilled / Δ wall``
   at site A (1.0: the nodes keep up with their device);
@@ -32,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 SECONDS = float(os.environ.get("QKDSTACK_BENCH_NODE_SECONDS", "60"))
-DISTANCES_KM = [float(x) for x in os.environ.get("QKDSTACK_BENCH_NODE_KM", "25").split(",")]
+CASES = os.environ.get("QKDSTACK_BENCH_NODE_KM", "10,25,50,25@2.5")
+"""Comma-separated ``KM`` or ``KM@GHZ`` (see the module doc)."""
 WARMUP_ROUNDS = 3
 WARMUP_TIMEOUT_S = 240.0
 
@@ -114,24 +117,48 @@ def stop_nodes(procs: dict[str, subprocess.Popen], logs: dict[str, Any]) -> None
             f.close()
 
 
-def frame_pulses(distance_km: float) -> int:
-    """``qkdstack init``'s frame for the distance (4e8 pulses up to 50 km at 1 GHz) or QKDSTACK_BENCH_NODE_FRAME."""
+def parse_cases(text: str) -> list[tuple[float, float]]:
+    """``"10,25@2.5"`` -> ``[(10.0, 1e9), (25.0, 2.5e9)]``: (distance in km, repetition rate in Hz)."""
+    cases = []
+    for item in text.split(","):
+        km, _, ghz = item.strip().partition("@")
+        cases.append((float(km), float(ghz or 1.0) * 1e9))
+    return cases
+
+
+def frame_pulses(distance_km: float, rep_rate_hz: float = 1e9) -> int:
+    """The frame that follows the distance for this source (``qkdstack init``'s at 1 GHz: 4e8 pulses up to 50 km),
+    or QKDSTACK_BENCH_NODE_FRAME."""
+    from dataclasses import replace
+
     from qkdstack.node.deployment import default_frame_pulses
+    from qkdstack.physics.params import DeviceParams
+    from qkdstack.theory.frames import frame_pulses as theory_frame_pulses
 
     override = os.environ.get("QKDSTACK_BENCH_NODE_FRAME")
-    return int(float(override)) if override else default_frame_pulses(distance_km)
+    if override:
+        return int(float(override))
+    if rep_rate_hz == 1e9:
+        return default_frame_pulses(distance_km)
+    p = DeviceParams()
+    return theory_frame_pulses(replace(p, channel=replace(p.channel, length_km=float(distance_km)),
+                                       source=replace(p.source, rep_rate_hz=float(rep_rate_hz))))
 
 
-def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> dict[str, Any]:
-    """Run two nodes at ``distance_km`` and measure ``seconds`` of steady state."""
+def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0,
+            rep_rate_hz: float = 1e9) -> dict[str, Any]:
+    """Run two nodes at ``distance_km`` with a ``rep_rate_hz`` source and measure ``seconds`` of steady state."""
     from qkdstack.node.deployment import render_toml, write_deployment
 
     with tempfile.TemporaryDirectory(prefix="qkdstack-bench-node-") as tmp:
         root = Path(tmp)
         layouts = write_deployment(root / "dep", ["A", "B"], bootstrap="psk", base_port=_base_port(),
-                                   distance_km=distance_km, pulses_per_frame=frame_pulses(distance_km))
+                                   distance_km=distance_km,
+                                   pulses_per_frame=frame_pulses(distance_km, rep_rate_hz))
         for layout in layouts.values():
             data = tomllib.loads(layout.config.read_text())
+            if rep_rate_hz != 1e9:
+                data["device"]["rep_rate_hz"] = rep_rate_hz
             data["kms"].update(capacity_keys=5_000_000, high_water_keys=4_900_000, low_water_keys=1_000)
             layout.config.write_text(render_toml(data))
         dirs = {s: layouts[s].config.parent for s in ("A", "B")}
@@ -160,6 +187,8 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> 
             wall = w1 - w0
             out: dict[str, Any] = {
                 "distance_km": distance_km,
+                "rep_rate_hz": rep_rate_hz,
+                "pulses_per_frame": int(dev.get("pulses_per_frame", 0)),
                 "seconds": round(wall, 1),
                 "rounds_accepted": s1["rounds_accepted"] - s0["rounds_accepted"],
                 "rounds_aborted": s1["rounds_aborted"] - s0["rounds_aborted"],
@@ -180,7 +209,7 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0) -> 
 
 def run() -> dict:
     return {"target": "real_time_factor >= 1.0 at 25 and 50 km, 1 GHz (issue 12)",
-            "runs": [measure(km, SECONDS) for km in DISTANCES_KM]}
+            "runs": [measure(km, SECONDS, rep_rate_hz=rate) for km, rate in parse_cases(CASES)]}
 
 
 if __name__ == "__main__":
