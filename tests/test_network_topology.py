@@ -368,6 +368,11 @@ def test_ring5_example_has_two_paths_between_the_sae_sites():
 def test_site_host_goes_into_listeners_and_certificates(tmp_path):
     data = copy.deepcopy(LINE4)
     data["sites"]["R1"]["host"] = "10.0.0.2"
+    with pytest.raises(ConfigError, match=r"^\[\[links\]\] entry 1 \(A–R1\): the receiver's host 10\.0\.0\.2 is not "
+                       r"loopback.*set simulation_testbed = true"):
+        write_network_deployment(parse_topology(data, "t.toml"), tmp_path / "refused", base_port=18000)
+    assert not (tmp_path / "refused").exists()
+    data["links"][0]["simulation_testbed"] = True
     topo = parse_topology(data, "t.toml")
     write_network_deployment(topo, tmp_path / "dep", base_port=18000)
     r1 = tomllib.loads((tmp_path / "dep" / "R1" / "site.toml").read_text())
@@ -377,6 +382,10 @@ def test_site_host_goes_into_listeners_and_certificates(tmp_path):
     assert a["links"][0]["link"]["classical"].startswith("10.0.0.2:")
     assert a["links"][0]["link"] == r1["links"][0]["link"]
     assert r1["links"][1]["link"]["classical"].startswith("127.0.0.1:")
+    assert r1["admin"]["listen"].startswith("127.0.0.1:")  # served without TLS: never off loopback
+    from qkdstack.node.site_config import load_site_config
+
+    assert load_site_config(tmp_path / "dep" / "R1" / "site.toml").network.listen.startswith("10.0.0.2:")
     cert = x509.load_pem_x509_certificate((tmp_path / "dep" / "R1" / "network" / "kme.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert ipaddress.ip_address("10.0.0.2") in san.get_values_for_type(x509.IPAddress)

@@ -45,7 +45,8 @@ from qkdstack import certs
 from qkdstack.auth.psk import generate_psk_file
 from qkdstack.errors import ConfigError
 from qkdstack.network.topology import Topology
-from qkdstack.node.config import BOOTSTRAPS
+from qkdstack.node.config import BOOTSTRAPS, DeviceSection, is_loopback
+from qkdstack.node.schema import load_section
 
 
 @dataclass(frozen=True)
@@ -371,12 +372,18 @@ def _hostport(host: str, port: int) -> str:
 def _link_device(topology: Topology, index: int, distance_km: float, pulses_per_frame: int | None) -> dict[str, object]:
     """The ``[links.device]`` table of link ``index``: its topology fields, the default distance, and a frame
     size that follows the link's own device unless the topology gives one (:func:`frame_pulses`)."""
-    from qkdstack.node.config import DeviceSection
-    from qkdstack.node.schema import load_section
     from qkdstack.theory.frames import frame_pulses
 
     link = topology.links[index]
     device: dict[str, object] = {"distance_km": distance_km, **link.device}
+    host = topology.sites[link.receiver].address
+    if device.get("source", "simulator") == "simulator" and not device.get("simulation_testbed") \
+            and not is_loopback(host):
+        # The node refuses this too ([link] quantum); refused here, before anything is written.
+        raise ConfigError(f"[[links]] entry {index + 1} ({link.transmitter}–{link.receiver}): the receiver's host "
+                          f"{host} is not loopback, and the simulated quantum channel carries the raw key in "
+                          f"clear: set simulation_testbed = true in this entry to declare a test bed whose keys "
+                          f"need not be secret")
     if "pulses_per_frame" not in device and "frame_seconds" not in device:
         if pulses_per_frame is not None:
             device["pulses_per_frame"] = pulses_per_frame
@@ -504,7 +511,8 @@ def write_network_deployment(
         config: dict[str, dict[str, object] | list[dict[str, object]]] = {
             "site": {"name": name, "data_dir": "data"},
             "kms": kms,
-            "admin": {"listen": _hostport(host, ports["admin"])},
+            # The admin listener serves figures without TLS: it stays on loopback whatever the site's host.
+            "admin": {"listen": f"127.0.0.1:{ports['admin']}"},
             "protocol": {"rounds": rounds},
             "auth": auth,
             "network": {"listen": _hostport(host, ports["network"]), "topology": "network.toml",
@@ -515,7 +523,7 @@ def write_network_deployment(
         path.write_text(render_toml(config))
         layouts[name] = SiteLayout(
             name, path, "https://" + _hostport(host, ports["etsi"]), tuple(sae_ids), site_dir / "tls" / "ca.pem",
-            "http://" + _hostport(host, ports["admin"]), _hostport(host, ports["skip"]) if sae_ids else "",
+            f"http://127.0.0.1:{ports['admin']}", _hostport(host, ports["skip"]) if sae_ids else "",
             kme_urls[name],
         )
     (out / "README.txt").write_text(_network_readme(topology, layouts, bootstrap))
