@@ -7,7 +7,9 @@ opinionated set of certificates a two-site QKD deployment needs:
 * :func:`make_ca` - a self-signed operator CA (``BasicConstraints(ca=True)``, ``keyCertSign``/``cRLSign``);
 * :func:`issue_certificate` - an end-entity certificate for TLS clients and/or servers or for signing
   round transcripts (``client``/``server``/``signing`` select KeyUsage and ExtendedKeyUsage);
-* :func:`make_crl` - a certificate revocation list signed by the CA;
+* :func:`make_crl` - a certificate revocation list signed by the CA (:func:`revoked_entries` reads one back);
+* :func:`renew_certificate` - the same certificate again with a new validity (``qkdstack pki renew``);
+* :func:`make_csr` / :func:`sae_id_problem` - an SAE's certificate request and the rules of an SAE ID;
 * :func:`write_private_key` / :func:`write_certificate` / loaders - PEM files; private keys are
   created with mode 0600 before any byte is written and moved into place atomically.
 
@@ -24,11 +26,12 @@ import ipaddress
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -207,23 +210,132 @@ def issue_certificate(
 def make_crl(
     ca_cert: x509.Certificate,
     ca_key: PrivateKey,
-    revoked_serials: Iterable[int],
+    revoked_serials: Iterable[int] | Mapping[int, datetime.datetime],
     *,
     next_update_days: int = 30,
+    last_update: datetime.datetime | None = None,
+    next_update: datetime.datetime | None = None,
 ) -> x509.CertificateRevocationList:
-    """A CRL signed by the CA that revokes ``revoked_serials`` as of now."""
+    """A CRL signed by the CA that revokes ``revoked_serials``.
+
+    A plain iterable of serials is revoked as of now; a mapping ``{serial: revocation date}`` keeps each
+    entry's original date (a reissued CRL, :func:`revoked_entries`). The CRL is valid from
+    ``last_update`` (default now-5 min) to ``next_update`` (default ``next_update_days`` after now);
+    give both to make, for instance, an expired CRL for a test. A relying party refuses a CRL past its
+    next update (``crl-invalid``), so it must be reissued before then (``qkdstack pki crl``).
+    """
     now = _now()
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - datetime.timedelta(minutes=5))
-        .next_update(now + datetime.timedelta(days=next_update_days))
-    )
-    for serial in revoked_serials:
+    lu = last_update if last_update is not None else now - datetime.timedelta(minutes=5)
+    nu = next_update if next_update is not None else now + datetime.timedelta(days=next_update_days)
+    if nu <= lu:
+        raise ConfigError("next_update must be later than last_update.")
+    dates = revoked_serials if isinstance(revoked_serials, Mapping) else dict.fromkeys(revoked_serials, now)
+    builder = x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(lu).next_update(nu)
+    for serial, when in sorted(dates.items()):
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build()
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
         )
     return builder.sign(ca_key, _sign_hash(ca_key))
+
+
+def revoked_entries(
+    crls: Iterable[x509.CertificateRevocationList], ca_cert: x509.Certificate
+) -> dict[int, datetime.datetime]:
+    """``{serial: revocation date}`` of every CRL in ``crls`` that ``ca_cert`` issued and signed.
+
+    Expired CRLs count (a revocation does not lapse with its list); a CRL with the CA's name but a
+    bad signature is ignored, so nobody can slip a serial into, or out of, the next CRL with a forged one.
+    """
+    out: dict[int, datetime.datetime] = {}
+    for crl in crls:
+        if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+            continue
+        for entry in crl:
+            out.setdefault(entry.serial_number, entry.revocation_date_utc)
+    return out
+
+
+def is_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """Whether ``ca_cert`` signed ``cert`` (names and signature; any key kind, ML-DSA-65 included)."""
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def renew_certificate(
+    old: x509.Certificate,
+    ca_cert: x509.Certificate,
+    ca_key: PrivateKey,
+    *,
+    public_key: PublicKey | None = None,
+    valid_days: int = 365,
+) -> x509.Certificate:
+    """A new certificate like ``old``: same subject and extensions (usages, SAN), new serial and validity.
+
+    The validity runs from now-5 min for ``valid_days`` days, but never past the CA's own end of
+    validity (a chain is only as valid as its CA). ``public_key`` re-keys (default: ``old``'s key).
+    The key identifiers are recomputed from the key and the CA. Raises :class:`ConfigError` if
+    ``ca_cert`` did not issue ``old`` or is no longer valid.
+    """
+    if valid_days <= 0:
+        raise ConfigError("valid_days must be positive.")
+    if not is_issued_by(old, ca_cert):
+        raise ConfigError(f"{ca_cert.subject.rfc4514_string()} did not issue {old.subject.rfc4514_string()}.")
+    now = _now()
+    if ca_cert.not_valid_after_utc <= now:
+        raise ConfigError(f"the CA {ca_cert.subject.rfc4514_string()} expired on "
+                          f"{ca_cert.not_valid_after_utc:%Y-%m-%d}; a new CA is needed.")
+    key = public_key if public_key is not None else old.public_key()
+    key_kind(key)  # type: ignore[arg-type]  # refuses unsupported key types
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(old.subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key)  # type: ignore[arg-type]
+        .serial_number(_serial())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(min(now + datetime.timedelta(days=valid_days), ca_cert.not_valid_after_utc))
+    )
+    for ext in old.extensions:
+        if isinstance(ext.value, x509.SubjectKeyIdentifier | x509.AuthorityKeyIdentifier):
+            continue
+        builder = builder.add_extension(ext.value, critical=ext.critical)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key)  # type: ignore[arg-type]
+    try:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        )
+    except x509.ExtensionNotFound:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())  # type: ignore[arg-type]
+    builder = builder.add_extension(ski, critical=False).add_extension(aki, critical=False)
+    return builder.sign(ca_key, _sign_hash(ca_key))
+
+
+MAX_SAE_ID_LENGTH = 64
+"""Longest SAE ID: a certificate's common name has at most 64 characters (RFC 5280, ub-common-name)."""
+
+
+def sae_id_problem(sae_id: str) -> str | None:
+    """Why ``sae_id`` cannot be an SAE ID, or None if it can.
+
+    An SAE ID is a certificate's subject CN (at most 64 characters), a path segment of ETSI 014
+    (no ``/``), a list entry of ``network.toml`` (no ``,``) and the identity of a SKIP TLS-PSK line
+    ``SAE_ID:HEXKEY`` (no ``:``); printable, with no space at either end.
+    """
+    if not sae_id:
+        return "it is empty"
+    if len(sae_id) > MAX_SAE_ID_LENGTH:
+        return f"it is longer than {MAX_SAE_ID_LENGTH} characters"
+    if not sae_id.isprintable() or sae_id.strip() != sae_id or any(c in sae_id for c in ":/,"):
+        return "an SAE ID is printable, has no space at either end and no ':', '/' or ','"
+    return None
+
+
+def make_csr(key: PrivateKey, common_name: str) -> x509.CertificateSigningRequest:
+    """A PKCS#10 certificate signing request for ``key`` with subject CN ``common_name``."""
+    return x509.CertificateSigningRequestBuilder().subject_name(_name(common_name)).sign(key, _sign_hash(key))
 
 
 # ---------------------------------------------------------------------------------------------- files
