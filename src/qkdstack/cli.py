@@ -25,6 +25,7 @@ COMMANDS: list[str] = [
     "distill",
     "init",
     "psk",
+    "pki",
     "node",
     "tunnel",
     "demo",
