@@ -386,6 +386,9 @@ def run_renew(args: argparse.Namespace) -> int:
     pki_links = [link for link in site.links if link.auth.bootstrap == "pki"]
     if pki_links:
         roots = _operator_roots(deployment)
+        crl_files = [deployment / "operator" / "pki" / "crls.pem", *_pki_paths(site, "crls")]
+        revoked = {serial for ca in roots.values()
+                   for serial in certs.revoked_entries(_existing_crls("--site", crl_files), ca.cert)}
         done: set[Path] = set()
         for link in pki_links:
             for cert_field, key_field in (("classical_cert", "classical_key"), ("pq_cert", "pq_key")):
@@ -398,6 +401,10 @@ def run_renew(args: argparse.Namespace) -> int:
                 if not issuers:
                     raise ConfigError(f"--site {args.site}: {cert_path} ([auth] {cert_field}) was not issued by an "
                                       "operator root of this deployment")
+                if leaf.serial_number in revoked and not args.new_keys:
+                    # Renewing gives a new serial: without new keys it would quietly reinstate a revoked key.
+                    raise ConfigError(f"--site {args.site}: {cert_path} ([auth] {cert_field}) is revoked; a revoked "
+                                      "node key is not renewed (add --new-keys to certify fresh keys instead)")
                 lines.append(_renew_file("--site", cert_path, link.resolve(getattr(link.auth, key_field)), issuers[0],
                                          days, args.new_keys, deployment, f"node, [auth] {cert_field}"))
     # The KME's server certificate and the SAE certificates, from the site CA.
