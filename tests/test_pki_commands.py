@@ -13,7 +13,8 @@ import tomllib
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from qkdstack import certs
@@ -283,6 +284,10 @@ def _bad_inputs(dep, tmp):
     (tmp / "garbage.csr").write_bytes(b"not a request\n")
     _csr_file(tmp / "slash.csr", "SAE/x")
     _csr_file(tmp / "mldsa.csr", "SAE_Q", certs.generate_key("ml-dsa-65"))
+    rsa_csr = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "SAE_R")])
+    ).sign(rsa.generate_private_key(65537, 2048), hashes.SHA256())
+    (tmp / "rsa.csr").write_bytes(rsa_csr.public_bytes(serialization.Encoding.PEM))
     _tampered_csr(tmp / "tampered.csr")
     _csr_file(tmp / "good.csr", "SAE_G")
     psk = tmp / "psk"
@@ -309,6 +314,7 @@ def _bad_inputs(dep, tmp):
         (["sign-sae", "--site-dir", site, "--csr", tmp / "tampered.csr", "--out", tmp / "o.pem"], "--csr"),
         (["sign-sae", "--site-dir", site, "--csr", tmp / "slash.csr", "--out", tmp / "o.pem"], "--csr"),
         (["sign-sae", "--site-dir", site, "--csr", tmp / "mldsa.csr", "--out", tmp / "o.pem"], "--csr"),
+        (["sign-sae", "--site-dir", site, "--csr", tmp / "rsa.csr", "--out", tmp / "o.pem"], "--csr"),
         (["sign-sae", "--site-dir", site, "--csr", tmp / "good.csr", "--out", tmp], "--out"),
         (["sign-sae", "--site-dir", site, "--csr", tmp / "good.csr", "--out", tmp / "no" / "o.pem"], "--out"),
         (["new-sae", "--site-dir", site, "--sae", " SAE"], "--sae"),

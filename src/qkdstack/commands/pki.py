@@ -483,7 +483,9 @@ def _sae_of_csr(flag: str, value: str, csr: x509.CertificateSigningRequest) -> s
     try:
         kind = certs.key_kind(csr.public_key())  # type: ignore[arg-type]
     except (ConfigError, TypeError):
-        kind = type(csr.public_key()).__name__
+        pub = csr.public_key()
+        curve = getattr(pub, "curve", None)
+        kind = f"ECDSA {curve.name}" if curve is not None else type(pub).__name__.removesuffix("PublicKey")
     if kind not in ("ec-p256", "ed25519"):
         raise ConfigError(f"{flag} {value}: the request's key is {kind}; an SAE's TLS key must be ECDSA P-256 or "
                           "Ed25519")
