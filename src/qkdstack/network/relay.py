@@ -51,17 +51,34 @@ VERSION = 1
 class RelayError(QKDError):
     """A relay failed; ``status`` is the HTTP status the KME-to-KME answer carries, ``hop`` the failed hop."""
 
-    def __init__(self, status: int, message: str, hop: tuple[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, hop: tuple[str, str] | None = None, code: str = "refused") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.hop = hop
+        self.code = code
+        """``unreachable`` (the next KME did not answer), ``no_key`` (a link short of key), ``auth`` (a tag
+        failed), ``no_path``, ``refused`` (anything else)."""
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"message": self.message}
+        detail: dict[str, Any] = {"reason": self.code}
         if self.hop is not None:
-            out["details"] = [{"failed_hop": list(self.hop)}]
+            detail["failed_hop"] = list(self.hop)
+        out["details"] = [detail]
         return out
+
+    @classmethod
+    def from_answer(cls, status: int, body: dict[str, Any], hop: tuple[str, str]) -> RelayError:
+        """The error a downstream KME answered with (its message, and the hop it names if any)."""
+        message = str(body.get("message") or f"HTTP {status}")
+        details = body.get("details")
+        detail = details[0] if isinstance(details, list) and details and isinstance(details[0], dict) else {}
+        failed = detail.get("failed_hop")
+        if isinstance(failed, list) and len(failed) == 2 and all(isinstance(s, str) for s in failed):
+            hop = (failed[0], failed[1])
+        code = detail.get("reason") if isinstance(detail.get("reason"), str) else "refused"
+        return cls(status, message, hop, code)
 
 
 class RelayAuthError(RelayError, AuthenticationError):
@@ -166,7 +183,7 @@ class HopMessage:
         if not tag_ok(mac_key, self.signed, self.received_tag):
             raise RelayAuthError(
                 400, f"relay message failed authentication on hop {self.sender}->{self.receiver} (aborted; "
-                "its link keys are spent)", (self.sender, self.receiver),
+                "its link keys are spent)", (self.sender, self.receiver), "auth",
             )
         if len(pads) != len(self.key_ids) or any(len(p) * 8 != self.size for p in pads):
             raise RelayError(400, "relay link keys do not match the message", (self.sender, self.receiver))
