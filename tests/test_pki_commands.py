@@ -91,6 +91,10 @@ async def test_crl_reissued_after_expiry_makes_bootstrap_work_again(deployment, 
     for site in ("A", "B"):
         certs.write_crl(deployment / site / "pki" / "crls.pem", expired)
     assert refusal(await bootstrap(deployment)) == "crl-invalid"
+    rc, out, _ = pki(capsys, "status", "--deployment", deployment)  # the operator's check says so, and what to run
+    assert rc == 1 and "4 of 16 expired" in out
+    assert [line for line in out.splitlines() if "EXPIRED" in line and "A/pki/crls.pem" in line
+            and "qkdstack pki crl --deployment" in line]
 
     rc, out, err = pki(capsys, "crl", "--deployment", deployment, "--days", 45)
     assert rc == 0 and not err
@@ -102,6 +106,8 @@ async def test_crl_reissued_after_expiry_makes_bootstrap_work_again(deployment, 
         assert datetime.timedelta(days=44) < left <= datetime.timedelta(days=45)
     assert certs.load_crls(deployment / "operator" / "pki" / "crls.pem")[0] == crls[0]  # the operator's copy
     assert_accepted(await bootstrap(deployment))
+    rc, out, _ = pki(capsys, "status", "--deployment", deployment)
+    assert rc == 0 and "all 18 valid for more than 7 days" in out  # the operator's copy (2 CRLs) is new
 
 
 async def test_revoked_node_refused_and_revocation_kept_on_reissue(deployment, capsys):
@@ -321,6 +327,9 @@ def _bad_inputs(dep, tmp):
         (["new-sae", "--site-dir", site, "--sae", "S" * 65], "--sae"),
         (["new-sae", "--site-dir", site, "--sae", "SAE_N", "--out-dir", tmp / "garbage.csr"], "--out-dir"),
         (["renew"], "--deployment"),
+        (["status", "--deployment", tmp / "nope"], "--deployment"),
+        (["status", "--deployment", tmp], "--deployment"),
+        (["status", "--deployment", dep, "--warn-days", "-1"], "--warn-days"),
     ]
 
 

@@ -22,6 +22,10 @@ certificates (``DIR/SITE/tls/``, ``DIR/SITE/sae/``). All of them expire (docs/au
 ``pki new-sae --site-dir DIR/SITE --sae ID [--register]``
     make the SAE's key, request and certificate in ``SITE/sae/`` (``ID.key`` 0600, ``ID.csr``, ``ID.pem``).
 
+``pki status --deployment DIR``
+    list every certificate and CRL with the end of its validity; exit code 1 if one has expired or ends
+    within ``--warn-days`` (a check for a timer).
+
 ``--register`` adds the SAE ID to ``[kms] sae_ids`` of ``site.toml``; the edit is checked by parsing the
 new file, which must equal the old one with the one ID added, else nothing is written. Every bad input is
 one sentence naming the flag (exit code 2).
@@ -52,6 +56,9 @@ LEAF_DAYS = 365
 """Default validity of a renewed node, KME or SAE certificate (the same as ``init``'s)."""
 MAX_DAYS = 3650
 """Longest validity the actions accept (the CAs themselves last 3650 days; a leaf never outlives its CA)."""
+
+WARN_DAYS = 7
+"""``pki status`` flags what ends within this many days."""
 
 ROOT_LABELS = ("classical", "mldsa")
 """The operator roots in ``DIR/operator/pki/``: ``LABEL-root.pem`` and ``LABEL-root.key``."""
@@ -123,6 +130,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help=f"validity in days (default {LEAF_DAYS}; never past the site CA's)")
     new.add_argument("--register", action="store_true", help="add the SAE ID to [kms] sae_ids of site.toml")
     new.set_defaults(func=run_new_sae)
+
+    status = sub.add_parser(
+        "status", help="list every certificate and CRL of a deployment with the end of its validity",
+        description="List the operator roots, CRLs, node, KME, SAE and network certificates of a deployment with "
+        "the end of their validity (a CRL's next update) and the command that renews each. Exit code 1 when one "
+        "has expired or ends within --warn-days.",
+    )
+    status.add_argument("--deployment", required=True, metavar="DIR", help="the deployment folder written by init")
+    status.add_argument("--warn-days", type=int, default=WARN_DAYS,
+                        help=f"flag what ends within this many days (default {WARN_DAYS})")
+    status.set_defaults(func=run_status)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -615,4 +633,80 @@ def run_new_sae(args: argparse.Namespace) -> int:
     certs.atomic_write(csr_path, csr.public_bytes(serialization.Encoding.PEM), 0o644)
     print(f"wrote {key_path} (0600) and {csr_path}")
     _sign(site_dir, site, csr, args.sae, cert_path, days, args.register)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- pki status
+
+
+def _status_rows(deployment: Path) -> list[tuple[datetime.datetime, Path, str, str]]:
+    """(end of validity, file, what, renewal command) of every certificate and CRL of the deployment."""
+    from cryptography import x509
+
+    from qkdstack import certs
+
+    rows: list[tuple[datetime.datetime, Path, str, str]] = []
+
+    def add(path: Path, what: str, how: str) -> None:
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        if b"-----BEGIN X509 CRL-----" in data:
+            for crl in certs.load_crls(path):
+                if crl.next_update_utc is not None:
+                    rows.append((crl.next_update_utc, path, f"{what}, {crl.issuer.rfc4514_string()}", how))
+            return
+        try:
+            cert = x509.load_pem_x509_certificates(data)[0]
+        except (ValueError, IndexError):
+            rows.append((datetime.datetime.min.replace(tzinfo=datetime.UTC), path, f"{what}: no PEM certificate", how))
+            return
+        rows.append((cert.not_valid_after_utc, path, f"{what}, {cert.subject.rfc4514_string()}", how))
+
+    d = f"--deployment {deployment}"
+    operator = deployment / "operator" / "pki"
+    for label in ROOT_LABELS:
+        add(operator / f"{label}-root.pem", f"operator {label} root", "a new deployment")
+    add(operator / "crls.pem", "operator CRL (copy)", f"qkdstack pki crl {d}")
+    add(deployment / "network-ca" / "ca.pem", "network CA", "a new deployment")
+    for site in _pki_sites(deployment):
+        renew = f"qkdstack pki renew {d} --site {site.path.parent.name}"
+        for path in _pki_paths(site, "crls"):
+            add(path, f"site {site.name} CRL", f"qkdstack pki crl {d}")
+        for field in ("classical_cert", "pq_cert"):
+            for path in _pki_paths(site, field):
+                add(path, f"site {site.name} node", renew)
+        kms = site.first.kms
+        if kms.ca_cert:
+            add(site.first.resolve(kms.ca_cert), f"site {site.name} CA", "a new site CA (not automated)")
+        if kms.tls_cert:
+            add(site.first.resolve(kms.tls_cert), f"site {site.name} KME server", renew)
+        for pem in sorted((site.path.parent / "sae").glob("*.pem")):
+            add(pem, f"site {site.name} SAE", renew)
+        if site.network is not None:
+            add(site.resolve(site.network.tls_cert), f"site {site.name} KME-to-KME", renew)
+    return rows
+
+
+def run_status(args: argparse.Namespace) -> int:
+    if not 0 <= args.warn_days <= MAX_DAYS:
+        raise ConfigError(f"--warn-days must lie in 0..{MAX_DAYS}, got {args.warn_days}")
+    deployment = _folder("--deployment", args.deployment).resolve()
+    rows = _status_rows(deployment)
+    if not rows:
+        raise ConfigError(f"--deployment {args.deployment} holds no certificate or CRL of a qkdstack deployment")
+    now = datetime.datetime.now(datetime.UTC)
+    soon = now + datetime.timedelta(days=args.warn_days)
+    flagged = 0
+    width = max(len(_rel(path, deployment)) for _, path, _, _ in rows)
+    for end, path, what, how in sorted(rows, key=lambda r: (r[0], str(r[1]))):
+        mark = "EXPIRED" if end <= now else "ends soon" if end <= soon else ""
+        flagged += bool(mark)
+        days = (end - now).days if end > now else 0
+        print(f"{_date(end)} {days:>5} d  {_rel(path, deployment):<{width}}  {what}"
+              + (f"  [{mark}: {how}]" if mark else ""))
+    if flagged:
+        print(f"{flagged} of {len(rows)} expired or end within {args.warn_days} days")
+        return 1
+    print(f"all {len(rows)} valid for more than {args.warn_days} days")
     return 0
