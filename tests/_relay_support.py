@@ -59,6 +59,7 @@ class Network:
     def _pki(self) -> None:
         ca_cert, ca_key = make_ca("test network CA")
         write_certificate(self.root / "ca.pem", ca_cert)
+        write_private_key(self.root / "ca.key", ca_key)
         for site in self.topo.sites:
             key = generate_key("ec-p256")
             cert = issue_certificate(ca_cert, ca_key, f"KME_{site}", key.public_key(), client=True, server=True,

@@ -270,3 +270,70 @@ async def test_direct_neighbour_uses_the_link_kme(tmp_path):
         assert _key(got) == (key_id, key)
         status = await net.sites["A"].status("SAE_A", "SAE_B")
         assert status["target_KME_ID"] == "B" and status["stored_key_count"] >= 0
+
+
+async def test_kme_api_requires_a_network_certificate_of_a_known_site(tmp_path):
+    """Mutual TLS: another CA fails the handshake; a network certificate naming no site gets 401; a hop
+    message from a site that is not the hop's sender is refused (400), and spends nothing."""
+    import ssl
+
+    import httpx
+
+    from qkdstack.certs import (
+        generate_key,
+        issue_certificate,
+        load_certificate,
+        load_private_key,
+        make_ca,
+        write_certificate,
+        write_private_key,
+    )
+    from qkdstack.kms.etsi014 import TLSFiles
+    from qkdstack.network.kme_api import EXT_KEYS, VERSIONS, KMEClient
+
+    async with Network(LINE, tmp_path).run() as net:
+        url = net.topo.sites["B"].kme_url
+        # a certificate of another CA: the TLS handshake fails
+        rogue_ca, rogue_key = make_ca("rogue CA")
+        key = generate_key("ec-p256")
+        cert = issue_certificate(rogue_ca, rogue_key, "KME_A", key.public_key(), client=True, server=False)
+        write_certificate(tmp_path / "rogue.pem", cert)
+        write_private_key(tmp_path / "rogue.key", key)
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        ctx.load_cert_chain(str(tmp_path / "rogue.pem"), str(tmp_path / "rogue.key"))
+        async with httpx.AsyncClient(verify=ctx) as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.get(url + VERSIONS)
+        # the network CA, but a name that is no site: 401
+        ca_cert = load_certificate(tmp_path / "ca.pem")
+        ca_key = load_private_key(tmp_path / "ca.key")
+        key = generate_key("ec-p256")
+        cert = issue_certificate(ca_cert, ca_key, "KME_X", key.public_key(), client=True, server=False)
+        write_certificate(tmp_path / "x.pem", cert)
+        write_private_key(tmp_path / "x.key", key)
+        nobody = KMEClient(TLSFiles(tmp_path / "x.pem", tmp_path / "x.key", tmp_path / "ca.pem"))
+        try:
+            status, body = await nobody.get(url, VERSIONS)
+            assert status == 401
+        finally:
+            await nobody.aclose()
+        stranger = KMEClient(TLSFiles(tmp_path / "kme_A.pem", tmp_path / "kme_A.key", tmp_path / "ca.pem"))
+        try:
+            status, body = await stranger.get(url, VERSIONS)
+            assert status == 200 and body["versions"][0]["version"] == "v1"
+            # A is not B's neighbour: a hop message claiming R2 -> B sent by A is refused before any key is taken
+            before = await net.counts("R2", "B")
+            ct = base64.b64encode(b"c" * 32).decode()
+            msg = {"keys": [{"key_ID": "00000000-0000-0000-0000-000000000001", "key": ct}],
+                   "initiator_sae_id": "SAE_A",
+                   "target_sae_ids": ["SAE_B"], RELAY_FIELD: {
+                       "version": 1, "relay_ID": "00000000-0000-0000-0000-000000000002", "size": 256,
+                       "path": ["A", "R1", "R2", "B"], "hop": 2, "link_ID": "B|R2",
+                       "pad_key_IDs": ["00000000-0000-0000-0000-000000000003"],
+                       "mac_key_ID": "00000000-0000-0000-0000-000000000004",
+                       "tag": base64.b64encode(b"x" * 16).decode()}}
+            status, body = await stranger.post(url, EXT_KEYS, msg)
+            assert status == 400 and "came from A" in body["message"]
+            assert await net.counts("R2", "B") == before
+        finally:
+            await stranger.aclose()
