@@ -233,7 +233,7 @@ def distill(
     its sifted bits, QBER, phase-error bound, reconciliation efficiency, disclosed bits λ and secret key
     bits. ``pulses`` defaults to a frame that follows the distance (as ``qkdstack init`` picks it).
     ``seed`` reproduces the simulated frames (the post-processing's hash seeds come from the OS, so key
-    lengths may differ by a few bits between runs). Works inside Jupyter's running event loop.
+    lengths vary by about 1–2 % between runs). Works inside Jupyter's running event loop.
     """
     args = _namespace("distill", dict(locals()))
     eve_model = _checked(parse_eve, args.eve, flag="eve")
