@@ -263,6 +263,11 @@ def test_new_sae_makes_key_csr_and_certificate(deployment, capsys):
     # not registered without --register: the line to add is printed, the file is unchanged
     assert 'sae_ids = ["SAE_B", "SAE_B2"]' in out
     assert tomllib.loads((deployment / "B" / "site.toml").read_text())["kms"]["sae_ids"] == ["SAE_B"]
+    # its request signed again renews the certificate in place (same key and CN, new serial)
+    rc, _, _ = pki(capsys, "sign-sae", "--site-dir", deployment / "B", "--csr", folder / "SAE_B2.csr",
+                   "--out", folder / "SAE_B2.pem")
+    renewed = certs.load_certificate(folder / "SAE_B2.pem")
+    assert rc == 0 and renewed.serial_number != cert.serial_number and renewed.public_key() == key.public_key()
     # the same ID again would overwrite a key: refused
     rc, _, err = pki(capsys, "new-sae", "--site-dir", deployment / "B", "--sae", "SAE_B2")
     assert rc == 2 and "already exists" in err
@@ -323,6 +328,8 @@ def _bad_inputs(dep, tmp):
         (["sign-sae", "--site-dir", site, "--csr", tmp / "rsa.csr", "--out", tmp / "o.pem"], "--csr"),
         (["sign-sae", "--site-dir", site, "--csr", tmp / "good.csr", "--out", tmp], "--out"),
         (["sign-sae", "--site-dir", site, "--csr", tmp / "good.csr", "--out", tmp / "no" / "o.pem"], "--out"),
+        (["sign-sae", "--site-dir", site, "--csr", tmp / "good.csr", "--out", site / "tls" / "ca.pem"], "--out"),
+        (["sign-sae", "--site-dir", site, "--csr", tmp / "good.csr", "--out", site / "sae" / "SAE_A.pem"], "--out"),
         (["new-sae", "--site-dir", site, "--sae", " SAE"], "--sae"),
         (["new-sae", "--site-dir", site, "--sae", "S" * 65], "--sae"),
         (["new-sae", "--site-dir", site, "--sae", "SAE_N", "--out-dir", tmp / "garbage.csr"], "--out-dir"),

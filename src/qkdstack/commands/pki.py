@@ -242,7 +242,7 @@ def _site_ca(flag: str, site: SiteConfig) -> _CA:
     return _ca(flag, cert_path, key_path)
 
 
-def _pki_sites(deployment: Path) -> list[SiteConfig]:
+def _sites(deployment: Path) -> list[SiteConfig]:
     """The sites of the deployment (``DIR/*/site.toml``), in name order."""
     return [_site_config("--deployment", path.parent) for path in sorted(deployment.glob("*/site.toml"))]
 
@@ -327,7 +327,7 @@ def run_crl(args: argparse.Namespace) -> int:
     days = _days(args.days)
     deployment = _folder("--deployment", args.deployment).resolve()
     roots = _operator_roots(deployment)
-    sites = _pki_sites(deployment)
+    sites = _sites(deployment)
     targets = [(site.name, path) for site in sites for path in _pki_paths(site, "crls")]
     operator_copy = deployment / "operator" / "pki" / "crls.pem"
     additions = [_revocations(item, roots) for item in args.revoke]
@@ -510,12 +510,25 @@ def _sae_of_csr(flag: str, value: str, csr: x509.CertificateSigningRequest) -> s
     return cn
 
 
-def _out_file(flag: str, value: str) -> Path:
+def _out_file(flag: str, value: str, sae_id: str) -> Path:
+    """Where to write SAE ``sae_id``'s certificate: a new file, or one that holds a certificate of that SAE."""
+    from cryptography import x509
+
+    from qkdstack import certs
+
     path = Path(value).expanduser()
     if path.is_dir():
         raise ConfigError(f"{flag} {value} is a folder; name the certificate file to write")
     if not path.parent.is_dir():
         raise ConfigError(f"{flag} {value}: the folder {path.parent} does not exist")
+    if path.exists():  # a renewal replaces the SAE's old certificate, and nothing else (a CA, a key)
+        try:
+            old = x509.load_pem_x509_certificates(path.read_bytes())
+            same = len(old) == 1 and certs.common_name(old[0]) == sae_id
+        except (ValueError, ConfigError, OSError):
+            same = False
+        if not same:
+            raise ConfigError(f"{flag} {value} exists and is not a certificate of SAE {sae_id}; choose a new file")
     return path
 
 
@@ -599,7 +612,7 @@ def run_sign_sae(args: argparse.Namespace) -> int:
     site = _site_config("--site-dir", site_dir)
     csr = _load_csr("--csr", args.csr)
     sae_id = _sae_of_csr("--csr", args.csr, csr)
-    out = _out_file("--out", args.out)
+    out = _out_file("--out", args.out, sae_id)
     _sign(site_dir, site, csr, sae_id, out, days, args.register)
     return 0
 
@@ -669,7 +682,7 @@ def _status_rows(deployment: Path) -> list[tuple[datetime.datetime, Path, str, s
         add(operator / f"{label}-root.pem", f"operator {label} root", "a new deployment")
     add(operator / "crls.pem", "operator CRL (copy)", f"qkdstack pki crl {d}")
     add(deployment / "network-ca" / "ca.pem", "network CA", "a new deployment")
-    for site in _pki_sites(deployment):
+    for site in _sites(deployment):
         renew = f"qkdstack pki renew {d} --site {site.path.parent.name}"
         for path in _pki_paths(site, "crls"):
             add(path, f"site {site.name} CRL", f"qkdstack pki crl {d}")
