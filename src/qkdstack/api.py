@@ -38,7 +38,7 @@ from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import parse_eve
 from qkdstack.physics.params import DeviceParams
 
-__all__ = ["DISTILL_FIELDS", "KEYRATE_FIELDS", "SIMULATE_FIELDS", "distill", "keyrate", "simulate"]
+__all__ = ["DISTILL_FIELDS", "KEYRATE_FIELDS", "SIMULATE_FIELDS", "distill", "keyrate", "run_coroutine", "simulate"]
 
 SIMULATE_FIELDS: tuple[str, ...] = (
     "distance_km", "pulses", "seed", "eve",
