@@ -21,7 +21,7 @@ from qkdstack import certs
 from qkdstack.auth.bootstrap import begin_bootstrap_round
 from qkdstack.auth.pki import PeerRefused
 from qkdstack.cli import main
-from qkdstack.errors import PeerAbort
+from qkdstack.errors import ConfigError, PeerAbort
 from qkdstack.node.config import load_config
 from qkdstack.node.credentials import bootstrap_credentials
 from qkdstack.node.deployment import write_deployment
@@ -353,3 +353,22 @@ def test_bad_inputs_are_one_sentence_naming_the_flag(deployment, tmp_path, capsy
         assert flag in lines[-1] and "Traceback" not in err, (args, err)
     assert not (tmp_path / "o.pem").exists()
     assert {p: p.read_bytes() for p in deployment.rglob("*") if p.is_file()} == before  # nothing written
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_reissue_ignores_forged_crls_and_leaves_never_outlive_their_ca(tmp_path):
+    ca, ca_key = certs.make_ca("CA", key_kind="ed25519", valid_days=100)
+    rogue, rogue_key = certs.make_ca("CA", key_kind="ed25519")  # same name, other key
+    real = certs.make_crl(ca, ca_key, {7: NOW - datetime.timedelta(days=3)},
+                          last_update=NOW - datetime.timedelta(days=40), next_update=NOW - datetime.timedelta(days=10))
+    forged = certs.make_crl(rogue, rogue_key, [8])
+    assert certs.revoked_entries([real, forged], ca) == {7: (NOW - datetime.timedelta(days=3)).replace(microsecond=0)}
+
+    key = certs.generate_key("ed25519")
+    leaf = certs.issue_certificate(ca, ca_key, "n", key.public_key(), client=False, server=False, signing=True)
+    renewed = certs.renew_certificate(leaf, ca, ca_key, valid_days=3000)
+    assert renewed.not_valid_after_utc == ca.not_valid_after_utc  # clamped to the CA's end
+    with pytest.raises(ConfigError, match="did not issue"):
+        certs.renew_certificate(leaf, rogue, rogue_key)
