@@ -1,6 +1,8 @@
 """examples/notebooks/sweep.ipynb runs headless (nbclient, a real IPython kernel) and draws its figure.
 
-It takes about 5 s (kernel start, a theory sweep, eight distilled frames), so it is not marked slow.
+The kernel runs an event loop in the cell's thread, so the notebook's qkdstack.distill calls also check that
+the API's rounds run in a worker loop there (asyncio.run in the cell's thread would raise). It takes about
+5 s (kernel start, a theory sweep, eight distilled frames), so it is not marked slow.
 """
 
 from __future__ import annotations
