@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -50,7 +51,7 @@ async def _reconcile(a, b, qber, params=EASY, log=None):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    qber=st.sampled_from([0.005, 0.01, 0.02, 0.03, 0.05, 0.08, 0.10]),
+    qber=st.floats(0.005, 0.10),
     n=st.integers(1500, 6000),
     seed=st.integers(0, 2**32),
 )
@@ -83,7 +84,7 @@ def test_disclosed_bits_equal_what_crossed():
         crossed[direction] += len(disclosed) if disclosed is not None else 0
     # Bob's view: he received the syndromes, check parities and revealed bits, sent one status bit per open
     # codeword.
-    assert rb.check_bits == ra.check_bits == ldpc.CHECK_BITS * rb.codewords
+    assert rb.check_bits == ra.check_bits == params.check_bits * rb.codewords
     assert crossed[RECEIVED] == rb.syndrome_bits + rb.check_bits + rb.revealed_bits
     assert crossed[SENT] == rb.status_bits >= rb.codewords
     assert rb.leaked_bits == ra.leaked_bits == sum(crossed.values()) == cb.stats.disclosed_bits("ldpc")
@@ -107,13 +108,39 @@ def test_estimate_beyond_any_code_is_refused():
         ldpc.make_plan(0, 0.03, EASY)
 
 
-def test_plan_uses_shortening_and_splits_frames():
-    plan = ldpc.make_plan(100_000, 0.03, EASY)
+@pytest.mark.parametrize("qber", [0.01, 0.03, 0.08])
+def test_plan_sizes_the_first_syndrome_by_merging_rows(qber):
+    """As few codewords as hold the frame, and a first syndrome of exactly ⌈f_start·h(q)·k⌉ bits per codeword
+    (merged row pairs of a mother code), not the whole m rows of a shortened code."""
+    params = dataclasses.replace(EASY, f_start=1.1)
+    plan = ldpc.make_plan(100_000, qber, params)
     assert sum(plan.payloads) == 100_000 and max(plan.payloads) - min(plan.payloads) <= 1
-    assert max(plan.payloads) <= N_CODE and plan.codewords == -(-100_000 // max(plan.payloads))
-    m = round(N_CODE * (1 - plan.rate))
-    # syndrome bits per key bit are at least what the first attempt targets
-    assert m / max(plan.payloads) >= EASY.f_start * ldpc.binary_entropy(0.03) - 1e-9
+    assert plan.codewords == -(-100_000 // N_CODE)
+    assert plan.m == round(N_CODE * (1 - plan.rate)) and 0 <= plan.merged <= plan.m // 2
+    assert plan.syndrome_bits == math.ceil(params.f_start * ldpc.binary_entropy(qber) * max(plan.payloads))
+    # the mother code leaves room for the blind rounds to un-merge rows
+    assert plan.m >= plan.syndrome_bits * params.merge_headroom or plan.rate == min(ldpc_codes.RATES)
+    # a syndrome longer than the lowest-rate code has rows: shorter payloads (more codewords), still exact
+    steep = ldpc.make_plan(100_000, 0.08, EASY)
+    assert steep.codewords > plan.codewords and steep.syndrome_bits <= steep.m
+
+
+def test_merge_pairs_are_disjoint_rows():
+    code = ldpc_codes.get_code(0.7, N_CODE)
+    pairs = ldpc_codes.merge_pairs(code)
+    assert pairs.shape[0] >= 0.4 * code.m and np.unique(pairs).size == pairs.size
+    for c1, c2 in pairs:
+        r1 = code.col_idx[code.row_ptr[c1] : code.row_ptr[c1 + 1]]
+        r2 = code.col_idx[code.row_ptr[c2] : code.row_ptr[c2 + 1]]
+        assert np.intersect1d(r1, r2).size == 0
+    # a merged state's rows are the unions, and its syndrome is the XOR of the two rows' syndromes
+    st = ldpc._state(code, pairs, 100, 40)
+    assert st.row_ptr.size - 1 == code.m - 60
+    word = np.random.default_rng(1).integers(0, 2, code.n, dtype=np.uint8)
+    full = code.syndrome(word)
+    mine = np.empty((1, st.row_ptr.size - 1), np.uint8)
+    ldpc._syndromes(st.row_ptr, st.col_idx, word[None, :], mine)
+    assert np.array_equal(mine[0], np.concatenate([full[st.c1] ^ full[st.c2], full[st.singles]]))
 
 
 def test_codes_are_deterministic_and_cached(tmp_path, monkeypatch):

@@ -63,15 +63,15 @@ __all__ = ["LdpcParams", "LdpcResult", "Plan", "alice", "bob", "decode_batch", "
 
 STAGE = "ldpc"
 KNOWN_LLR = np.float32(64.0)
-CHECK_BITS = 32
-"""Check parities per codeword: a decoded word that is not Alice's passes them with probability 2^-32."""
+"""|LLR| of a bit both parties know (a shortened position): large enough never to be a check's minimum."""
+CHECK_BITS = 12
+"""Default check parities per codeword (:attr:`LdpcParams.check_bits`)."""
 _CHECK_ROUND = 1 << 20  # the check rows' stream of the public seed (blind rounds use 1, 2, ...)
 
 
-def _check_rows(seed: int, plan: Plan, positions: np.ndarray) -> dict[int, np.ndarray]:
-    """The check rows of each payload size: CHECK_BITS dense rows of half the payload's positions."""
-    return {k: _extension(seed, _CHECK_ROUND, k, CHECK_BITS, max(1, k // 2), positions) for k in set(plan.payloads)}
-"""|LLR| of a bit both parties know (a shortened position): large enough never to be a check's minimum."""
+def _check_rows(seed: int, plan: Plan, positions: np.ndarray, count: int) -> dict[int, np.ndarray]:
+    """The check rows of each payload size: ``count`` dense rows of half the payload's positions."""
+    return {k: _extension(seed, _CHECK_ROUND, k, count, max(1, k // 2), positions) for k in set(plan.payloads)}
 
 
 def binary_entropy(q: float) -> float:
@@ -84,17 +84,20 @@ def binary_entropy(q: float) -> float:
 class LdpcParams:
     """Public parameters of the LDPC stage (both parties must use the same)."""
 
-    f_start: float = 1.1
-    """Target efficiency of the first attempt: syndrome bits per key bit = f_start·h(q)."""
-    blind_step: float = 0.03
-    """Blind round r reveals r·blind_step·k·h(q) more key bits of every failed codeword."""
-    max_blind_rounds: int = 12
-    max_shortened: float = 0.25
-    """At most this fraction of a codeword is shortened (heavily shortened codes decode poorly and slowly);
-    the highest-rate code may be shortened up to ``max_shortened_top``."""
-    max_shortened_top: float = 0.5
-    """Measured: at QBER 1 % the rate-0.95 code shortened by ~45 % ends at f ≈ 1.27, the rate-0.9 code
-    (the next one) at f ≈ 1.41 (a 10^5-bit frame is 6.1 codewords, so the 0.9 code cannot be filled)."""
+    f_start: float = 1.05
+    """Target efficiency of the first attempt: syndrome bits per key bit = f_start·h(q). Below the codes'
+    threshold on purpose: the blind rounds add what a codeword needs, so f ends near the mean threshold."""
+    blind_step: float = 0.015
+    """Blind round r reveals Δ·(1 + blind_growth·(r − 1)) more bits of every failed codeword,
+    Δ = ⌈blind_step·k·h(q)⌉: small first steps (f ends close to where each codeword decodes), growing so
+    that a bad codeword does not cost many round trips."""
+    blind_growth: float = 0.5
+    max_blind_rounds: int = 16
+    merge_headroom: float = 1.1
+    """The mother code has at least merge_headroom × the first syndrome's rows when one does, so the first
+    blind rounds un-merge rows (a full bit each, on the designed code) before extra parities are needed."""
+    check_bits: int = CHECK_BITS
+    """Check parities per codeword: a decoded word that is not Alice's passes them with probability 2^-c."""
     code_n: int = ldpc_codes.DEFAULT_N
     code_seed: int = ldpc_codes.DEFAULT_SEED
     max_iterations: int = 60
@@ -103,28 +106,46 @@ class LdpcParams:
     scaled by alpha (Chen & Fossorier 2002) — faster, but on these irregular codes far from capacity."""
 
     def public(self) -> dict[str, float | int]:
-        return {"f_start": self.f_start, "blind_step": self.blind_step, "max_blind_rounds": self.max_blind_rounds,
-                "max_shortened": self.max_shortened, "max_shortened_top": self.max_shortened_top,
+        return {"f_start": self.f_start, "blind_step": self.blind_step,
+                "blind_growth": self.blind_growth, "max_blind_rounds": self.max_blind_rounds,
+                "merge_headroom": self.merge_headroom, "check_bits": self.check_bits,
                 "code_n": self.code_n, "code_seed": self.code_seed,
                 "max_iterations": self.max_iterations, "alpha": self.alpha}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How a frame of ``n_key`` bits maps onto codewords of one code."""
+    """How a frame of ``n_key`` bits maps onto codewords of one mother code with ``merged`` row pairs merged."""
 
     rate: float
     n_key: int
     payloads: tuple[int, ...]
-    reveal_step: tuple[int, ...]
+    step: int
+    """Δ: blind round r reveals ⌈Δ·(1 + growth·(r − 1))⌉ bits per open codeword (un-merges first, then
+    extra parities)."""
+    growth: float
+    merged: int
+    """Row pairs of the mother code merged in the first syndrome (:func:`ldpc_codes.merge_pairs`)."""
+    m: int
+    """Rows of the mother code; the first syndrome has m − merged bits per codeword."""
 
     @property
     def codewords(self) -> int:
         return len(self.payloads)
 
+    @property
+    def syndrome_bits(self) -> int:
+        """Syndrome bits of one codeword's first attempt."""
+        return self.m - self.merged
+
 
 def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
-    """The code and the payload of every codeword for ``n_key`` key bits at QBER estimate ``qber``."""
+    """The mother code, the merged rows and the payload of every codeword for ``n_key`` key bits at QBER ``qber``.
+
+    As few codewords as hold the frame (⌈N/n⌉, the rest of each codeword shortened); the first syndrome has
+    ⌈f_start·h(q)·k⌉ bits, reached from the mother code of the family with the fewest rows that leaves
+    ``merge_headroom`` for blind rounds (else the fewest rows that reach it at all) by merging row pairs.
+    """
     if n_key <= 0:
         raise ConfigError("the LDPC stage needs a non-empty key")
     h = binary_entropy(qber)
@@ -135,28 +156,36 @@ def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
     if need >= 1.0:
         raise ProtocolAbort(STAGE, f"QBER estimate {100 * qber:.2f}% is beyond the reach of syndrome "
                                    "reconciliation (the syndrome would be longer than the key)")
-    # The code whose codewords, each shortened to carry k = min(n, m/need) key bits, disclose the fewest
-    # syndrome bits for the whole frame (a frame is a whole number of codewords, so the highest rate that
-    # fits is not always the cheapest); ties go to fewer codewords.
-    best = None
-    for r in ldpc_codes.RATES:
-        m = round(n * (1.0 - r))
-        k = min(n, int(m / need))
-        limit = params.max_shortened_top if r == max(ldpc_codes.RATES) else params.max_shortened
-        if k <= m or k < (1.0 - limit) * n:
-            continue
-        count = -(-n_key // k)
-        cost = (count * m, count)
-        if best is None or cost < best[0]:
-            best = (cost, r, k)
-    if best is None:
-        raise ProtocolAbort(STAGE, f"QBER estimate {100 * qber:.2f}% is beyond the reach of the LDPC codes")
-    _cost, rate, k = best
-    count = -(-n_key // k)
-    base, extra = divmod(n_key, count)
-    payloads = tuple(base + (1 if i < extra else 0) for i in range(count))
-    steps = tuple(max(1, math.ceil(params.blind_step * p * h)) for p in payloads)
-    return Plan(rate, n_key, payloads, steps)
+    by_rows = sorted((round(n * (1.0 - r)), r) for r in ldpc_codes.RATES)
+    count = -(-n_key // n)
+    while True:
+        k = -(-n_key // count)
+        m0 = math.ceil(need * k)
+        if m0 >= k:
+            break
+        choice = None
+        for strict in (True, False):
+            for m, r in by_rows:
+                if m < (m0 * params.merge_headroom if strict else m0):
+                    continue
+                pairs = ldpc_codes.merge_pairs(ldpc_codes.get_code(r, n, params.code_seed), params.code_seed)
+                if m - m0 <= pairs.shape[0]:
+                    choice = (r, m)
+                    break
+            if choice:
+                break
+        if choice is None and m0 < by_rows[0][0]:  # a very low QBER: the highest-rate code, merged all it can
+            m, r = by_rows[0]
+            pairs = ldpc_codes.merge_pairs(ldpc_codes.get_code(r, n, params.code_seed), params.code_seed)
+            choice, m0 = (r, m), m - pairs.shape[0]
+        if choice:
+            rate, m = choice
+            base, extra = divmod(n_key, count)
+            payloads = tuple(base + (1 if i < extra else 0) for i in range(count))
+            step = max(1, math.ceil(params.blind_step * k * h))
+            return Plan(rate, n_key, payloads, step, params.blind_growth, m - m0, m)
+        count += 1  # the syndrome needs more rows than any code has: shorter payloads
+    raise ProtocolAbort(STAGE, f"QBER estimate {100 * qber:.2f}% is beyond the reach of the LDPC codes")
 
 
 @dataclass
@@ -170,7 +199,7 @@ class LdpcResult:
     code: str
     blind_rounds: int
     revealed_bits: int
-    """Extra parity bits Alice disclosed in the blind rounds."""
+    """Bits Alice disclosed in the blind rounds (un-merged syndrome bits and extra parities)."""
     syndrome_bits: int
     status_bits: int
     failed_first: int
@@ -178,7 +207,9 @@ class LdpcResult:
     errors_corrected: int = 0
     iterations: int = 0
     check_bits: int = 0
-    """Check parities Alice disclosed (CHECK_BITS per codeword) so that Bob can tell a wrong codeword."""
+    """Check parities Alice disclosed (``check_bits`` per codeword) so that Bob can tell a wrong codeword."""
+    wrong_codewords: int = 0
+    """Bob only: decodings that met the syndrome but failed the check parities (a wrong codeword caught)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,15 +414,49 @@ def _extension(seed: int, blind_round: int, k: int, count: int, weight: int, pos
     return cols
 
 
-def _extended(code: LdpcCode, rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _extended(row_ptr: np.ndarray, col_idx: np.ndarray, rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """H with the extra rows appended (CSR: row_ptr, col_idx)."""
     if not rows:
-        return code.row_ptr, code.col_idx
+        return row_ptr, col_idx
     extra = np.concatenate(rows)
     lens = np.full(extra.shape[0], extra.shape[1], dtype=np.int64)
-    row_ptr = np.concatenate([code.row_ptr, code.row_ptr[-1] + np.cumsum(lens)])
-    col_idx = np.concatenate([code.col_idx, extra.ravel().astype(code.col_idx.dtype)])
+    row_ptr = np.concatenate([row_ptr, row_ptr[-1] + np.cumsum(lens)])
+    col_idx = np.concatenate([col_idx, extra.ravel().astype(col_idx.dtype)])
     return row_ptr, col_idx
+
+
+@dataclass(frozen=True)
+class _State:
+    """The checks of a codeword with row pairs ``pairs[j:t]`` of the mother code still merged.
+
+    Rows of the CSR: the merged pairs first (c1 ∪ c2, in pair order), then every other mother row in
+    increasing order (``singles``).
+    """
+
+    row_ptr: np.ndarray
+    col_idx: np.ndarray
+    c1: np.ndarray
+    c2: np.ndarray
+    singles: np.ndarray
+
+
+def _state(code: LdpcCode, pairs: np.ndarray, t: int, j: int) -> _State:
+    merged = pairs[j:t]
+    c1, c2 = merged[:, 0], merged[:, 1]
+    in_merged = np.zeros(code.m, dtype=bool)
+    in_merged[merged.ravel()] = True
+    singles = np.flatnonzero(~in_merged)
+    seq = np.concatenate([merged.ravel(), singles])  # mother rows in CSR order (a pair's two rows adjacent)
+    deg = np.diff(code.row_ptr)
+    lens = deg[seq]
+    starts = code.row_ptr[seq]
+    total = int(lens.sum())
+    first = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    col_idx = code.col_idx[np.repeat(starts - first, lens) + np.arange(total)]
+    row_lens = np.concatenate([deg[c1] + deg[c2], deg[singles]])
+    row_ptr = np.zeros(row_lens.size + 1, dtype=np.int64)
+    np.cumsum(row_lens, out=row_ptr[1:])
+    return _State(row_ptr, col_idx, c1, c2, singles)
 
 
 def _parities(words: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -426,6 +491,13 @@ def _snapshot(channel: Channel) -> tuple[int, int, int]:
     return stats.disclosed_bits(STAGE, SENT), stats.disclosed_bits(STAGE, RECEIVED), stats.messages(STAGE, SENT)
 
 
+def _reveal_counts(plan: Plan, blind: int, unmerged: int) -> tuple[int, int]:
+    """Blind round r reveals ⌈Δ·(1 + growth·(r − 1))⌉ bits per open codeword: (pairs to un-merge, extra parities)."""
+    total = math.ceil(plan.step * (1.0 + plan.growth * (blind - 1)))
+    unmerge = min(total, plan.merged - unmerged)
+    return unmerge, total - unmerge
+
+
 def _give_up(failed: int, plan: Plan, params: LdpcParams) -> ProtocolAbort:
     return ProtocolAbort(STAGE, f"{failed} of {plan.codewords} codewords failed to decode after "
                                 f"{params.max_blind_rounds} blind rounds; the frame is given up")
@@ -457,26 +529,31 @@ async def alice(
     channel: Channel, key: np.ndarray, qber_estimate: float, params: LdpcParams | None = None, *,
     seed: int | None = None,
 ) -> LdpcResult:
-    """Alice's side: send the syndromes, then extra parities of failed codewords until Bob decodes all."""
+    """Alice's side: send the syndromes, then un-merged rows / extra parities of failed codewords until Bob
+    decodes all."""
     params = params or LdpcParams()
     bits = _check_key(key)
     plan = make_plan(bits.size, qber_estimate, params)
     code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
+    pairs = ldpc_codes.merge_pairs(code, params.code_seed)
     seed = secrets.randbits(63) if seed is None else seed
     positions = _layout(seed, code.n)
     weight = extension_weight(qber_estimate)
     snap0 = _snapshot(channel)
     words = _words(bits, plan, positions, code.n)
-    synd = np.empty((plan.codewords, code.m), dtype=np.uint8)
-    _syndromes(code.row_ptr, code.col_idx, words, synd)
-    check_rows = _check_rows(seed, plan, positions)
+    full = np.empty((plan.codewords, code.m), dtype=np.uint8)
+    _syndromes(code.row_ptr, code.col_idx, words, full)
+    st = _state(code, pairs, plan.merged, 0)
+    synd = np.concatenate([full[:, st.c1] ^ full[:, st.c2], full[:, st.singles]], axis=1)
+    check_rows = _check_rows(seed, plan, positions, params.check_bits)
     checks = np.concatenate([_parities(words[i : i + 1], check_rows[k])[0] for i, k in enumerate(plan.payloads)])
     await channel.send("ldpc.start", disclosed=BitArray.from_bits(np.concatenate([synd.ravel(), checks])),
-                       seed=seed, n_key=bits.size, code=code.name, codewords=plan.codewords)
+                       seed=seed, n_key=bits.size, code=code.name, codewords=plan.codewords, merged=plan.merged)
     open_ = np.arange(plan.codewords)
     extra = 0
     failed_first = 0
     blind = 0
+    unmerged = 0
     while True:
         status = await channel.recv(expect="ldpc.status")
         if status.disclosed is None or len(status.disclosed) != open_.size:
@@ -490,16 +567,21 @@ async def alice(
         if blind >= params.max_blind_rounds:
             raise _give_up(open_.size, plan, params)
         blind += 1
+        n_unmerge, n_extra = _reveal_counts(plan, blind, unmerged)
+        c1 = pairs[unmerged : unmerged + n_unmerge, 0]
+        unmerged += n_unmerge
         out = []
         for i in open_:
-            k = plan.payloads[i]
-            rows = _extension(seed, blind, k, blind * plan.reveal_step[i], weight, positions)
-            out.append(_parities(words[i : i + 1], rows)[0])
-        extra += sum(x.size for x in out)
-        await channel.send("ldpc.reveal", disclosed=BitArray.from_bits(np.concatenate(out)), round=blind)
-    sent, received, round_trips = (b - a for a, b in zip(snap0, _snapshot(channel), strict=True))
+            out.append(full[i, c1])
+            if n_extra:
+                rows = _extension(seed, blind, plan.payloads[i], n_extra, weight, positions)
+                out.append(_parities(words[i : i + 1], rows)[0])
+        sent = np.concatenate(out)
+        extra += sent.size
+        await channel.send("ldpc.reveal", disclosed=BitArray.from_bits(sent), round=blind)
+    sent_bits, received, round_trips = (b - a for a, b in zip(snap0, _snapshot(channel), strict=True))
     return LdpcResult(
-        key=bits.copy(), leaked_bits=sent + received, round_trips=round_trips, codewords=plan.codewords,
+        key=bits.copy(), leaked_bits=sent_bits + received, round_trips=round_trips, codewords=plan.codewords,
         code=code.name, blind_rounds=blind, revealed_bits=extra, syndrome_bits=int(synd.size),
         status_bits=received, failed_first=failed_first, check_bits=int(checks.size),
     )
@@ -508,32 +590,39 @@ async def alice(
 async def bob(
     channel: Channel, key: np.ndarray, qber_estimate: float, params: LdpcParams | None = None,
 ) -> LdpcResult:
-    """Bob's side: decode every codeword to Alice's word; report each outcome; take extra parities on failure."""
+    """Bob's side: decode every codeword to Alice's word; report each outcome; take more bits on failure."""
     params = params or LdpcParams()
     bits = _check_key(key)
     plan = make_plan(bits.size, qber_estimate, params)
     code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
+    pairs = ldpc_codes.merge_pairs(code, params.code_seed)
     snap0 = _snapshot(channel)
     start = await channel.recv(expect="ldpc.start")
     if int(start["n_key"]) != bits.size:
         raise ProtocolAbort(STAGE, f"key length mismatch: Alice has {int(start['n_key'])} bits, Bob {bits.size}")
-    if str(start["code"]) != code.name or int(start["codewords"]) != plan.codewords:
-        raise ProtocolAbort(STAGE, f"code mismatch: Alice uses {start['code']} x {start['codewords']}, "
-                                   f"Bob {code.name} x {plan.codewords}")
-    n_synd = plan.codewords * code.m
-    if start.disclosed is None or len(start.disclosed) != n_synd + plan.codewords * CHECK_BITS:
+    if (str(start["code"]) != code.name or int(start["codewords"]) != plan.codewords
+            or int(start["merged"]) != plan.merged):
+        raise ProtocolAbort(STAGE, f"code mismatch: Alice uses {start['code']} x {start['codewords']} "
+                                   f"({start['merged']} merged), Bob {code.name} x {plan.codewords} ({plan.merged})")
+    n_synd = plan.codewords * plan.syndrome_bits
+    nchk = params.check_bits
+    if start.disclosed is None or len(start.disclosed) != n_synd + plan.codewords * nchk:
         raise ProtocolAbort(STAGE, "ldpc.start carries the wrong number of syndrome and check bits")
     seed = int(start["seed"])
     positions = _layout(seed, code.n)
     weight = extension_weight(qber_estimate)
     words = _words(bits, plan, positions, code.n)
     disclosed = start.disclosed.to_bits()
-    synd_a = disclosed[:n_synd].reshape(plan.codewords, code.m)
-    checks_a = disclosed[n_synd:].reshape(plan.codewords, CHECK_BITS)
-    check_rows = _check_rows(seed, plan, positions)
-    synd_b = np.empty_like(synd_a)
-    _syndromes(code.row_ptr, code.col_idx, words, synd_b)
-    target = synd_a ^ synd_b
+    synd_a = disclosed[:n_synd].reshape(plan.codewords, plan.syndrome_bits)
+    checks_a = disclosed[n_synd:].reshape(plan.codewords, nchk)
+    check_rows = _check_rows(seed, plan, positions, nchk)
+    t = plan.merged
+    sb = np.empty((plan.codewords, code.m), dtype=np.uint8)
+    _syndromes(code.row_ptr, code.col_idx, words, sb)
+    st = _state(code, pairs, t, 0)
+    sa_pair = synd_a[:, :t].copy()  # Alice's merged syndrome bits, pair by pair
+    sa_row = np.zeros((plan.codewords, code.m), dtype=np.uint8)  # her single rows' bits, where known
+    sa_row[:, st.singles] = synd_a[:, t:]
     q = min(max(qber_estimate, 1e-4), 0.5 - 1e-4)
     llr = np.full((plan.codewords, code.n), KNOWN_LLR, dtype=np.float32)
     channel_llr = np.float32(math.log((1 - q) / q))
@@ -547,25 +636,34 @@ async def bob(
     extra = 0
     failed_first = 0
     blind = 0
+    unmerged = 0
     total_iters = 0
+    wrong = 0
     while True:
+        st = _state(code, pairs, t, unmerged)
+        p0 = st.c1.size
+        base_tgt = np.empty((plan.codewords, st.row_ptr.size - 1), dtype=np.uint8)
+        base_tgt[:, :p0] = sa_pair[:, unmerged:] ^ sb[:, st.c1] ^ sb[:, st.c2]
+        base_tgt[:, p0:] = sa_row[:, st.singles] ^ sb[:, st.singles]
         ok = np.zeros(open_.size, dtype=bool)
         for k, k_rows in rows.items():
             members = np.nonzero(np.array([plan.payloads[i] == k for i in open_], dtype=bool))[0]
             if members.size == 0:
                 continue
             idx = open_[members]
-            row_ptr, col_idx = _extended(code, k_rows)
+            row_ptr, col_idx = _extended(st.row_ptr, st.col_idx, k_rows)
             tgt = np.ascontiguousarray(np.concatenate(
-                [target[idx], *([np.stack([np.concatenate(extra_target[int(i)]) for i in idx])]
-                                if k_rows else [])], axis=1))
+                [base_tgt[idx], *([np.stack([np.concatenate(extra_target[int(i)]) for i in idx])]
+                                  if k_rows else [])], axis=1))
             sub_err, sub_it = await _decode_threads(row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt, params)
             err[idx] = sub_err
             total_iters += int(np.abs(sub_it).sum())
             decoded = sub_it >= 0
             # a word with the right syndrome may still not be Alice's: her check parities tell
             mine = _parities(words[idx] ^ sub_err, check_rows[k])
-            ok[members] = decoded & np.all(mine == checks_a[idx], axis=1)
+            good = np.all(mine == checks_a[idx], axis=1)
+            wrong += int(np.count_nonzero(decoded & ~good))
+            ok[members] = decoded & good
         if blind == 0:
             failed_first = int(np.count_nonzero(~ok))
         await channel.send("ldpc.status", disclosed=BitArray.from_bits(ok.astype(np.uint8)))
@@ -576,22 +674,27 @@ async def bob(
             raise _give_up(open_.size, plan, params)
         blind += 1
         msg = await channel.recv(expect="ldpc.reveal")
+        n_unmerge, n_extra = _reveal_counts(plan, blind, unmerged)
+        newly = np.arange(unmerged, unmerged + n_unmerge)
+        unmerged += n_unmerge
         new_rows = {}
-        for k in sorted({plan.payloads[i] for i in open_}):
-            step = plan.reveal_step[plan.payloads.index(k)]
-            new_rows[k] = _extension(seed, blind, k, blind * step, weight, positions)
-            rows[k].append(new_rows[k])
-        total = sum(new_rows[plan.payloads[i]].shape[0] for i in open_)
-        if msg.disclosed is None or len(msg.disclosed) != total:
-            raise ProtocolAbort(STAGE, "ldpc.reveal carries the wrong number of parity bits")
-        values = msg.disclosed.to_bits()
-        pos = 0
-        for i in open_:
-            r = new_rows[plan.payloads[i]]
-            theirs = values[pos : pos + r.shape[0]]
-            pos += r.shape[0]
-            extra_target[int(i)].append(theirs ^ _parities(words[i : i + 1], r)[0])
-        extra += total
+        if n_extra:
+            for k in sorted({plan.payloads[i] for i in open_}):
+                new_rows[k] = _extension(seed, blind, k, n_extra, weight, positions)
+                rows[k].append(new_rows[k])
+        per = n_unmerge + n_extra
+        if msg.disclosed is None or len(msg.disclosed) != per * open_.size:
+            raise ProtocolAbort(STAGE, "ldpc.reveal carries the wrong number of bits")
+        values = msg.disclosed.to_bits().reshape(open_.size, per)
+        c1, c2 = pairs[newly, 0], pairs[newly, 1]
+        for row, i in enumerate(open_):
+            got = values[row, :n_unmerge]
+            sa_row[i, c1] = got
+            sa_row[i, c2] = got ^ sa_pair[i, newly]
+            if n_extra:
+                r = new_rows[plan.payloads[i]]
+                extra_target[int(i)].append(values[row, n_unmerge:] ^ _parities(words[i : i + 1], r)[0])
+        extra += per * open_.size
     corrected = bits.copy()
     for i, k in enumerate(plan.payloads):
         corrected[offsets[i] : offsets[i] + k] ^= err[i, positions[:k]]
@@ -601,5 +704,5 @@ async def bob(
         code=code.name, blind_rounds=blind, revealed_bits=extra, syndrome_bits=int(synd_a.size),
         status_bits=sent, failed_first=failed_first,
         errors_corrected=int(np.count_nonzero(corrected != bits)), iterations=total_iters,
-        check_bits=int(checks_a.size),
+        check_bits=int(checks_a.size), wrong_codewords=wrong,
     )

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-__all__ = ["DISTRIBUTIONS", "RATES", "LdpcCode", "build_code", "code_family", "get_code"]
+__all__ = ["DISTRIBUTIONS", "RATES", "LdpcCode", "build_code", "code_family", "get_code", "merge_pairs"]
 
 CONSTRUCTION_VERSION = 2
 """Bump when the construction changes, so cached matrices from an older build are not reused."""
@@ -322,3 +322,68 @@ def get_code(rate: float, n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> LdpcC
 def code_family(n: int = DEFAULT_N, seed: int = DEFAULT_SEED) -> list[LdpcCode]:
     """Every code of the family, lowest rate first."""
     return [get_code(r, n, seed) for r in RATES]
+
+
+# --------------------------------------------------------------------------------------------
+# Rate adaptation by merging check rows
+
+
+MERGE_WINDOW = 64
+"""How far ahead in the seeded row order :func:`merge_pairs` looks for a partner row."""
+
+_PAIRS: dict[str, np.ndarray] = {}
+
+
+@njit(cache=True, nogil=True)
+def _pairing(row_ptr, col_idx, n, order, window):
+    """Greedy disjoint pairing of check rows: each row in ``order`` takes the first later unused row
+    (within ``window``) that shares no variable with it (merging rows with a common variable would cancel it)."""
+    m = order.size
+    mark = np.zeros(n, np.int64)
+    used = np.zeros(m, np.bool_)
+    pairs = np.empty((m // 2, 2), np.int64)
+    count = 0
+    for i in range(m):
+        c = order[i]
+        if used[c]:
+            continue
+        stamp = i + 1
+        for e in range(row_ptr[c], row_ptr[c + 1]):
+            mark[col_idx[e]] = stamp
+        for j in range(i + 1, min(i + 1 + window, m)):
+            d = order[j]
+            if used[d]:
+                continue
+            ok = True
+            for e in range(row_ptr[d], row_ptr[d + 1]):
+                if mark[col_idx[e]] == stamp:
+                    ok = False
+                    break
+            if ok:
+                used[c] = True
+                used[d] = True
+                pairs[count, 0] = c
+                pairs[count, 1] = d
+                count += 1
+                break
+    return pairs[:count]
+
+
+def merge_pairs(code: LdpcCode, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """Disjoint pairs of check rows (p × 2, int64) in the order they are merged for rate adaptation.
+
+    Merging t pairs (adding row c2 to row c1, the syndrome bit likewise) turns the m × n code into an
+    (m − t) × n code of higher rate with the same variable degrees; un-merging a pair later costs one
+    disclosed bit (Alice's syndrome bit of c1; c2's follows). This is rate adaptation by check-node
+    merging as in Mueller, Kiktenko et al. (LDPC4QKD's rate-adaptive codes; the idea, not their code):
+    it replaces shortening as the fine rate control, so a frame is cut into as few codewords as fit
+    and the first syndrome can be sized to the bit. Deterministic for (code, seed); kept in memory.
+    """
+    key = f"{code.name}/{seed}"
+    pairs = _PAIRS.get(key)
+    if pairs is None:
+        order = np.random.default_rng([seed, code.m]).permutation(code.m).astype(np.int64)
+        pairs = _pairing(code.row_ptr, code.col_idx, code.n, order, MERGE_WINDOW)
+        pairs.setflags(write=False)
+        _PAIRS[key] = pairs
+    return pairs
