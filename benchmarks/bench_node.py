@@ -10,8 +10,17 @@ sites' ``status.json``:
 * ``real_time_factor``: device seconds distilled per wall second, ``Δ device_seconds_distilled / Δ wall``
   at site A (1.0: the nodes keep up with their device);
 * ``secret_bit_per_s_wall``: ``Δ secret_bits / Δ wall`` at site A;
-* ``cpu_s`` and ``peak_rss_mib`` (VmHWM) of each process, and the machine's load average (the
-  machine may be shared: both nodes and anything else running compete for its cores).
+* ``cpu_s`` (and its ``user_system_s`` split) and ``peak_rss_mib`` (VmHWM) of each process, and the
+  machine's load average (the machine may be shared: both nodes and anything else running compete for its
+  cores);
+* ``stage_seconds_mean``: per site, the mean wall time of each stage of the rounds accepted in the window
+  (``stage_seconds`` in ``data/rounds.jsonl``): where a round's time goes.
+
+``--profile KM[@GHZ] [--seconds S] [--out DIR]`` (outside ``make bench``; needs ``pip install py-spy``): one
+case, measured unprofiled for S seconds (default 30), then both node processes sampled by py-spy for S more
+seconds (``py-spy record --nonblocking -r 50 -t -f raw``, once for the threads that are not idle and once
+with ``--gil`` for the thread holding the GIL), raw profiles written to DIR; prints the measurement, the
+factor while profiled (sampling costs CPU), and the top functions by share of samples (docs/performance.md).
 
 Key stores are sized so that generation never pauses for a full store during the run.
 Run: ``.venv/bin/python benchmarks/run_all.py node`` or ``benchmarks/bench_node.py --minutes 10`` (one
@@ -20,9 +29,13 @@ long run at 25 km, RSS sampled each minute, to check that memory stays flat).
 
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +86,85 @@ def _proc(pid: int) -> tuple[float, float]:
             if line.startswith("VmHWM:"):
                 hwm = int(line.split()[1]) / 1024
     return cpu, hwm
+
+
+def _user_system_s(pid: int) -> list[float]:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return [int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")]
+
+
+def _stage_means(site_dir: Path, t0: float, t1: float) -> dict[str, float]:
+    """Mean ``stage_seconds`` of the rounds accepted between ``t0`` and ``t1`` (Unix times), from rounds.jsonl."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    n = 0
+    path = site_dir / "data" / "rounds.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if doc.get("accepted") and t0 <= doc.get("time", 0) <= t1:
+            n += 1
+            for stage, sec in (doc.get("stage_seconds") or {}).items():
+                if isinstance(sec, (int, float)):
+                    totals[stage] += sec
+    return {stage: round(total / n, 4) for stage, total in totals.items()} if n else {}
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/to/file.py:123)`` -> ``func (qkdstack/file.py)``: one name per function."""
+    m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not m:
+        return frame
+    path = m.group(2).split("site-packages/")[-1].split("src/")[-1]
+    return f"{m.group(1)} ({path})"
+
+
+def profile_summary(raw: Path, top: int = 12) -> dict[str, Any]:
+    """Shares of samples in a py-spy raw profile (``-t``: each stack starts with its thread): per thread, per
+    function where the sample was taken (self), and per innermost qkdstack function on the stack (the one of
+    ours that was running, or that called the library or C code that was: numpy, sqlite3, uuid, asyncio)."""
+    threads: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    ours: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n, frames = int(count), stack.split(";")
+        total += n
+        threads[frames[0].split(": ", 1)[-1]] += n
+        own[_frame_name(frames[-1])] += n
+        names = [_frame_name(f) for f in frames[1:]]
+        ours[next((name for name in reversed(names) if "(qkdstack/" in name), "(not in qkdstack)")] += n
+
+    def shares(counter: collections.Counter[str], k: int) -> list[list[Any]]:
+        return [[round(100 * n / total, 1), name] for name, n in counter.most_common(k)] if total else []
+
+    return {"samples": total, "threads_pct": shares(threads, 8), "self_pct": shares(own, top),
+            "innermost_qkdstack_pct": shares(ours, top)}
+
+
+def py_spy(pids: dict[str, int], seconds: float, out_dir: Path) -> dict[str, Any]:
+    """Sample each process with py-spy for ``seconds`` (non-idle threads, and the GIL holder), both at once."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = {}
+    for site, pid in pids.items():
+        for kind, extra in (("active", []), ("gil", ["--gil"])):
+            path = out_dir / f"{site}-{kind}.txt"
+            cmd = [exe, "record", "--nonblocking", "-r", "50", "-d", str(round(seconds)), "-t", "-f", "raw",
+                   *extra, "-o", str(path), "--pid", str(pid)]
+            jobs[(site, kind, path)] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    result: dict[str, Any] = {}
+    for (site, kind, path), job in jobs.items():
+        _, err = job.communicate(timeout=seconds + 60)
+        if job.returncode != 0 or not path.exists():
+            raise RuntimeError(f"py-spy failed on {site}: {err.decode(errors='replace')[-500:]}")
+        result.setdefault(site, {})[kind] = {"raw": str(path), **profile_summary(path)}
+    return result
 
 
 def _rss_mib(pid: int) -> float:
@@ -145,9 +237,11 @@ def frame_pulses(distance_km: float, rep_rate_hz: float = 1e9) -> int:
                                        source=replace(p.source, rep_rate_hz=float(rep_rate_hz))))
 
 
-def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0,
-            rep_rate_hz: float = 1e9) -> dict[str, Any]:
-    """Run two nodes at ``distance_km`` with a ``rep_rate_hz`` source and measure ``seconds`` of steady state."""
+def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0, rep_rate_hz: float = 1e9,
+            profile_dir: Path | None = None) -> dict[str, Any]:
+    """Run two nodes at ``distance_km`` with a ``rep_rate_hz`` source and measure ``seconds`` of steady state.
+
+    ``profile_dir``: then sample both processes with py-spy for ``seconds`` more (:func:`py_spy`)."""
     from qkdstack.node.deployment import render_toml, write_deployment
 
     with tempfile.TemporaryDirectory(prefix="qkdstack-bench-node-") as tmp:
@@ -177,6 +271,7 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0,
                 time.sleep(0.5)
             s0, w0 = _status(dirs["A"]), time.time()
             c0 = {s: _proc(p.pid)[0] for s, p in procs.items()}
+            u0 = {s: _user_system_s(p.pid) for s, p in procs.items()}
             rss: list[dict[str, float]] = []
             end = time.monotonic() + seconds
             while time.monotonic() < end:
@@ -196,12 +291,21 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0,
                 "secret_bit_per_s_wall": round((s1["secret_bits"] - s0["secret_bits"]) / wall),
                 "secret_bit_per_s_device": round(s1["secret_key_rate_bit_per_s_device"]),
                 "cpu_s": {s: round(_proc(p.pid)[0] - c0[s], 1) for s, p in procs.items()},
+                "user_system_s": {s: [round(x - y, 1) for x, y in zip(_user_system_s(p.pid), u0[s], strict=True)]
+                                  for s, p in procs.items()},
+                "stage_seconds_mean": {s: _stage_means(d, w0, w1) for s, d in dirs.items()},
                 "peak_rss_mib": {s: round(_proc(p.pid)[1], 1) for s, p in procs.items()},
                 "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
                 "cpu_count": os.cpu_count(),
             }
             if rss:
                 out["rss_mib_each_interval"] = rss
+            if profile_dir is not None:
+                s2, w2 = _status(dirs["A"]), time.time()
+                out["profile"] = py_spy({s: p.pid for s, p in procs.items()}, seconds, profile_dir)
+                s3, w3 = _status(dirs["A"]), time.time()
+                out["real_time_factor_while_profiled"] = round((_device_s(s3, frame_s) - _device_s(s2, frame_s))
+                                                               / (w3 - w2), 3)
             return out
         finally:
             stop_nodes(procs, logs)
@@ -212,8 +316,20 @@ def run() -> dict:
             "runs": [measure(km, SECONDS, rep_rate_hz=rate) for km, rate in parse_cases(CASES)]}
 
 
+def cli(argv: list[str]) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, help="one long run at 25 km, RSS sampled each minute")
+    parser.add_argument("--profile", metavar="KM[@GHZ]", help="one case, then py-spy on both nodes")
+    parser.add_argument("--seconds", type=float, default=30.0, help="with --profile: measured and profiled time")
+    parser.add_argument("--out", default="bench-node-profile", help="with --profile: folder for the raw profiles")
+    args = parser.parse_args(argv)
+    if args.minutes:
+        return measure(25.0, 60 * args.minutes, rss_every_s=60.0)
+    if args.profile:
+        ((km, rate),) = parse_cases(args.profile)
+        return measure(km, args.seconds, rep_rate_hz=rate, profile_dir=Path(args.out))
+    return run()
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--minutes":
-        print(json.dumps(measure(25.0, 60 * float(sys.argv[2]), rss_every_s=60.0), indent=2))
-    else:
-        print(json.dumps(run(), indent=2))
+    print(json.dumps(cli(sys.argv[1:]), indent=2))
