@@ -12,6 +12,7 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -35,10 +36,26 @@ COMMANDS: list[str] = [
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that exits with code 2 and one sentence, as for every other bad input."""
+    """argparse that exits with code 2 and one sentence, as for every other bad input.
+
+    The sentence names the sub-command and the flag; a mistyped flag or command gets the closest
+    one suggested (:func:`qkdstack.commands.validate.usage_error`, docs/cli.md).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        # `--dark-count -1e-6` is a (refused) value, not an unknown flag: argparse's own pattern knows only -1 and -.5
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf(inity)?$", re.I)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        self.seen_args = list(sys.argv[1:] if args is None else args)  # what usage_error looks at
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        from qkdstack.commands.validate import usage_error
+
+        parser, sentence = usage_error(self, message)
+        parser.exit(2, f"{parser.prog}: error: {sentence}\n")
 
 
 def command_summary(name: str) -> str | None:

@@ -25,9 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qkdstack.commands.validate import as_flags
+    from qkdstack.errors import ConfigError
     from qkdstack.ops.dashboard import serve_deployment
 
-    server = serve_deployment(args.deployment, args.listen, args.token)
+    try:  # the [admin] listener's own checks (ops/admin.py), which name the field the flag sets
+        server = serve_deployment(args.deployment, args.listen, args.token)
+    except ConfigError as exc:
+        raise as_flags(exc, {"[admin] listen": "--listen", "[admin] token": "--token"}) from None
     print(f"qkdstack dashboard: {server.url}/ (sites of {args.deployment}); Ctrl-C to stop", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -164,18 +164,27 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pulse_count(text: str) -> int:
-    """An integer number of pulses; accepts 1e9-style notation when it is a whole number."""
+    """An integer number of pulses; accepts 1e9-style notation when it is a whole number.
+
+    The range is the device's own check (:func:`qkdstack.physics.device.check_pulses`), applied while the
+    command line is parsed.
+    """
     try:
-        return int(text)
+        n = int(text)
     except ValueError:
-        pass
+        try:
+            f = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of pulses") from None
+        if not math.isfinite(f) or f != math.floor(f):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pulses") from None
+        n = int(f)
+    from qkdstack.physics.device import check_pulses
+
     try:
-        f = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pulses") from None
-    if not math.isfinite(f) or f != math.floor(f):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pulses") from None
-    return int(f)
+        return check_pulses(n)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of pulses in 1..2^62-1, got {text!r}") from None
 
 
 def seed_value(text: str) -> int:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from qkdstack.commands.device_args import add_device_arguments, add_frame_arguments, device_params_from_args
+from qkdstack.commands.validate import protocol_value
 from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import Eavesdropper, parse_eve
@@ -44,11 +45,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_device_arguments(parser)
     add_frame_arguments(parser)
-    parser.add_argument("--rounds", type=int, default=1, help="frames to distill one after another (default 1)")
-    parser.add_argument("--eps-sec", type=float, default=1e-10, help="secrecy parameter ε_sec (default 1e-10)")
-    parser.add_argument("--eps-cor", type=float, default=1e-15, help="correctness parameter ε_cor (default 1e-15)")
-    parser.add_argument("--max-qber", type=float, default=0.11, help="abort above this QBER (default 0.11)")
-    parser.add_argument("--max-phase-error", type=float, default=0.2,
+    # The round settings are checked as [protocol] fields are (commands/validate.py), when the line is parsed.
+    parser.add_argument("--rounds", type=int, default=1,  # checked by round_config, before any frame
+                        help="frames to distill one after another (default 1)")
+    parser.add_argument("--eps-sec", type=protocol_value("--eps-sec", "eps_sec"), default=1e-10,
+                        help="secrecy parameter ε_sec (default 1e-10)")
+    parser.add_argument("--eps-cor", type=protocol_value("--eps-cor", "eps_cor"), default=1e-15,
+                        help="correctness parameter ε_cor (default 1e-15)")
+    parser.add_argument("--max-qber", type=protocol_value("--max-qber", "max_qber"), default=0.11,
+                        help="abort above this QBER (default 0.11)")
+    parser.add_argument("--max-phase-error", type=protocol_value("--max-phase-error", "max_phase_error"), default=0.2,
                         help="abort above this phase-error bound (default 0.2)")
     parser.add_argument("--cascade-schedule", choices=sorted(SCHEDULES), default="batched",
                         help="Cascade block-size schedule (default batched)")

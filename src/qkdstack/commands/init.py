@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import argparse
 
+from qkdstack.commands.validate import (
+    check_sae_id,
+    distance_km,
+    make_folder,
+    port,
+    pulses_per_frame,
+    site_names,
+    store_url,
+)
 from qkdstack.errors import ConfigError
 from qkdstack.node.config import BOOTSTRAPS
-from qkdstack.node.deployment import write_deployment, write_network_deployment
+from qkdstack.node.deployment import network_ports, write_deployment, write_network_deployment
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,19 +28,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and the key consumers' (SAEs') client certificates. With --topology FILE, the same for every site "
         "of a network (docs/network.md).",
     )
-    parser.add_argument("--sites", default=None, help="the two site names, transmitter first (default A,B)")
+    parser.add_argument("--sites", type=site_names, default=None,
+                        help="the two site names, transmitter first (default A,B)")
     parser.add_argument("--topology", default=None, metavar="FILE",
                         help="a network topology (TOML: [sites.NAME] and [[links]]; docs/network.md): write a "
                         "deployment for every site instead of two")
     parser.add_argument("--out", required=True, help="folder to write (must be new or empty)")
     parser.add_argument("--bootstrap", choices=BOOTSTRAPS, default="psk", help="trust anchor of the first round")
-    parser.add_argument("--base-port", type=int, default=7100, help="first of the loopback ports (default 7100)")
-    parser.add_argument("--distance-km", type=float, default=25.0,
+    parser.add_argument("--base-port", type=port, default=7100, help="first of the loopback ports (default 7100)")
+    parser.add_argument("--distance-km", type=distance_km, default=25.0,
                         help="simulated fibre length (default 25 km; with --topology: of links that give none)")
-    parser.add_argument("--pulses-per-frame", type=float, default=None,
+    parser.add_argument("--pulses-per-frame", type=pulses_per_frame, default=None,
                         help="pulses per round (default: follows the distance, at least 0.4 s of device time; "
                         "4e8 at 25 km, 4e9 at 100 km)")
-    parser.add_argument("--store", default="sqlite:///data/keys.db",
+    parser.add_argument("--store", type=store_url, default="sqlite:///data/keys.db",
                         help="key store: sqlite:///PATH (default) or a postgresql:// URL")
     parser.add_argument("--sae", action="append", default=[], metavar="SITE=ID[,ID]",
                         help="SAE IDs at a site (default SAE_<site>); repeat per site")
@@ -39,24 +49,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Flags a node would refuse later are refused now, before anything is written.
+    # Flags a node would refuse later are refused now, before anything is written: the argparse types
+    # (commands/validate.py) run the configuration's own checks on --sites, --distance-km,
+    # --pulses-per-frame and --store; what depends on several flags is checked here.
     pulses = args.pulses_per_frame
-    if pulses is not None and not (pulses == pulses and float(pulses).is_integer() and pulses >= 1000):  # NaN-safe
-        raise ConfigError(f"--pulses-per-frame must be a whole number of pulses, at least 1000, got {pulses:g}")
     if args.topology is not None:
-        return _run_topology(args, None if pulses is None else int(pulses))
-    if not 1 <= args.base_port <= 65535 - 11:
-        raise ConfigError(f"--base-port must lie in 1..65524 (the deployment uses it and the next 11 ports), "
+        return _run_topology(args, pulses)
+    if not args.base_port <= 65535 - 13:
+        raise ConfigError(f"--base-port must lie in 1..65522 (the deployment uses it and the next 13 ports), "
                           f"got {args.base_port}")
-    if not 0 <= args.distance_km < float("inf"):
-        raise ConfigError(f"--distance-km must be a length ≥ 0 km, got {args.distance_km:g}")
-    sites = [s.strip() for s in (args.sites or "A,B").split(",") if s.strip()]
+    sites = args.sites or ["A", "B"]
     sae_ids = {site: [f"SAE_{site}"] for site in sites}
     for entry in args.sae:
         site, _, ids = entry.partition("=")
         if site not in sae_ids or not ids:
             raise ConfigError(f"--sae must be SITE=ID[,ID] with SITE one of {', '.join(sites)}, got {entry!r}")
-        sae_ids[site] = [i.strip() for i in ids.split(",") if i.strip()]
+        sae_ids[site] = [check_sae_id("--sae", i.strip()) for i in ids.split(",") if i.strip()]
+    make_folder("--out", args.out)
     layouts = write_deployment(
         args.out, sites, bootstrap=args.bootstrap, base_port=args.base_port, distance_km=args.distance_km,
         pulses_per_frame=None if pulses is None else int(pulses), store=args.store, sae_ids=sae_ids,
@@ -75,9 +84,9 @@ def _run_topology(args: argparse.Namespace, pulses: int | None) -> int:
     if args.sae:
         raise ConfigError("--sae does not apply with --topology: give each site's SAEs as sae = [...] in its "
                           "[sites.NAME] table")
-    if not 0 <= args.distance_km < float("inf"):
-        raise ConfigError(f"--distance-km must be a length ≥ 0 km, got {args.distance_km:g}")
     topology = load_topology(args.topology)
+    network_ports(topology, args.base_port)  # --base-port against this topology's ports, before --out is made
+    make_folder("--out", args.out)
     layouts = write_network_deployment(
         topology, args.out, bootstrap=args.bootstrap, base_port=args.base_port, store=args.store,
         distance_km=args.distance_km, pulses_per_frame=pulses,

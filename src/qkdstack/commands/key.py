@@ -132,9 +132,7 @@ def _from_etsi(url: str, cert: str, key_file: str, ca: str, args: argparse.Names
 
     import httpx
 
-    for flag, path in (("--tls-cert", cert), ("--tls-key", key_file), ("--ca", ca)):
-        if not path or not Path(path).is_file():
-            raise ConfigError(f"{flag} {path or '(missing)'} is not a file")
+    _check_tls_files(cert, key_file, ca)
     try:
         ctx = ssl.create_default_context(cafile=ca)
         ctx.load_cert_chain(cert, key_file)
@@ -154,6 +152,12 @@ def _from_etsi(url: str, cert: str, key_file: str, ca: str, args: argparse.Names
     except ValueError:
         body = {}
     return _container(r.status_code, body)
+
+
+def _check_tls_files(cert: str, key_file: str, ca: str) -> None:
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key_file), ("--ca", ca)):
+        if not path or not Path(path).is_file():
+            raise ConfigError(f"{flag} {path or '(missing)'} is not a file")
 
 
 def _from_local(path: str, args: argparse.Namespace) -> tuple[str, bytes]:
@@ -217,7 +221,12 @@ def run_export(args: argparse.Namespace) -> int:
     if taken:
         raise ConfigError(f"--out {out} already holds {taken[0]}; choose another folder (files are never overwritten)")
     kind, where = _source(args)
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if kind == "etsi":
+        _check_tls_files(*where[1:])  # before --out is made: a refused command leaves nothing behind
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out} cannot be made ({exc.strerror or exc})") from None
     if not os.access(out, os.W_OK):
         raise ConfigError(f"--out {out} is not writable")
     # Everything checkable is checked: take the key now (it is gone from the KME after this).

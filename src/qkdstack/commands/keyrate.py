@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 from qkdstack.commands.device_args import _float, add_device_arguments, device_params_from_args
+from qkdstack.commands.validate import plot_file, protocol_value
 from qkdstack.errors import ConfigError
 from qkdstack.theory.keyrate import METHODS, ExpectedRate, expected_key_rate, max_distance_km
 from qkdstack.theory.plob import plob_bound
@@ -54,8 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="N_X",
         help="key-basis detections per block (Lim 2014's n_X); omit for the asymptotic rate",
     )
-    g.add_argument("--eps-sec", type=_float, default=1e-10, help="secrecy parameter ε_sec (default 1e-10)")
-    g.add_argument("--eps-cor", type=_float, default=1e-15, help="correctness parameter ε_cor (default 1e-15)")
+    g.add_argument("--eps-sec", type=protocol_value("--eps-sec", "eps_sec"), default=1e-10,
+                   help="secrecy parameter ε_sec (default 1e-10)")
+    g.add_argument("--eps-cor", type=protocol_value("--eps-cor", "eps_cor"), default=1e-15,
+                   help="correctness parameter ε_cor (default 1e-15)")
     g.add_argument(
         "--decoy-method",
         choices=METHODS,
@@ -68,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="optimise intensities (and, for lim2014, their probabilities and p_Z) at each distance",
     )
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    g.add_argument("--plot", default=None, metavar="FILE.png", help="save a log-scale plot of rate vs distance")
+    g.add_argument("--plot", type=plot_file, default=None, metavar="FILE.png",
+                   help="save a log-scale plot of rate vs distance (format from the extension: png, pdf, svg, ...)")
     p.set_defaults(func=run)
 
 

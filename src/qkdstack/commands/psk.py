@@ -11,6 +11,11 @@ from __future__ import annotations
 import argparse
 
 from qkdstack.auth.psk import DEFAULT_PSK_BYTES, generate_psk_file
+from qkdstack.commands.validate import as_flags, new_file
+from qkdstack.errors import ConfigError
+
+# generate_psk_file's checks name what they check; these are the flags that set it.
+_FLAGS = {"psk bytes": "--bytes", "psk link_id": "--link", "psk file": "--out"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,6 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check = generate_psk_file(args.out, args.bytes, link_id=args.link)
+    try:
+        check = generate_psk_file(new_file("--out", args.out), args.bytes, link_id=args.link)
+    except ConfigError as exc:
+        raise as_flags(exc, _FLAGS) from None
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out} cannot be written ({exc.strerror or exc})") from None
     print(f"wrote {args.out} for link {args.link}; check value {check} (compare it at both sites)")
     return 0

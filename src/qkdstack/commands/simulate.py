@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from qkdstack.commands.device_args import add_device_arguments, add_frame_arguments, device_params_from_args
+from qkdstack.commands.validate import at_least
 from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import parse_eve
@@ -63,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "docs/devices.md), numbered after any frames already there; a node with [device] source = \"records\" "
         "reads them",
     )
-    parser.add_argument("--frames", type=int, default=1, help="frames to simulate (and save), default 1")
+    parser.add_argument("--frames", type=at_least("--frames", 1), default=1,
+                        help="frames to simulate (and save), default 1")
     parser.set_defaults(func=run)
 
 

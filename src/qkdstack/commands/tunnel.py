@@ -24,7 +24,12 @@ import os
 
 from qkdstack.apps.keysource import Etsi014Client
 from qkdstack.apps.tunnel import Tunnel, TunnelConfig, parse_hostport
+from qkdstack.commands.validate import dashed
 from qkdstack.errors import ConfigError
+
+# The checks of TunnelConfig, parse_hostport and Etsi014Client name a value by its flag without dashes.
+_FLAGS = frozenset({"mode", "listen", "connect", "kme-url", "cert", "key", "ca", "peer-sae", "rekey-seconds",
+                    "rekey-bytes", "otp-refill-bytes", "qkd-key-bits", "record-bytes"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,11 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _check_file(path: str, flag: str) -> None:
     if not os.path.isfile(path):
-        raise ConfigError(f"{flag}: no such file {path!r}")
+        raise ConfigError(f"{flag}: {path!r} is not a file")
 
 
-async def _main(config: TunnelConfig, args: argparse.Namespace) -> None:
-    async with Etsi014Client(args.kme_url, args.peer_sae, args.cert, args.key, args.ca) as keys:
+async def _main(config: TunnelConfig, keys: Etsi014Client) -> None:
+    async with keys:
         tunnel = Tunnel(config, keys)
         await tunnel.start()
         try:
@@ -81,23 +86,27 @@ async def _main(config: TunnelConfig, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = TunnelConfig(
-        mode=args.mode,
-        listen=parse_hostport(args.listen, "listen"),
-        connect=parse_hostport(args.connect, "connect"),
-        rekey_seconds=args.rekey_seconds,
-        rekey_bytes=args.rekey_bytes,
-        otp=args.otp,
-        record_bytes=args.record_bytes,
-        qkd_key_bits=args.qkd_key_bits,
-        otp_refill_bytes=args.otp_refill_bytes,
-    )
-    config.validate()
-    for path, flag in ((args.cert, "cert"), (args.key, "key"), (args.ca, "ca")):
-        _check_file(path, flag)
+    try:  # every flag is checked (and the TLS files loaded) before the tunnel starts
+        config = TunnelConfig(
+            mode=args.mode,
+            listen=parse_hostport(args.listen, "listen"),
+            connect=parse_hostport(args.connect, "connect"),
+            rekey_seconds=args.rekey_seconds,
+            rekey_bytes=args.rekey_bytes,
+            otp=args.otp,
+            record_bytes=args.record_bytes,
+            qkd_key_bits=args.qkd_key_bits,
+            otp_refill_bytes=args.otp_refill_bytes,
+        )
+        config.validate()
+        for path, flag in ((args.cert, "cert"), (args.key, "key"), (args.ca, "ca")):
+            _check_file(path, flag)
+        keys = Etsi014Client(args.kme_url, args.peer_sae, args.cert, args.key, args.ca)
+    except ConfigError as exc:
+        raise dashed(exc, _FLAGS) from None
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        asyncio.run(_main(config, args))
+        asyncio.run(_main(config, keys))
     except KeyboardInterrupt:
         return 130
     return 0
