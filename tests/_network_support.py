@@ -138,8 +138,14 @@ def etsi_client(layout: SiteLayout, sae: str, timeout: float = 30.0) -> httpx.Cl
     return httpx.Client(base_url=f"{layout.etsi_url}/api/v1/keys/", verify=ctx, timeout=timeout)
 
 
-def enc_keys(client: httpx.Client, slave: str, number: int = 1, **body: Any) -> httpx.Response:
-    return client.post(f"{slave}/enc_keys", json={"number": number, "size": 256, **body})
+def enc_keys(client: httpx.Client, slave: str, number: int = 1, *, busy_s: float = 20.0, **body: Any) -> httpx.Response:
+    """ETSI 014 enc_keys; a 503 (the KME cannot serve *now*, e.g. no route known yet) is retried for ``busy_s``."""
+    deadline = time.monotonic() + busy_s
+    while True:
+        answer = client.post(f"{slave}/enc_keys", json={"number": number, "size": 256, **body})
+        if answer.status_code != 503 or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.5)
 
 
 def dec_keys(client: httpx.Client, master: str, key_ids: list[str]) -> httpx.Response:

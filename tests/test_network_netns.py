@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qkdstack.network.site_kme import RELAY_PATH_EXTENSION
 
 from _network_support import dec_keys, deploy, enc_keys, etsi_client, keys_of, running, start_site, wait_links_up
+from qkdstack.network.site_kme import PATH_EXTENSION as RELAY_PATH_EXTENSION
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from qkdstack.network.site_kme import RELAY_PATH_EXTENSION
 
 from _network_support import (
     EXAMPLES,
@@ -30,6 +29,7 @@ from _network_support import (
     stop_site,
     wait_links_up,
 )
+from qkdstack.network.site_kme import PATH_EXTENSION as RELAY_PATH_EXTENSION
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +60,10 @@ def test_a_key_crosses_two_trusted_nodes_of_a_line(tmp_path: Path) -> None:
             assert fetched == taken  # identical, under the same key IDs
             again = dec_keys(b, "SAE_A", list(taken))  # delivered once, then erased
             assert again.status_code == 400, again.text
-        relay = site_status(layouts["R1"]).get("relay") or {}
-        assert relay.get("forwarded", 0) >= 1, relay
+        deadline = time.monotonic() + 10  # the site rewrites its status.json every second
+        while (site_status(layouts["R1"]).get("relay") or {}).get("forwarded", 0) < 1:
+            assert time.monotonic() < deadline, site_status(layouts["R1"]).get("relay")
+            time.sleep(0.3)
 
 
 def test_a_ring_reroutes_around_a_killed_relay_and_never_delivers_a_key_twice(tmp_path: Path) -> None:

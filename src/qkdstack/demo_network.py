@@ -27,7 +27,7 @@ import httpx
 
 from qkdstack.demo import free_port_block, log_tail, say, site_status, start_nodes, stop_nodes
 from qkdstack.errors import QKDError
-from qkdstack.network.site_kme import RELAY_PATH_EXTENSION
+from qkdstack.network.site_kme import PATH_EXTENSION as RELAY_PATH_EXTENSION
 from qkdstack.network.topology import Topology, load_topology
 from qkdstack.node.deployment import SiteLayout, most_distant_sae_sites, network_ports, write_network_deployment
 

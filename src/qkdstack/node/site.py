@@ -67,7 +67,8 @@ class Site:
 
     async def run(self) -> None:
         """Run every link and serve keys until :attr:`stop` is set; a link's fatal error stops the site."""
-        from qkdstack.network.kme_api import serve_network
+        from qkdstack.network.kme_api import KMEClient, serve_kme_api
+        from qkdstack.network.relay_store import RelayStore
         from qkdstack.network.site_kme import SiteKME
 
         net = self.cfg.network
@@ -75,8 +76,9 @@ class Site:
         store = open_site_store(self.cfg.first)
         self.kmes = {node.site.peer: self._link_kme(node, store) for node in self.nodes}
         tls = TLSFiles(self.cfg.resolve(net.tls_cert), self.cfg.resolve(net.tls_key), self.cfg.resolve(net.ca_cert))
-        self.kme = SiteKME(self.name, self.topology, self.kmes, store=store, tls=tls,
-                           data_dir=self.cfg.data_dir)
+        relay_store = RelayStore(self.cfg.data_dir / "relay.db")
+        client = KMEClient(tls)
+        self.kme = SiteKME(self.name, self.topology, self.kmes, relay_store, client)
         tasks: list[asyncio.Task] = []
         try:
             self.ops = NodeOps(self.cfg.first, lambda: self.status_doc,
@@ -84,9 +86,9 @@ class Site:
             async with contextlib.AsyncExitStack() as stack:
                 urls = await serve_consumers(stack, self.cfg.first, self.kme, self.ops)
                 network = await stack.enter_async_context(
-                    serve_network(self.kme, *parse_address("network", "listen", net.listen), tls))
-                self.urls = {"etsi014_url": urls.etsi_url, "skip_url": urls.skip_url,
-                             "network_url": getattr(network, "url", None)}
+                    serve_kme_api(self.kme, *parse_address("network", "listen", net.listen), tls))
+                self.urls = {"etsi014_url": urls.etsi_url, "skip_url": urls.skip_url, "network_url": network.url}
+                await self.kme.start()
                 log.info("%s: %d links (%s); key relay listener at %s", self.name, len(self.nodes),
                          ", ".join(f"{n.site.role} to {n.site.peer}" for n in self.nodes), self.urls["network_url"])
                 tasks = [asyncio.create_task(node.run_in_site(self.kmes[node.site.peer]), name=f"link-{node.site.peer}")
@@ -112,10 +114,12 @@ class Site:
             await self.write_status()
             if self.ops is not None:
                 self.ops.stop()
+            await self.kme.close()
             with contextlib.suppress(Exception):
-                await self.kme.close()
+                await client.aclose()
             for kme in self.kmes.values():
                 await kme.close()
+            relay_store.close()
             store.close()
 
     async def _status_loop(self) -> None:
@@ -146,7 +150,7 @@ class Site:
             **{name: sum(int(d.get(name) or 0) for d in links) for name in _TOTALS},
             "store": {"stored_keys": stored, "key_size_bits": self.cfg.first.kms.key_size_bits},
             "links": links,
-            "relay": self.kme.report() if self.kme is not None and hasattr(self.kme, "report") else None,
+            "relay": dict(self.kme.counters) if self.kme is not None else None,
         }
         self.status_doc = doc
         data = json.dumps(doc, indent=1, default=str).encode()
