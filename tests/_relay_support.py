@@ -41,7 +41,8 @@ class Network:
     """A running in-process network; use ``async with Network(...).run() as net``."""
 
     def __init__(self, topo: Topology, root: Path, *, blocks: int = 2, block_bytes: int = 32 * 256,
-                 key_size: int = 256, synchronous: str = "FULL", hop_timeout_s: float = 10.0) -> None:
+                 key_size: int = 256, synchronous: str = "FULL", hop_timeout_s: float = 10.0,
+                 unreachable_hold_s: float = 0.5) -> None:
         self.topo = topo
         self.root = root
         self.blocks = blocks
@@ -49,6 +50,7 @@ class Network:
         self.key_size = key_size
         self.synchronous = synchronous
         self.hop_timeout_s = hop_timeout_s
+        self.unreachable_hold_s = unreachable_hold_s
         self.kmes: dict[tuple[str, str], KME] = {}  # (site, neighbour) -> KME
         self.sites: dict[str, SiteKME] = {}
         self.servers: dict[str, contextlib.AsyncExitStack] = {}
@@ -126,7 +128,8 @@ class Network:
             self.clients[site] = KMEClient(self.tls[site], timeout_s=self.hop_timeout_s)
             links = {p: self.kmes[(site, p)] for p in self.topo.neighbours(site)}
             self.sites[site] = SiteKME(site, self.topo, links, self.relay_stores[site], self.clients[site],
-                                       hop_timeout_s=self.hop_timeout_s, unreachable_hold_s=0.5)
+                                       hop_timeout_s=self.hop_timeout_s,
+                                       unreachable_hold_s=self.unreachable_hold_s)
         self.urls: dict[str, str] = {}
         try:
             for site in self.topo.sites:

@@ -337,3 +337,23 @@ async def test_kme_api_requires_a_network_certificate_of_a_known_site(tmp_path):
             assert await net.counts("R2", "B") == before
         finally:
             await stranger.aclose()
+
+
+async def test_an_unreachable_relay_node_is_routed_around_at_once(tmp_path):
+    """Ring: R3 (on the shortest path A-R3-B) stops answering; the relay fails on hop A->R3 and is retried
+    over A-R1-R2-B in the same enc_keys call; later relays avoid R3 while it stays unreachable."""
+    async with Network(RING, tmp_path, hop_timeout_s=3.0, unreachable_hold_s=60.0).run() as net:
+        await net.stop_server("R3")
+        ext = [{PATH_EXTENSION: True}]
+        answer = await net.sites["A"].enc_keys("SAE_A", "SAE_B", extension_optional=ext)
+        key_id, key = _key(answer)
+        assert answer["keys"][0]["key_extension"][PATH_EXTENSION] == ["A", "R1", "R2", "B"]
+        assert _key(await net.sites["B"].dec_keys("SAE_B", "SAE_A", [key_id])) == (key_id, key)
+        # the failed first attempt spent its keys on A-R3: erased at A, reserved for the relay at R3 (whose
+        # message never came: never available again), and stored nothing anywhere
+        ca, cr = await net.counts("A", "R3")
+        assert ca.erased == 2 and ca.reserved == 0 and cr.reserved == 2 and cr.available == ca.available
+        assert await net.relay_stores["R3"].count() == 0 and await net.relay_stores["B"].count() == 0
+        answer = await net.sites["A"].enc_keys("SAE_A", "SAE_B", extension_optional=ext)
+        assert answer["keys"][0]["key_extension"][PATH_EXTENSION] == ["A", "R1", "R2", "B"]
+        assert (await net.counts("A", "R3"))[0].erased == 2  # not tried again
