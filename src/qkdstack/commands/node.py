@@ -41,6 +41,7 @@ async def _main(node: Node | Site) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=TEXT_FORMAT)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per KME-to-KME request is noise, not news
     # Everything the configuration names is checked before anything starts (files, TLS material, the
     # addresses to listen on): a bad configuration is one sentence and exit code 2, with no state written.
     site = load_site_config(args.config)
