@@ -445,16 +445,26 @@ class KME:
         if sae_id not in self.config.sae_ids:
             raise KMEError(401, "SAE is not registered at this KME", [{"SAE_ID": sae_id}])
 
-    def _check_slave(self, slave: str) -> None:
+    async def _peer_down(self) -> KMEError:
+        """The 503 when the KME peer link is not up. It starts with the link's first accepted round (its key
+        authenticates the link), so before any key block was stored the truth is that no key exists yet."""
+        counts = await self.store.counts(self.config.link_id)
+        if counts.stored == 0 and counts.erased == 0:
+            return KMEError(503, "no key exists yet: the link has not distilled its first key block (the KME peer "
+                            "link starts with it); retry shortly")
+        return KMEError(503, "the peer KME is not connected (the KME peer link is down or still coming up); retry "
+                        "shortly")
+
+    async def _check_slave(self, slave: str) -> None:
         if not self.remote_sae_ids:  # never connected: the peer's SAE list is not known yet
-            raise KMEError(503, "the peer KME is not connected")
+            raise await self._peer_down()
         if slave not in self.remote_sae_ids:
             raise KMEError(400, "slave SAE ID is not known to the peer KME", [{"slave_SAE_ID": slave}])
 
     async def status(self, master_sae: str, slave_sae: str) -> dict[str, Any]:
         """ETSI 014 Status for the master SAE ``master_sae`` and slave SAE ``slave_sae``."""
         self._check_sae(master_sae)
-        self._check_slave(slave_sae)
+        await self._check_slave(slave_sae)
         c = self.config
         counts = await self.store.counts(c.link_id)
         per_key = chunks_per_key(c.key_size, self.store.chunk_bits)
@@ -511,9 +521,9 @@ class KME:
         if len(slaves) - 1 > c.max_SAE_ID_count:
             raise KMEError(400, f"at most max_SAE_ID_count ({c.max_SAE_ID_count}) additional slave SAE IDs")
         for s in slaves:
-            self._check_slave(s)
+            await self._check_slave(s)
         if self.peer is None:
-            raise KMEError(503, "the peer KME is not connected")
+            raise await self._peer_down()
         for attempt in range(self.TAKE_ATTEMPTS):
             result = await self._take(
                 master_sae, slaves, number, size, last=attempt == self.TAKE_ATTEMPTS - 1, proof=proof
