@@ -15,7 +15,7 @@ leakage would leave no key.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numba import njit
@@ -25,7 +25,13 @@ from qkdstack.errors import ProtocolAbort
 from qkdstack.protocol.channel import Channel
 from qkdstack.protocol.sifting import SiftedKey
 from qkdstack.theory.entropy import binary_entropy
-from qkdstack.theory.finite import DecoyBounds, DecoyCounts, lim2014_bounds, lim2014_secret_length
+from qkdstack.theory.finite import (
+    DecoyBounds,
+    DecoyCounts,
+    FiniteKeyResult,
+    lim2014_bounds,
+    lim2014_secret_length,
+)
 
 STAGE = "estimation"
 
@@ -89,6 +95,69 @@ def _per_class(classes: np.ndarray, n_classes: int, where: np.ndarray | None = N
     return tuple(int(c) for c in counts)
 
 
+def block_growth_needed(counts: DecoyCounts, qber: float, policy: EstimationPolicy) -> float | None:
+    """How many times larger a block must be to pass estimation with a key, at the observed rates; or None.
+
+    The phase-error bound φ of Lim 2014 Eq. (5) is the observed single-photon phase-error rate v/s (from
+    Eqs. (2)–(4)) plus terms that shrink as the block grows: the Hoeffding deviations δ of the decoy
+    counts (Eq. (A1)) and γ (Eq. (5)); the key length of Eq. (1) also pays fixed ε costs. With
+    ``finite=False`` all of these are 0: the asymptotic bound and length on the same observed rates. When
+    those pass, the block is merely too small, and the factor returned (every count scaled up, the rates
+    kept) makes the finite bound pass with at least ``min_key_bits`` of expected key, with the same
+    optimistic leakage as :func:`_assess`. When they do not (``None``), the errors themselves are too many
+    (noise or an eavesdropper) and no block size helps.
+    """
+    h = binary_entropy(max(qber, 1e-4))
+
+    def outcome(c: DecoyCounts, finite: bool) -> FiniteKeyResult:
+        leak = policy.ec_efficiency_guess * c.n_key * h
+        return lim2014_secret_length(c, leak, policy.eps_sec, policy.eps_cor, finite=finite)
+
+    asymptotic = outcome(counts, False)
+    if not (asymptotic.phase_error < policy.max_phase_error and asymptotic.length > 0):
+        return None
+
+    def passes(factor: float) -> bool:
+        scaled = replace(counts, key_counts=tuple(factor * c for c in counts.key_counts),
+                         test_counts=tuple(factor * c for c in counts.test_counts),
+                         test_errors=tuple(factor * c for c in counts.test_errors))
+        result = outcome(scaled, True)
+        return result.phase_error <= policy.max_phase_error and result.length >= policy.min_key_bits
+
+    low, high = 1.0, 2.0
+    while not passes(high):
+        low, high = high, 2 * high
+        if high > 1e12:
+            return None
+    for _ in range(12):  # to ~1 %: the answer is advice, not a bound
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if passes(middle) else (middle, high)
+    return high
+
+
+def _too_small(counts: DecoyCounts, qber: float, policy: EstimationPolicy) -> str | None:
+    """The advice for a block too small for the finite-key bound (see :func:`block_growth_needed`), or None."""
+    factor = block_growth_needed(counts, qber, policy)
+    if factor is None:
+        return None
+    return (f"the block of {counts.n_key:.0f} key-basis bits is too small for the finite-key bound: raise the frame "
+            f"size ([device] pulses_per_frame, --pulses-per-frame; distill --pulses) at least "
+            f"{math.ceil(factor * 10) / 10:g}-fold (about {factor * counts.n_key:.2g} key-basis bits a frame), "
+            "better twice that")
+
+
+def _phase_error_reason(counts: DecoyCounts, bounds: DecoyBounds, qber: float, policy: EstimationPolicy) -> str:
+    """Why the phase-error bound failed: a block too small for the finite-key bound (and what to raise), or
+    more errors than the tolerance allows at any block size (too few single photons or an eavesdropper)."""
+    head = (f"phase-error bound {100 * bounds.phase_error:.2f}% exceeds the tolerance "
+            f"{100 * policy.max_phase_error:.2f}%")
+    advice = _too_small(counts, qber, policy)
+    if advice is None:
+        return f"{head} (too few single photons or an eavesdropper)"
+    observed = lim2014_bounds(counts, policy.eps_sec, finite=False).phase_error
+    return f"{head}, although the observed error rates bound it at {100 * observed:.2f}%: {advice}"
+
+
 def _assess(sifted: SiftedKey, test_errors: tuple[int, ...], policy: EstimationPolicy) -> Estimate:
     """Both parties' identical computation from the public counts; raises ProtocolAbort."""
     k = len(policy.intensities)
@@ -120,18 +189,16 @@ def _assess(sifted: SiftedKey, test_errors: tuple[int, ...], policy: EstimationP
             f"events at ε_sec = {policy.eps_sec:g}; use longer frames",
         )
     if not bounds.phase_error <= policy.max_phase_error:
-        raise ProtocolAbort(
-            STAGE,
-            f"phase-error bound {100 * bounds.phase_error:.2f}% exceeds the tolerance "
-            f"{100 * policy.max_phase_error:.2f}% (too few single photons or an eavesdropper)",
-        )
+        raise ProtocolAbort(STAGE, _phase_error_reason(counts, bounds, qber, policy))
     optimistic_leak = math.ceil(policy.ec_efficiency_guess * n_key * binary_entropy(max(qber, 1e-4)))
     expected = lim2014_secret_length(counts, optimistic_leak, policy.eps_sec, policy.eps_cor).length
     if expected <= 0:
+        advice = _too_small(counts, qber, policy)
         raise ProtocolAbort(
             STAGE,
             f"no secret key possible: the finite-key bound leaves {expected} bits from {n_key} key-basis bits "
-            f"(single-photon bound {bounds.s_key_1:.0f}, phase error {100 * bounds.phase_error:.2f}%)",
+            f"(single-photon bound {bounds.s_key_1:.0f}, phase error {100 * bounds.phase_error:.2f}%)"
+            + ("" if advice is None else f"; {advice}"),
         )
     return Estimate(counts, bounds, qber, expected)
 
