@@ -112,14 +112,15 @@ def _table(where: str, value: Any) -> dict[str, Any]:
 def _link_config(data: dict[str, Any], entry: Any, index: int, path: Path) -> NodeConfig:
     """One ``[[links]]`` entry merged over the site's defaults, checked as a two-site configuration."""
     where = f"[[links]] entry {index}"
-    entry = _table(where, entry)
+    entry = _table(f"{path.name}: {where}", entry)
     unknown = sorted(set(entry) - {"peer", "role", *LINK_SECTIONS})
     if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: peer, role, {', '.join(LINK_SECTIONS)})")
+        raise ConfigError(f"{path.name}: {where}: unknown field {unknown[0]!r} "
+                          f"(known: peer, role, {', '.join(LINK_SECTIONS)})")
     site = _table("[site]", data.get("site"))
     peer = entry.get("peer")
     if not isinstance(peer, str) or not peer:
-        raise ConfigError(f"{where}: peer is required (the site at the other end of the link)")
+        raise ConfigError(f"{path.name}: {where}: peer is required (the site at the other end of the link)")
     merged: dict[str, Any] = {
         "site": {"name": site.get("name", ""), "role": entry.get("role", ""), "peer": peer,
                  "data_dir": str(Path(str(site.get("data_dir", "."))) / "links" / peer)},
@@ -132,7 +133,7 @@ def _link_config(data: dict[str, Any], entry: Any, index: int, path: Path) -> No
     try:
         return parse_config(merged, path)
     except ConfigError as exc:
-        raise ConfigError(f"{where} (peer {peer}): {str(exc).removeprefix(path.name + ': ')}") from None
+        raise ConfigError(f"{path.name}: {where} (peer {peer}): {str(exc).removeprefix(path.name + ': ')}") from None
 
 
 def parse_site_config(data: dict[str, Any], path: Path) -> SiteConfig:
