@@ -13,6 +13,8 @@ Also here: a mistyped flag names the command and suggests the closest flag (issu
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,27 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys, monkey
     assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
     assert "expected one argument" not in lines[0]  # `-1e-6` is a value, not a flag
     assert not (tmp_path / "new").exists(), "a refused command left files behind"
+
+
+def test_mistyped_flag_names_the_command_and_the_closest_flag(capsys):
+    rc, _out, err = run_main(["distill", "--distnce-km", "5"], capsys)
+    assert rc == 2
+    assert err == "qkdstack distill: error: unknown flag --distnce-km; did you mean --distance-km?\n"
+
+
+def test_an_abbreviated_flag_and_a_negative_exponent_are_still_understood():
+    from qkdstack.cli import build_parser
+
+    args = build_parser(only="keyrate").parse_args(["keyrate", "--dist", "5", "--dark-count", "1e-6"])
+    assert args.distance_km == (5.0,) and args.dark_count == 1e-6
+    args = build_parser(only="simulate").parse_args(["simulate", "--extra-loss", "-0", "--mu", "5e-1"])
+    assert args.extra_loss == 0.0 and args.mu == 0.5
+
+
+@pytest.mark.parametrize("argv", [["keyrate", "--plot", "rates.jpg2"], ["init", "--otu", "dep"]])
+def test_the_installed_command_answers_the_same(argv, tmp_path):
+    """The real entry point (a process, `python -m qkdstack.cli`): exit 2, one line, nothing written."""
+    done = subprocess.run([sys.executable, "-m", "qkdstack.cli", *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
