@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qkdstack.errors import ConfigError
-from qkdstack.node.config import NodeConfig, load_config
+from qkdstack.node.config import NodeConfig
 from qkdstack.ops.metrics import RoundHistory
 
 log = logging.getLogger("qkdstack.ops.dashboard")
@@ -48,22 +48,25 @@ class DeploymentView:
     """The sites of a deployment folder (``DIR/<site>/site.toml``), read from their files at each request."""
 
     def __init__(self, folder: str | Path) -> None:
+        from qkdstack.node.site_config import load_site_config
+
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConfigError(f"--deployment {self.folder} is not a folder")
         configs = sorted(self.folder.glob("*/site.toml"))
         if not configs:
             raise ConfigError(f"--deployment {self.folder} holds no <site>/site.toml (write one with qkdstack init)")
-        self.sites: dict[str, tuple[NodeConfig, RoundHistory]] = {}
-        for path in configs:
-            config = load_config(path, check_files=False)
-            self.sites[config.site.name] = (config, RoundHistory(config.data_dir / "rounds.jsonl"))
+        self.sites: dict[str, tuple[NodeConfig, RoundHistory, Path]] = {}
+        for path in configs:  # a site of a network: its first link's history, the site's own status.json
+            site = load_site_config(path, check_files=False)
+            config = site.first
+            self.sites[site.name] = (config, RoundHistory(config.data_dir / "rounds.jsonl"),
+                                     site.data_dir / "status.json")
         self._lock = threading.Lock()
 
     def status(self) -> dict[str, Any]:
         docs = []
-        for name, (config, _) in self.sites.items():
-            path = config.data_dir / "status.json"
+        for name, (config, _, path) in self.sites.items():
             try:
                 doc = json.loads(path.read_text())
             except FileNotFoundError:
