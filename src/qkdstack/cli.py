@@ -104,6 +104,13 @@ def build_parser(only: str | None = None, *, lazy: bool = False) -> argparse.Arg
     return parser
 
 
+def _prog(parser: argparse.ArgumentParser) -> str:
+    """``qkdstack CMD`` (``qkdstack key export`` for a nested action): who speaks in an error line."""
+    from qkdstack.commands.validate import leaf_parser
+
+    return leaf_parser(parser).prog
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     first = next((a for a in argv if not a.startswith("-")), None)
@@ -115,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except QKDError as exc:
-        print(f"qkdstack {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_prog(parser)}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # a file or socket the command needed failed in a way no check foresaw: still one line
-        print(f"qkdstack {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_prog(parser)}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -263,7 +263,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction |
     return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
-def _leaf(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def leaf_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The sub-command's parser (``qkdstack key export``'s, not ``qkdstack``'s) the arguments went to."""
     while (sub := _subparsers(parser)) is not None:
         name = next((t for t in getattr(parser, "seen_args", []) if t in sub.choices), None)
@@ -305,7 +305,7 @@ def usage_error(parser: argparse.ArgumentParser, message: str) -> tuple[argparse
     import difflib
     import re
 
-    leaf = _leaf(parser)
+    leaf = leaf_parser(parser)
     unknown = _unknown_flag(leaf) if _subparsers(leaf) is None else None
     if unknown is not None:
         return leaf, unknown
