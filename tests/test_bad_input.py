@@ -292,3 +292,14 @@ def test_the_installed_command_answers_the_same(argv, tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
+
+
+def test_configuration_fields_refuse_what_the_flags_refuse():
+    """The same checks behind `[device] seed` and `--seed`, `[kms] store` and `--store`: one sentence each."""
+    from qkdstack.errors import ConfigError
+    from qkdstack.node.config import DeviceSection, KmsSection
+
+    with pytest.raises(ConfigError, match=r"^\[device\] seed must be a whole number ≥ 0, got -1$"):
+        DeviceSection(seed=-1)
+    with pytest.raises(ConfigError, match=r"^\[kms\] store must be sqlite:///PATH"):
+        KmsSection(store="mysql://x")

@@ -201,6 +201,8 @@ class DeviceSection:
         except ConfigError as exc:
             raise _renamed(exc) from None
         parse_eve(self.eve, "[device] eve")  # used by the transmitter only, but checked at both sites
+        if self.seed is not None and self.seed < 0:  # numpy's generators take seeds ≥ 0 (a traceback at start)
+            raise field_error("device", "seed", f"must be a whole number ≥ 0, got {self.seed}")
 
     def params(self) -> DeviceParams:
         return DeviceParams(
