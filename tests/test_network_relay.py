@@ -357,3 +357,18 @@ async def test_an_unreachable_relay_node_is_routed_around_at_once(tmp_path):
         answer = await net.sites["A"].enc_keys("SAE_A", "SAE_B", extension_optional=ext)
         assert answer["keys"][0]["key_extension"][PATH_EXTENSION] == ["A", "R1", "R2", "B"]
         assert (await net.counts("A", "R3"))[0].erased == 2  # not tried again
+
+
+async def test_concurrent_requests_share_relays_and_each_gets_its_own_keys(tmp_path):
+    """Group relay: requests waiting while a relay is on its way go together in the next one."""
+    async with Network(LINE, tmp_path).run() as net:
+        answers = await asyncio.gather(*(net.sites["A"].enc_keys("SAE_A", "SAE_B", number=1 + i % 2)
+                                         for i in range(20)))
+        entries = [e for a in answers for e in a["keys"]]
+        assert len(entries) == 30 and len({e["key_ID"] for e in entries}) == 30
+        assert len({e["key"] for e in entries}) == 30
+        assert net.sites["R1"].counters["forwarded"] <= 10  # far fewer hop messages than requests
+        for answer in answers:
+            ids = [e["key_ID"] for e in answer["keys"]]
+            assert (await net.sites["B"].dec_keys("SAE_B", "SAE_A", ids))["keys"] == answer["keys"]
+        assert await net.relay_stores["B"].count() == 0

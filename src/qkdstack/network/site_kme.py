@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import itertools
 import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qkdstack.errors import ChannelError, ConfigError, KeyStoreError, QKDError
@@ -62,6 +63,14 @@ def wants_path(extensions: Sequence[Any] | None) -> bool:
         (isinstance(e, dict) and e.get(PATH_EXTENSION) not in (None, False)) or e == PATH_EXTENSION
         for e in extensions or ()
     )
+
+
+@dataclass
+class _Group:
+    """Relay requests of one kind (destination, master, slaves, size) waiting for the next group relay."""
+
+    queue: collections.deque = field(default_factory=collections.deque)
+    running: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,8 @@ class SiteKME:
         self._unreachable: dict[str, float] = {}  # neighbour -> monotonic time until which it counts as down
         self._suspect: dict[frozenset[str], float] = {}  # links a relay just failed on -> until when avoided
         self._task: asyncio.Task | None = None
+        self._groups: dict[tuple, _Group] = {}
+        self._background: set[asyncio.Task] = set()
         self.counters = {"relays_started": 0, "relays_delivered": 0, "relays_failed": 0, "forwarded": 0,
                          "received": 0, "auth_failures": 0, "voided": 0}
         """Relay counters (``status.json``): relays this site started / completed / that failed, hops it
@@ -167,11 +178,13 @@ class SiteKME:
         self._task = asyncio.get_running_loop().create_task(run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        tasks = [t for t in (self._task, *self._background) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(BaseException):
-                await self._task
-            self._task = None
+                await t
+        self._task = None
 
     def knows_site(self, site: str) -> bool:
         return site in self.topology.sites and site != self.site
@@ -348,17 +361,39 @@ class SiteKME:
             entry["key_extension"] = ext
         return answer
 
+    def _per_message(self, size: int) -> int:
+        """How many keys of ``size`` bits one hop message carries (body budget; pads + MAC in one KME call)."""
+        return max(1, min(BODY_BUDGET // ((size // 8 + 2) * 4 // 3 + 48), self.config.max_key_per_request - 1))
+
+    def _failed(self, exc: RelayError) -> KMEError:
+        self.counters["relays_failed"] += 1
+        details: list[dict[str, Any]] = [{"reason": exc.code}]
+        if exc.hop is not None:
+            details[0]["failed_hop"] = list(exc.hop)
+        log.warning("key relay from %s failed: %s", self.site, exc.message)
+        return KMEError(503, f"key relay failed: {exc.message}", details)
+
     async def _relay(
         self, master: str, by_site: dict[str, list[str]], number: int, size: int, want_path: bool
     ) -> dict[str, Any]:
         """Relay ``number`` fresh keys to every destination site; answer the master once all hold them."""
+        self.counters["relays_started"] += 1
+        if len(by_site) == 1 and number <= self._per_message(size):
+            (dest, slaves), = by_site.items()
+            try:
+                key_ids, keys, path = await self._relay_grouped(dest, slaves, master, number, size)
+            except RelayError as exc:
+                raise self._failed(exc) from None
+            self.counters["relays_delivered"] += 1
+            answer = {"keys": [{"key_ID": kid, "key": base64.b64encode(k).decode("ascii")}
+                               for kid, k in zip(key_ids, keys, strict=True)]}
+            return self._with_path(answer, path) if want_path else answer
         key_ids = [str(uuid.uuid4()) for _ in range(number)]
         keys: list[bytes | None] = [None] * number
-        per_batch = max(1, BODY_BUDGET // ((size // 8 + 2) * 4 // 3 + 48))
+        per_batch = self._per_message(size)
         batches = [list(range(i, min(i + per_batch, number))) for i in range(0, number, per_batch)]
         sent: dict[str, list[str]] = {}  # destination -> key IDs that may be stored there
         paths: dict[str, dict[str, list[str]]] = {}
-        self.counters["relays_started"] += 1
         try:
             for dest, slaves in by_site.items():
                 for batch in batches:
@@ -371,13 +406,8 @@ class SiteKME:
                         keys[i] = k
                     paths.setdefault(dest, {}).update({kid: path for kid in ids})
         except RelayError as exc:
-            self.counters["relays_failed"] += 1
             await self._void(sent, master)
-            details: list[dict[str, Any]] = [{"reason": exc.code}]
-            if exc.hop is not None:
-                details[0]["failed_hop"] = list(exc.hop)
-            log.warning("key relay from %s failed: %s", self.site, exc.message)
-            raise KMEError(503, f"key relay failed: {exc.message}", details) from None
+            raise self._failed(exc) from None
         self.counters["relays_delivered"] += 1
         answer = {"keys": [{"key_ID": kid, "key": base64.b64encode(k).decode("ascii")}
                            for kid, k in zip(key_ids, keys, strict=True) if k is not None]}
@@ -385,6 +415,68 @@ class SiteKME:
             first = next(iter(by_site))
             self._with_path(answer, [], paths[first])
         return answer
+
+    async def _relay_grouped(
+        self, dest: str, slaves: list[str], master: str, number: int, size: int
+    ) -> tuple[list[str], list[bytes], list[str]]:
+        """Relay ``number`` keys, sharing one relay with the requests of the same kind waiting meanwhile.
+
+        Requests with the same destination, master, slaves and key size that arrive while such a relay
+        is on its way are sent together in the next one (one hop message, one MAC key and one HTTPS
+        request per hop for all of them): group relay, as the key store's group commit. A lone request
+        goes at once. Returns (key IDs, keys, path); a failure fails every request of that relay.
+        """
+        group_key = (dest, master, tuple(slaves), size)
+        group = self._groups.setdefault(group_key, _Group())
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        group.queue.append((number, fut))
+        if not group.running:
+            group.running = True
+            task = asyncio.get_running_loop().create_task(self._run_group(group_key, group))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return await fut
+
+    async def _run_group(self, group_key: tuple, group: _Group) -> None:
+        dest, master, slaves, size = group_key
+        cap = self._per_message(size)
+        try:
+            while group.queue:
+                take: list[tuple[int, asyncio.Future]] = []
+                total = 0
+                while group.queue and total + group.queue[0][0] <= cap:
+                    n, f = group.queue.popleft()
+                    if not f.done():  # a caller cancelled meanwhile takes no key
+                        take.append((n, f))
+                        total += n
+                if not take:
+                    continue
+                ids = [str(uuid.uuid4()) for _ in range(total)]
+                sent: dict[str, list[str]] = {}
+                try:
+                    keys, path = await self._relay_batch(dest, list(slaves), master, ids, None, size, sent)
+                except RelayError as exc:
+                    await self._void(sent, master)
+                    for _, f in take:
+                        if not f.done():
+                            f.set_exception(RelayError(exc.status, exc.message, exc.hop, exc.code))
+                    continue
+                except BaseException as exc:  # the callers must hear of it, whatever it is
+                    for _, f in take:
+                        if not f.done():
+                            f.set_exception(RelayError(503, f"relay error: {type(exc).__name__}", None, "refused"))
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                start = 0
+                for n, f in take:
+                    if not f.done():
+                        f.set_result((ids[start:start + n], keys[start:start + n], path))
+                    start += n
+        finally:
+            group.running = False
+            if not group.queue:
+                self._groups.pop(group_key, None)
 
     async def _relay_batch(
         self, dest: str, slaves: list[str], master: str, ids: list[str], keys: list[bytes] | None, size: int,
