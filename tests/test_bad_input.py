@@ -220,6 +220,18 @@ CASES: list[tuple[list[str], str]] = [
     (["key", "export", "--peer", "SAE_B", "--out", "{new}", "--config", "{missing}", "--sae", "SAE_A"],
      "does not exist"),
     (["key", "export", "--peer", "SAE_B", "--out", "{new}", "--config", "{dir}", "--sae", "SAE_A"], "folder"),
+    # --- pki ---------------------------------------------------------------------------------------
+    (["pki", "crl", "--deployment", "{missing}"], "--deployment"),
+    (["pki", "crl", "--deployment", "{dir}"], "--deployment"),
+    (["pki", "crl", "--deployment", "{dir}", "--days", "0"], "--days"),
+    (["pki", "crl", "--deployment", "{dir}", "--days", "nan"], "--days"),
+    (["pki", "renew", "--deployment", "{dir}", "--site", "X", "--days", "-1"], "--days"),
+    (["pki", "new-sae", "--site-dir", "{missing}", "--sae", "x"], "--site-dir"),
+    (["pki", "new-sae", "--site-dir", "{dir}", "--sae", "x/y"], "--sae"),
+    (["pki", "sign-sae", "--site-dir", "{dir}", "--csr", "{missing}", "--out", "{new}"], "--site-dir"),
+    (["pki", "status", "--deployment", "{dir}", "--warn-days", "-1"], "--warn-days"),
+    (["pki", "renu", "--deployment", "{dir}"], "renew"),
+    (["pki", "crl", "--deploymnt", "{dir}"], "--deployment"),
     # --- the command line itself --------------------------------------------------------------------
     (["simulte"], "simulate"),
     (["distill", "--distnce-km", "5"], "--distance-km"),
@@ -262,7 +274,8 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys, monkey
     assert rc == 2, f"exit code {rc}, stderr {err!r}"
     assert len(lines) == 1, f"stderr is not one line: {err!r}"
     assert "Traceback" not in err
-    command = "qkdstack key export" if argv[:2] == ["key", "export"] else (
+    nested = argv[0] in ("key", "pki") and len(argv) > 1 and not argv[1].startswith("-") and argv[1] != "renu"
+    command = f"qkdstack {argv[0]} {argv[1]}" if nested else (
         f"qkdstack {argv[0]}" if argv[0] in COMMANDS else "qkdstack")
     assert lines[0].startswith(f"{command}: error: "), lines[0]
     assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"

@@ -316,7 +316,8 @@ def usage_error(parser: argparse.ArgumentParser, message: str) -> tuple[argparse
         given = next((t for t in getattr(parser, "seen_args", []) if not t.startswith("-")), "")
         close = difflib.get_close_matches(given, list(sub.choices), n=1)
         hint = f"; did you mean {close[0]}?" if close else f" (one of {', '.join(sub.choices)})"
-        return parser, f"unknown command {given!r}{hint}"
+        what = "command" if parser.prog == "qkdstack" else "action"
+        return parser, f"unknown {what} {given!r}{hint}"
     match = re.fullmatch(r"argument ([^:]+): (.*)", message, re.DOTALL)
     if match:
         flag = match.group(1).split("/")[-1]
