@@ -35,7 +35,7 @@ def _probe_module():
 @pytest.mark.timeout(300)
 async def test_ten_sigkill_cycles_deliver_every_key_once_and_keep_the_stores_equal(tmp_path):
     probe = _probe_module()
-    result = await probe.run_probe(tmp_path, cycles=CYCLES, faults="kill", timeout_s=3.0, seed=12, pause_s=1.0)
+    result = await probe.run_probe(tmp_path, cycles=CYCLES, faults="kill", timeout_s=3.0, seed=12, pause_s=0.7)
     print(json.dumps(result))
     failures = result["failures"]
     assert result["cycles"] == CYCLES and result["kills"] == CYCLES, failures
