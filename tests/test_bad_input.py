@@ -185,6 +185,7 @@ CASES: list[tuple[list[str], str]] = [
     ([*TUNNEL, "--cert", "{missing}"], "--cert"),
     ([*TUNNEL, "--ca", "{dir}"], "--ca"),
     ([*TUNNEL, "--kme-url", "ftp://x"], "--kme-url"),
+    ([*TUNNEL, "--peer-sae", "a/b"], "--peer-sae"),
     ([*TUNNEL, "--log-level", "LOUD"], "--log-level"),
     # --- demo (each refused before any node starts) ------------------------------------------------
     (["demo", "--distance-km", "-3"], "--distance-km"),
@@ -217,6 +218,8 @@ CASES: list[tuple[list[str], str]] = [
     ([*KEY, "--name", "a b"], "--name"),
     ([*KEY, "--out", "{file}"], "--out"),
     ([*KEY, "--tls-cert", "{missing}"], "--tls-cert"),
+    (["key", "export", "--peer", "SAE_B", "--out", "{new}", "--local", "{missing}"], "--local"),
+    (["key", "export", "--peer", "SAE_B", "--out", "{new}", "--local", "{file}"], "--local"),
     (["key", "export", "--peer", "SAE_B", "--out", "{new}", "--config", "{missing}", "--sae", "SAE_A"],
      "does not exist"),
     (["key", "export", "--peer", "SAE_B", "--out", "{new}", "--config", "{dir}", "--sae", "SAE_A"], "folder"),

@@ -223,6 +223,9 @@ def run_export(args: argparse.Namespace) -> int:
     kind, where = _source(args)
     if kind == "etsi":
         _check_tls_files(*where[1:])  # before --out is made: a refused command leaves nothing behind
+    elif not Path(where[0]).is_socket():
+        raise ConfigError(f"--local {where[0]} is not a Unix socket (the KME's [kms] local_socket, made while its "
+                          "node runs)")
     try:
         out.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
