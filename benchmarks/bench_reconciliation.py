@@ -3,21 +3,26 @@
 For QBER 1, 2, 3, 5, 8 % and frames of ``N`` = 10^5 bits with i.i.d. errors (the QBER estimate
 handed to both parties is the true rate), it runs the whole LDPC stage (Alice and Bob over the
 in-memory channel pair, one process) with the default :class:`~qkdstack.protocol.ldpc.LdpcParams`
-(codes of n = 16384 bits, built once into the cache) and reports:
+(mother codes of n = 16384 bits, built once into the cache, rate-adapted by merging row pairs) and
+reports:
 
-* ``f`` = *everything* the stage disclosed (syndromes, blind-round parities, Bob's status bits)
-  / (N h(e)), e the frame's actual error fraction; ``f_syndrome`` = the first syndrome alone;
+* ``f`` = *everything* the stage disclosed (syndromes, check parities, blind-round bits, Bob's status
+  bits) / (N h(e)), e the frame's actual error fraction; ``f_syndrome`` = the first syndrome alone;
+* ``wrong_codewords_caught``: decodings that met the syndrome but failed the check parities;
 * ``codeword_fer_first``: codewords whose first decoding failed / codewords;
   ``frame_fer_first``: frames with at least one such codeword; ``frame_fer_final``: frames given
   up after the blind rounds or with a residual error (with the rule-of-three 95 % bound 3/frames
   when none);
 * round trips (mean, max), wall time of the stage and ``throughput_bit_per_s`` = N / wall time;
 * ``decoder_bit_per_s``: key bits per second of our decoder alone on the frame's first attempt
-  (one thread, every codeword, failures included); the protocol itself decodes on
-  ``ldpc.DECODER_THREADS`` threads;
-* ``ldpc_pkg``: the PyPI ``ldpc`` package's ``BpDecoder`` (product-sum, serial schedule, same code,
-  the same syndromes and channel probabilities, shortened bits at probability 1e-9) on the same
-  first attempt of ``PKG_CODEWORDS`` codewords: its key bits per second and failures; the ratio
+  (one thread, every codeword, failures included: at f_start = 1.05 most fail, by design);
+  ``decoder_mother_bit_per_s``: the same on the mother code's whole syndrome (which decodes); the
+  protocol itself decodes on ``ldpc.DECODER_THREADS`` threads;
+* ``ldpc_pkg``: the PyPI ``ldpc`` package's ``BpDecoder`` (product-sum, serial schedule, the same
+  parity-check matrix, syndromes and channel probabilities, shortened bits at probability 1e-9) and
+  ours on the first ``PKG_CODEWORDS`` codewords of the frame against the mother code's whole
+  syndrome (a problem both decode; on the merged first attempt both mostly fail by design, and
+  timing failures measures only when each gives up): key bits per second, failures, the ratio
   ours / theirs. Skipped (``null``) when the package is not installed.
 
 ``latency``: the whole reconciliation stage at QBER 3 % over a channel that delays every frame by
@@ -88,42 +93,56 @@ async def _cascade(a, b, q, delay=0.0):
     return await asyncio.gather(cascade.alice(ca, a, q, "batched"), cascade.bob(cb, b, q, "batched"))
 
 
-def _first_attempt(a, b, q, seed):
-    """The first decoding problem of a frame: code, llr, targets, payload positions (as Bob builds them)."""
+def _first_attempt(a, b, q, seed, mother=False):
+    """The first decoding problem of a frame as Bob builds it: the merged checks (row_ptr, col_idx), llr,
+    targets, and the true error patterns. ``mother``: every pair un-merged instead (the mother code's whole
+    syndrome, f ≈ 1.15–1.3: the problem that decodes, where the first attempt mostly fails by design)."""
     params = ldpc.LdpcParams()
     plan = ldpc.make_plan(N, q, params)
     code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
+    st = ldpc._state(code, ldpc_codes.merge_pairs(code, params.code_seed), plan.merged,
+                     plan.merged if mother else 0)
     positions = ldpc._layout(seed, code.n)
     wa, wb = ldpc._words(a, plan, positions, code.n), ldpc._words(b, plan, positions, code.n)
     sa = np.empty((plan.codewords, code.m), np.uint8)
     sb = np.empty_like(sa)
     ldpc._syndromes(code.row_ptr, code.col_idx, wa, sa)
     ldpc._syndromes(code.row_ptr, code.col_idx, wb, sb)
+    d = sa ^ sb
+    target = np.ascontiguousarray(np.concatenate([d[:, st.c1] ^ d[:, st.c2], d[:, st.singles]], axis=1))
     llr = np.full((plan.codewords, code.n), ldpc.KNOWN_LLR, np.float32)
     for i, k in enumerate(plan.payloads):
         llr[i, positions[:k]] = math.log((1 - q) / q)
-    return params, plan, code, llr, sa ^ sb, wa ^ wb
+    return params, plan, (st.row_ptr, st.col_idx), llr, target, wa ^ wb
 
 
-def _decoder_rate(a, b, q, seed) -> float:
-    params, plan, code, llr, target, _err = _first_attempt(a, b, q, seed)
-    out = np.empty((plan.codewords, code.n), np.uint8)
+def _decoder_rate(a, b, q, seed, mother=False) -> float:
+    """Key bits per second of our decoder alone on a frame's first attempt (one thread, failures included)."""
+    params, plan, (row_ptr, col_idx), llr, target, _err = _first_attempt(a, b, q, seed, mother)
+    out = np.empty(llr.shape, np.uint8)
     iters = np.empty(plan.codewords, np.int32)
     t0 = time.perf_counter()
-    ldpc.decode_batch(code.row_ptr, code.col_idx, llr, target, params.max_iterations, params.alpha, out, iters)
+    ldpc.decode_batch(row_ptr, col_idx, llr, target, params.max_iterations, params.alpha, out, iters)
     return N / (time.perf_counter() - t0)
 
 
 def _pkg(a, b, q, seed) -> dict | None:
+    """The PyPI ``ldpc`` package's BpDecoder and ours on the same codewords, side by side: the mother code's
+    whole syndrome (both decode it; on the merged first attempt both mostly fail, and a comparison of
+    failures measures only when each gives up)."""
     try:
         from ldpc import BpDecoder
     except ImportError:
         return None
-    params, plan, code, llr, target, err = _first_attempt(a, b, q, seed)
-    H = code.to_scipy()
-    bits = fails = 0
+    from scipy.sparse import csr_matrix
+
+    params, plan, (row_ptr, col_idx), llr, target, err = _first_attempt(a, b, q, seed, mother=True)
+    n = llr.shape[1]
+    H = csr_matrix((np.ones(col_idx.size, np.uint8), col_idx, row_ptr), shape=(row_ptr.size - 1, n))
+    bits = fails = ours_fails = 0
     ours_t = theirs_t = 0.0
-    for i in range(min(PKG_CODEWORDS, plan.codewords)):
+    count = min(PKG_CODEWORDS, plan.codewords)
+    for i in range(count):
         probs = np.where(llr[i] == ldpc.KNOWN_LLR, 1e-9, q)
         dec = BpDecoder(H, error_channel=probs, max_iter=params.max_iterations, bp_method="product_sum",
                         schedule="serial", input_vector_type="syndrome")
@@ -131,20 +150,21 @@ def _pkg(a, b, q, seed) -> dict | None:
         est = dec.decode(target[i])
         theirs_t += time.perf_counter() - t0
         fails += int(not np.array_equal(np.asarray(est, dtype=np.uint8), err[i]))
-        out = np.empty((1, code.n), np.uint8)
+        out = np.empty((1, n), np.uint8)
         iters = np.empty(1, np.int32)
         t0 = time.perf_counter()
-        ldpc.decode_batch(code.row_ptr, code.col_idx, llr[i : i + 1], target[i : i + 1], params.max_iterations,
+        ldpc.decode_batch(row_ptr, col_idx, llr[i : i + 1], target[i : i + 1], params.max_iterations,
                           params.alpha, out, iters)
         ours_t += time.perf_counter() - t0
+        ours_fails += int(not np.array_equal(out[0], err[i]))
         bits += plan.payloads[i]
-    return {"codewords": min(PKG_CODEWORDS, plan.codewords), "failures": fails,
+    return {"codewords": count, "failures": fails, "ours_failures": ours_fails,
             "bit_per_s": bits / theirs_t, "ours_same_codewords_bit_per_s": bits / ours_t,
             "speedup": theirs_t / ours_t}
 
 
 def _one_qber(q: float) -> dict:
-    fs, fsyn, cw_first, fr_first, rts, walls, decs = [], [], [], [], [], [], []
+    fs, fsyn, cw_first, fr_first, rts, walls, decs, wrong, decs_m = [], [], [], [], [], [], [], [], []
     final_fail = 0
     pkg = None
     for frame in range(FRAMES):
@@ -166,7 +186,9 @@ def _one_qber(q: float) -> dict:
         cw_first.append(rb.failed_first / rb.codewords)
         fr_first.append(rb.failed_first > 0)
         rts.append(rb.round_trips)
+        wrong.append(rb.wrong_codewords)
         decs.append(_decoder_rate(a, b, q, seed))
+        decs_m.append(_decoder_rate(a, b, q, seed, mother=True))
         if pkg is None:
             pkg = _pkg(a, b, q, seed)
     code = ldpc.make_plan(N, q, ldpc.LdpcParams())
@@ -175,6 +197,8 @@ def _one_qber(q: float) -> dict:
         "frames": FRAMES,
         "code_rate": code.rate,
         "codewords_per_frame": code.codewords,
+        "first_syndrome_bits_per_codeword": code.syndrome_bits,
+        "mother_rows_merged": code.merged,
         "f": float(np.mean(fs)) if fs else None,
         "f_max": float(np.max(fs)) if fs else None,
         "f_syndrome": float(np.mean(fsyn)) if fsyn else None,
@@ -182,11 +206,14 @@ def _one_qber(q: float) -> dict:
         "frame_fer_first": float(np.mean(fr_first)) if fr_first else None,
         "frame_fer_final": final_fail / FRAMES,
         "frame_fer_final_95_bound": (final_fail / FRAMES) if final_fail else 3 / FRAMES,
+        "wrong_codewords_caught": int(np.sum(wrong)),
         "round_trips_mean": float(np.mean(rts)) if rts else None,
         "round_trips_max": int(np.max(rts)) if rts else None,
         "stage_seconds_mean": float(np.mean(walls)) if walls else None,
         "throughput_bit_per_s": N / float(np.mean(walls)) if walls else None,
         "decoder_bit_per_s": float(np.median(decs)) if decs else None,
+        "decoder_mother_bit_per_s": float(np.median(decs_m)) if decs_m else None,
+        "decoder_target_bit_per_s": 30e6 if q == 0.03 else None,
         "ldpc_pkg": pkg,
     }
 

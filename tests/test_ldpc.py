@@ -249,3 +249,37 @@ def test_round_parties_must_agree_on_reconciliation():
     assert isinstance(outcome, Abort) and "reconciliation" in outcome.reason
     with pytest.raises(ConfigError, match="reconciliation"):
         RoundConfig.for_source(source, reconciliation="turbo")
+
+
+def test_warm_start_carries_messages_of_unchanged_rows():
+    """Blind rounds continue a failed decoding: rows kept across the un-merge keep their check messages,
+    the rows just un-merged start at 0, and a warm start from zero messages is the cold decoder exactly."""
+    code = ldpc_codes.get_code(0.7, N_CODE)
+    pairs = ldpc_codes.merge_pairs(code)
+    t = 60
+    before, after = ldpc._state(code, pairs, t, 0), ldpc._state(code, pairs, t, 20)
+    keys = [np.concatenate([-(np.arange(j, t) + 1), st.singles]) for j, st in ((0, before), (20, after))]
+    old = np.random.default_rng(2).standard_normal((2, before.col_idx.size)).astype(np.float32)
+    new = np.full((2, after.col_idx.size), np.nan, dtype=np.float32)
+    ldpc._carry(keys[0], before.row_ptr, old, keys[1], after.row_ptr, t + 1, new)
+    assert not np.isnan(new).any()
+    for r, key in enumerate(keys[1]):
+        got = new[:, after.row_ptr[r] : after.row_ptr[r + 1]]
+        if key < 0 or key not in set(pairs[:20].ravel().tolist()):  # still merged, or a single row all along
+            o = int(np.flatnonzero(keys[0] == key)[0])
+            assert np.array_equal(got, old[:, before.row_ptr[o] : before.row_ptr[o + 1]])
+        else:  # un-merged just now
+            assert not got.any()
+    rng = np.random.default_rng(3)
+    err = (rng.random((2, code.n)) < 0.025).astype(np.uint8)
+    synd = np.stack([code.syndrome(e) for e in err])
+    llr = np.full((2, code.n), np.log(0.975 / 0.025), dtype=np.float32)
+    cold_out, warm_out = np.zeros_like(err), np.zeros_like(err)
+    cold_it, warm_it = np.zeros(2, np.int32), np.zeros(2, np.int32)
+    ldpc.decode_batch(code.row_ptr, code.col_idx, llr, synd, 50, 0.0, cold_out, cold_it)
+    r_state = np.zeros((2, code.edges), np.float32)
+    ldpc.decode_batch_warm(code.row_ptr, code.col_idx, llr, synd, 50, 0.0, warm_out, warm_it, r_state)
+    assert np.array_equal(cold_out, warm_out) and np.array_equal(cold_it, warm_it) and (cold_it > 0).all()
+    # continuing from the converged messages needs a single iteration
+    ldpc.decode_batch_warm(code.row_ptr, code.col_idx, llr, synd, 50, 0.0, warm_out, warm_it, r_state)
+    assert (warm_it == 1).all() and np.array_equal(warm_out, err)

@@ -64,7 +64,7 @@ __all__ = ["LdpcParams", "LdpcResult", "Plan", "alice", "bob", "decode_batch", "
 STAGE = "ldpc"
 KNOWN_LLR = np.float32(64.0)
 """|LLR| of a bit both parties know (a shortened position): large enough never to be a check's minimum."""
-CHECK_BITS = 12
+CHECK_BITS = 16
 """Default check parities per codeword (:attr:`LdpcParams.check_bits`)."""
 _CHECK_ROUND = 1 << 20  # the check rows' stream of the public seed (blind rounds use 1, 2, ...)
 
@@ -247,20 +247,26 @@ def _phi(x, table):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, table):
+def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, table, warm=False):
     """Layered BP on one codeword (sum-product, or normalised min-sum when alpha > 0).
 
     L holds the posteriors. Returns the iterations used, or −1 when the syndrome was not met
     within ``max_iter`` iterations or the decoding stalled (:data:`STALL_ITERATIONS`). Each row
     also checks its parity under the current hard decisions as it is read; only when a whole
-    iteration saw every row satisfied is the exact check pass run.
+    iteration saw every row satisfied is the exact check pass run. ``warm``: R holds check messages
+    to start from (a previous attempt's, 0 on rows that are new), and L starts at llr0 + ΣR, the
+    posteriors those messages imply; otherwise every message starts at 0.
     """
     n = llr0.size
     m = row_ptr.size - 1
     for v in range(n):
         L[v] = llr0[v]
-    for e in range(R.size):
-        R[e] = 0.0
+    if warm:
+        for e in range(col_idx.size):
+            L[col_idx[e]] += R[e]
+    else:
+        for e in range(col_idx.size):
+            R[e] = 0.0
     best = m + 1
     best_it = 0
     for it in range(max_iter):
@@ -368,6 +374,56 @@ def decode_batch(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_o
         iters_out[i] = _decode_one(row_ptr, col_idx, llr0[i], synd[i], max_iter, a, L, R, tmp, phis, table)
         for v in range(n):
             err_out[i, v] = 1 if L[v] < 0 else 0
+
+
+@njit(cache=True, nogil=True)
+def decode_batch_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, r_state, table=PHI_TABLE):
+    """:func:`decode_batch` starting from the check messages ``r_state[i]`` (codewords × edges, float32;
+    0 on new rows) and leaving the final messages there, so a blind round continues a failed decoding
+    instead of starting it again."""
+    count, n = llr0.shape
+    L = np.empty(n, dtype=np.float32)
+    maxdeg = 0
+    for c in range(row_ptr.size - 1):
+        d = row_ptr[c + 1] - row_ptr[c]
+        if d > maxdeg:
+            maxdeg = d
+    tmp = np.empty(maxdeg, dtype=np.float32)
+    phis = np.empty(maxdeg, dtype=np.float32)
+    a = np.float32(alpha)
+    for i in range(count):
+        iters_out[i] = _decode_one(row_ptr, col_idx, llr0[i], synd[i], max_iter, a, L, r_state[i], tmp, phis,
+                                   table, True)
+        for v in range(n):
+            err_out[i, v] = 1 if L[v] < 0 else 0
+
+
+@njit(cache=True, nogil=True)
+def _carry(old_keys, old_ptr, old_r, new_keys, new_ptr, offset, out):
+    """Check messages of the rows a new check set shares with the old one (same key), 0 on new rows.
+
+    Keys: −(p + 1) for merged pair p, c for mother row c, m + x for extra row x; ``offset`` > every −key.
+    """
+    size = offset
+    for k in old_keys:
+        size = max(size, k + offset + 1)
+    for k in new_keys:
+        size = max(size, k + offset + 1)
+    where = np.full(size, -1, np.int64)
+    for r in range(old_keys.size):
+        where[old_keys[r] + offset] = r
+    for r in range(new_keys.size):
+        o = where[new_keys[r] + offset]
+        a, b = new_ptr[r], new_ptr[r + 1]
+        if o >= 0:
+            oa = old_ptr[o]
+            for i in range(out.shape[0]):
+                for e in range(b - a):
+                    out[i, a + e] = old_r[i, oa + e]
+        else:
+            for i in range(out.shape[0]):
+                for e in range(a, b):
+                    out[i, e] = 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -507,15 +563,16 @@ DECODER_THREADS = max(1, min(4, os.cpu_count() or 1))
 """Worker threads Bob decodes codewords on (the kernel releases the GIL)."""
 
 
-async def _decode_threads(row_ptr, col_idx, llr: np.ndarray, target: np.ndarray, params: LdpcParams):
-    """decode_batch over the rows of ``llr``, split across :data:`DECODER_THREADS` worker threads."""
+async def _decode_threads(row_ptr, col_idx, llr: np.ndarray, target: np.ndarray, params: LdpcParams,
+                          r_state: np.ndarray):
+    """decode_batch_warm over the rows of ``llr``, split across :data:`DECODER_THREADS` worker threads."""
     count, n = llr.shape
     err = np.empty((count, n), dtype=np.uint8)
     iters = np.empty(count, dtype=np.int32)
     bounds = np.linspace(0, count, min(DECODER_THREADS, count) + 1).astype(int)
     await asyncio.gather(*(
-        asyncio.to_thread(decode_batch, row_ptr, col_idx, llr[a:b], target[a:b], params.max_iterations,
-                          params.alpha, err[a:b], iters[a:b])
+        asyncio.to_thread(decode_batch_warm, row_ptr, col_idx, llr[a:b], target[a:b], params.max_iterations,
+                          params.alpha, err[a:b], iters[a:b], r_state[a:b])
         for a, b in itertools.pairwise(bounds) if b > a
     ))
     return err, iters
@@ -639,8 +696,12 @@ async def bob(
     unmerged = 0
     total_iters = 0
     wrong = 0
+    # Warm start: each open codeword's check messages from its last attempt, by row key (see _carry).
+    messages: dict[int, np.ndarray] = {}
+    last_keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     while True:
         st = _state(code, pairs, t, unmerged)
+        state_keys = np.concatenate([-(np.arange(unmerged, t, dtype=np.int64) + 1), st.singles])
         p0 = st.c1.size
         base_tgt = np.empty((plan.codewords, st.row_ptr.size - 1), dtype=np.uint8)
         base_tgt[:, :p0] = sa_pair[:, unmerged:] ^ sb[:, st.c1] ^ sb[:, st.c2]
@@ -655,7 +716,16 @@ async def bob(
             tgt = np.ascontiguousarray(np.concatenate(
                 [base_tgt[idx], *([np.stack([np.concatenate(extra_target[int(i)]) for i in idx])]
                                   if k_rows else [])], axis=1))
-            sub_err, sub_it = await _decode_threads(row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt, params)
+            keys = np.concatenate([state_keys, code.m + np.arange(row_ptr.size - 1 - state_keys.size)])
+            r_state = np.zeros((idx.size, col_idx.size), dtype=np.float32)
+            if k in last_keys:
+                old_keys, old_ptr = last_keys[k]
+                _carry(old_keys, old_ptr, np.stack([messages[int(i)] for i in idx]), keys, row_ptr, t + 1, r_state)
+            last_keys[k] = (keys, row_ptr)
+            sub_err, sub_it = await _decode_threads(row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt, params,
+                                                    r_state)
+            for row, i in enumerate(idx):
+                messages[int(i)] = r_state[row]
             err[idx] = sub_err
             total_iters += int(np.abs(sub_it).sum())
             decoded = sub_it >= 0
@@ -667,6 +737,8 @@ async def bob(
         if blind == 0:
             failed_first = int(np.count_nonzero(~ok))
         await channel.send("ldpc.status", disclosed=BitArray.from_bits(ok.astype(np.uint8)))
+        for i in open_[ok]:
+            messages.pop(int(i), None)
         open_ = open_[~ok]
         if open_.size == 0:
             break
