@@ -93,8 +93,12 @@ class SiteKME:
     to it (``KMEConfig(kme_id=site, peer_kme_id=neighbour, sae_ids=site SAEs ∪ {RELAY_SAE})``, all on one
     shared key store); ``relay_store``: where keys relayed to this site wait for their slave SAEs;
     ``client``: the KME-to-KME client (this site's network certificate), None for a site that can
-    neither relay nor be reached (tests). Call :meth:`start` to pull link state periodically and
-    :meth:`close` at the end.
+    neither relay nor be reached (tests). ``hop_timeout_s``: how long a hop may take, per hop left on
+    the path (a source with three hops ahead waits at most three times this; keep the total below the
+    consumers' own HTTP timeout, 10 s for :class:`~qkdstack.apps.keysource.Etsi014Client`).
+    ``state_interval_s``, ``state_max_age_s``: link-state pulls (:mod:`qkdstack.network.routing`);
+    ``unreachable_hold_s``: how long a neighbour that did not answer, or a link a relay failed on,
+    is avoided. Call :meth:`start` to pull link state periodically and :meth:`close` at the end.
     """
 
     def __init__(
@@ -105,7 +109,7 @@ class SiteKME:
         relay_store: RelayStore,
         client: KMEClient | None = None,
         *,
-        hop_timeout_s: float = 10.0,
+        hop_timeout_s: float = 3.0,
         state_interval_s: float = 1.0,
         state_max_age_s: float = 10.0,
         unreachable_hold_s: float = 5.0,
