@@ -237,6 +237,7 @@ CASES: list[tuple[list[str], str]] = [
     (["pki", "crl", "--deploymnt", "{dir}"], "--deployment"),
     # --- the command line itself --------------------------------------------------------------------
     (["simulte"], "simulate"),
+    (["--verison"], "--version"),
     (["distill", "--distnce-km", "5"], "--distance-km"),
     (["init", "--otu", "{new}"], "--out"),
 ]

@@ -263,14 +263,31 @@ def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction |
     return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
 
 
-def leaf_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The sub-command's parser (``qkdstack key export``'s, not ``qkdstack``'s) the arguments went to."""
+def _chain(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``qkdstack``'s parser, then each sub-command's the arguments went to (``key``, ``key export``)."""
+    chain = [parser]
     while (sub := _subparsers(parser)) is not None:
         name = next((t for t in getattr(parser, "seen_args", []) if t in sub.choices), None)
         if name is None:
             break
         parser = sub.choices[name]
-    return parser
+        chain.append(parser)
+    return chain
+
+
+def leaf_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The sub-command's parser (``qkdstack key export``'s, not ``qkdstack``'s) the arguments went to."""
+    return _chain(parser)[-1]
+
+
+def _own_tokens(parser: argparse.ArgumentParser) -> list[str]:
+    """The arguments a parser read itself: those before its sub-command's name (or a mistyped one: the first
+    word that is no flag; these parsers take no values), if it has sub-commands."""
+    tokens = list(getattr(parser, "seen_args", []))
+    if _subparsers(parser) is not None:
+        cut = next((i for i, t in enumerate(tokens) if not t.startswith("-")), len(tokens))
+        tokens = tokens[:cut]
+    return tokens
 
 
 def _unknown_flag(parser: argparse.ArgumentParser) -> str | None:
@@ -278,7 +295,7 @@ def _unknown_flag(parser: argparse.ArgumentParser) -> str | None:
     import difflib
 
     known = sorted(s for s in parser._option_string_actions if s.startswith("--"))
-    for token in getattr(parser, "seen_args", []):
+    for token in _own_tokens(parser):
         if token == "--":
             break
         if not token.startswith("--"):
@@ -305,10 +322,12 @@ def usage_error(parser: argparse.ArgumentParser, message: str) -> tuple[argparse
     import difflib
     import re
 
-    leaf = leaf_parser(parser)
-    unknown = _unknown_flag(leaf) if _subparsers(leaf) is None else None
-    if unknown is not None:
-        return leaf, unknown
+    chain = _chain(parser)
+    leaf = chain[-1]
+    for speaker in chain:
+        unknown = _unknown_flag(speaker)
+        if unknown is not None:
+            return speaker, unknown
     if leaf is not parser and message.startswith("unrecognized arguments"):
         return leaf, message
     sub = _subparsers(parser)
