@@ -534,6 +534,8 @@ class Node:
         link_key, rest = key[:LINK_KEY_BYTES], key[LINK_KEY_BYTES:]
         if len(link_key) == LINK_KEY_BYTES:
             self.link_keys[round_id] = link_key
+            for old in sorted(self.link_keys)[:-KEPT_LINK_KEYS]:  # as many as the file keeps: memory stays flat
+                del self.link_keys[old]
             self._save_link_keys()
             self.link_keys_changed.set()
         if self.kme is not None and rest:

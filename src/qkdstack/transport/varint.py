@@ -56,7 +56,7 @@ def _varint_size(v: np.uint64) -> int:
     )
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _encoded_size(values: np.ndarray, gaps: bool) -> int:
     """Bytes the varints of ``values`` (or of their gaps) take."""
     total = 0
@@ -68,7 +68,7 @@ def _encoded_size(values: np.ndarray, gaps: bool) -> int:
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _encode(values: np.ndarray, gaps: bool, capacity: int) -> tuple[np.ndarray, int]:
     """Varints of ``values`` (or, with ``gaps``, of their successive differences), in one pass.
 
@@ -136,7 +136,7 @@ def _read_slow(data: np.ndarray, pos: int) -> tuple[np.uint64, int, int]:
             return value, pos, _TOO_LONG
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _decode(data: np.ndarray, count: int, gaps: bool) -> tuple[np.ndarray, int]:
     """Decode exactly ``count`` varints (with ``gaps``: and prefix-sum them). Returns (values, status).
 
