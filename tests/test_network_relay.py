@@ -372,3 +372,29 @@ async def test_concurrent_requests_share_relays_and_each_gets_its_own_keys(tmp_p
             ids = [e["key_ID"] for e in answer["keys"]]
             assert (await net.sites["B"].dec_keys("SAE_B", "SAE_A", ids))["keys"] == answer["keys"]
         assert await net.relay_stores["B"].count() == 0
+
+
+async def test_destination_refuses_a_relay_whose_master_is_not_at_its_source(tmp_path):
+    import os
+    import uuid
+
+    from qkdstack.network.kme_api import EXT_KEYS
+    from qkdstack.network.relay import build_hop_message
+
+    async with Network(LINE, tmp_path).run() as net:
+        r2 = net.sites["R2"]
+        pads, mac = await r2._take_link_keys("B", 1, 256)
+        for master, expect in (("SAE_B", 400), ("SAE_A", 200)):
+            if master == "SAE_A":
+                pads, mac = await r2._take_link_keys("B", 1, 256)
+            message = build_hop_message(
+                relay_id=str(uuid.uuid4()), key_ids=[str(uuid.uuid4())], keys=[os.urandom(32)],
+                pads=[base64.b64decode(pads[0]["key"])], pad_ids=[pads[0]["key_ID"]],
+                mac_key=base64.b64decode(mac["key"]), mac_id=mac["key_ID"], size=256, master=master,
+                slaves=["SAE_B"], path=["A", "R1", "R2", "B"], hop=2, link_id="B|R2",
+            )
+            status, body = await r2.client.post(net.topo.sites["B"].kme_url, EXT_KEYS, message)
+            assert status == expect, body
+            if expect == 400:
+                assert "initiator SAE" in body["message"]
+        assert await net.relay_stores["B"].count() == 1

@@ -588,6 +588,8 @@ class SiteKME:
         if msg.last:
             if any(s not in self.config.sae_ids for s in msg.slaves):
                 raise RelayError(400, f"a target SAE of the relay is not at {self.site}", hop)
+            if self.topology.site_of_sae(msg.master) != msg.path[0]:
+                raise RelayError(400, f"the initiator SAE of the relay is not at its source {msg.path[0]}", hop)
             try:
                 await self.relay_store.put(
                     [RelayedKey(kid, k, msg.path) for kid, k in zip(msg.key_ids, keys, strict=True)],
