@@ -448,7 +448,7 @@ class SiteKME:
             while group.queue:
                 take: list[tuple[int, asyncio.Future]] = []
                 total = 0
-                while group.queue and total + group.queue[0][0] <= cap:
+                while group.queue and (not take or total + group.queue[0][0] <= cap):
                     n, f = group.queue.popleft()
                     if not f.done():  # a caller cancelled meanwhile takes no key
                         take.append((n, f))
@@ -479,6 +479,11 @@ class SiteKME:
                     start += n
         finally:
             group.running = False
+            if asyncio.current_task().cancelling():  # the site is closing: nobody will send the rest
+                while group.queue:
+                    _, f = group.queue.popleft()
+                    if not f.done():
+                        f.set_exception(RelayError(503, "the KME is shutting down", None, "refused"))
             if not group.queue:
                 self._groups.pop(group_key, None)
 
