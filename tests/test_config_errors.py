@@ -161,9 +161,9 @@ async def test_a_link_port_taken_after_the_check_is_reported_by_the_node_naming_
     ("flags", "words"),
     [
         (["--pulses-per-frame", "1.5"], "--pulses-per-frame must be a whole number"),
-        (["--pulses-per-frame", "999"], "--pulses-per-frame must be a whole number"),
+        (["--pulses-per-frame", "999"], "--pulses-per-frame must be at least 1000"),  # [device]'s own sentence
         (["--base-port", "65530"], "--base-port must lie in"),
-        (["--distance-km", "-3"], "--distance-km must be a length"),
+        (["--distance-km", "-3"], "--distance-km must be a finite number ≥ 0"),
     ],
 )
 def test_init_refuses_flags_a_node_would_refuse_before_writing_anything(tmp_path, flags, words):
