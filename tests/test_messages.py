@@ -1,6 +1,6 @@
 """Messages that told a user the wrong story (issue 14, "Misleading messages fixed").
 
-* An ETSI 014 request before the link's first round said "the peer KME is not connected" although both
+* An ETSI 014 (or SKIP) request before the link's first round said "the peer KME is not connected" although both
   nodes were up: the KME peer link starts only with the first accepted round, so the truth is that no
   key exists yet.
 * An abort caused by a block too small for the finite-key bound hinted at an eavesdropper ("too few
@@ -46,6 +46,19 @@ async def test_with_keys_stored_but_no_peer_link_the_peer_is_not_connected(kme):
     with pytest.raises(KMEError) as err:
         await kme.enc_keys("SAE_A", "SAE_B")
     assert err.value.status == 503 and "the peer KME is not connected" in err.value.message
+
+
+async def test_skip_before_the_first_block_says_no_key_exists_yet(kme):
+    """The SKIP provider (kms/skip.py) tells the same story as ETSI 014."""
+    import asyncio
+
+    from qkdstack.kms.skip import SkipError, SkipService
+
+    service = SkipService(kme, asyncio.get_running_loop())
+    for path, query in (("/capabilities", {}), ("/key", {"remoteSystemID": ["SAE_B"]})):
+        with pytest.raises(SkipError) as err:
+            await asyncio.to_thread(service.answer, "SAE_A", path, query)
+        assert err.value.status == 503 and "no key exists yet" in str(err.value), str(err.value)
 
 
 # --- a block too small for the finite-key bound ----------------------------------------------------

@@ -445,7 +445,7 @@ class KME:
         if sae_id not in self.config.sae_ids:
             raise KMEError(401, "SAE is not registered at this KME", [{"SAE_ID": sae_id}])
 
-    async def _peer_down(self) -> KMEError:
+    async def peer_down_error(self) -> KMEError:
         """The 503 when the KME peer link is not up. It starts with the link's first accepted round (its key
         authenticates the link), so before any key block was stored the truth is that no key exists yet."""
         counts = await self.store.counts(self.config.link_id)
@@ -457,7 +457,7 @@ class KME:
 
     async def _check_slave(self, slave: str) -> None:
         if not self.remote_sae_ids:  # never connected: the peer's SAE list is not known yet
-            raise await self._peer_down()
+            raise await self.peer_down_error()
         if slave not in self.remote_sae_ids:
             raise KMEError(400, "slave SAE ID is not known to the peer KME", [{"slave_SAE_ID": slave}])
 
@@ -523,7 +523,7 @@ class KME:
         for s in slaves:
             await self._check_slave(s)
         if self.peer is None:
-            raise await self._peer_down()
+            raise await self.peer_down_error()
         for attempt in range(self.TAKE_ATTEMPTS):
             result = await self._take(
                 master_sae, slaves, number, size, last=attempt == self.TAKE_ATTEMPTS - 1, proof=proof

@@ -328,7 +328,8 @@ class SkipService:
     def capabilities(self, sae_id: str) -> dict[str, Any]:
         remotes = sorted(self.kme.remote_sae_ids)
         if not remotes:  # the draft requires at least one remoteSystemID
-            raise SkipError(503, "the peer KME is not connected: no remote system is known yet")
+            reason = self._run(self.kme.peer_down_error()).message
+            raise SkipError(503, f"no remote system is known yet: {reason}")
         return {"entropy": True, "key": True, "algorithm": ALGORITHM, "localSystemID": sae_id,
                 "remoteSystemID": remotes}
 
@@ -346,7 +347,7 @@ class SkipService:
     def new_key(self, sae_id: str, remote: str, size: int, proof: bool) -> dict[str, Any]:
         if remote == sae_id or remote not in self.kme.remote_sae_ids:
             if not self.kme.remote_sae_ids:
-                raise SkipError(503, "the peer KME is not connected")
+                raise SkipError(503, self._run(self.kme.peer_down_error()).message)
             raise SkipError(400, "remoteSystemID is not a system at the peer site", [{"remoteSystemID": remote}])
         ext = [{PROOF_FLAG: True}] if proof else None
         answer = self._run(self.kme.enc_keys(sae_id, remote, 1, size, extension_optional=ext))
