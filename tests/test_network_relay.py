@@ -15,7 +15,7 @@ import pytest
 
 from _relay_support import LINE, RING, Network, topology
 from qkdstack.kms.kme import KMEError
-from qkdstack.network.relay import RELAY_FIELD, RELAY_SAE
+from qkdstack.network.relay import RELAY_FIELD, RELAY_SAE, relay_part
 from qkdstack.network.site_kme import PATH_EXTENSION
 
 HOPS = [("A", "R1"), ("R1", "R2"), ("R2", "B")]
@@ -99,18 +99,18 @@ class _Tamper:
         self.tampered = 0
 
     async def post(self, base_url, path, body, timeout_s=None):
-        if path.endswith("/ext_keys") and RELAY_FIELD in body:
+        if path.endswith("/ext_keys") and relay_part(body) is not None:
             body = json.loads(json.dumps(body))
             if self.where == "key":
                 raw = bytearray(base64.b64decode(body["keys"][0]["key"]))
             else:
-                raw = bytearray(base64.b64decode(body[RELAY_FIELD]["tag"]))
+                raw = bytearray(base64.b64decode(relay_part(body)["tag"]))
             raw[0] ^= 0x01
             text = base64.b64encode(bytes(raw)).decode()
             if self.where == "key":
                 body["keys"][0]["key"] = text
             else:
-                body[RELAY_FIELD]["tag"] = text
+                relay_part(body)["tag"] = text
             self.tampered += 1
         return await self.client.post(base_url, path, body, timeout_s)
 
@@ -326,12 +326,12 @@ async def test_kme_api_requires_a_network_certificate_of_a_known_site(tmp_path):
             ct = base64.b64encode(b"c" * 32).decode()
             msg = {"keys": [{"key_ID": "00000000-0000-0000-0000-000000000001", "key": ct}],
                    "initiator_sae_id": "SAE_A",
-                   "target_sae_ids": ["SAE_B"], RELAY_FIELD: {
+                   "target_sae_ids": ["SAE_B"], "extension_mandatory": [{RELAY_FIELD: {
                        "version": 1, "relay_ID": "00000000-0000-0000-0000-000000000002", "size": 256,
                        "path": ["A", "R1", "R2", "B"], "hop": 2, "link_ID": "B|R2",
                        "pad_key_IDs": ["00000000-0000-0000-0000-000000000003"],
                        "mac_key_ID": "00000000-0000-0000-0000-000000000004",
-                       "tag": base64.b64encode(b"x" * 16).decode()}}
+                       "tag": base64.b64encode(b"x" * 16).decode()}}]}
             status, body = await stranger.post(url, EXT_KEYS, msg)
             assert status == 400 and "came from A" in body["message"]
             assert await net.counts("R2", "B") == before

@@ -13,11 +13,11 @@ import pytest
 from qkdstack.errors import KeyStoreError
 from qkdstack.kms.store import KeyNotAuthorized, KeyNotFound
 from qkdstack.network.relay import (
-    RELAY_FIELD,
     RelayAuthError,
     RelayError,
     build_hop_message,
     parse_hop_message,
+    relay_part,
     xor,
 )
 from qkdstack.network.relay_store import RelayedKey, open_relay_store
@@ -61,11 +61,11 @@ def test_tampered_message_fails_authentication(where):
         raw[3] ^= 0x01
         msg["keys"][0]["key"] = base64.b64encode(bytes(raw)).decode()
     elif where == "tag":
-        raw = bytearray(base64.b64decode(msg[RELAY_FIELD]["tag"]))
+        raw = bytearray(base64.b64decode(relay_part(msg)["tag"]))
         raw[0] ^= 0x80
-        msg[RELAY_FIELD]["tag"] = base64.b64encode(bytes(raw)).decode()
+        relay_part(msg)["tag"] = base64.b64encode(bytes(raw)).decode()
     elif where == "path":
-        msg[RELAY_FIELD]["path"] = ["A", "R1", "R2", "X"]
+        relay_part(msg)["path"] = ["A", "R1", "R2", "X"]
     else:
         msg["target_sae_ids"] = ["SAE_X"]
     with pytest.raises(RelayAuthError, match="failed authentication on hop R1->R2"):
@@ -81,13 +81,15 @@ def test_wrong_mac_key_fails():
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda m: m.pop(RELAY_FIELD),
-        lambda m: m[RELAY_FIELD].update(version=9),
-        lambda m: m[RELAY_FIELD].update(hop=3),
-        lambda m: m[RELAY_FIELD].update(path=["A", "A"]),
+        lambda m: m.pop("extension_mandatory"),
+        lambda m: m["extension_mandatory"].append({"other": True}),
+        lambda m: m["extension_mandatory"][0].update(other=True),
+        lambda m: relay_part(m).update(version=9),
+        lambda m: relay_part(m).update(hop=3),
+        lambda m: relay_part(m).update(path=["A", "A"]),
         lambda m: m["keys"][0].update(key="***"),
         lambda m: m["keys"][1].pop("key"),
-        lambda m: m[RELAY_FIELD].update(pad_key_IDs=["x"]),
+        lambda m: relay_part(m).update(pad_key_IDs=["x"]),
     ],
 )
 def test_malformed_messages_are_400(mutate):

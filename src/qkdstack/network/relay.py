@@ -44,7 +44,9 @@ MAC_KEY_BITS = 256
 
 TAG_BYTES = 16
 RELAY_FIELD = "qkdstack_relay"
-"""The object of the hop message that carries what ETSI GS QKD 020's ``ext_keys`` has no field for."""
+"""The extension of the hop message that carries what ETSI GS QKD 020's ``ext_keys`` has no field for; it
+goes in ``extension_mandatory`` (``[{"qkdstack_relay": {...}}]``), so a KME that does not know it refuses
+the message rather than take the ciphertexts for keys."""
 VERSION = 1
 
 
@@ -92,15 +94,26 @@ def xor(a: bytes, b: bytes) -> bytes:
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
+def relay_part(message: Any) -> dict[str, Any] | None:
+    """The ``qkdstack_relay`` object of a hop message (in ``extension_mandatory``), or None."""
+    ext = message.get("extension_mandatory") if isinstance(message, dict) else None
+    if isinstance(ext, list):
+        for item in ext:
+            if isinstance(item, dict) and isinstance(item.get(RELAY_FIELD), dict):
+                return item[RELAY_FIELD]
+    return None
+
+
 def canonical(message: dict[str, Any]) -> bytes:
-    """The bytes the tag covers: the message without its ``tag``, as sorted compact JSON (UTF-8).
+    """The bytes the tag covers: the message without its ``tag``, as sorted compact JSON (ASCII).
 
     Both ends compute this from the parsed JSON object, so white space or key order in transit do not
     matter, while every field value does.
     """
-    relay = dict(message.get(RELAY_FIELD) or {})
-    relay.pop("tag", None)
-    body = {**message, RELAY_FIELD: relay}
+    body = json.loads(json.dumps(message))
+    relay = relay_part(body)
+    if relay is not None:
+        relay.pop("tag", None)
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
@@ -226,7 +239,7 @@ def build_hop_message(
         "keys": entries,
         "initiator_sae_id": master,
         "target_sae_ids": list(slaves),
-        RELAY_FIELD: {
+        "extension_mandatory": [{RELAY_FIELD: {
             "version": VERSION,
             "relay_ID": relay_id,
             "size": size,
@@ -235,17 +248,23 @@ def build_hop_message(
             "link_ID": link_id,
             "pad_key_IDs": list(pad_ids),
             "mac_key_ID": mac_id,
-        },
+        }}],
     }
-    message[RELAY_FIELD]["tag"] = _b64(tag(mac_key, canonical(message)))
+    relay = relay_part(message)
+    assert relay is not None
+    relay["tag"] = _b64(tag(mac_key, canonical(message)))
     return message
 
 
 def parse_hop_message(message: Any, max_keys: int = 1024) -> HopMessage:
     """Validate the shape of a hop message (no cryptography yet). :class:`RelayError` 400 when malformed."""
-    if not isinstance(message, dict) or not isinstance(message.get(RELAY_FIELD), dict):
-        raise RelayError(400, f"malformed relay message: no {RELAY_FIELD} object")
-    r = message[RELAY_FIELD]
+    r = relay_part(message)
+    if r is None:
+        raise RelayError(400, f"malformed relay message: no {RELAY_FIELD} object in extension_mandatory")
+    others = sorted({str(k) for e in message["extension_mandatory"] if isinstance(e, dict) for k in e} - {RELAY_FIELD})
+    if others or len(message["extension_mandatory"]) != 1:
+        raise RelayError(400, "not all extension_mandatory parameters are supported",
+                         code="unsupported_extension")
     if r.get("version") != VERSION:
         raise RelayError(400, f"unsupported relay message version {r.get('version')!r} (this KME speaks {VERSION})")
     keys = message.get("keys")
