@@ -28,6 +28,7 @@ COMMANDS: list[str] = [
     "psk",
     "pki",
     "node",
+    "status",
     "tunnel",
     "demo",
     "dashboard",

@@ -375,7 +375,15 @@ class Node:
         """The transmitter connects; the receiver takes the next accepted connection."""
         if self.transmitter:
             host, port = parse_address("link", name, address)
-            opening = connect(host, port, attempts=1_000_000, max_delay=1.0, timeout=self.cfg.link.timeout_s)
+
+            def failed(attempt: int, exc: OSError) -> None:  # the first, then one line a minute (max_delay 1 s)
+                if attempt == 1 or attempt % 60 == 0:
+                    log.info("%s: %s link to %s at %s: attempt %d failed (%s); retrying every second",
+                             self.site.name, name, self.site.peer, address, attempt, exc.strerror or type(exc).__name__)
+
+            log.info("%s: connecting the %s link to %s at %s", self.site.name, name, self.site.peer, address)
+            opening = connect(host, port, attempts=1_000_000, max_delay=1.0, timeout=self.cfg.link.timeout_s,
+                              on_failure=failed)
         else:
             opening = self._accepted[name].get()
         # Waiting for the peer must not outlive a stop request (a round in flight is still finished).
@@ -581,6 +589,12 @@ class Node:
             "detections": block.stats.get("detections"),
         }
         self._log_round({**self.stats.last, "proof": meta})
+        pool = self.pool.report().get("balance_bits") if self.pool is not None else None
+        stored = ((self.status_doc or {}).get("store") or {}).get("stored_keys")
+        log.info("%s: round %s with %s accepted: QBER %.2f %% (key basis), %d secret bits; key store %s keys "
+                 "(at the last status), authentication pool %s bits", self.site.name, block.block_id,
+                 self.site.peer, 100 * block.qber_key, block.length, "?" if stored is None else stored,
+                 "?" if pool is None else pool)
         self._rate_log()
         return key_proof(meta)  # stored with the block's keys (kms/kme.py)
 

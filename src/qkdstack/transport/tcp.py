@@ -152,20 +152,24 @@ async def connect(
     delay: float = 0.1,
     max_delay: float = 2.0,
     timeout: float | None = 60.0,
+    on_failure: Callable[[int, OSError], None] | None = None,
 ) -> TcpChannel:
     """Connect to a listening peer, retrying with exponential back-off.
 
     Each attempt is bounded by ``timeout``; every failure (refused, unreachable, timed out) is
     retried, and after ``attempts`` of them :class:`~qkdstack.errors.ChannelError` is raised.
+    ``on_failure(attempt, error)`` is called after each failed attempt (the node logs them).
     """
     last: Exception | None = None
-    for _ in range(attempts):
+    for attempt in range(1, attempts + 1):
         try:
             async with asyncio.timeout(timeout):  # a silently dropped SYN must not hang for minutes
                 reader, writer = await asyncio.open_connection(host, port)
             return TcpChannel(reader, writer, timeout=timeout)
         except OSError as exc:  # refused, unreachable, timed out (TimeoutError is an OSError)
             last = exc
+            if on_failure is not None:
+                on_failure(attempt, exc)
             await asyncio.sleep(delay)
             delay = min(2 * delay, max_delay)
     raise ChannelError(f"cannot reach {host}:{port} after {attempts} attempts: {last}")
