@@ -208,8 +208,15 @@ async def test_relay_failing_half_way_leaves_no_key_and_the_master_gets_503(tmp_
         # keys taken on the first hop are spent at both ends (never reused)
         ca, cr = await net.counts("A", "R1")
         assert ca.erased == cr.erased == 2 and ca.reserved == cr.reserved == 0
-        # the server comes back: relays work again (once the hop is no longer held as unreachable)
+        # on the failed hop they are erased at R1 and wait at R2, reserved for a message that never came
+        c1, c2 = await net.counts("R1", "R2")
+        assert c1.erased == 2 and c2.reserved == 2 and c2.erased == 0
+        # the server comes back: R1 asks it to drop them at its next link-state pull
         await net.start_server("R2")
+        await net.sites["R1"].refresh_link_state()
+        c1, c2 = await net.counts("R1", "R2")
+        assert c1.erased == c2.erased == 2 and c2.reserved == 0
+        # relays work again (once the hop is no longer held as unreachable)
         await asyncio.sleep(0.6)
         key_id, key = _key(await net.sites["A"].enc_keys("SAE_A", "SAE_B"))
         assert _key(await net.sites["B"].dec_keys("SAE_B", "SAE_A", [key_id])) == (key_id, key)

@@ -155,6 +155,7 @@ class SiteKME:
         self._suspect: dict[frozenset[str], float] = {}  # links a relay just failed on -> until when avoided
         self._task: asyncio.Task | None = None
         self._groups: dict[tuple, _Group] = {}
+        self._undelivered: dict[str, list[str]] = {}  # neighbour -> link-key IDs of hop messages it never got
         self._background: set[asyncio.Task] = set()
         self.counters = {"relays_started": 0, "relays_delivered": 0, "relays_failed": 0, "forwarded": 0,
                          "received": 0, "auth_failures": 0, "voided": 0}
@@ -224,6 +225,7 @@ class SiteKME:
                 self._unreachable[peer] = time.monotonic() + self.unreachable_hold_s
                 return
             self._unreachable.pop(peer, None)
+            await self._release_undelivered(peer)
             if status != 200 or not isinstance(body.get("reports"), list):
                 return
             for raw in body["reports"]:
@@ -555,6 +557,8 @@ class SiteKME:
             status, body = await self.client.post(url, EXT_KEYS, message, timeout_s=timeout)
         except ChannelError:
             self._unreachable[peer] = time.monotonic() + self.unreachable_hold_s
+            # the peer still holds these link keys reserved for the relay: ask it to drop them once it answers
+            self._undelivered.setdefault(peer, []).extend([*(e["key_ID"] for e in pad_entries), mac_entry["key_ID"]])
             raise RelayError(503, f"the KME of {peer} cannot be reached from {self.site}", (self.site, peer),
                              "unreachable") from None
         if status != 200:
@@ -609,8 +613,43 @@ class SiteKME:
                                 msg.slaves)
         return {"ack_status": "relayed", "key_IDs": list(msg.key_ids)}
 
+    async def _release_undelivered(self, peer: str) -> None:
+        """Ask ``peer`` to drop the link keys of hop messages that never reached it (they wait there,
+        reserved for the relay, and would never be used). Best effort; kept in memory only."""
+        ids = self._undelivered.pop(peer, [])
+        if not ids or self.client is None:
+            return
+        try:
+            status, _ = await self.client.post(self.topology.sites[peer].kme_url, VOID, {"link_key_IDs": ids},
+                                               timeout_s=min(self.hop_timeout_s, 5.0))
+        except ChannelError:
+            status = 0
+        if status != 200:
+            self._undelivered.setdefault(peer, []).extend(ids)
+
+    async def _drop_link_keys(self, sender: str, ids: Any) -> int:
+        """Fetch (so erase) link keys the neighbour ``sender`` reserved here for a hop message that never came."""
+        kme = self.links.get(sender)
+        if kme is None or not isinstance(ids, list) or len(ids) > 64 * self.config.max_key_per_request:
+            raise RelayError(400, "link_key_IDs must be a list of key IDs of the link to the sender")
+        dropped = 0
+        for kid in ids:
+            try:
+                await kme.dec_keys(RELAY_SAE, RELAY_SAE, [str(uuid.UUID(str(kid)))])
+                dropped += 1
+            except (KMEError, ValueError):  # already fetched (the message did arrive) or unknown
+                continue
+        return dropped
+
     async def handle_void(self, sender: str, body: Any) -> dict[str, Any]:
-        """The source ``sender`` of a failed relay asks this site to delete what it may have stored."""
+        """The source ``sender`` of a failed relay asks this site to delete what it may have stored.
+
+        ``{"link_key_IDs": [...]}`` (an extension): the neighbour ``sender`` asks this site to drop the
+        link keys it reserved here for hop messages that never arrived.
+        """
+        if isinstance(body, dict) and "link_key_IDs" in body:
+            n = await self._drop_link_keys(sender, body["link_key_IDs"])
+            return {"ack_status": "voided", "voided": n}
         ids = body.get("key_IDs") if isinstance(body, dict) else None
         if not isinstance(ids, list) or not ids or len(ids) > 4 * self.config.max_key_per_request:
             raise RelayError(400, "key_IDs must be a non-empty list")
