@@ -93,12 +93,14 @@ class LdpcParams:
     that a bad codeword does not cost many round trips."""
     blind_growth: float = 0.5
     max_blind_rounds: int = 16
-    merge_headroom: float = 1.03
-    """The mother code has at least merge_headroom × the first syndrome's rows when one does, so the first
-    blind rounds un-merge rows (a full bit each, on the designed code) before extra parities are needed.
-    Measured (10⁵-bit frames, two per point): 1.1 put QBER 3.1 % on the rate-0.75 code with 27 % of its rows
-    merged (f = 1.165) where 1.03 keeps the rate-0.8 code (f = 1.139); at 3.4 %, 1.0 left 65 rows to
-    un-merge (f = 1.148), 1.03 the rate-0.75 code with 22 % merged (f = 1.136)."""
+    merge_headroom: float = 1.1
+    """The mother code has at least merge_headroom × the first syndrome's rows when one does (with at most
+    ``max_merged`` of its rows merged), so the first blind rounds un-merge rows (a full bit each, on the
+    designed code) before extra parities are needed."""
+    max_merged: float = 0.25
+    """Measured (10⁵-bit frames, two or three per point): headroom 1.1 alone put QBER 3.1 % on the rate-0.75
+    code with 27 % of its rows merged (f = 1.165) where the rate-0.8 code with 9 % gives 1.139; at 8 % the
+    rate-0.55 code with 18 % merged (f = 1.093) beats the rate-0.6 code with 8 % and little headroom (1.106)."""
     check_bits: int = CHECK_BITS
     """Check parities per codeword: a decoded word that is not Alice's passes them with probability 2^-c."""
     code_n: int = ldpc_codes.DEFAULT_N
@@ -111,7 +113,7 @@ class LdpcParams:
     def public(self) -> dict[str, float | int]:
         return {"f_start": self.f_start, "blind_step": self.blind_step,
                 "blind_growth": self.blind_growth, "max_blind_rounds": self.max_blind_rounds,
-                "merge_headroom": self.merge_headroom, "check_bits": self.check_bits,
+                "merge_headroom": self.merge_headroom, "max_merged": self.max_merged, "check_bits": self.check_bits,
                 "code_n": self.code_n, "code_seed": self.code_seed,
                 "max_iterations": self.max_iterations, "alpha": self.alpha}
 
@@ -147,7 +149,8 @@ def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
 
     As few codewords as hold the frame (⌈N/n⌉, the rest of each codeword shortened); the first syndrome has
     ⌈f_start·h(q)·k⌉ bits, reached from the mother code of the family with the fewest rows that leaves
-    ``merge_headroom`` for blind rounds (else the fewest rows that reach it at all) by merging row pairs.
+    ``merge_headroom`` for blind rounds with at most ``max_merged`` of its rows merged (else the fewest rows
+    that reach it at all) by merging row pairs.
     """
     if n_key <= 0:
         raise ConfigError("the LDPC stage needs a non-empty key")
@@ -170,6 +173,8 @@ def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
         for strict in (True, False):
             for m, r in by_rows:
                 if m < (m0 * params.merge_headroom if strict else m0):
+                    continue
+                if strict and m - m0 > params.max_merged * m:
                     continue
                 pairs = ldpc_codes.merge_pairs(ldpc_codes.get_code(r, n, params.code_seed), params.code_seed)
                 if m - m0 <= pairs.shape[0]:
