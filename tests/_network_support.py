@@ -14,7 +14,6 @@ import json
 import os
 import random
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from _node_support import _free
 from qkdstack.network.topology import Topology, load_topology
 from qkdstack.node.deployment import SiteLayout, network_ports, write_network_deployment
 
@@ -32,16 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "topologies"
 PULSES = 25_000_000
 DISTANCE_KM = 5.0
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_base_port(topology: Topology) -> int:

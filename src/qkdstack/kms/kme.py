@@ -189,6 +189,34 @@ class KMEConfig:
         return 0 if self.kme_id < self.peer_kme_id else 1
 
 
+def check_key_request(c: Any, number: Any, size: Any, extension_mandatory: Sequence[Any] | None,
+                      slaves: Sequence[str]) -> tuple[int, int]:
+    """ETSI 014 Get key's checks (section 5.4): ``(number, size)`` with their defaults, or KMEError 400.
+
+    ``c`` is a KME's configuration (a link's :class:`KMEConfig` or a network site's): ``key_size``,
+    ``min_key_size``, ``max_key_size``, ``max_key_per_request``, ``max_SAE_ID_count``. No
+    ``extension_mandatory`` is supported, so any is refused.
+    """
+    number = 1 if number is None else number
+    size = c.key_size if size is None else size
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= c.max_key_per_request:
+        raise KMEError(400, f"number shall be between 1 and max_key_per_request ({c.max_key_per_request})")
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
+        raise KMEError(400, "size shall be a multiple of 8")
+    if not c.min_key_size <= size <= c.max_key_size:
+        raise KMEError(400, f"size shall be between min_key_size ({c.min_key_size}) and max_key_size "
+                       f"({c.max_key_size})")
+    if extension_mandatory:
+        names = sorted({str(k) for ext in extension_mandatory if isinstance(ext, dict) for k in ext})
+        raise KMEError(400, "not all extension_mandatory parameters are supported",
+                       [{"extension_mandatory_unsupported": names}])
+    if len(set(slaves)) != len(slaves):
+        raise KMEError(400, "slave SAE IDs must be distinct")
+    if len(slaves) - 1 > c.max_SAE_ID_count:
+        raise KMEError(400, f"at most max_SAE_ID_count ({c.max_SAE_ID_count}) additional slave SAE IDs")
+    return number, size
+
+
 def _key_entry(key_id: str, key: bytes, proofs: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"key_ID": key_id, "key": base64.b64encode(key).decode("ascii")}
     if proofs is not None:
@@ -493,33 +521,12 @@ class KME:
         extension_optional: Sequence[Any] | None = None,
     ) -> dict[str, Any]:
         """ETSI 014 Get key: reserve keys at both sites, then hand them to the master SAE (Key container)."""
-        c = self.config
         self._check_sae(master_sae)
         self._check_delivery_allowed()
-        number = 1 if number is None else number
-        size = c.key_size if size is None else size
-        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= c.max_key_per_request:
-            raise KMEError(400, f"number shall be between 1 and max_key_per_request ({c.max_key_per_request})")
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
-            raise KMEError(400, "size shall be a multiple of 8")
-        if not c.min_key_size <= size <= c.max_key_size:
-            raise KMEError(
-                400, f"size shall be between min_key_size ({c.min_key_size}) and max_key_size ({c.max_key_size})"
-            )
-        if extension_mandatory:
-            names = sorted({str(k) for ext in extension_mandatory if isinstance(ext, dict) for k in ext})
-            raise KMEError(
-                400,
-                "not all extension_mandatory parameters are supported",
-                [{"extension_mandatory_unsupported": names}],
-            )
+        slaves = [slave_sae, *(additional_slave_SAE_IDs or [])]
+        number, size = check_key_request(self.config, number, size, extension_mandatory, slaves)
         # extension_optional: qkdstack_proof is served; any other is ignored, as the specification allows.
         proof = wants_proof(extension_optional)
-        slaves = [slave_sae, *(additional_slave_SAE_IDs or [])]
-        if len(set(slaves)) != len(slaves):
-            raise KMEError(400, "slave SAE IDs must be distinct")
-        if len(slaves) - 1 > c.max_SAE_ID_count:
-            raise KMEError(400, f"at most max_SAE_ID_count ({c.max_SAE_ID_count}) additional slave SAE IDs")
         for s in slaves:
             await self._check_slave(s)
         if self.peer is None:

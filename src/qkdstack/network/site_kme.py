@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qkdstack.errors import ChannelError, ConfigError, KeyStoreError, QKDError
-from qkdstack.kms.kme import KME, MSG_NOT_FOUND, KMEError
+from qkdstack.kms.kme import KME, MSG_NOT_FOUND, KMEError, check_key_request
 from qkdstack.kms.store import KeyNotAuthorized, KeyNotFound, chunks_per_key
 from qkdstack.network.kme_api import EXT_KEYS, LINK_STATE, VOID, KMEClient
 from qkdstack.network.relay import (
@@ -324,7 +324,6 @@ class SiteKME:
         extension_optional: Sequence[Any] | None = None,
     ) -> dict[str, Any]:
         """ETSI 014 Get key: through the link KME when every slave is at one neighbour, else relayed."""
-        c = self.config
         self._check_sae(master_sae)
         slaves = [slave_sae, *(additional_slave_SAE_IDs or [])]
         sites = [self._site_of_slave(s) for s in slaves]
@@ -334,24 +333,7 @@ class SiteKME:
             answer = await kme.enc_keys(master_sae, slave_sae, number, size, additional_slave_SAE_IDs,
                                         extension_mandatory, extension_optional)
             return self._with_path(answer, [self.site, sites[0]]) if want_path else answer
-        number = 1 if number is None else number
-        size = c.key_size if size is None else size
-        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= c.max_key_per_request:
-            raise KMEError(400, f"number shall be between 1 and max_key_per_request ({c.max_key_per_request})")
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
-            raise KMEError(400, "size shall be a multiple of 8")
-        if not c.min_key_size <= size <= c.max_key_size:
-            raise KMEError(
-                400, f"size shall be between min_key_size ({c.min_key_size}) and max_key_size ({c.max_key_size})"
-            )
-        if extension_mandatory:
-            names = sorted({str(k) for ext in extension_mandatory if isinstance(ext, dict) for k in ext})
-            raise KMEError(400, "not all extension_mandatory parameters are supported",
-                           [{"extension_mandatory_unsupported": names}])
-        if len(set(slaves)) != len(slaves):
-            raise KMEError(400, "slave SAE IDs must be distinct")
-        if len(slaves) - 1 > c.max_SAE_ID_count:
-            raise KMEError(400, f"at most max_SAE_ID_count ({c.max_SAE_ID_count}) additional slave SAE IDs")
+        number, size = check_key_request(self.config, number, size, extension_mandatory, slaves)
         if self.client is None:
             raise KMEError(503, "this KME cannot relay keys (no KME-to-KME client is configured)")
         by_site: dict[str, list[str]] = {}

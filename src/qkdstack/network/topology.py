@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from qkdstack.errors import ConfigError
+from qkdstack.node.schema import toml_value
 
 SITE_FIELDS = ("sae", "kme_url", "host")
 """The fields of a ``[sites.NAME]`` table (all optional)."""
@@ -142,28 +143,17 @@ class Topology:
         for spec in self.sites.values():
             lines.append(f"\n[sites.{spec.name}]")
             if spec.sae:
-                lines.append(f"sae = {_toml_value(list(spec.sae))}")
+                lines.append(f"sae = {toml_value(list(spec.sae))}")
             if spec.kme_url:
-                lines.append(f"kme_url = {_toml_value(spec.kme_url)}")
+                lines.append(f"kme_url = {toml_value(spec.kme_url)}")
             if spec.host:
-                lines.append(f"host = {_toml_value(spec.host)}")
+                lines.append(f"host = {toml_value(spec.host)}")
         for link in self.links:
             lines.append("\n[[links]]")
-            lines.append(f"transmitter = {_toml_value(link.transmitter)}")
-            lines.append(f"receiver = {_toml_value(link.receiver)}")
-            lines.extend(f"{key} = {_toml_value(value)}" for key, value in link.device.items())
+            lines.append(f"transmitter = {toml_value(link.transmitter)}")
+            lines.append(f"receiver = {toml_value(link.receiver)}")
+            lines.extend(f"{key} = {toml_value(value)}" for key, value in link.device.items())
         return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: Any) -> str:
-    """A TOML value for what a topology holds: strings, booleans, numbers and lists of them."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
 
 
 def _device_fields() -> dict[str, Any]:

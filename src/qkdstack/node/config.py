@@ -492,15 +492,10 @@ def _check_distinct_listeners(config: NodeConfig) -> None:
                               "the receiver listens on each")
 
 
-def load_config(path: str | Path, *, check_files: bool = True) -> NodeConfig:
-    """Read and validate a node configuration file.
-
-    ``check_files`` (default) also checks what the configuration names on disk (:func:`check_files`),
-    so that a node fails before it starts rather than half-way through start-up.
-    """
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """A configuration file's TOML; every way it can fail is one sentence naming the file."""
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except IsADirectoryError:
@@ -511,7 +506,16 @@ def load_config(path: str | Path, *, check_files: bool = True) -> NodeConfig:
         raise ConfigError(f"{path.name} is not valid TOML: it is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path.name} is not valid TOML: {exc}") from None
-    config = parse_config(data, path.resolve())
+
+
+def load_config(path: str | Path, *, check_files: bool = True) -> NodeConfig:
+    """Read and validate a node configuration file.
+
+    ``check_files`` (default) also checks what the configuration names on disk (:func:`check_files`),
+    so that a node fails before it starts rather than half-way through start-up.
+    """
+    path = Path(path)
+    config = parse_config(read_toml(path), path.resolve())
     if check_files:
         try:
             check_files_of(config)

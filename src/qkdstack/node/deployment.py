@@ -46,7 +46,7 @@ from qkdstack.auth.psk import generate_psk_file
 from qkdstack.errors import ConfigError
 from qkdstack.network.topology import Topology
 from qkdstack.node.config import BOOTSTRAPS, DeviceSection, is_loopback
-from qkdstack.node.schema import load_section
+from qkdstack.node.schema import load_section, toml_value
 
 
 @dataclass(frozen=True)
@@ -74,16 +74,6 @@ class SiteLayout:
         return self.config.parent / "sae" / f"{sae_id}.psk"
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return repr(value)
-
-
 def render_toml(sections: dict[str, dict[str, object] | list[dict[str, object]]]) -> str:
     """TOML text of ``{section: {key: value}}``; None values are left out.
 
@@ -95,16 +85,16 @@ def render_toml(sections: dict[str, dict[str, object] | list[dict[str, object]]]
         if isinstance(values, list):
             for entry in values:
                 lines.append(f"\n[[{section}]]")
-                lines.extend(f"{key} = {_toml_value(value)}" for key, value in entry.items()
+                lines.extend(f"{key} = {toml_value(value)}" for key, value in entry.items()
                              if value is not None and not isinstance(value, dict))
                 for sub, table in entry.items():
                     if isinstance(table, dict):
                         lines.append(f"[{section}.{sub}]")
-                        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items()
+                        lines.extend(f"{key} = {toml_value(value)}" for key, value in table.items()
                                      if value is not None)
             continue
         lines.append(f"\n[{section}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None)
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None)
     return "\n".join(lines) + "\n"
 
 

@@ -84,3 +84,14 @@ def load_section(cls: type[S], section: str, data: Any) -> S:
     except ConfigError as exc:
         msg = str(exc)
         raise ConfigError(msg if msg.startswith("[") else f"[{section}] {msg}") from None
+
+
+def toml_value(value: object) -> str:
+    """A TOML value for what configurations and topologies hold: strings, booleans, numbers and lists of them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)

@@ -18,7 +18,6 @@ exactly as for a two-site node), whose data directory is ``DATA_DIR/links/PEER``
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from qkdstack.node.config import (
     load_config,
     parse_address,
     parse_config,
+    read_toml,
 )
 from qkdstack.node.schema import field_error, load_section
 
@@ -84,21 +84,6 @@ class SiteConfig:
     @property
     def data_dir(self) -> Path:
         return self.resolve(self.data_dir_name)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"configuration file {path} is a folder, not a TOML file") from None
-    except OSError as exc:
-        raise ConfigError(f"configuration file {path} cannot be read ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path.name} is not valid TOML: it is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path.name} is not valid TOML: {exc}") from None
 
 
 def _table(where: str, value: Any) -> dict[str, Any]:
@@ -192,7 +177,7 @@ def _check_distinct_addresses(config: SiteConfig) -> None:
 def load_site_config(path: str | Path, *, check_files: bool = True) -> SiteConfig:
     """Read and validate a ``site.toml`` of either format; ``check_files`` checks what it names on disk."""
     path = Path(path)
-    data = _read_toml(path)
+    data = read_toml(path)
     if "links" not in data:
         return _single(load_config(path, check_files=check_files))
     config = parse_site_config(data, path.resolve())
