@@ -841,26 +841,52 @@ async def serve_etsi014(
     :class:`MTLSH11Protocol`). ``middleware`` wraps the whole ASGI application, fast path included (the
     node's request metrics, :class:`qkdstack.ops.metrics.Etsi014Metrics`).
     """
-    ctx = server_ssl_context(tls)
     app: Any = EncKeysFastPath(kme, create_app(kme))
+    async with serve_asgi(middleware(app) if middleware is not None else app, host, port, tls, "the ETSI 014 server",
+                          log_level=log_level, http_protocol=http_protocol,
+                          # our request limits answer first (h11 only)
+                          h11_max_incomplete_event_size=_MAX_HEAD_BYTES + 256 * 1024) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(
+    app: Any,
+    host: str,
+    port: int,
+    tls: TLSFiles,
+    what: str,
+    *,
+    log_level: str = "warning",
+    http_protocol: type | None = None,
+    **uvicorn_options: Any,
+) -> AsyncIterator[RunningServer]:
+    """Serve an ASGI ``app`` over mutual TLS (``tls``) with uvicorn in the current loop, for the ``async with``.
+
+    Shared by the ETSI 014 server and the KME-to-KME server (network/kme_api.py). ``what`` names the
+    server in errors (a busy port is a ConfigError: uvicorn itself would call ``sys.exit()``, which
+    would stop the host's event loop). On exit the server stops accepting, drops idle keep-alive
+    connections (an idle client never answers the TLS close, which would hold the graceful shutdown)
+    and lets requests in flight finish.
+    """
+    ctx = server_ssl_context(tls)
     config = uvicorn.Config(
-        middleware(app) if middleware is not None else app,
+        app,
         host=host,
         port=port,
         http=http_protocol or http_protocol_class(),
-        h11_max_incomplete_event_size=_MAX_HEAD_BYTES + 256 * 1024,  # our limits answer first (h11 only)
         ssl_certfile=str(tls.cert),
         ssl_keyfile=str(tls.key),
         ssl_context_factory=lambda _config, _default: ctx,
         log_level=log_level,
         access_log=False,
         lifespan="off",
-        ws="none",  # no WebSocket upgrades: ETSI 014 is plain HTTP/1.1
-        proxy_headers=False,  # the SAE is identified by its certificate, never by forwarded headers
+        ws="none",  # no WebSocket upgrades: plain HTTP/1.1
+        proxy_headers=False,  # callers are identified by their certificates, never by forwarded headers
         timeout_keep_alive=30,
         timeout_graceful_shutdown=5,
+        **uvicorn_options,
     )
-    # Bind here: uvicorn would call sys.exit() on a busy port, which would stop the host's event loop.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -868,17 +894,24 @@ async def serve_etsi014(
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"the ETSI 014 server cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"{what} cannot listen on {host}:{port}: {exc.strerror}") from None
     server = _Server(config)
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
             if task.done():
-                raise ConfigError(f"the ETSI 014 server on {host}:{port} failed to start")
+                raise ConfigError(f"{what} on {host}:{port} failed to start")
             await asyncio.sleep(0.01)
         yield RunningServer(host, sock.getsockname()[1])
     finally:
         server.should_exit = True
+        while not task.done():
+            for conn in list(server.server_state.connections):
+                cycle = getattr(conn, "cycle", None)
+                transport = getattr(conn, "transport", None)
+                if (cycle is None or cycle.response_complete) and transport is not None:
+                    transport.abort()
+            await asyncio.wait([task], timeout=0.05)
         with contextlib.suppress(asyncio.CancelledError):
             await task
         sock.close()

@@ -21,29 +21,20 @@ certificate-in-scope and request-size machinery (kms/etsi014.py).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkdstack.errors import ChannelError, ConfigError
-from qkdstack.kms.etsi014 import (
-    RunningServer,
-    TLSFiles,
-    _Server,
-    http_protocol_class,
-    server_ssl_context,
-)
+from qkdstack.kms.etsi014 import RunningServer, TLSFiles, serve_asgi
 from qkdstack.network.relay import RelayError
 
 API_VERSION = "v1"
@@ -148,54 +139,9 @@ async def serve_kme_api(
     (``[network] ca_cert``) that must sign every caller's certificate. ``port=0`` picks a free port
     (the yielded ``RunningServer.port``). On exit the server stops and lets requests in flight finish.
     """
-    ctx = server_ssl_context(tls)
-    config = uvicorn.Config(
-        create_app(handler),
-        host=host,
-        port=port,
-        http=http_protocol_class(),
-        ssl_certfile=str(tls.cert),
-        ssl_keyfile=str(tls.key),
-        ssl_context_factory=lambda _config, _default: ctx,
-        log_level=log_level,
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        proxy_headers=False,
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=5,
-    )
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"[network] listen: the KME-to-KME server cannot listen on {host}:{port}: "
-                          f"{exc.strerror}") from None
-    server = _Server(config)
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                raise ConfigError(f"[network] listen: the KME-to-KME server on {host}:{port} failed to start")
-            await asyncio.sleep(0.01)
-        yield RunningServer(host, sock.getsockname()[1])
-    finally:
-        server.should_exit = True
-        # Idle keep-alive TLS connections would hold uvicorn's graceful shutdown until the peer answers the
-        # TLS close (an idle client never does): drop them; requests in flight finish.
-        while not task.done():
-            for conn in list(server.server_state.connections):
-                cycle = getattr(conn, "cycle", None)
-                transport = getattr(conn, "transport", None)
-                if (cycle is None or cycle.response_complete) and transport is not None:
-                    transport.abort()
-            await asyncio.wait([task], timeout=0.05)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sock.close()
+    async with serve_asgi(create_app(handler), host, port, tls, "[network] listen: the KME-to-KME server",
+                          log_level=log_level) as running:
+        yield running
 
 
 def client_ssl_context(tls: TLSFiles) -> ssl.SSLContext:
