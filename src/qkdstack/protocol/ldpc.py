@@ -1,44 +1,48 @@
-"""Syndrome-based LDPC reconciliation, rate-adapted by shortening, with blind rounds.
+"""Syndrome-based LDPC reconciliation, rate-adapted by merging check rows, with blind rounds.
 
 Roles and messages (all kinds start with ``"ldpc."``):
 
 1. Both parties derive the same *plan* from public data: the key length N and the QBER
-   estimate q (the test-basis QBER, floored): the payload k = min(n, m/(f_start·h(q))) of a
-   codeword of each code of the family (:mod:`qkdstack.protocol.ldpc_codes`), and the code
-   whose ⌈N/k⌉ codewords disclose the fewest syndrome bits in total (at most ``max_shortened``
-   of a codeword shortened, ``max_shortened_top`` for the highest-rate code). The frame is split
-   into ⌈N/k⌉ codewords of near-equal payload.
-   The n − k positions of a codeword that carry no key bit are *shortened*: fixed to 0 and
-   known to both, so they are never sent (Elkouss, Martinez-Mateo, Martin, QIC 11 (2011),
-   rate adaptation by shortening; the code's rate drops from 1 − m/n to (k − m)/k).
+   estimate q (the test-basis QBER, floored). The frame is cut into as few codewords as hold it,
+   ⌈N/n⌉, of near-equal payload k; the n − k other positions of a codeword are *shortened*:
+   fixed to 0 and known to both, never sent (Elkouss, Martinez-Mateo, Martin, QIC 11 (2011)).
+   The first syndrome has exactly m₀ = ⌈f_start·h(q)·k⌉ bits per codeword: a *mother* code of the
+   family (:mod:`qkdstack.protocol.ldpc_codes`) with m ≥ m₀ rows, m − m₀ of whose disjoint row pairs
+   are merged (:func:`~qkdstack.protocol.ldpc_codes.merge_pairs`; the syndrome bit of a merged pair
+   is the XOR of the two). The mother is the code with the fewest rows that leaves
+   ``merge_headroom`` for the blind rounds with at most ``max_merged`` of its rows merged, else the
+   code with the fewest rows ≥ m₀. If no code has m₀ rows, the frame is cut into more codewords.
 2. ``ldpc.start`` (Alice → Bob): a public seed (which positions of each codeword carry key
-   bits, and the blind rounds' extra checks), the code's name, the number of codewords, and —
-   disclosed — the m syndrome bits of every codeword, then ``CHECK_BITS`` check parities of every
-   codeword (dense random rows, half the payload each, from the public seed). Belief propagation can
-   converge to a *wrong* codeword with the right syndrome; the check parities catch that (a wrong
-   word passes all 32 with probability 2^-32) so Bob reports it as failed and the blind rounds go on,
-   instead of the verification stage rejecting the whole frame.
+   bits, and the blind rounds' extra checks), the code's name, the number of codewords and of merged
+   pairs, and — disclosed — the m₀ syndrome bits of every codeword, then ``check_bits`` check
+   parities of every codeword (dense random rows, half the payload each, from the public seed).
+   Belief propagation can converge to a *wrong* codeword with the right syndrome; the check parities
+   catch that (a wrong word passes all of them with probability 2^-check_bits) so Bob reports it as
+   failed and the blind rounds go on, instead of the verification stage rejecting the whole frame.
 3. Bob decodes each codeword with layered belief propagation (sum-product, or normalised min-sum)
-   (:func:`decode_batch`, a Numba kernel, ``nogil``), looking for the error pattern
+   (:func:`decode_batch_warm`, a Numba kernel, ``nogil``), looking for the error pattern
    e = x ⊕ y with syndrome H·x ⊕ H·y, and answers ``ldpc.status`` with one disclosed bit per
    codeword still open: 1 decoded (the syndrome and the check parities are satisfied), 0 failed.
 4. Blind rounds (after Martinez-Mateo, Elkouss, Martin, "Blind reconciliation", QIC 12 (2012)):
-   for every failed codeword, ``ldpc.reveal`` (Alice → Bob) discloses r·Δ extra parity bits in
-   blind round r, Δ = ⌈blind_step·k·h(q)⌉ (growing steps: a few rounds reach far past the first
-   attempt's rate): the parities of sparse rows over the key positions (weight
-   :func:`extension_weight`) drawn from the public seed. Bob appends the rows to H and decodes
-   again; ``ldpc.status`` again. The original protocol converts punctured symbols into shortened
-   ones; revealing *key* bits instead was tried and failed (a revealed key bit is worth only h(q)
-   bits to a decoder that already knows it with error q); an extra parity is worth almost a whole
-   bit. After ``max_blind_rounds`` a codeword that still fails gives up the whole frame: both
-   parties raise :class:`~qkdstack.errors.ProtocolAbort` naming how many codewords failed.
+   for every failed codeword, ``ldpc.reveal`` (Alice → Bob) discloses ⌈Δ·(1 + blind_growth·(r − 1))⌉
+   bits in blind round r, Δ = ⌈blind_step·k·h(q)⌉: first her syndrome bits of the next merged pairs'
+   first rows (un-merging them: the code moves back towards its mother, a full bit each), and once
+   every pair is un-merged, the parities of sparse rows over the key positions (weight
+   :func:`extension_weight`) drawn from the public seed. Bob rebuilds his checks and decodes again,
+   *continuing* from the check messages of his last attempt (rows that did not change keep theirs;
+   :func:`_carry`); ``ldpc.status`` again. f_start is below the codes' threshold on purpose: with
+   small steps each codeword stops close to where it decodes. The original protocol converts
+   punctured symbols into shortened ones; revealing *key* bits instead was tried and failed (a
+   revealed key bit is worth only h(q) bits to a decoder that already knows it with error q). After
+   ``max_blind_rounds`` a codeword that still fails gives up the whole frame: both parties raise
+   :class:`~qkdstack.errors.ProtocolAbort` naming how many codewords failed.
 
 Leakage: everything that crosses is ``disclosed`` and counted by the channel: the syndromes,
-check parities and extra parities (Alice → Bob) and Bob's status bits (Bob → Alice; his success/failure
-is a function of the error pattern, so against general attacks it counts too). λ_ldpc =
-m·(codewords) + extra parities + status bits. Bob's decoded word satisfies the syndrome but may
-still differ from Alice's (a wrong codeword); the verification stage catches that, as after
-Cascade.
+check parities, un-merged syndrome bits and extra parities (Alice → Bob) and Bob's status bits
+(Bob → Alice; his success/failure is a function of the error pattern, so against general attacks it
+counts too). λ_ldpc = m₀·(codewords) + check parities + blind-round bits + status bits. Bob's decoded
+word satisfies the syndrome but may still differ from Alice's (a wrong codeword that passed the
+check parities); the verification stage catches that, as after Cascade.
 """
 
 from __future__ import annotations
@@ -356,7 +360,6 @@ def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, 
             best_it = it
         elif it - best_it >= STALL_ITERATIONS:  # no progress for a while: a failure, stop early
             return -1
-    return -1
     return -1
 
 

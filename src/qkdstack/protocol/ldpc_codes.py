@@ -26,6 +26,11 @@ the breadth-first expansion, or, once the expansion covers every check, one reac
 the last depth), the one of lowest current degree, ties broken by a seeded generator. The
 construction is deterministic for a given (rate, n, seed); the result is cached as .npz
 under ``$QKDSTACK_CACHE_DIR/ldpc`` (default ``~/.cache/qkdstack/ldpc``) on first use.
+
+Rate adaptation. :func:`merge_pairs` gives each code a seeded list of disjoint check-row pairs; the
+protocol merges some of them to raise the rate to the bit (check-node merging, the idea of the
+rate-adaptive codes of Mueller, Kiktenko et al., LDPC4QKD; none of their code) and un-merges them
+in its blind rounds.
 """
 
 from __future__ import annotations
