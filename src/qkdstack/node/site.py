@@ -80,6 +80,7 @@ class Site:
         client = KMEClient(tls)
         self.kme = SiteKME(self.name, self.topology, self.kmes, relay_store, client)
         tasks: list[asyncio.Task] = []
+        stopper = asyncio.create_task(self.stop.wait())
         try:
             self.ops = NodeOps(self.cfg.first, lambda: self.status_doc,
                                link_rounds={n.link_id: n.data_dir / "rounds.jsonl" for n in self.nodes}).start()
@@ -94,13 +95,13 @@ class Site:
                 tasks = [asyncio.create_task(node.run_in_site(self.kmes[node.site.peer]), name=f"link-{node.site.peer}")
                          for node in self.nodes]
                 tasks.append(asyncio.create_task(self._status_loop(), name="site-status"))
-                stopper = asyncio.create_task(self.stop.wait())
                 done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
                 for task in done:  # a link that ended with an error ends the site (its error reaches the CLI)
                     if task is not stopper and not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                 await stopper
         finally:
+            stopper.cancel()
             for node in self.nodes:
                 node.stop.set()
             for task in tasks:
