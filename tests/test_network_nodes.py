@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -126,3 +128,14 @@ def test_a_ring_reroutes_around_a_killed_relay_and_never_delivers_a_key_twice(tm
         assert fetched == {k: v for k, v in delivered.items() if k in fetched}
         assert set(fetched) == set(delivered), "a key reached the master without reaching the slave"
         assert all(link.get("kme_link_up") for link in site_status(layouts["R1"])["links"]), log_tail(layouts["R1"])
+
+
+def test_a_site_whose_link_cannot_start_exits_2_naming_the_link(tmp_path: Path) -> None:
+    layouts = deploy(short_links("line4.toml", tmp_path), tmp_path / "dep")
+    (layouts["R1"].config.parent / "links" / "R2" / "link.psk").write_text("not a psk\n")
+    done = subprocess.run([sys.executable, "-m", "qkdstack.cli", "node", "--config", str(layouts["R1"].config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("qkdstack node: error: [[links]] peer R2: [auth] psk_file"), last
+    assert "Traceback" not in done.stderr

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from qkdstack.certs import atomic_write
+from qkdstack.errors import ConfigError
 from qkdstack.kms.etsi014 import TLSFiles
 from qkdstack.kms.kme import KME, KMEConfig
 from qkdstack.network.topology import load_topology
@@ -98,7 +99,10 @@ class Site:
                 done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
                 for task in done:  # a link that ended with an error ends the site (its error reaches the CLI)
                     if task is not stopper and not task.cancelled() and task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
+                        exc = task.exception()
+                        if isinstance(exc, ConfigError):  # one sentence that names the link
+                            raise ConfigError(f"[[links]] peer {task.get_name().removeprefix('link-')}: {exc}")
+                        raise exc  # type: ignore[misc]
                 await stopper
         finally:
             stopper.cancel()
