@@ -15,7 +15,8 @@ def _link(link: str, accepted: int, qber: float) -> dict:
 
 
 def test_every_link_of_a_site_is_its_own_series_of_one_family() -> None:
-    doc = {"site": "R1", "rounds_accepted": 5, "links": [_link("A-R1", 2, 0.01), _link("R1-R2", 3, 0.02)]}
+    doc = {"site": "R1", "rounds_accepted": 5, "links": [_link("A-R1", 2, 0.01), _link("R1-R2", 3, 0.02)],
+           "relay": {"forwarded": 7, "relays_failed": 1}}
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatusCollector(lambda: doc))
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
@@ -24,3 +25,5 @@ def test_every_link_of_a_site_is_its_own_series_of_one_family() -> None:
     assert accepted == {"A-R1": 2, "R1-R2": 3}
     qber = {(s.labels["link"], s.labels["basis"]): s.value for s in families["qkdstack_qber_ratio"].samples}
     assert qber[("A-R1", "Z")] == 0.01 and qber[("R1-R2", "Z")] == 0.02
+    relay = {s.labels["event"]: s.value for s in families["qkdstack_relay"].samples if s.name.endswith("_total")}
+    assert relay == {"forwarded": 7, "relays_failed": 1}

@@ -235,6 +235,16 @@ class StatusCollector(Collector):
                 else:
                     merged[family.name] = family
         yield from merged.values()
+        relay = doc.get("relay") or {}
+        if relay:
+            family = CounterMetricFamily("qkdstack_relay", "Trusted-node key relay at this site since it started, "
+                                         "by event: relays_started, relays_delivered, relays_failed (as source), "
+                                         "forwarded (as a trusted node), received (as destination), auth_failures "
+                                         "(hop messages whose tag failed), voided.", labels=["site", "event"])
+            for event, n in sorted(relay.items()):
+                if _num(n) is not None:
+                    family.add_metric([str(doc.get("site", "")), event], float(n))
+            yield family
 
     def _families(self, doc: dict[str, Any], history: RoundHistory | None) -> Iterator[Metric]:
         """The metric families of one link's status document and its round history."""
