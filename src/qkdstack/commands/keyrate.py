@@ -14,7 +14,13 @@ Maps the flags onto :mod:`qkdstack.theory` (see docs/theory.md):
 
 It prints the rate per pulse and per second at each distance, the PLOB bound of the fibre, and
 ``max_distance_km``: the largest length with a positive rate, found by bisection (not only on
-the grid). ``--plot FILE.png`` draws the rates on a log scale with the PLOB bound.
+the grid). ``--plot FILE.png`` draws the rates on a log scale with the PLOB bound on a fine grid
+of lengths (:mod:`qkdstack.plots`).
+
+Several curves in one run: ``--block-size 1e6,1e8`` and ``--decoy-method infinite,lim2014`` take
+comma-separated lists; the block sizes apply to the lim2014 curves (one curve per block size), the
+asymptotic methods give one curve each. The table (or, with ``--json``, ``{"curves": [...]}``) and
+the figure then show every curve.
 """
 
 from __future__ import annotations
@@ -29,6 +35,33 @@ from qkdstack.commands.validate import plot_file, protocol_value
 from qkdstack.errors import ConfigError
 from qkdstack.theory.keyrate import METHODS, ExpectedRate, expected_key_rate, max_distance_km
 from qkdstack.theory.plob import plob_bound
+
+PLOB_GRID_POINTS = 400
+"""Lengths at which the figure draws the PLOB bound (between the first and the last distance)."""
+
+
+def _block_sizes(text: str) -> list[float]:
+    """``--block-size N_X[,N_X...]``: one or several block sizes, each ≥ 1 (argparse ``type=``)."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = _float(part.strip())
+        except (argparse.ArgumentTypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be a number of key-basis detections (or several, "
+                                             f"comma-separated), got {text!r}") from None
+        if not value >= 1:
+            raise argparse.ArgumentTypeError(f"must be ≥ 1 key-basis detection, got {part.strip()}")
+        values.append(value)
+    return values
+
+
+def _methods(text: str) -> list[str]:
+    """``--decoy-method M[,M...]``: one or several of :data:`METHODS` (argparse ``type=``)."""
+    names = [m.strip() for m in text.split(",")]
+    if not all(m in METHODS for m in names):
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(METHODS)} (or several, comma-separated), "
+                                         f"got {text!r}")
+    return names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,10 +83,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     g.add_argument(
         "--block-size",
-        type=_float,
+        type=_block_sizes,
         default=None,
         metavar="N_X",
-        help="key-basis detections per block (Lim 2014's n_X); omit for the asymptotic rate",
+        help="key-basis detections per block (Lim 2014's n_X); several, comma-separated (1e6,1e8), give one "
+        "curve each; omit for the asymptotic rate",
     )
     g.add_argument("--eps-sec", type=protocol_value("--eps-sec", "eps_sec"), default=1e-10,
                    help="secrecy parameter ε_sec (default 1e-10)")
@@ -61,9 +95,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    help="correctness parameter ε_cor (default 1e-15)")
     g.add_argument(
         "--decoy-method",
-        choices=METHODS,
+        type=_methods,
         default=None,
-        help="infinite | vacuum-weak | lim2014 (default: lim2014 with --block-size, else infinite)",
+        metavar="METHOD",
+        help="infinite | vacuum-weak | lim2014, or several comma-separated (one curve each; default: lim2014 "
+        "with --block-size, else infinite)",
     )
     g.add_argument(
         "--optimize",
@@ -72,16 +108,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     g.add_argument("--json", action="store_true", help="print JSON instead of a table")
     g.add_argument("--plot", type=plot_file, default=None, metavar="FILE.png",
-                   help="save a log-scale plot of rate vs distance (format from the extension: png, pdf, svg, ...)")
+                   help="save a log-scale plot of rate vs distance with the PLOB bound (format from the extension: "
+                   "png, pdf, svg, ...; needs matplotlib: pip install 'qkdstack[plot]')")
     p.set_defaults(func=run)
 
 
+def _one(flag: str, value: Any) -> Any:
+    """A flag's single value: lists of one are unwrapped; several are refused (one curve at a time here)."""
+    if isinstance(value, list | tuple):
+        if len(value) != 1:
+            raise ConfigError(f"{flag} takes one value here, got {len(value)}")
+        return value[0]
+    return value
+
+
+def curves(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One namespace per curve, each with a single ``decoy_method`` and ``block_size``.
+
+    The block sizes of ``--block-size`` go to the lim2014 curves; ``infinite`` and ``vacuum-weak``
+    are asymptotic and give one curve each. Without ``--decoy-method``: lim2014 if a block size is
+    given, else infinite (as for a single curve).
+    """
+    blocks = args.block_size if isinstance(args.block_size, list | tuple) else [args.block_size]
+    blocks = [b for b in blocks if b is not None]
+    methods = args.decoy_method if isinstance(args.decoy_method, list | tuple) else [args.decoy_method]
+    methods = [m for m in methods if m is not None] or ["lim2014" if blocks else "infinite"]
+    if blocks and "lim2014" not in methods:
+        raise ConfigError(f"--block-size (finite key) needs --decoy-method lim2014, not {','.join(methods)}")
+    out: list[argparse.Namespace] = []
+    seen = set()
+    for method in methods:
+        for block in (blocks or [None]) if method == "lim2014" else [None]:
+            if (method, block) in seen:
+                continue
+            seen.add((method, block))
+            out.append(argparse.Namespace(**{**vars(args), "decoy_method": method, "block_size": block}))
+    return out
+
+
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    method = args.decoy_method or ("lim2014" if args.block_size is not None else "infinite")
-    if args.block_size is not None and method != "lim2014":
+    block_size = _one("--block-size", args.block_size)
+    method = _one("--decoy-method", args.decoy_method) or ("lim2014" if block_size is not None else "infinite")
+    if block_size is not None and method != "lim2014":
         raise ConfigError(f"--block-size (finite key) needs --decoy-method lim2014, not {method}")
-    if args.block_size is not None and not args.block_size >= 1:
-        raise ConfigError(f"--block-size must be ≥ 1 key-basis detection, got {args.block_size}")
+    if block_size is not None and not block_size >= 1:
+        raise ConfigError(f"--block-size must be ≥ 1 key-basis detection, got {block_size}")
     if not args.ec_efficiency >= 1:
         raise ConfigError(f"--ec-efficiency must be ≥ 1 (the Shannon limit), got {args.ec_efficiency}")
     for flag, value in (("--eps-sec", args.eps_sec), ("--eps-cor", args.eps_cor)):
@@ -90,7 +161,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "method": method,
         "f_ec": args.ec_efficiency,
-        "block_size": args.block_size,
+        "block_size": block_size,
         "eps_sec": args.eps_sec,
         "eps_cor": args.eps_cor,
         "optimize": args.optimize,
@@ -123,23 +194,72 @@ def rate_rows(args: argparse.Namespace, settings: dict[str, Any]) -> list[dict[s
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    rows = rate_rows(args, settings)
-    max_km = max_distance_km(lambda d: _rate(args, settings, d).rate_per_pulse)
     if args.plot:
-        _plot(args.plot, rows, settings["method"], max_km)
+        from qkdstack.plots import require_matplotlib
+
+        require_matplotlib()  # before any computation: a missing matplotlib is one sentence and exit 2
+    per_curve = curves(args)
+    all_settings = [_settings(c) for c in per_curve]  # every curve checked before any rate is computed
+    results = []
+    for c, settings in zip(per_curve, all_settings, strict=True):
+        rows = rate_rows(c, settings)
+        max_km = max_distance_km(lambda d, c=c, settings=settings: _rate(c, settings, d).rate_per_pulse)
+        results.append({"method": settings["method"], "block_size": settings["block_size"], "settings": settings,
+                        "max_distance_km": max_km, "points": rows})
+    if args.plot:
+        plot(args, results)
     if args.json:
-        out = {
-            "method": settings["method"],
-            "settings": settings,
-            "max_distance_km": max_km if (max_km is None or math.isfinite(max_km)) else None,
-            "max_distance_unbounded": max_km == math.inf,
-            "points": rows,
-        }
+        outs = [_json_curve(r) for r in results]
+        out = outs[0] if len(outs) == 1 else {"curves": outs}
         print(json.dumps(_finite_or_none(out), indent=2, allow_nan=False))
     else:
-        _print_table(rows, settings, max_km)
+        for i, r in enumerate(results):
+            if i:
+                print()
+            _print_table(r["points"], r["settings"], r["max_distance_km"])
     return 0
+
+
+def _no_key(result: dict[str, Any]) -> bool:
+    return not any(p["rate_per_pulse"] > 0 for p in result["points"])
+
+
+def _json_curve(result: dict[str, Any]) -> dict[str, Any]:
+    max_km = result["max_distance_km"]
+    return {
+        "method": result["method"],
+        "settings": result["settings"],
+        "max_distance_km": max_km if (max_km is None or math.isfinite(max_km)) else None,
+        "max_distance_unbounded": max_km == math.inf,
+        "no_key_at_any_distance": _no_key(result),
+        "points": result["points"],
+    }
+
+
+def plob_grid(args: argparse.Namespace, distances: list[float], n: int = PLOB_GRID_POINTS
+              ) -> tuple[list[float], list[float]]:
+    """The PLOB bound on ``n`` lengths from the shortest to the longest distance (0 to 2× for a single one)."""
+    lo, hi = min(distances), max(distances)
+    if hi <= lo:
+        lo, hi = 0.0, max(2 * hi, 10.0)
+    grid = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+    eta = [device_params_from_args(args, distance_km=x).channel.transmittance for x in grid]
+    return grid, [float(b) for b in plob_bound(eta)]
+
+
+def plot_data(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``--plot`` draws (:func:`qkdstack.plots.keyrate_data`) for :func:`run`'s per-curve ``results``."""
+    from qkdstack.plots import keyrate_data
+
+    grid, bound = plob_grid(args, [p["distance_km"] for r in results for p in r["points"]])
+    return keyrate_data(results, grid, bound, bool(args.optimize))
+
+
+def plot(args: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Draw ``results`` into ``args.plot``; return the numbers drawn."""
+    from qkdstack.plots import keyrate_figure
+
+    return keyrate_figure(args.plot, plot_data(args, results))
 
 
 def _finite_or_none(obj: Any) -> Any:
@@ -167,36 +287,11 @@ def _print_table(rows: list[dict[str, Any]], settings: dict[str, Any], max_km: f
             f"{r['distance_km']:>11.2f} {r['loss_db']:>8.2f} {100 * r['qber']:>7.3f} {r['rate_per_pulse']:>15.4e} "
             f"{r['rate_bps']:>12.4e} {r['plob_per_pulse']:>15.4e}  {mus}"
         )
+    if not any(r["rate_per_pulse"] > 0 for r in rows):
+        print("note: no key at any distance listed" + ("" if max_km is None else " (see max_distance_km)"))
     if max_km is None:
         print("max_distance_km: none (no key even at 0 km)")
     elif math.isinf(max_km):
         print("max_distance_km: unbounded (key at every length tried)")
     else:
         print(f"max_distance_km: {max_km:.2f}")
-
-
-def _plot(path: str, rows: list[dict[str, Any]], method: str, max_km: float | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [r["distance_km"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    pos = [(x, r["rate_per_pulse"]) for x, r in zip(xs, rows, strict=True) if r["rate_per_pulse"] > 0]
-    if pos:
-        ax.semilogy([p[0] for p in pos], [p[1] for p in pos], "o-", label=f"{method} key rate")
-    ax.semilogy(xs, [r["plob_per_pulse"] for r in rows], "k--", label="PLOB bound −log2(1−η)")
-    if max_km is not None and math.isfinite(max_km):
-        ax.axvline(max_km, color="grey", lw=0.8, ls=":", label=f"max distance {max_km:.1f} km")
-    ax.set_xlabel("fibre length (km)")
-    ax.set_ylabel("secret key rate (bit/pulse)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise ConfigError(f"--plot: cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        plt.close(fig)
