@@ -21,6 +21,10 @@ from qkdstack.errors import ConfigError
 EXTRA = "plot"
 """The optional-dependency group (pyproject.toml) that installs matplotlib."""
 
+MIN_DETECTIONS_FOR_RATIO = 20
+"""``simulate --plot`` draws measured/expected gain only for cells with at least this many detections
+(the vacuum decoy's handful of dark counts would make a bar of pure noise)."""
+
 
 def require_matplotlib(flag: str = "--plot") -> None:
     """Raise :class:`ConfigError` (exit code 2) naming ``flag`` and the extra to install if matplotlib is missing."""
@@ -139,14 +143,17 @@ def simulate_data(result: dict[str, Any]) -> dict[str, Any]:
     """What ``simulate --plot`` draws, from ``simulate --json``'s ``result``.
 
     Per intensity class and sifted basis: measured and expected gain (Lim et al., PRA 89, 022307
-    (2014) device model, :mod:`qkdstack.theory.device`), their ratio and the QBER both ways. Without
+    (2014) device model, :mod:`qkdstack.theory.device`), their ratio (None below
+    :data:`MIN_DETECTIONS_FOR_RATIO` detections) and the QBER both ways. Without
     an eavesdropper every ratio is 1 within the statistics; a photon-number-splitting attack keeps the
     signal's gain and starves the decoys (ratios well below 1), which is what decoy states detect
     (Lo, Ma, Chen, PRL 94, 230504 (2005)).
     """
     rows = []
     for r in result["classes"]:
-        ratio = r["gain"] / r["gain_theory"] if r["gain"] is not None and r["gain_theory"] > 0 else None
+        ratio = None
+        if r["gain"] is not None and r["gain_theory"] > 0 and r["detections"] >= MIN_DETECTIONS_FOR_RATIO:
+            ratio = r["gain"] / r["gain_theory"]
         rows.append({
             "class": r["class"], "intensity": r["intensity"], "basis": r["basis"],
             "detections": r["detections"], "gain": r["gain"], "gain_theory": r["gain_theory"],
@@ -181,7 +188,7 @@ def simulate_figure(path: str, data: dict[str, Any]) -> dict[str, Any]:
     ax_ratio.axhline(1.0, color="k", lw=0.8, ls="--")
     ax_ratio.set_ylabel("measured / expected gain")
     ax_qber.set_ylabel("QBER (%)")
-    for ax, name in ((ax_gain, "gain"), (ax_ratio, "gain: measured / expected"), (ax_qber, "QBER")):
+    for ax, name in ((ax_gain, "gain"), (ax_ratio, f"gain: measured / expected (≥ {MIN_DETECTIONS_FOR_RATIO} detections)"), (ax_qber, "QBER")):
         ax.set_xticks(range(len(classes)), labels)
         ax.set_title(name, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
@@ -240,7 +247,8 @@ def distill_figure(path: str, data: dict[str, Any]) -> dict[str, Any]:
     for ax in (ax_q, ax_k):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-        ax.set_xticks([r["round"] for r in rounds] if len(rounds) <= 20 else ax.get_xticks())
+        if len(rounds) <= 20:
+            ax.set_xticks([r["round"] for r in rounds])
     ax_q.set_title(data["title"], fontsize=10)
     _save(fig, path)
     return data

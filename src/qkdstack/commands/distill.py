@@ -9,7 +9,8 @@ bases, the reconciliation efficiency f and round trips (Cascade: f = Alice's par
 LDPC stage disclosed, both directions, / (n·h(QBER)), with the frame's codeword outcomes),
 the leakage λ subtracted (every disclosed bit, both directions), the verification result,
 the final key length with ε_sec and ε_cor, the secret key rate (bit/pulse and bit/s at the
-source's repetition rate) and the time per stage.
+source's repetition rate) and the time per stage. ``--plot FILE.png`` draws the QBER and the
+secret key of every round (:func:`qkdstack.plots.distill_figure`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from qkdstack.commands.device_args import add_device_arguments, add_frame_arguments, device_params_from_args
-from qkdstack.commands.validate import protocol_value
+from qkdstack.commands.validate import plot_file, protocol_value
 from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import Eavesdropper, parse_eve
@@ -61,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reconciliation", choices=("cascade", "ldpc"), default="cascade",
                         help="error correction: interactive Cascade (default) or one-way LDPC with blind rounds")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", type=plot_file, default=None, metavar="FILE.png",
+                        help="save QBER and secret key per round; needs matplotlib: pip install 'qkdstack[plot]'")
     parser.set_defaults(func=run)
 
 
@@ -213,6 +216,10 @@ def distill_rounds(
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "plot", None):
+        from qkdstack.plots import require_matplotlib
+
+        require_matplotlib()  # before any frame: a missing matplotlib is one sentence and exit 2
     params = device_params_from_args(args)
     config = round_config(args, params)
     eve = parse_eve(args.eve)
@@ -248,6 +255,11 @@ def run(args: argparse.Namespace) -> int:
             "blind_rounds": sum(x["blind_rounds"] for x in ok),
             "frames_given_up": sum(1 for r in reports if r["aborted"] and r["stage"] == "ldpc"),
         }
+    if getattr(args, "plot", None):
+        from qkdstack.plots import distill_data, distill_figure
+
+        distill_figure(args.plot, distill_data(reports, summary, distance_km=params.channel.length_km,
+                                               max_qber=args.max_qber))
     if args.json:
         json.dump({"summary": summary, "rounds": reports}, sys.stdout, indent=2, default=float)
         print()

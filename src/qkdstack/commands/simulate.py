@@ -10,6 +10,10 @@ of that pulse count (≈ 1/sqrt(N p_k p_A p_B)) is far below that of the detecti
 ``--save DIR`` writes both parties' raw records of every frame (``--frames``) in the records
 format of :mod:`qkdstack.physics.recorded` (docs/devices.md), for a node with
 ``[device] source = "records"`` or any other consumer of raw records.
+
+``--plot FILE.png`` draws measured against expected gain and QBER per intensity
+(:func:`qkdstack.plots.simulate_figure`): a photon-number-splitting attack, which keeps the signal's
+gain and starves the decoys, shows as bars far below 1.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from qkdstack.commands.device_args import add_device_arguments, add_frame_arguments, device_params_from_args
-from qkdstack.commands.validate import at_least
+from qkdstack.commands.validate import at_least, plot_file
 from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import parse_eve
@@ -66,6 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--frames", type=at_least("--frames", 1), default=1,
                         help="frames to simulate (and save), default 1")
+    parser.add_argument("--plot", type=plot_file, default=None, metavar="FILE.png",
+                        help="save measured vs expected gain and QBER per intensity (of the last frame); needs "
+                        "matplotlib: pip install 'qkdstack[plot]'")
     parser.set_defaults(func=run)
 
 
@@ -104,6 +111,10 @@ def summarise(frame: Frame, params: DeviceParams) -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``qkdstack simulate``."""
+    if getattr(args, "plot", None):
+        from qkdstack.plots import require_matplotlib
+
+        require_matplotlib()  # before the frame: a missing matplotlib is one sentence and exit 2
     params = device_params_from_args(args)
     eve = parse_eve(args.eve)
     try:
@@ -153,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
         "eve_knows_fraction_oracle": float(truth.eve_knows.mean()) if truth is not None and len(frame.bob) else 0.0,
         "classes": rows,
     }
+    if getattr(args, "plot", None):
+        from qkdstack.plots import simulate_data, simulate_figure
+
+        simulate_figure(args.plot, simulate_data(result))
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         sys.stdout.write("\n")
