@@ -188,7 +188,8 @@ def simulate_figure(path: str, data: dict[str, Any]) -> dict[str, Any]:
     ax_ratio.axhline(1.0, color="k", lw=0.8, ls="--")
     ax_ratio.set_ylabel("measured / expected gain")
     ax_qber.set_ylabel("QBER (%)")
-    for ax, name in ((ax_gain, "gain"), (ax_ratio, f"gain: measured / expected (≥ {MIN_DETECTIONS_FOR_RATIO} detections)"), (ax_qber, "QBER")):
+    ratio_title = f"gain: measured / expected (≥ {MIN_DETECTIONS_FOR_RATIO} detections)"
+    for ax, name in ((ax_gain, "gain"), (ax_ratio, ratio_title), (ax_qber, "QBER")):
         ax.set_xticks(range(len(classes)), labels)
         ax.set_title(name, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)

@@ -193,11 +193,8 @@ def rate_rows(args: argparse.Namespace, settings: dict[str, Any]) -> list[dict[s
     return rows
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.plot:
-        from qkdstack.plots import require_matplotlib
-
-        require_matplotlib()  # before any computation: a missing matplotlib is one sentence and exit 2
+def compute(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per curve (:func:`curves`): method, block size, settings, ``max_distance_km`` and the rows per distance."""
     per_curve = curves(args)
     all_settings = [_settings(c) for c in per_curve]  # every curve checked before any rate is computed
     results = []
@@ -206,6 +203,15 @@ def run(args: argparse.Namespace) -> int:
         max_km = max_distance_km(lambda d, c=c, settings=settings: _rate(c, settings, d).rate_per_pulse)
         results.append({"method": settings["method"], "block_size": settings["block_size"], "settings": settings,
                         "max_distance_km": max_km, "points": rows})
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.plot:
+        from qkdstack.plots import require_matplotlib
+
+        require_matplotlib()  # before any computation: a missing matplotlib is one sentence and exit 2
+    results = compute(args)
     if args.plot:
         plot(args, results)
     if args.json:
