@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from qkdstack.node.site_config import check_site_listen_addresses, load_site_config
 from qkdstack.ops.logs import TEXT_FORMAT
@@ -35,8 +37,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 async def _main(node: Node | Site) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, node.stop.set)
+        with contextlib.suppress(NotImplementedError):  # Windows' loops have no signal handlers (Ctrl-C still stops)
+            loop.add_signal_handler(sig, node.stop.set)
     await node.run()
+
+
+def loop_runner() -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """``uvloop.run`` where uvloop is installed (a faster event loop and TLS for the KME and the links),
+    else ``asyncio.run``, said once in the log: uvloop exists for Linux and macOS only (pyproject.toml's
+    environment marker leaves it out elsewhere)."""
+    try:
+        import uvloop
+    except ImportError:
+        logging.getLogger("qkdstack.node").info("uvloop is not installed here; running on asyncio's own event loop")
+        return asyncio.run
+    return uvloop.run
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logs(args.log_level, args.log_format, site=site.name, link=links)
     check_site_listen_addresses(site)
     # The service's imports (NumPy, Numba, FastAPI, uvloop) only once the configuration is known to be good.
-    import uvloop
+    run_loop = loop_runner()
 
     from qkdstack.kms.etsi014 import TLSFiles, server_ssl_context, tune_gc_for_serving
 
@@ -68,5 +83,5 @@ def run(args: argparse.Namespace) -> int:
 
         runner = Node(config)
     tune_gc_for_serving()  # fewer, shorter GC pauses in the ETSI 014 server (p99 latency)
-    uvloop.run(_main(runner))  # uvloop: faster event loop and TLS for the KME and the links
+    run_loop(_main(runner))  # uvloop where it exists: faster event loop and TLS for the KME and the links
     return 0

@@ -644,6 +644,11 @@ def open_store(
     """
     loc = os.fspath(location)
     if loc.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None:  # an optional dependency (pyproject.toml's [postgres] extra)
+            raise ConfigError("[kms] store postgresql://... needs psycopg, which is not installed; install it with "
+                              "pip install 'qkdstack[postgres]'")
         return KeyStore(lambda: PostgresBackend(loc), chunk_bits=chunk_bits, limits=limits, description="postgresql")
     if loc.startswith("sqlite:///"):
         loc = loc.removeprefix("sqlite:///")  # SQLAlchemy style: sqlite:///rel.db, sqlite:////abs/path.db
