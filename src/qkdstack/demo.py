@@ -129,9 +129,11 @@ def _round_line(status: dict[str, Any], peer: dict[str, Any] | None, rounds: int
                 f"real-time factor {status.get('real_time_factor', 0.0):.2f}")
     else:
         what = f"ABORTED in {last.get('stage')}: {last.get('reason')}"
+    settle = ("\n      (a round's key enters the stores once the next round has confirmed that both sites hold it)"
+              if done == 1 else "")
     return (f"  round {done}/{rounds}  {what}\n"
             f"      store A {store_a} keys / B {store_b} keys (256 bit)  auth consumed "
-            f"{status['auth_bits_consumed']} bits, pool {balance} bits")
+            f"{status['auth_bits_consumed']} bits, pool {balance} bits{settle}")
 
 
 def start_nodes(layouts: dict[str, SiteLayout], order: list[str] | None = None) -> dict[str, subprocess.Popen]:
