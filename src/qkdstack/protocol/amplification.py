@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import operator
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
 
 from qkdstack.bits import BitArray
 from qkdstack.errors import ProtocolAbort
+from qkdstack.protocol import public_random
 from qkdstack.protocol.channel import Channel
 from qkdstack.protocol.toeplitz import ToeplitzPrecisionError, seed_length, toeplitz_hash
 
@@ -75,7 +75,7 @@ async def alice(channel: Channel, key: np.ndarray, output_length: int) -> Amplif
     """Alice's side: draw and send a fresh Toeplitz seed from the CSPRNG, hash her key."""
     key, output_length = _check(key, output_length)
     seed_len = seed_length(key.size)
-    seed = BitArray.from_bytes(secrets.token_bytes((seed_len + 7) // 8), seed_len)
+    seed = BitArray.from_bytes(public_random.token_bytes((seed_len + 7) // 8), seed_len)
     await channel.send(f"{STAGE}.seed", seed=seed, n_bits=key.size, output_length=output_length)
     return AmplificationResult(await _hash(key, seed, output_length), seed_len)
 

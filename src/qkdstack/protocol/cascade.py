@@ -72,7 +72,6 @@ stage's λ) are read from the channel counters.
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,6 +80,7 @@ import numpy as np
 from qkdstack.bits import BitArray
 from qkdstack.errors import ConfigError, ProtocolAbort
 from qkdstack.protocol import cascade_kernels as K  # noqa: N812
+from qkdstack.protocol import public_random
 from qkdstack.protocol.channel import RECEIVED, SENT, Channel
 
 __all__ = [
@@ -360,7 +360,7 @@ async def alice(
     n = bits.size
     sizes = sched.block_sizes(qber_estimate, n)
     snap0 = _snapshot(channel)
-    seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else secrets.randbits(63)
+    seed = int(seed_rng.integers(0, 2**63 - 1)) if seed_rng is not None else public_random.randbits(63)
     params, mcum = _derive_permutations(seed, n, sched.passes, sizes)
     shuf = _shuffled_rows(K.pack_key(bits), params)
     tops = []

@@ -51,7 +51,6 @@ import asyncio
 import itertools
 import math
 import os
-import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,7 +58,7 @@ from numba import njit
 
 from qkdstack.bits import BitArray
 from qkdstack.errors import ConfigError, ProtocolAbort
-from qkdstack.protocol import ldpc_codes
+from qkdstack.protocol import ldpc_codes, public_random
 from qkdstack.protocol.channel import RECEIVED, SENT, Channel
 from qkdstack.protocol.ldpc_codes import LdpcCode
 
@@ -582,8 +581,10 @@ async def _decode_threads(row_ptr, col_idx, llr: np.ndarray, target: np.ndarray,
     iters = np.empty(count, dtype=np.int32)
     bounds = np.linspace(0, count, min(DECODER_THREADS, count) + 1).astype(int)
     await asyncio.gather(*(
+        # PHI_TABLE passed, not left to its default: a default array argument types as omitted(default=array),
+        # which Numba's on-disk cache never matches in a new process (a recompilation and a new cache file each run)
         asyncio.to_thread(decode_batch_warm, row_ptr, col_idx, llr[a:b], target[a:b], params.max_iterations,
-                          params.alpha, err[a:b], iters[a:b], r_state[a:b])
+                          params.alpha, err[a:b], iters[a:b], r_state[a:b], PHI_TABLE)
         for a, b in itertools.pairwise(bounds) if b > a
     ))
     return err, iters
@@ -604,7 +605,7 @@ async def alice(
     plan = make_plan(bits.size, qber_estimate, params)
     code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
     pairs = ldpc_codes.merge_pairs(code, params.code_seed)
-    seed = secrets.randbits(63) if seed is None else seed
+    seed = public_random.randbits(63) if seed is None else seed
     positions = _layout(seed, code.n)
     weight = extension_weight(qber_estimate)
     snap0 = _snapshot(channel)

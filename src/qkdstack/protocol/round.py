@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -45,7 +44,7 @@ from qkdstack.bits import BitArray
 from qkdstack.errors import ChannelError, ConfigError, PeerAbort, ProtocolAbort
 from qkdstack.physics.params import SourceParams
 from qkdstack.physics.records import AliceRecord, DetectionRecord, Frame
-from qkdstack.protocol import amplification, cascade, estimation, ldpc, sifting, verification
+from qkdstack.protocol import amplification, cascade, estimation, ldpc, public_random, sifting, verification
 from qkdstack.protocol.channel import RECEIVED, SENT, Channel, Message, channel_pair
 from qkdstack.protocol.estimation import Estimate, EstimationPolicy
 from qkdstack.protocol.keyblock import Abort, KeyBlock, RoundOutcome
@@ -272,6 +271,8 @@ async def _distill(
         finite = _final_length(estimate, accounting["lambda_bits"], config)
         amplified = await getattr(amplification, role)(channel, corrected.key, finite.length)
     stats: dict[str, Any] = {"detections": sifted.detections, "reconciliation": config.reconciliation}
+    if public_random.is_seeded():  # qkdstack distill --reproducible: say it in the block's proof
+        stats["public_randomness"] = public_random.SEEDED_LABEL
     if config.reconciliation == "ldpc":
         n_key = sifted.key_bits.size
         h = ldpc.binary_entropy(key_errors / n_key) if n_key else 0.0
@@ -290,7 +291,7 @@ async def _distill(
 
 async def alice(channel: Channel, record: AliceRecord, config: RoundConfig) -> RoundOutcome:
     """Alice's half of a round: she opens it with a fresh block ID and the public parameters."""
-    block_id = str(uuid.uuid4())  # uuid4 draws from os.urandom
+    block_id = public_random.block_id()  # the OS CSPRNG (or the reproducible mode's stream)
     timer = _Timer()
     before = _disclosed(channel, "alice", config.leaking_stages)
 

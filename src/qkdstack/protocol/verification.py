@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hmac
 import math
-import secrets
 import struct
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from qkdstack.bits import BitArray, pack
 from qkdstack.errors import ConfigError, ProtocolAbort
+from qkdstack.protocol import public_random
 from qkdstack.protocol.channel import Channel
 
 __all__ = ["TAG_BITS", "VerificationResult", "alice", "bob", "collision_bound", "tags_needed"]
@@ -104,7 +104,7 @@ async def alice(channel: Channel, key: np.ndarray, eps_cor: float) -> Verificati
     """Alice's side: draw the hash keys, send them with her tags, learn Bob's verdict."""
     key = _check_key(key)
     t = tags_needed(key.size, eps_cor)
-    hash_keys = secrets.token_bytes(_KEY_BYTES * t)
+    hash_keys = public_random.token_bytes(_KEY_BYTES * t)
     tags = _tags(hash_keys, _message(key))
     await channel.send(
         f"{STAGE}.tag", disclosed=BitArray.from_bytes(tags), hash_keys=hash_keys, n_bits=key.size, tags=t
