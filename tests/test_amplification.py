@@ -5,7 +5,7 @@ import pytest
 
 from qkdstack.bits import BitArray
 from qkdstack.errors import ProtocolAbort
-from qkdstack.protocol import amplification
+from qkdstack.protocol import amplification, public_random
 from qkdstack.protocol.channel import channel_pair
 from qkdstack.protocol.toeplitz import toeplitz_hash_naive
 
@@ -84,7 +84,7 @@ async def test_seed_is_drawn_from_secrets(monkeypatch):
         drawn.append(real(nbytes))
         return drawn[-1]
 
-    monkeypatch.setattr(amplification.secrets, "token_bytes", recording)
+    monkeypatch.setattr(public_random.secrets, "token_bytes", recording)  # the OS CSPRNG by default
     a, b = channel_pair(timeout=10)
     await amplification.alice(a, _key(1000), 500)
     msg = await b.recv(expect="amplification.seed")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qkdstack.errors import ConfigError, ProtocolAbort
-from qkdstack.protocol import verification
+from qkdstack.protocol import public_random, verification
 from qkdstack.protocol.channel import channel_pair
 from qkdstack.protocol.verification import TAG_BITS, collision_bound, tags_needed
 
@@ -95,7 +95,7 @@ async def test_hash_keys_are_drawn_from_secrets(monkeypatch):
         drawn.append(real(nbytes))
         return drawn[-1]
 
-    monkeypatch.setattr(verification.secrets, "token_bytes", recording)
+    monkeypatch.setattr(public_random.secrets, "token_bytes", recording)  # the OS CSPRNG by default
     a, b = channel_pair(timeout=10)
     key = _key(300)
     _, msg = await asyncio.gather(verification.alice(a, key, 1e-12), _bob_peek(b, key))
