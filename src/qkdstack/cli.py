@@ -33,6 +33,7 @@ COMMANDS: list[str] = [
     "demo",
     "dashboard",
     "key",
+    "warmup",
 ]
 
 

@@ -224,6 +224,9 @@ def run(args: argparse.Namespace) -> int:
     config = round_config(args, params)
     eve = parse_eve(args.eve)
     pulses = resolve_pulses(params, args.pulses)
+    from qkdstack.commands.warmup import compile_notice
+
+    compile_notice()  # a fresh install compiles the kernels first (about 30 s): say so rather than seem stuck
     reports = []
     secret_bits = accepted = 0
     start = time.perf_counter()

@@ -124,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
     device = SplitDevice(params, eve, seed=args.seed) if args.split else None
     if device is None:
         device = SimulatedDevice(params, eve, seed=args.seed, afterpulse_mode=args.afterpulse_mode)
+    from qkdstack.commands.warmup import SIMULATION_KERNELS, compile_notice
+
+    compile_notice(SIMULATION_KERNELS)  # a fresh install compiles first: say so rather than seem stuck
     # Load the compiled kernels on a throw-away device first, so that the time reported is the frame's.
     SimulatedDevice(params, eve, seed=0, afterpulse_mode=args.afterpulse_mode).run_frame(1000)
     if args.frames < 1:

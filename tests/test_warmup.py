@@ -1,0 +1,58 @@
+"""First-run Numba compilation: said once on stderr, or done ahead by ``qkdstack warmup``.
+
+Each test gives its processes a fresh ``NUMBA_CACHE_DIR`` (a fresh install's empty cache) and runs the
+real command in a subprocess (Numba reads the cache location when it is imported).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NOTICE = "qkdstack: compiling the Numba kernels on this first run"
+
+
+def _run(cache: Path, *argv: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    return subprocess.run([sys.executable, "-m", "qkdstack.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _cached(cache: Path) -> set[str]:
+    return {p.name for p in cache.rglob("*.nbc")}
+
+
+def test_first_run_says_it_compiles_once(tmp_path: Path) -> None:
+    first = _run(tmp_path, "simulate", "--pulses", "1e5", "--seed", "1")
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.count(NOTICE) == 1 and "qkdstack warmup" in first.stderr
+    second = _run(tmp_path, "simulate", "--pulses", "1e5", "--seed", "1")
+    assert second.returncode == 0 and NOTICE not in second.stderr
+
+
+@pytest.mark.slow
+def test_warmup_compiles_what_later_runs_need(tmp_path: Path) -> None:
+    """After warmup, distill (Cascade and LDPC) and simulate compile nothing more and say nothing.
+
+    The LDPC decoder's kernel is among them: it used to be called with a default array argument, a type
+    Numba's cache never matched in a new process (recompiled, and one more cache file, every run).
+    """
+    warm = _run(tmp_path, "warmup", timeout=600)
+    assert warm.returncode == 0, warm.stderr
+    assert "done in" in warm.stdout
+    after_warmup = _cached(tmp_path)
+    assert any(n.startswith("ldpc.decode_batch_warm") for n in after_warmup)
+    assert any(n.startswith("cascade_kernels.") for n in after_warmup)
+    for argv in (["distill", "--distance-km", "10", "--pulses", "3e7", "--seed", "5"],
+                 ["distill", "--distance-km", "10", "--pulses", "3e7", "--seed", "5", "--reconciliation", "ldpc"],
+                 ["simulate", "--pulses", "1e5", "--split"]):
+        done = _run(tmp_path, *argv)
+        assert done.returncode == 0, done.stderr
+        assert NOTICE not in done.stderr
+    assert _cached(tmp_path) == after_warmup  # nothing compiled again, no new cache entry
+    again = _run(tmp_path, "warmup")
+    assert again.returncode == 0 and _cached(tmp_path) == after_warmup
