@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from qkdstack.commands.warmup import NODE_KERNELS, SIMULATION_KERNELS, cold_kernels
+
 NOTICE = "qkdstack: compiling the Numba kernels on this first run"
 
 
@@ -34,8 +36,17 @@ def test_first_run_says_it_compiles_once(tmp_path: Path) -> None:
     assert second.returncode == 0 and NOTICE not in second.stderr
 
 
+def test_cold_kernels_reads_the_cache_without_numba(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert cold_kernels(NODE_KERNELS) == list(NODE_KERNELS)  # an empty cache: every kernel compiles
+    code = "import sys; from qkdstack.commands.warmup import cold_kernels; cold_kernels(['x.y:z']); " \
+           "print('numba' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]  # cheap enough for demo's parent process
+
+
 @pytest.mark.slow
-def test_warmup_compiles_what_later_runs_need(tmp_path: Path) -> None:
+def test_warmup_compiles_what_later_runs_need(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After warmup, distill (Cascade and LDPC) and simulate compile nothing more and say nothing.
 
     The LDPC decoder's kernel is among them: it used to be called with a default array argument, a type
@@ -47,6 +58,8 @@ def test_warmup_compiles_what_later_runs_need(tmp_path: Path) -> None:
     after_warmup = _cached(tmp_path)
     assert any(n.startswith("ldpc.decode_batch_warm") for n in after_warmup)
     assert any(n.startswith("cascade_kernels.") for n in after_warmup)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert cold_kernels(SIMULATION_KERNELS + NODE_KERNELS) == []  # what simulate, distill, demo and node check
     for argv in (["distill", "--distance-km", "10", "--pulses", "3e7", "--seed", "5"],
                  ["distill", "--distance-km", "10", "--pulses", "3e7", "--seed", "5", "--reconciliation", "ldpc"],
                  ["simulate", "--pulses", "1e5", "--split"]):

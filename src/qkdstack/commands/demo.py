@@ -58,5 +58,8 @@ def run(args: argparse.Namespace) -> int:
     opts = DemoOptions(distance_km=args.distance_km, bootstrap=args.bootstrap, eve=args.eve, rounds=args.rounds,
                        pulses_per_frame=None if args.pulses_per_frame is None else int(args.pulses_per_frame),
                        keep=args.keep, seed=args.seed)
+    from qkdstack.commands.warmup import NODE_KERNELS, compile_notice
+
+    compile_notice(NODE_KERNELS)  # a fresh install's nodes compile their kernels first (about 20 s): say so
     result = asyncio.run(run_demo(opts))
     return 0 if demo_ok(result, opts) else 1

@@ -9,11 +9,11 @@ a 2-core machine) and writes the machine code next to the module (``__pycache__`
 Warmup compiles them by doing the real work on small inputs, with the argument types the commands
 use (a kernel is cached per signature): frames of the combined device in both after-pulse modes,
 with and without after-pulses and dead time, and under each attack, a frame of the two-half (split)
-device, and one distilled round each with Cascade and with LDPC at 10 km (3·10^7 pulses: the
-smallest frame there that yields key, so every stage runs). A second warmup finds everything cached
-and takes a few seconds.
+device, the nodes' message encoding, and one distilled round each with Cascade and with LDPC at
+10 km (3·10^7 pulses: the smallest frame there that yields key, so every stage runs). A second
+warmup finds everything cached and takes a few seconds.
 
-:func:`compile_notice` is the other half: ``simulate`` and ``distill`` call it before their first
+:func:`compile_notice` is the other half: ``simulate``, ``distill`` and ``demo`` call it before their first
 frame and, when Numba's cache lacks a kernel every run needs, say once on stderr that this run
 compiles first, so that a first run does not look stuck.
 """
@@ -21,11 +21,12 @@ compiles first, so that a first run does not look stuck.
 from __future__ import annotations
 
 import argparse
-import importlib
+import hashlib
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 SIMULATION_KERNELS = ("qkdstack.physics.sampling:_sample_detections_kernel",
                       "qkdstack.physics.records:_gather_sorted")
@@ -34,6 +35,10 @@ SIMULATION_KERNELS = ("qkdstack.physics.sampling:_sample_detections_kernel",
 DISTILLATION_KERNELS = ("qkdstack.protocol.sifting:_split", "qkdstack.protocol.estimation:_class_counts",
                         "qkdstack.protocol.cascade_kernels:top_parities")
 """Kernels every distilled round runs (Cascade being the default)."""
+
+NODE_KERNELS = ("qkdstack.physics.split:_emit_kernel", "qkdstack.physics.split:_lookup_kernel",
+                "qkdstack.transport.varint:_decode", *DISTILLATION_KERNELS)
+"""Kernels every node runs (the two-half device, messages over TCP, a round): demo, node."""
 
 _noticed = False
 
@@ -48,21 +53,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.set_defaults(func=run)
 
 
-def cold_kernels(kernels: Iterable[str]) -> list[str]:
-    """Those of ``kernels`` (``module:function``) that are not in Numba's on-disk cache yet (a fresh install).
+def _index_folders(module_dir: Path) -> list[Path]:
+    """Where Numba's cache keeps the kernels of the modules in ``module_dir`` (numba/core/caching.py's locators):
+    ``NUMBA_CACHE_DIR``/<folder>_<sha1 of its path>, else the ``__pycache__`` beside the modules if it can be
+    written. Empty where Numba would choose another place (its user-wide cache): then nothing is said."""
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    if env:
+        folder = os.path.abspath(module_dir)
+        return [Path(env) / f"{os.path.basename(folder)}_{hashlib.sha1(folder.encode()).hexdigest()}"]
+    pycache = module_dir / "__pycache__"
+    if os.access(pycache if pycache.exists() else module_dir, os.W_OK):
+        return [pycache]
+    return []
 
-    Cheap: the modules are imported (the command needs them anyway) and one ``os.path.exists`` is made
-    per kernel on the index file Numba's cache would read. A Numba whose cache layout differs gives an
-    empty list (nothing is said rather than something wrong).
+
+def cold_kernels(kernels: Iterable[str]) -> list[str]:
+    """Those of ``kernels`` (``package.module:function``) that Numba's on-disk cache does not hold yet.
+
+    Cheap (a few ``glob`` calls, NumPy and Numba not imported): it looks for the index file Numba
+    writes for each kernel, ``module.function-LINE.pyXY.nbi``. An empty list where the cache's
+    place is not the usual one (nothing is said rather than something wrong).
     """
+    import qkdstack
+
+    root = Path(qkdstack.__file__).resolve().parent
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
     cold = []
     for kernel in kernels:
-        module, _, name = kernel.partition(":")
-        try:
-            path = getattr(importlib.import_module(module), name)._cache._cache_file._index_path
-        except AttributeError:
+        dotted, _, name = kernel.partition(":")
+        parts = dotted.split(".")[1:]  # below qkdstack
+        folders = _index_folders(root.joinpath(*parts[:-1]))
+        if not folders:
             return []
-        if not os.path.exists(path):
+        if not any(any(f.glob(f"{parts[-1]}.{name}-*.{tag}.nbi")) for f in folders):
             cold.append(kernel)
     return cold
 
@@ -79,6 +102,8 @@ def compile_notice(kernels: Iterable[str] = SIMULATION_KERNELS + DISTILLATION_KE
 
 
 def _steps() -> list[tuple[str, Callable[[], object]]]:
+    import numpy as np
+
     from qkdstack.cli import build_parser
     from qkdstack.commands.device_args import device_params_from_args
     from qkdstack.commands.distill import distill_rounds, resolve_pulses, round_config
@@ -86,6 +111,7 @@ def _steps() -> list[tuple[str, Callable[[], object]]]:
     from qkdstack.physics.device import SimulatedDevice
     from qkdstack.physics.eve import parse_eve
     from qkdstack.physics.split import SplitDevice
+    from qkdstack.transport.varint import decode_increasing, decode_uvarints, encode_increasing, encode_uvarints
 
     def frames() -> None:
         for flags in ([], ["--afterpulse", "0.01", "--dead-time", "1e-8"]):
@@ -96,6 +122,10 @@ def _steps() -> list[tuple[str, Callable[[], object]]]:
                     frame = SimulatedDevice(params, parse_eve(eve), seed=1, afterpulse_mode=mode).run_frame(100_000)
                     summarise(frame, params)  # the receiver's lookup into the transmitter's record
             summarise(SplitDevice(params, parse_eve("none"), seed=1).run_frame(100_000), params)
+        # the nodes' messages over TCP: varints of counts and of increasing pulse indices
+        values = np.arange(1, 1000, dtype=np.uint64)
+        decode_uvarints(encode_uvarints(values), values.size)
+        decode_increasing(encode_increasing(values), values.size)
 
     def distill(reconciliation: str) -> Callable[[], object]:
         def step() -> None:
@@ -111,7 +141,7 @@ def _steps() -> list[tuple[str, Callable[[], object]]]:
 
         return step
 
-    return [("simulation (combined and split device, every attack)", frames),
+    return [("simulation (combined and split device, every attack) and message encoding", frames),
             ("a distilled round with Cascade", distill("cascade")),
             ("a distilled round with LDPC", distill("ldpc"))]
 
