@@ -150,3 +150,18 @@ def test_distill_plot_marks_aborted_rounds(tmp_path: Path, capsys: pytest.Captur
     data = plots.distill_data(out["rounds"], out["summary"], distance_km=10, max_qber=0.11)
     (r,) = data["rounds"]
     assert r["aborted"] and r["key_bits"] == 0 and r["qber_z"] is None and "QBER" in r["reason"]
+
+
+@pytest.mark.parametrize("command", [["keyrate", "--optimize", "--distance-km", "0:200:5"],
+                                     ["simulate", "--pulses", "1e9"], ["distill", "--rounds", "50"]])
+def test_bad_plot_file_refused_before_any_work(command: list[str], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as refused:  # argparse's exit, with qkdstack's one line
+        main([*command, "--plot", str(tmp_path / "x.jpg2")])
+    assert refused.value.code == 2
+    assert time.perf_counter() - start < 5  # refused while parsing, not after a frame of 10^9 pulses
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--plot must end in a picture format" in err
