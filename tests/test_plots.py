@@ -137,7 +137,7 @@ def test_distill_plot_qber_and_key_per_round(tmp_path: Path, capsys: pytest.Capt
     assert [r["round"] for r in data["rounds"]] == [1, 2]
     assert sum(r["key_bits"] for r in data["rounds"]) == out["summary"]["secret_bits"] > 0
     assert all(0 < r["qber_z"] < 0.03 and 0 < r["qber_x"] < 0.05 for r in data["rounds"])
-    assert "2/2 rounds accepted" in data["title"]
+    assert "2/2 rounds accepted" in data["title"] and data["note"] is None
 
 
 def test_distill_plot_marks_aborted_rounds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,6 +150,7 @@ def test_distill_plot_marks_aborted_rounds(tmp_path: Path, capsys: pytest.Captur
     data = plots.distill_data(out["rounds"], out["summary"], distance_km=10, max_qber=0.11)
     (r,) = data["rounds"]
     assert r["aborted"] and r["key_bits"] == 0 and r["qber_z"] is None and "QBER" in r["reason"]
+    assert data["note"].startswith("no key: every round aborted (estimation ×1)")
 
 
 @pytest.mark.parametrize("command", [["keyrate", "--optimize", "--distance-km", "0:200:5"],

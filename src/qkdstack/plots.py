@@ -14,6 +14,7 @@ matplotlib costs one sentence and exit code 2, not a computation thrown away.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from qkdstack.errors import ConfigError
@@ -35,7 +36,7 @@ def require_matplotlib(flag: str = "--plot") -> None:
                           f"pip install 'qkdstack[{EXTRA}]' (or pip install matplotlib)") from None
 
 
-def _figure(width: float, height: float, rows: int = 1, cols: int = 1) -> tuple[Any, Any]:
+def _figure(width: float, height: float, rows: int = 1, cols: int = 1, sharex: bool = False) -> tuple[Any, Any]:
     """A figure on the Agg canvas (no pyplot) and its axes."""
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -43,7 +44,7 @@ def _figure(width: float, height: float, rows: int = 1, cols: int = 1) -> tuple[
 
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=sharex)
     return fig, axes
 
 
@@ -208,6 +209,7 @@ def distill_data(rounds: list[dict[str, Any]], summary: dict[str, Any], *, dista
 
     Per round: QBER in the key (Z) and test (X) bases, secret key bits, and whether (and why) it
     aborted; aborted rounds have no QBER here (the round stopped before or while estimating it).
+    ``note``: the sentence written into the figure when no round gave key.
     """
     per_round = []
     for i, r in enumerate(rounds, start=1):
@@ -222,12 +224,17 @@ def distill_data(rounds: list[dict[str, Any]], summary: dict[str, Any], *, dista
         })
     title = (f"distill: {distance_km:g} km, {summary['accepted']}/{summary['rounds']} rounds accepted, "
              f"{summary['secret_bits']:,} secret bits")
-    return {"title": title, "max_qber": max_qber, "rounds": per_round}
+    note = None
+    if not any(not r["aborted"] for r in per_round):
+        stages = Counter(r["stage"] for r in rounds)
+        note = (f"no key: every round aborted ({', '.join(f'{k} ×{v}' for k, v in stages.items())}); "
+                "the reasons are printed with the rounds")
+    return {"title": title, "max_qber": max_qber, "rounds": per_round, "note": note}
 
 
 def distill_figure(path: str, data: dict[str, Any]) -> dict[str, Any]:
     """Draw :func:`distill_data`'s ``data``: QBER and key bits per round; return ``data``."""
-    fig, axes = _figure(7.5, 5.5, 2, 1)
+    fig, axes = _figure(7.5, 5.5, 2, 1, sharex=True)
     ax_q, ax_k = axes[0][0], axes[1][0]
     rounds = data["rounds"]
     ok = [r for r in rounds if not r["aborted"]]
@@ -244,6 +251,10 @@ def distill_figure(path: str, data: dict[str, Any]) -> dict[str, Any]:
         ax_q.scatter([r["round"] for r in bad], [0] * len(bad), marker="x", color="firebrick", s=60,
                      label="aborted", clip_on=False)
     ax_k.set_ylabel("secret key (bits)")
+    ax_k.set_ylim(bottom=0, top=max([1, *(1.1 * r["key_bits"] for r in rounds)]))
+    if data["note"]:
+        ax_k.text(0.5, 0.5, data["note"], transform=ax_k.transAxes, ha="center", va="center", fontsize=9,
+                  color="firebrick", wrap=True, bbox={"facecolor": "white", "edgecolor": "firebrick", "alpha": 0.9})
     ax_k.set_xlabel("round")
     for ax in (ax_q, ax_k):
         ax.grid(True, alpha=0.3)
