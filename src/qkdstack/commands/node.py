@@ -92,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     check_site_listen_addresses(site)
     # The service's imports (NumPy, Numba, FastAPI, uvloop) only once the configuration is known to be good.
     run_loop = loop_runner()
+    from qkdstack.commands.warmup import NODE_KERNELS, cold_kernels
+
+    if cold_kernels(NODE_KERNELS):  # a fresh install: the first round waits for Numba (about 20 s), once
+        logging.getLogger("qkdstack.node").info("compiling the Numba kernels on this first run (once; later runs "
+                                                "load them from the cache; `qkdstack warmup` compiles them ahead)")
 
     from qkdstack.kms.etsi014 import TLSFiles, server_ssl_context, tune_gc_for_serving
 
