@@ -213,6 +213,7 @@ def distill(
     max_phase_error: float = 0.2,
     cascade_schedule: str = "batched",
     reconciliation: str = "cascade",
+    reproducible: int | None = None,
     attenuation: float = 0.2,
     extra_loss: float = 0.0,
     detector_efficiency: float = 0.1,
@@ -233,7 +234,9 @@ def distill(
     its sifted bits, QBER, phase-error bound, reconciliation efficiency, disclosed bits λ and secret key
     bits. ``pulses`` defaults to a frame that follows the distance (as ``qkdstack init`` picks it).
     ``seed`` reproduces the simulated frames (the post-processing's hash seeds come from the OS, so key
-    lengths vary by about 1–2 % between runs). Works inside Jupyter's running event loop.
+    lengths vary by about 1–2 % between runs); ``reproducible=SEED`` seeds those too, so that a run repeats
+    bit for bit (experiments only: such keys are predictable and not secret). Works inside Jupyter's
+    running event loop.
     """
     args = _namespace("distill", dict(locals()))
     eve_model = _checked(parse_eve, args.eve, flag="eve")
@@ -244,7 +247,7 @@ def distill(
     rows: list[dict[str, Any]] = []
     for d, params, config, n in plans:
         reports = distill_rounds(params, config, pulses=n, rounds=args.rounds, eve=eve_model, seed=args.seed,
-                                 run_async=run_coroutine)
+                                 run_async=run_coroutine, reproducible=args.reproducible)
         for i, report in enumerate(reports, start=1):
             rows.append(_distill_row(report, d, i, n, args, str(eve_model)))
     return rows

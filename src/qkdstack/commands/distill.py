@@ -29,6 +29,7 @@ from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
 from qkdstack.physics.eve import Eavesdropper, parse_eve
 from qkdstack.physics.params import DeviceParams
+from qkdstack.protocol import public_random
 from qkdstack.protocol.cascade import SCHEDULES
 from qkdstack.protocol.keyblock import Abort, KeyBlock
 from qkdstack.protocol.round import RoundConfig, run_in_memory
@@ -62,6 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reconciliation", choices=("cascade", "ldpc"), default="cascade",
                         help="error correction: interactive Cascade (default) or one-way LDPC with blind rounds")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--reproducible", type=_seed_value, default=None, metavar="SEED",
+                        help="experiments only: draw the post-processing's public randomness (block IDs, Cascade "
+                        "and LDPC seeds, hash keys, Toeplitz seeds) from a stream seeded with SEED, so that with "
+                        "--seed a run repeats bit for bit; its keys are predictable and NOT secret")
     parser.add_argument("--plot", type=plot_file, default=None, metavar="FILE.png",
                         help="save QBER and secret key per round; needs matplotlib: pip install 'qkdstack[plot]'")
     parser.set_defaults(func=run)
@@ -153,6 +158,30 @@ def _print_round(r: dict[str, Any], out) -> None:
         print(f"  {key:<{width}}  {value}", file=out)
 
 
+_ROW_HEADER = f"{'round':>5}  {'outcome':<9} {'QBER Z':>8} {'f':>6} {'disclosed':>10} {'key bits':>10}"
+
+
+def _round_row(index: int, r: dict[str, Any]) -> str:
+    """One line per round of ``distill --rounds N``: QBER, f, disclosed bits (λ) and key, or why it aborted."""
+    if r["aborted"]:
+        return f"{index:>5}  ABORTED in {r['stage']}: {r['reason']}"
+    f = r["reconciliation_efficiency"]
+    disclosed = sum(r["leakage_bits"].values())
+    return (f"{index:>5}  {'accepted':<9} {100 * r['qber_z']:>6.2f} % {'n/a' if f is None else f'{f:.3f}':>6} "
+            f"{disclosed:>10} {r['key_bits']:>10}")
+
+
+def _seed_value(text: str) -> int:
+    """``--reproducible``: a whole number ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {value}")
+    return value
+
+
 def _progress(done: int, total: int, accepted: int, bits: int) -> None:
     if total <= 1:
         return
@@ -198,18 +227,21 @@ def distill_rounds(
     eve: Eavesdropper,
     seed: int | None,
     run_async: Callable[[Coroutine[Any, Any, Any]], Any] = asyncio.run,
+    reproducible: int | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield one report per round: a frame of a device seeded with ``seed``, distilled in memory.
 
     ``run_async`` runs a round's coroutine to completion (``asyncio.run`` by default; the Python API
-    passes one that works inside a running event loop, such as Jupyter's).
+    passes one that works inside a running event loop, such as Jupyter's). ``reproducible``: the rounds'
+    public randomness comes from one stream seeded with it (protocol/public_random.py; keys not secret).
     """
     device = SimulatedDevice(params, eve=eve, seed=seed)
+    source = None if reproducible is None else public_random.stream(reproducible)
     for _ in range(rounds):
         t0 = time.perf_counter()
         frame = device.run_frame(pulses)
         sim_s = time.perf_counter() - t0
-        alice_out, _bob_out = run_async(run_in_memory(frame, config))
+        alice_out, _bob_out = run_async(public_random.run_using(source, run_in_memory(frame, config)))
         report = _round_report(alice_out, pulses, params.source.rep_rate_hz, time.perf_counter() - t0)
         report["simulation_seconds"] = sim_s
         yield report
@@ -227,10 +259,18 @@ def run(args: argparse.Namespace) -> int:
     from qkdstack.commands.warmup import compile_notice
 
     compile_notice()  # a fresh install compiles the kernels first (about 30 s): say so rather than seem stuck
+    if args.reproducible is not None:
+        print(f"qkdstack distill: reproducible mode (--reproducible {args.reproducible}): the post-processing's "
+              "public randomness is seeded, so keys are predictable and not secret (experiments only)",
+              file=sys.stderr)
     reports = []
     secret_bits = accepted = 0
     start = time.perf_counter()
-    rounds = distill_rounds(params, config, pulses=pulses, rounds=args.rounds, eve=eve, seed=args.seed)
+    rounds = distill_rounds(params, config, pulses=pulses, rounds=args.rounds, eve=eve, seed=args.seed,
+                            reproducible=args.reproducible)
+    table = not args.json and args.rounds > 1
+    if table:
+        print(_ROW_HEADER)
     for i, report in enumerate(rounds):
         reports.append(report)
         if not report["aborted"]:
@@ -238,7 +278,10 @@ def run(args: argparse.Namespace) -> int:
             secret_bits += report["key_bits"]
         if not args.json and args.rounds == 1:
             _print_round(report, sys.stdout)
-        _progress(i + 1, args.rounds, accepted, secret_bits)
+        if table:
+            print(_round_row(i + 1, report), flush=True)
+        if sys.stderr.isatty():  # a progress bar only on a terminal, never in a log or a pipe
+            _progress(i + 1, args.rounds, accepted, secret_bits)
     wall = time.perf_counter() - start
     total_pulses = pulses * args.rounds
     summary = {
@@ -249,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
         "secret_key_rate_bit_per_pulse": secret_bits / total_pulses,
         "secret_key_rate_bit_per_s": secret_bits / total_pulses * params.source.rep_rate_hz,
         "wall_seconds": wall,
+        "reproducible_seed": args.reproducible,
     }
     if args.reconciliation == "ldpc":
         ok = [r["ldpc_frames"] for r in reports if not r["aborted"]]
@@ -267,9 +311,6 @@ def run(args: argparse.Namespace) -> int:
         json.dump({"summary": summary, "rounds": reports}, sys.stdout, indent=2, default=float)
         print()
     elif args.rounds > 1:
-        for r in reports:
-            if r["aborted"]:
-                _print_round(r, sys.stdout)
         print(f"{accepted}/{args.rounds} rounds accepted, {secret_bits} secret bits, "
               f"{summary['secret_key_rate_bit_per_s']:.4g} bit/s at {params.source.rep_rate_hz:.3g} Hz "
               f"({wall:.1f} s wall)")

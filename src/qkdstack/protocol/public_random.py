@@ -20,9 +20,11 @@ import contextlib
 import random
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextvars import ContextVar
+from typing import Any, TypeVar
 
+_T = TypeVar("_T")
 _SEEDED: ContextVar[random.Random | None] = ContextVar("qkdstack_public_random", default=None)
 
 SEEDED_LABEL = "seeded (reproducible mode): predictable, keys not secret"
@@ -51,11 +53,29 @@ def is_seeded() -> bool:
     return _SEEDED.get() is not None
 
 
+def stream(seed: int) -> random.Random:
+    """A reproducible stream of public randomness (for :func:`using`): several rounds draw from one."""
+    return random.Random(seed)
+
+
 @contextlib.contextmanager
-def reproducible(seed: int) -> Iterator[None]:
-    """Draw the public randomness of the rounds run inside from a stream seeded with ``seed``."""
-    token = _SEEDED.set(random.Random(seed))
+def using(source: random.Random) -> Iterator[None]:
+    """Draw the public randomness of the rounds run inside from ``source`` (a :func:`stream`)."""
+    token = _SEEDED.set(source)
     try:
         yield
     finally:
         _SEEDED.reset(token)
+
+
+def reproducible(seed: int) -> contextlib.AbstractContextManager[None]:
+    """Draw the public randomness of the rounds run inside from a stream seeded with ``seed``."""
+    return using(stream(seed))
+
+
+async def run_using(source: random.Random | None, coro: Coroutine[Any, Any, _T]) -> _T:
+    """Await ``coro`` with ``source`` as its public randomness (the OS's when None), in whatever thread it runs."""
+    if source is None:
+        return await coro
+    with using(source):
+        return await coro
