@@ -23,7 +23,12 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from qkdstack.commands.device_args import add_device_arguments, add_frame_arguments, device_params_from_args
+from qkdstack.commands.device_args import (
+    add_device_arguments,
+    add_frame_arguments,
+    device_params_from_args,
+    seed_value,
+)
 from qkdstack.commands.validate import plot_file, protocol_value
 from qkdstack.errors import ConfigError
 from qkdstack.physics.device import SimulatedDevice, check_pulses
@@ -63,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reconciliation", choices=("cascade", "ldpc"), default="cascade",
                         help="error correction: interactive Cascade (default) or one-way LDPC with blind rounds")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--reproducible", type=_seed_value, default=None, metavar="SEED",
+    parser.add_argument("--reproducible", type=seed_value, default=None, metavar="SEED",
                         help="experiments only: draw the post-processing's public randomness (block IDs, Cascade "
                         "and LDPC seeds, hash keys, Toeplitz seeds) from a stream seeded with SEED, so that with "
                         "--seed a run repeats bit for bit; its keys are predictable and NOT secret")
@@ -169,17 +174,6 @@ def _round_row(index: int, r: dict[str, Any]) -> str:
     disclosed = sum(r["leakage_bits"].values())
     return (f"{index:>5}  {'accepted':<9} {100 * r['qber_z']:>6.2f} % {'n/a' if f is None else f'{f:.3f}':>6} "
             f"{disclosed:>10} {r['key_bits']:>10}")
-
-
-def _seed_value(text: str) -> int:
-    """``--reproducible``: a whole number ≥ 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number ≥ 0, got {value}")
-    return value
 
 
 def _progress(done: int, total: int, accepted: int, bits: int) -> None:

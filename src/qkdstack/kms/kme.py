@@ -217,6 +217,24 @@ def check_key_request(c: Any, number: Any, size: Any, extension_mandatory: Seque
     return number, size
 
 
+def status_document(c: Any, target_kme_id: str, master_sae: str, slave_sae: str, *, stored_key_count: int,
+                    max_key_count: int) -> dict[str, Any]:
+    """ETSI 014 Status (section 6.1) for a KME whose configuration is ``c`` (a link's or a network site's)."""
+    return {
+        "source_KME_ID": c.kme_id,
+        "target_KME_ID": target_kme_id,
+        "master_SAE_ID": master_sae,
+        "slave_SAE_ID": slave_sae,
+        "key_size": c.key_size,
+        "stored_key_count": stored_key_count,
+        "max_key_count": max_key_count,
+        "max_key_per_request": c.max_key_per_request,
+        "max_key_size": c.max_key_size,
+        "min_key_size": c.min_key_size,
+        "max_SAE_ID_count": c.max_SAE_ID_count,
+    }
+
+
 def _key_entry(key_id: str, key: bytes, proofs: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"key_ID": key_id, "key": base64.b64encode(key).decode("ascii")}
     if proofs is not None:
@@ -496,19 +514,9 @@ class KME:
         c = self.config
         counts = await self.store.counts(c.link_id)
         per_key = chunks_per_key(c.key_size, self.store.chunk_bits)
-        return {
-            "source_KME_ID": c.kme_id,
-            "target_KME_ID": c.peer_kme_id,
-            "master_SAE_ID": master_sae,
-            "slave_SAE_ID": slave_sae,
-            "key_size": c.key_size,
-            "stored_key_count": counts.available[c.own_pool] // per_key,
-            "max_key_count": self.store.limits(c.link_id).capacity // 2 // per_key,
-            "max_key_per_request": c.max_key_per_request,
-            "max_key_size": c.max_key_size,
-            "min_key_size": c.min_key_size,
-            "max_SAE_ID_count": c.max_SAE_ID_count,
-        }
+        return status_document(c, c.peer_kme_id, master_sae, slave_sae,
+                               stored_key_count=counts.available[c.own_pool] // per_key,
+                               max_key_count=self.store.limits(c.link_id).capacity // 2 // per_key)
 
     async def enc_keys(
         self,

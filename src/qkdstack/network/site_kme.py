@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qkdstack.errors import ChannelError, ConfigError, KeyStoreError, QKDError
-from qkdstack.kms.kme import KME, MSG_NOT_FOUND, KMEError, check_key_request
+from qkdstack.kms.kme import KME, MSG_NOT_FOUND, KMEError, check_key_request, status_document
 from qkdstack.kms.store import KeyNotAuthorized, KeyNotFound, chunks_per_key
 from qkdstack.network.kme_api import EXT_KEYS, LINK_STATE, VOID, KMEClient
 from qkdstack.network.relay import (
@@ -299,19 +299,8 @@ class SiteKME:
                 (states[(a, b)].available if (a, b) in states else 0) for a, b in itertools.pairwise(path)
             ) // per_key
         first = next(iter(self.links.values()))
-        return {
-            "source_KME_ID": c.kme_id,
-            "target_KME_ID": dest,
-            "master_SAE_ID": master_sae,
-            "slave_SAE_ID": slave_sae,
-            "key_size": c.key_size,
-            "stored_key_count": stored,
-            "max_key_count": first.store.limits(first.config.link_id).capacity // 2 // per_key,
-            "max_key_per_request": c.max_key_per_request,
-            "max_key_size": c.max_key_size,
-            "min_key_size": c.min_key_size,
-            "max_SAE_ID_count": c.max_SAE_ID_count,
-        }
+        return status_document(c, dest, master_sae, slave_sae, stored_key_count=stored,
+                               max_key_count=first.store.limits(first.config.link_id).capacity // 2 // per_key)
 
     async def enc_keys(
         self,
