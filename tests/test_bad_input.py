@@ -320,3 +320,15 @@ def test_configuration_fields_refuse_what_the_flags_refuse():
         DeviceSection(seed=-1)
     with pytest.raises(ConfigError, match=r"^\[kms\] store must be sqlite:///PATH"):
         KmsSection(store="mysql://x")
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["simulate", "--distance-km", "-3"], "qkdstack simulate: error: --distance-km must be a finite number ≥ 0, got -3.0"),
+    (["simulate", "--basis-prob-z", "2"], "qkdstack simulate: error: --basis-prob-z must lie in (0, 1), got 2.0"),
+    (["keyrate", "--detector-efficiency", "0"],
+     "qkdstack keyrate: error: --detector-efficiency must lie in (0, 1], got 0.0"),
+])
+def test_a_device_flag_error_names_the_flag_only(argv, line, capsys):
+    """One parameter, one name: the message says --distance-km, not the physics layer's length_km."""
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == line

@@ -243,7 +243,8 @@ def device_params_from_args(args: argparse.Namespace, distance_km: float | None 
         flag = _flag_for(str(exc))
         if flag is None:
             raise
-        raise ConfigError(f"{flag}: {exc}") from None
+        _name, sep, rest = str(exc).partition(" must ")  # one name per parameter: the flag's, not the physics'
+        raise ConfigError(f"{flag} must {rest}" if sep else f"{flag}: {exc}") from None
 
 
 # Field-name prefixes of the messages qkdstack.physics.params raises, and the flag that sets each field.
