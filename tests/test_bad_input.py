@@ -323,7 +323,8 @@ def test_configuration_fields_refuse_what_the_flags_refuse():
 
 
 @pytest.mark.parametrize(("argv", "line"), [
-    (["simulate", "--distance-km", "-3"], "qkdstack simulate: error: --distance-km must be a finite number ≥ 0, got -3.0"),
+    (["simulate", "--distance-km", "-3"],
+     "qkdstack simulate: error: --distance-km must be a finite number ≥ 0, got -3.0"),
     (["simulate", "--basis-prob-z", "2"], "qkdstack simulate: error: --basis-prob-z must lie in (0, 1), got 2.0"),
     (["keyrate", "--detector-efficiency", "0"],
      "qkdstack keyrate: error: --detector-efficiency must lie in (0, 1], got 0.0"),
