@@ -262,6 +262,7 @@ class KME:
         self._confirmed = False  # the peer has confirmed this store's erased count since start
         self._sync_task: asyncio.Task | None = None
         self._sync_again = False
+        self._trim_task: asyncio.Task | None = None
 
     def __repr__(self) -> str:
         return f"KME({self.config.kme_id!r}, peer={self.config.peer_kme_id!r})"
@@ -376,7 +377,66 @@ class KME:
         ``proof``: the block's proof (no key bits), returned with its keys when a consumer asks
         (:data:`PROOF_EXTENSION`; docs/kms.md, "A proof with every key").
         """
-        return await self.store.add_block(self.config.link_id, block_id, key, proof)
+        stored = await self.store.add_block(self.config.link_id, block_id, key, proof)
+        self._trim_soon()
+        return stored
+
+    TRIM_BATCH = 4096
+    """At most this many chunks per trim (one ``kms.discard`` message); every stored block triggers another."""
+    TRIM_MASTER = "qkdstack-trim"
+    """The master SAE ID under which :meth:`trim_own_pool` reserves the chunks it is about to erase."""
+
+    async def trim_own_pool(self) -> int:
+        """Keep this site's own pool from filling the store with keys nobody draws; returns chunks erased.
+
+        Key generation pauses at the link's high-water mark, which counts both pools. When consumers draw
+        unevenly (one-way traffic, a relay that always sends the same way), the pool nobody draws from
+        fills the store, generation stops, and the other pool runs dry: its consumers get 503 for good.
+        So the site that owns a pool (the only one that reserves from it) keeps it at no more than half the
+        high-water mark once the link is at the mark: it reserves its pool's oldest surplus chunks (so no
+        consumer takes them meanwhile) and erases them at both sites (``kms.discard``, then here; a failure
+        leaves a pending reservation that :meth:`resync` erases at both sites later). Unused key is given
+        up instead of starving the other direction (docs/kms.md, "Two pools").
+        """
+        c = self.config
+        if self.peer is None:
+            return 0
+        counts = await self.store.counts(c.link_id)
+        limits = self.store.limits(c.link_id)
+        surplus = min(counts.available[c.own_pool] - limits.high_water // 2, self.TRIM_BATCH)
+        if counts.stored < limits.high_water or surplus <= 0:
+            return 0
+        try:
+            reservations = await self.store.reserve(c.link_id, c.own_pool, surplus, self.store.chunk_bits,
+                                                    self.TRIM_MASTER, [self.TRIM_MASTER])
+        except InsufficientKeys:
+            return 0
+        ids = [r.key_id for r in reservations]
+        self._in_flight.update(ids)
+        try:
+            await self._discard_both(reservations)
+        except (QKDError, OSError, TimeoutError):
+            return 0  # pending: resync erases them at both sites once the peer answers
+        finally:
+            self._in_flight.difference_update(ids)
+        log.info("KME %s: own pool of link %s trimmed by %d unused chunks (the link was at its high-water mark "
+                 "while the other pool ran low)", c.kme_id, c.link_id, len(reservations))
+        return len(reservations)
+
+    def _trim_soon(self) -> None:
+        """Run :meth:`trim_own_pool` in the background (one at a time)."""
+        if self._trim_task is not None and not self._trim_task.done():
+            return
+
+        async def run() -> None:
+            try:
+                await self.trim_own_pool()
+            except (QKDError, OSError) as exc:
+                log.warning("KME %s: trimming its pool failed: %s", self.config.kme_id, type(exc).__name__)
+
+        self._trim_task = asyncio.get_running_loop().create_task(run())
+        self._background.add(self._trim_task)
+        self._trim_task.add_done_callback(self._background.discard)
 
     async def is_full(self) -> bool:
         return await self.store.is_full(self.config.link_id)
