@@ -28,6 +28,7 @@ import ssl
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ def _client(layout: Any, sae: str) -> Any:
 async def _load(layouts: dict[str, Any], seconds: float) -> dict[str, Any]:
     latencies: list[float] = []
     refused = 0
+    reasons: Counter[str] = Counter()
     fetched_bits = 0
     stop = time.monotonic() + seconds
 
@@ -81,6 +83,7 @@ async def _load(layouts: dict[str, Any], seconds: float) -> dict[str, Any]:
             answer = await master.post("SAE_B/enc_keys", json={"number": NUMBER, "size": SIZE})
             if answer.status_code != 200:
                 refused += 1
+                reasons[f"{answer.status_code} {answer.json().get('message', '')[:120]}"] += 1
                 await asyncio.sleep(0.2)
                 continue
             latencies.append(time.monotonic() - t0)
@@ -106,6 +109,7 @@ async def _load(layouts: dict[str, Any], seconds: float) -> dict[str, Any]:
         "relay_p50_s": statistics.median(latencies) if latencies else None,
         "relay_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else None,
         "refused": refused,
+        "refusals": dict(reasons.most_common(5)),
         "seconds": elapsed,
     }
 
