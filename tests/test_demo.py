@@ -33,3 +33,15 @@ def test_demo_with_an_eavesdropper_delivers_no_key():
     assert "0 accepted, 1 aborted" in out
     assert "ABORTED in estimation" in out
     assert "no key was delivered" in out and "keys delivered (ETSI 014) 0" in out
+
+
+def test_the_tunnel_rekeys_within_the_keys_a_short_demo_stored() -> None:
+    """One key opens the tunnel and one is spare; the file and its HTTP framing fit the rest (CI once ran dry)."""
+    from qkdstack.demo import _rekey_interval
+
+    size = 256 * 1024
+    for stored in range(1, 12):
+        interval = _rekey_interval(size, stored)
+        keys_needed = 1 + int(1.1 * size) // interval  # the open, then one per full interval
+        assert keys_needed <= max(stored - 1, 1), (stored, interval, keys_needed)
+    assert _rekey_interval(size, 1000) == 64 * 1024  # plenty of key: rekey every 64 KiB

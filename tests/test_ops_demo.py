@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_demo_keep_leaves_the_nodes_and_dashboards_running_until_ctrl_c(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qkdstack.cli", "demo", "--rounds", "1", "--pulses-per-frame", "6e7",
+        [sys.executable, "-m", "qkdstack.cli", "demo", "--rounds", "1", "--pulses-per-frame", "1e8",
          "--keep", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -245,11 +245,12 @@ class _UploadHandler(http.server.BaseHTTPRequestHandler):
 def _rekey_interval(file_bytes: int, stored_keys: int) -> int:
     """Bytes per tunnel key: every 64 KiB, or fewer rekeys when a short demo stored few keys.
 
-    The tunnel takes one QKD key to open and one per rekey; half the stored keys are left for
-    the slack of HTTP framing and for other consumers, so a one-round demo does not run dry.
+    The tunnel takes one QKD key to open and one per rekey. With ``stored_keys`` keys in the master's
+    direction, one opens the tunnel, one is left spare, and the rest may each carry a share of the file
+    (plus a quarter for the HTTP framing): a one-round demo with a couple of keys still sends its file.
     """
-    usable = max(stored_keys // 2 - 1, 1)
-    return max(64 * 1024, -(-file_bytes // usable))
+    rekeys = max(stored_keys - 2, 1)
+    return max(64 * 1024, -(-(file_bytes * 5 // 4) // rekeys))
 
 
 async def _send_file(layouts: dict[str, SiteLayout], opts: DemoOptions, result: DemoResult, workdir: Path) -> None:
