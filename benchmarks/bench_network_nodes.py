@@ -24,7 +24,6 @@ import asyncio
 import base64
 import json
 import os
-import ssl
 import statistics
 import tempfile
 import time
@@ -43,33 +42,21 @@ TOPOLOGY = {
 }
 
 
-def _status(layout: Any) -> dict[str, Any]:
-    try:
-        return json.loads((layout.config.parent / "data" / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _links(layouts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from qkdstack.demo import site_status
+
     """Each link's status document, as its transmitter reports it (by ``A->R1``)."""
     out = {}
     for tx, rx in (("A", "R1"), ("R1", "R2"), ("R2", "B")):
-        for doc in _status(layouts[tx]).get("links") or []:
+        for doc in (site_status(layouts[tx]) or {}).get("links") or []:
             if doc.get("peer") == rx:
                 out[f"{tx}->{rx}"] = doc
     return out
 
 
-def _client(layout: Any, sae: str) -> Any:
-    import httpx
-
-    cert, key = layout.sae_cert(sae)
-    ctx = ssl.create_default_context(cafile=str(layout.ca))
-    ctx.load_cert_chain(str(cert), str(key))
-    return httpx.AsyncClient(base_url=f"{layout.etsi_url}/api/v1/keys/", verify=ctx, timeout=60)
-
-
 async def _load(layouts: dict[str, Any], seconds: float) -> dict[str, Any]:
+    from qkdstack.demo_network import sae_client
+
     latencies: list[float] = []
     refused = 0
     reasons: Counter[str] = Counter()
@@ -93,8 +80,8 @@ async def _load(layouts: dict[str, Any], seconds: float) -> dict[str, Any]:
             assert [k["key"] for k in got.json()["keys"]] == [k["key"] for k in keys]
             fetched_bits += sum(8 * len(base64.b64decode(k["key"])) for k in keys)
 
-    masters = [_client(layouts["A"], "SAE_A") for _ in range(CLIENTS)]
-    slaves = [_client(layouts["B"], "SAE_B") for _ in range(CLIENTS)]
+    masters = [sae_client(layouts["A"], "SAE_A") for _ in range(CLIENTS)]
+    slaves = [sae_client(layouts["B"], "SAE_B") for _ in range(CLIENTS)]
     start = time.monotonic()
     try:
         await asyncio.gather(*(one(m, s) for m, s in zip(masters, slaves, strict=True)))

@@ -54,7 +54,8 @@ class NetworkDemoResult:
     wall_s: float = 0.0
 
 
-def _client(layout: SiteLayout, sae: str) -> httpx.AsyncClient:
+def sae_client(layout: SiteLayout, sae: str) -> httpx.AsyncClient:
+    """An ETSI 014 client for ``sae`` at ``layout``'s site (its certificate, mutual TLS)."""
     cert, key = layout.sae_cert(sae)
     ctx = ssl.create_default_context(cafile=str(layout.ca))
     ctx.load_cert_chain(str(cert), str(key))
@@ -93,7 +94,7 @@ async def _relay(layouts: dict[str, SiteLayout], master: str, slave: str, opts: 
                  result: NetworkDemoResult) -> list[str]:
     """Keys for the slave SAE at the far site: taken at the master's KME, fetched by ID at the slave's."""
     sae_m, sae_s = layouts[master].sae_ids[0], layouts[slave].sae_ids[0]
-    async with _client(layouts[master], sae_m) as m, _client(layouts[slave], sae_s) as s:
+    async with sae_client(layouts[master], sae_m) as m, sae_client(layouts[slave], sae_s) as s:
         deadline = time.monotonic() + 60
         while True:
             answer = await m.post(f"{sae_s}/enc_keys", json={"number": opts.keys, "size": 256,

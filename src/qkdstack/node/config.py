@@ -679,20 +679,24 @@ def check_listen_addresses(config: NodeConfig) -> None:
     node the same way.
     """
     for section, name, address in listen_addresses(config):
-        host, port = parse_address(section, name, address)
-        try:
-            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise field_error(section, name, f"{address}: {host} does not resolve ({exc.strerror})") from None
-        for family, kind, proto, _, sockaddr in infos:
-            with socket.socket(family, kind, proto) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind(sockaddr)
-                except OSError as exc:
-                    why = _BIND_ERRORS.get(exc.errno or 0, "")
-                    raise field_error(section, name, f"{address} cannot be listened on ({exc.strerror}){why}") \
-                        from None
+        check_bind(section, name, address)
+
+
+def check_bind(section: str, name: str, address: str) -> None:
+    """Bind ``address`` (the field ``[section] name``) and release it at once; ConfigError naming the field."""
+    host, port = parse_address(section, name, address)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise field_error(section, name, f"{address}: {host} does not resolve ({exc.strerror})") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                why = _BIND_ERRORS.get(exc.errno or 0, "")
+                raise field_error(section, name, f"{address} cannot be listened on ({exc.strerror}){why}") from None
 
 
 _BIND_ERRORS = {

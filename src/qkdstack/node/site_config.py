@@ -25,6 +25,7 @@ from typing import Any
 from qkdstack.errors import ConfigError
 from qkdstack.node.config import (
     NodeConfig,
+    check_bind,
     check_files_of,
     check_listen_addresses,
     listen_addresses,
@@ -213,16 +214,5 @@ def check_site_listen_addresses(config: SiteConfig) -> None:
     for link in config.links:
         check_listen_addresses(link)
     if config.network is not None:
-        _check_bind("network", "listen", config.network.listen)
+        check_bind("network", "listen", config.network.listen)
 
-
-def _check_bind(section: str, name: str, address: str) -> None:
-    import socket
-
-    host, port = parse_address(section, name, address)
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-    except OSError as exc:
-        raise field_error(section, name, f"{address} cannot be listened on ({exc.strerror})") from None
