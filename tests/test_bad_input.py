@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from qkdstack.cli import COMMANDS, main
+from qkdstack.commands import warmup
 
 # Placeholders filled per test: {dir} an empty folder, {full} a folder with a file in it, {file} a file
 # (not TOML, not a certificate), {missing} a path that does not exist, {new} a path that may be created.
@@ -272,6 +273,9 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize(("argv", "needle"), CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # As on a fresh install (an empty Numba cache): the compile notice must not come before the error.
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "empty-numba-cache"))
+    monkeypatch.setattr(warmup, "_noticed", False)
     argv = _fill(argv, tmp_path)
     rc, _out, err = run_main(argv, capsys)
     lines = err.strip().splitlines()

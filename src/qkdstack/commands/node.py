@@ -79,6 +79,18 @@ def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
     return bool(libc.mallopt(m_arena_max, arenas))
 
 
+def _compile_notice() -> None:
+    """Log that the first round waits for Numba (about 20 s, once per install), if the cache shows it will.
+
+    Said only once every check of the configuration has passed: a bad configuration stays one sentence.
+    """
+    from qkdstack.commands.warmup import NODE_KERNELS, cold_kernels
+
+    if cold_kernels(NODE_KERNELS):
+        logging.getLogger("qkdstack.node").info("compiling the Numba kernels on this first run (once; later runs "
+                                                "load them from the cache; `qkdstack warmup` compiles them ahead)")
+
+
 def run(args: argparse.Namespace) -> int:
     limit_malloc_arenas()
     logging.basicConfig(level=args.log_level.upper(), format=TEXT_FORMAT)
@@ -92,12 +104,6 @@ def run(args: argparse.Namespace) -> int:
     check_site_listen_addresses(site)
     # The service's imports (NumPy, Numba, FastAPI, uvloop) only once the configuration is known to be good.
     run_loop = loop_runner()
-    from qkdstack.commands.warmup import NODE_KERNELS, cold_kernels
-
-    if cold_kernels(NODE_KERNELS):  # a fresh install: the first round waits for Numba (about 20 s), once
-        logging.getLogger("qkdstack.node").info("compiling the Numba kernels on this first run (once; later runs "
-                                                "load them from the cache; `qkdstack warmup` compiles them ahead)")
-
     from qkdstack.kms.etsi014 import TLSFiles, server_ssl_context, tune_gc_for_serving
 
     kms = config.kms
@@ -114,5 +120,6 @@ def run(args: argparse.Namespace) -> int:
 
         runner = Node(config)
     tune_gc_for_serving()  # fewer, shorter GC pauses in the ETSI 014 server (p99 latency)
+    _compile_notice()
     run_loop(_main(runner))  # uvloop where it exists: faster event loop and TLS for the KME and the links
     return 0

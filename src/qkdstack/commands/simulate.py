@@ -124,11 +124,6 @@ def run(args: argparse.Namespace) -> int:
     device = SplitDevice(params, eve, seed=args.seed) if args.split else None
     if device is None:
         device = SimulatedDevice(params, eve, seed=args.seed, afterpulse_mode=args.afterpulse_mode)
-    from qkdstack.commands.warmup import SIMULATION_KERNELS, compile_notice
-
-    compile_notice(SIMULATION_KERNELS)  # a fresh install compiles first: say so rather than seem stuck
-    # Load the compiled kernels on a throw-away device first, so that the time reported is the frame's.
-    SimulatedDevice(params, eve, seed=0, afterpulse_mode=args.afterpulse_mode).run_frame(1000)
     if args.frames < 1:
         raise ConfigError(f"--frames must be at least 1, got {args.frames}")
     first = 1
@@ -138,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
             write_device_json(args.save, params)
         except OSError as exc:
             raise ConfigError(f"--save: cannot write to {args.save} ({exc.strerror or exc})") from None
+    from qkdstack.commands.warmup import SIMULATION_KERNELS, compile_notice
+
+    # After every check of the input (a bad one stays one sentence): a fresh install compiles first, so say so.
+    compile_notice(SIMULATION_KERNELS)
+    # Load the compiled kernels on a throw-away device first, so that the time reported is the frame's.
+    SimulatedDevice(params, eve, seed=0, afterpulse_mode=args.afterpulse_mode).run_frame(1000)
     elapsed = 0.0
     for i in range(args.frames):
         start = time.perf_counter()
