@@ -56,7 +56,7 @@ def test_warmup_compiles_what_later_runs_need(tmp_path: Path, monkeypatch: pytes
     assert warm.returncode == 0, warm.stderr
     assert "done in" in warm.stdout
     after_warmup = _cached(tmp_path)
-    assert any(n.startswith("ldpc.decode_batch_warm") for n in after_warmup)
+    assert any(n.startswith("ldpc_decoder.decode_lanes_warm") for n in after_warmup)
     assert any(n.startswith("cascade_kernels.") for n in after_warmup)
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     assert cold_kernels(SIMULATION_KERNELS + NODE_KERNELS) == []  # what simulate, distill, demo and node check

@@ -61,6 +61,14 @@ from qkdstack.errors import ConfigError, ProtocolAbort
 from qkdstack.protocol import ldpc_codes, public_random
 from qkdstack.protocol.channel import RECEIVED, SENT, Channel
 from qkdstack.protocol.ldpc_codes import LdpcCode
+from qkdstack.protocol.ldpc_decoder import (  # noqa: F401  (decode_batch*: re-exported for callers)
+    LANES,
+    PHI_TABLE,
+    STALL_ITERATIONS,
+    decode_batch,
+    decode_batch_warm,
+    decode_lanes_warm,
+)
 
 __all__ = ["LdpcParams", "LdpcResult", "Plan", "alice", "bob", "decode_batch", "make_plan"]
 
@@ -227,187 +235,6 @@ class LdpcResult:
 # Numba kernels
 
 
-STALL_ITERATIONS = 12
-"""A decoding whose count of unsatisfied checks has not reached a new minimum for this many iterations is
-declared failed (it would almost never converge later; failures otherwise cost all ``max_iterations``)."""
-
-PHI_SCALE = 256.0
-PHI_MAX = 24.0
-
-
-def _phi_table() -> np.ndarray:
-    """phi(x) = −ln tanh(x/2) at the midpoints of [i/PHI_SCALE, (i+1)/PHI_SCALE), i < PHI_MAX·PHI_SCALE.
-
-    A table instead of two transcendental calls per edge and iteration (phi is its own inverse, so
-    the same table serves both directions). The step matters: at 1/64 a round test with n = 2048
-    codes converged to a wrong codeword that verification caught; 1/256 did not.
-    """
-    x = (np.arange(int(PHI_MAX * PHI_SCALE), dtype=np.float64) + 0.5) / PHI_SCALE
-    return (-np.log(np.tanh(x / 2))).astype(np.float32)
-
-
-PHI_TABLE = _phi_table()
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _phi(x, table):
-    i = int(x * np.float32(PHI_SCALE))
-    if i >= table.size:
-        return np.float32(0.0)
-    return table[i]
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def _decode_one(row_ptr, col_idx, llr0, synd, max_iter, alpha, L, R, tmp, phis, table, warm=False):
-    """Layered BP on one codeword (sum-product, or normalised min-sum when alpha > 0).
-
-    L holds the posteriors. Returns the iterations used, or −1 when the syndrome was not met
-    within ``max_iter`` iterations or the decoding stalled (:data:`STALL_ITERATIONS`). Each row
-    also checks its parity under the current hard decisions as it is read; only when a whole
-    iteration saw every row satisfied is the exact check pass run. ``warm``: R holds check messages
-    to start from (a previous attempt's, 0 on rows that are new), and L starts at llr0 + ΣR, the
-    posteriors those messages imply; otherwise every message starts at 0.
-    """
-    n = llr0.size
-    m = row_ptr.size - 1
-    for v in range(n):
-        L[v] = llr0[v]
-    if warm:
-        for e in range(col_idx.size):
-            L[col_idx[e]] += R[e]
-    else:
-        for e in range(col_idx.size):
-            R[e] = 0.0
-    best = m + 1
-    best_it = 0
-    for it in range(max_iter):
-        unsatisfied = 0
-        for c in range(m):
-            start = row_ptr[c]
-            end = row_ptr[c + 1]
-            sgn = synd[c]
-            hard = synd[c]
-            if alpha > 0:
-                min1 = np.float32(1e30)
-                min2 = np.float32(1e30)
-                idx = -1
-                for e in range(start, end):
-                    lv = L[col_idx[e]]
-                    if lv < 0:
-                        hard ^= 1
-                    t = lv - R[e]
-                    tmp[e - start] = t
-                    a = t
-                    if t < 0:
-                        sgn ^= 1
-                        a = -t
-                    if a < min1:
-                        min2 = min1
-                        min1 = a
-                        idx = e
-                    elif a < min2:
-                        min2 = a
-                m1 = alpha * min1
-                m2 = alpha * min2
-                for e in range(start, end):
-                    t = tmp[e - start]
-                    mag = m2 if e == idx else m1
-                    s = sgn
-                    if t < 0:
-                        s ^= 1
-                    r = -mag if s else mag
-                    R[e] = r
-                    L[col_idx[e]] = t + r
-            else:  # sum-product: phi(x) = -log tanh(x/2) is its own inverse (Gallager)
-                total = np.float32(0.0)
-                for e in range(start, end):
-                    lv = L[col_idx[e]]
-                    if lv < 0:
-                        hard ^= 1
-                    t = lv - R[e]
-                    tmp[e - start] = t
-                    a = t
-                    if t < 0:
-                        sgn ^= 1
-                        a = -t
-                    ph = _phi(a, table)
-                    phis[e - start] = ph
-                    total += ph
-                for e in range(start, end):
-                    t = tmp[e - start]
-                    d = total - phis[e - start]
-                    mag = _phi(d if d > 0 else np.float32(0.0), table)
-                    s = sgn
-                    if t < 0:
-                        s ^= 1
-                    r = -mag if s else mag
-                    R[e] = r
-                    L[col_idx[e]] = t + r
-            unsatisfied += hard
-        if unsatisfied == 0:  # every row looked satisfied as it was read: check exactly
-            exact = 0
-            for c in range(m):
-                p = synd[c]
-                for e in range(row_ptr[c], row_ptr[c + 1]):
-                    if L[col_idx[e]] < 0:
-                        p ^= 1
-                exact += p
-            if exact == 0:
-                return it + 1
-        if unsatisfied < best:
-            best = unsatisfied
-            best_it = it
-        elif it - best_it >= STALL_ITERATIONS:  # no progress for a while: a failure, stop early
-            return -1
-    return -1
-
-
-@njit(cache=True, nogil=True)
-def decode_batch(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, table=PHI_TABLE):
-    """Decode every row of ``llr0`` (error-pattern LLRs) against the matching row of ``synd``.
-
-    ``err_out[i]`` receives the hard decision of codeword i's error pattern and
-    ``iters_out[i]`` the iterations used, or −1 when the syndrome was never satisfied.
-    """
-    count, n = llr0.shape
-    L = np.empty(n, dtype=np.float32)
-    R = np.empty(col_idx.size, dtype=np.float32)
-    maxdeg = 0
-    for c in range(row_ptr.size - 1):
-        d = row_ptr[c + 1] - row_ptr[c]
-        if d > maxdeg:
-            maxdeg = d
-    tmp = np.empty(maxdeg, dtype=np.float32)
-    phis = np.empty(maxdeg, dtype=np.float32)
-    a = np.float32(alpha)
-    for i in range(count):
-        iters_out[i] = _decode_one(row_ptr, col_idx, llr0[i], synd[i], max_iter, a, L, R, tmp, phis, table)
-        for v in range(n):
-            err_out[i, v] = 1 if L[v] < 0 else 0
-
-
-@njit(cache=True, nogil=True)
-def decode_batch_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, r_state, table=PHI_TABLE):
-    """:func:`decode_batch` starting from the check messages ``r_state[i]`` (codewords × edges, float32;
-    0 on new rows) and leaving the final messages there, so a blind round continues a failed decoding
-    instead of starting it again."""
-    count, n = llr0.shape
-    L = np.empty(n, dtype=np.float32)
-    maxdeg = 0
-    for c in range(row_ptr.size - 1):
-        d = row_ptr[c + 1] - row_ptr[c]
-        if d > maxdeg:
-            maxdeg = d
-    tmp = np.empty(maxdeg, dtype=np.float32)
-    phis = np.empty(maxdeg, dtype=np.float32)
-    a = np.float32(alpha)
-    for i in range(count):
-        iters_out[i] = _decode_one(row_ptr, col_idx, llr0[i], synd[i], max_iter, a, L, r_state[i], tmp, phis,
-                                   table, True)
-        for v in range(n):
-            err_out[i, v] = 1 if L[v] < 0 else 0
-
-
 @njit(cache=True, nogil=True)
 def _carry(old_keys, old_ptr, old_r, new_keys, new_ptr, offset, out):
     """Check messages of the rows a new check set shares with the old one (same key), 0 on new rows.
@@ -570,20 +397,23 @@ def _give_up(failed: int, plan: Plan, params: LdpcParams) -> ProtocolAbort:
 
 
 DECODER_THREADS = max(1, min(4, os.cpu_count() or 1))
-"""Worker threads Bob decodes codewords on (the kernel releases the GIL)."""
+"""Worker threads Bob decodes codewords on (the kernel releases the GIL): blocks of LANES codewords each."""
 
 
 async def _decode_threads(row_ptr, col_idx, llr: np.ndarray, target: np.ndarray, params: LdpcParams,
                           r_state: np.ndarray):
-    """decode_batch_warm over the rows of ``llr``, split across :data:`DECODER_THREADS` worker threads."""
+    """decode_lanes_warm over the rows of ``llr``: blocks of :data:`LANES` codewords (one SIMD vector each),
+    the blocks split across up to :data:`DECODER_THREADS` worker threads. A frame of up to LANES codewords
+    is one block on one thread: splitting it would run two half-empty blocks for the work of one."""
     count, n = llr.shape
     err = np.empty((count, n), dtype=np.uint8)
     iters = np.empty(count, dtype=np.int32)
-    bounds = np.linspace(0, count, min(DECODER_THREADS, count) + 1).astype(int)
+    blocks = -(-count // LANES)
+    bounds = np.minimum(np.linspace(0, blocks, min(DECODER_THREADS, blocks) + 1).astype(int) * LANES, count)
     await asyncio.gather(*(
-        # PHI_TABLE passed, not left to its default: a default array argument types as omitted(default=array),
+        # PHI_TABLE passed, not left to a default: a default array argument types as omitted(default=array),
         # which Numba's on-disk cache never matches in a new process (a recompilation and a new cache file each run)
-        asyncio.to_thread(decode_batch_warm, row_ptr, col_idx, llr[a:b], target[a:b], params.max_iterations,
+        asyncio.to_thread(decode_lanes_warm, row_ptr, col_idx, llr[a:b], target[a:b], params.max_iterations,
                           params.alpha, err[a:b], iters[a:b], r_state[a:b], PHI_TABLE)
         for a, b in itertools.pairwise(bounds) if b > a
     ))
