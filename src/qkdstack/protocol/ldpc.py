@@ -62,7 +62,6 @@ from qkdstack.protocol import ldpc_codes, public_random
 from qkdstack.protocol.channel import RECEIVED, SENT, Channel
 from qkdstack.protocol.ldpc_codes import LdpcCode
 from qkdstack.protocol.ldpc_decoder import (  # noqa: F401  (decode_batch*: re-exported for callers)
-    LANES,
     PHI_TABLE,
     STALL_ITERATIONS,
     decode_batch,
@@ -397,19 +396,19 @@ def _give_up(failed: int, plan: Plan, params: LdpcParams) -> ProtocolAbort:
 
 
 DECODER_THREADS = max(1, min(4, os.cpu_count() or 1))
-"""Worker threads Bob decodes codewords on (the kernel releases the GIL): blocks of LANES codewords each."""
+"""Worker threads Bob decodes codewords on (the kernel releases the GIL)."""
 
 
 async def _decode_threads(row_ptr, col_idx, llr: np.ndarray, target: np.ndarray, params: LdpcParams,
                           r_state: np.ndarray):
-    """decode_lanes_warm over the rows of ``llr``: blocks of :data:`LANES` codewords (one SIMD vector each),
-    the blocks split across up to :data:`DECODER_THREADS` worker threads. A frame of up to LANES codewords
-    is one block on one thread: splitting it would run two half-empty blocks for the work of one."""
+    """decode_lanes_warm over the rows of ``llr``, split across up to :data:`DECODER_THREADS` worker threads
+    in units of 4 codewords (the kernel's smallest block; a 4-lane block costs about 0.6 of an 8-lane one):
+    7 codewords run as 4 + 3 on two threads, 3 on one, 16 as 8 + 8."""
     count, n = llr.shape
     err = np.empty((count, n), dtype=np.uint8)
     iters = np.empty(count, dtype=np.int32)
-    blocks = -(-count // LANES)
-    bounds = np.minimum(np.linspace(0, blocks, min(DECODER_THREADS, blocks) + 1).astype(int) * LANES, count)
+    units = -(-count // 4)
+    bounds = np.minimum(np.linspace(0, units, min(DECODER_THREADS, units) + 1).astype(int) * 4, count)
     await asyncio.gather(*(
         # PHI_TABLE passed, not left to a default: a default array argument types as omitted(default=array),
         # which Numba's on-disk cache never matches in a new process (a recompilation and a new cache file each run)

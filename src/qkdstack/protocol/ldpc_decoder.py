@@ -212,55 +212,68 @@ def decode_batch_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, it
 
 
 # --------------------------------------------------------------------------------------------
-# The lane kernel: LANES codewords of one matrix at a time, in explicit SIMD vectors
+# The lane kernel: up to LANES codewords of one matrix at a time, in explicit SIMD vectors
 #
 # Numba runs LLVM's loop vectoriser but not its SLP vectoriser, and cannot tell LLVM that two arrays do
 # not overlap: a loop over 8 lanes came out scalar (measured: 1.3x the scalar kernel at best, slower at
-# 16 lanes). So the lane kernel works on <8 x float> values through the few intrinsics below: a value
-# of LANES float32 is a Numba UniTuple(float32, 8) on the Python side and an LLVM vector inside each
-# intrinsic (the pack/unpack pairs between intrinsics fold away). Arrays are flat, lane-innermost:
-# lane j of variable v is L[v * LANES + j].
+# 16 lanes). So the lane kernel works on vectors of W float32 (W = 4 or 8) through the few intrinsics
+# below: on the Python side a vector is a Numba UniTuple(float32, W), and every intrinsic takes its width
+# from that type (``like``: a tuple of the width wanted), so one kernel is compiled per width; inside an
+# intrinsic it is an LLVM <W x float> (the pack/unpack pairs between intrinsics fold away). Arrays are
+# flat, lane-innermost: lane j of variable v is L[v * W + j]. The φ lookups stay one scalar load per
+# lane: llvm.masked.gather (vgatherqps) was measured slower (2.1 against 2.5 Mbit/s).
 
-_V = types.UniTuple(types.float32, LANES)
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
-_VF = ir.VectorType(_F32, LANES)
-_VI = ir.VectorType(_I32, LANES)
+
+
+def _vf(w):
+    return ir.VectorType(_F32, w)
+
+
+def _vi(w):
+    return ir.VectorType(_I32, w)
 
 
 def _splat(ty, value):
-    return ir.Constant(ty, [value] * LANES)
+    return ir.Constant(ty, [value] * ty.count)
 
 
-def _unpack(builder, tup):
-    vec = ir.Constant(_VF, ir.Undefined)
-    for i in range(LANES):
+def _unpack(builder, tup, w):
+    vec = ir.Constant(_vf(w), ir.Undefined)
+    for i in range(w):
         vec = builder.insert_element(vec, builder.extract_value(tup, i), ir.Constant(_I32, i))
     return vec
 
 
-def _pack(context, builder, vec):
-    return context.make_tuple(builder, _V, [builder.extract_element(vec, ir.Constant(_I32, i)) for i in range(LANES)])
+def _pack(context, builder, vec, tupty):
+    return context.make_tuple(builder, tupty,
+                              [builder.extract_element(vec, ir.Constant(_I32, i)) for i in range(tupty.count)])
 
 
-def _vptr(context, builder, arrty, arr, off):
+def _vptr(context, builder, arrty, arr, off, w):
     data = context.make_array(arrty)(context, builder, arr).data
-    return builder.bitcast(builder.gep(data, [off]), _VF.as_pointer())
+    return builder.bitcast(builder.gep(data, [off]), _vf(w).as_pointer())
 
 
 @intrinsic
-def _vload(typingctx, arr, off):
-    """arr[off : off + LANES] (float32) as one vector."""
+def _vload(typingctx, arr, off, like):
+    """arr[off : off + W] (float32) as one vector, W = len(like)."""
+    w = like.count
+
     def codegen(context, builder, sig, args):
-        return _pack(context, builder, builder.load(_vptr(context, builder, sig.args[0], args[0], args[1]), align=4))
-    return _V(arr, off), codegen
+        vec = builder.load(_vptr(context, builder, sig.args[0], args[0], args[1], w), align=4)
+        return _pack(context, builder, vec, sig.return_type)
+    return types.UniTuple(types.float32, w)(arr, off, like), codegen
 
 
 @intrinsic
 def _vstore(typingctx, arr, off, v):
-    """arr[off : off + LANES] = v."""
+    """arr[off : off + W] = v."""
+    w = v.count
+
     def codegen(context, builder, sig, args):
-        builder.store(_unpack(builder, args[2]), _vptr(context, builder, sig.args[0], args[0], args[1]), align=4)
+        builder.store(_unpack(builder, args[2], w), _vptr(context, builder, sig.args[0], args[0], args[1], w), align=4)
         return context.get_dummy_value()
     return types.void(arr, off, v), codegen
 
@@ -268,114 +281,110 @@ def _vstore(typingctx, arr, off, v):
 def _binop(fn):
     @intrinsic
     def op(typingctx, a, b):
+        w = a.count
+
         def codegen(context, builder, sig, args):
-            return _pack(context, builder, fn(builder, _unpack(builder, args[0]), _unpack(builder, args[1])))
-        return _V(a, b), codegen
+            out = fn(builder, _unpack(builder, args[0], w), _unpack(builder, args[1], w), w)
+            return _pack(context, builder, out, sig.return_type)
+        return types.UniTuple(types.float32, w)(a, b), codegen
     return op
 
 
-def _bits(builder, v):
-    return builder.bitcast(v, _VI)
+def _bits(builder, v, w):
+    return builder.bitcast(v, _vi(w))
 
 
-_vadd = _binop(lambda b, x, y: b.fadd(x, y))
-_vsub = _binop(lambda b, x, y: b.fsub(x, y))
+_vadd = _binop(lambda b, x, y, w: b.fadd(x, y))
+_vsub = _binop(lambda b, x, y, w: b.fsub(x, y))
 _vxorsign = _binop(  # x with its sign flipped in the lanes where y's sign bit is set
-    lambda b, x, y: b.bitcast(b.xor(_bits(b, x), b.and_(_bits(b, y), _splat(_VI, -(2**31)))), _VF))
+    lambda b, x, y, w: b.bitcast(b.xor(_bits(b, x, w), b.and_(_bits(b, y, w), _splat(_vi(w), -(2**31)))), _vf(w)))
 _vsubpos = _binop(  # max(x − y, 0)
-    lambda b, x, y: b.select(b.fcmp_ordered(">", b.fsub(x, y), _splat(_VF, 0.0)), b.fsub(x, y), _splat(_VF, 0.0)))
+    lambda b, x, y, w: b.select(b.fcmp_ordered(">", b.fsub(x, y), _splat(_vf(w), 0.0)), b.fsub(x, y),
+                                _splat(_vf(w), 0.0)))
 _vcountneg = _binop(  # x + 1 in the lanes where y's sign bit is set
-    lambda b, x, y: b.fadd(x, b.select(b.icmp_signed("<", _bits(b, y), _splat(_VI, 0)), _splat(_VF, 1.0),
-                                       _splat(_VF, 0.0))))
+    lambda b, x, y, w: b.fadd(x, b.select(b.icmp_signed("<", _bits(b, y, w), _splat(_vi(w), 0)),
+                                          _splat(_vf(w), 1.0), _splat(_vf(w), 0.0))))
 
 
 @intrinsic
 def _vphi(typingctx, table, x):
     """table[min(int(|x|·PHI_SCALE), table.size − 1)] in every lane (the last entry of PHI_TABLE is 0)."""
+    w = x.count
+
     def codegen(context, builder, sig, args):
+        vf, vi = _vf(w), _vi(w)
         tarr = context.make_array(sig.args[0])(context, builder, args[0])
-        a = builder.bitcast(builder.and_(_bits(builder, _unpack(builder, args[1])), _splat(_VI, 2**31 - 1)), _VF)
-        a = builder.fmul(a, _splat(_VF, PHI_SCALE))
+        a = builder.bitcast(builder.and_(_bits(builder, _unpack(builder, args[1], w), w), _splat(vi, 2**31 - 1)), vf)
+        a = builder.fmul(a, _splat(vf, PHI_SCALE))
         top = builder.sitofp(builder.sub(builder.extract_value(tarr.shape, 0), ir.Constant(ir.IntType(64), 1)), _F32)
-        lim = builder.shuffle_vector(builder.insert_element(ir.Constant(_VF, ir.Undefined), top, ir.Constant(_I32, 0)),
-                                     ir.Constant(_VF, ir.Undefined), _splat(_VI, 0))
-        idx = builder.fptosi(builder.select(builder.fcmp_ordered("<", a, lim), a, lim), _VI)
-        out = ir.Constant(_VF, ir.Undefined)
-        for i in range(LANES):
+        lim = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), top, ir.Constant(_I32, 0)),
+                                     ir.Constant(vf, ir.Undefined), _splat(vi, 0))
+        idx = builder.fptosi(builder.select(builder.fcmp_ordered("<", a, lim), a, lim), vi)
+        out = ir.Constant(vf, ir.Undefined)
+        for i in range(w):
             p = builder.gep(tarr.data, [builder.extract_element(idx, ir.Constant(_I32, i))])
             out = builder.insert_element(out, builder.load(p), ir.Constant(_I32, i))
-        return _pack(context, builder, out)
-    return _V(table, x), codegen
+        return _pack(context, builder, out, sig.return_type)
+    return types.UniTuple(types.float32, w)(table, x), codegen
 
 
 @njit(cache=True, nogil=True)
-def _lane_rows(row_ptr, col_idx, S, L, R, T, P, table, acc):
-    """One layered sum-product iteration over every row for all LANES lanes (the rule of :func:`_decode_one`).
+def _lane_rows(row_ptr, col_idx, S, L, R, T, P, table, acc, like):
+    """One layered sum-product iteration over every row for all W = len(like) lanes (the rule of
+    :func:`_decode_one`).
 
-    ``S``: (−1)^target per row and lane; ``acc``: scratch of 5·LANES floats, of which acc[0:LANES] counts
-    the rows each lane saw unsatisfied as it read them (the accumulators of a row live in acc too: a loop
-    over a row's edges carries them through memory, which LLVM keeps in registers or store-forwards).
+    ``S``: (−1)^target per row and lane; ``acc``: scratch of 5·W floats, of which acc[0:W] counts the
+    rows each lane saw unsatisfied as it read them (a row's accumulators live in acc too: the loop over
+    its edges carries them through memory, which the CPU store-forwards).
     """
-    W = LANES
+    W = len(like)
     m = row_ptr.size - 1
-    zero = _vload(acc, 4 * W)
+    zero = _vload(acc, 4 * W, like)
     _vstore(acc, 0, zero)
     for c in range(m):
         start = row_ptr[c]
         end = row_ptr[c + 1]
-        s = _vload(S, c * W)
+        s = _vload(S, c * W, like)
         _vstore(acc, W, zero)  # Σ φ(|t|)
         _vstore(acc, 2 * W, s)  # sign: target ⊕ signs of t
         _vstore(acc, 3 * W, s)  # hard decisions' parity ⊕ target
         for k in range(end - start):
             e = start + k
-            lv = _vload(L, col_idx[e] * W)
-            t = _vsub(lv, _vload(R, e * W))
+            lv = _vload(L, col_idx[e] * W, like)
+            t = _vsub(lv, _vload(R, e * W, like))
             _vstore(T, k * W, t)
             ph = _vphi(table, t)
             _vstore(P, k * W, ph)
-            _vstore(acc, W, _vadd(_vload(acc, W), ph))
-            _vstore(acc, 2 * W, _vxorsign(_vload(acc, 2 * W), t))
-            _vstore(acc, 3 * W, _vxorsign(_vload(acc, 3 * W), lv))
-        total = _vload(acc, W)
-        sgn = _vload(acc, 2 * W)
+            _vstore(acc, W, _vadd(_vload(acc, W, like), ph))
+            _vstore(acc, 2 * W, _vxorsign(_vload(acc, 2 * W, like), t))
+            _vstore(acc, 3 * W, _vxorsign(_vload(acc, 3 * W, like), lv))
+        total = _vload(acc, W, like)
+        sgn = _vload(acc, 2 * W, like)
         for k in range(end - start):
             e = start + k
-            t = _vload(T, k * W)
-            mag = _vphi(table, _vsubpos(total, _vload(P, k * W)))
+            t = _vload(T, k * W, like)
+            mag = _vphi(table, _vsubpos(total, _vload(P, k * W, like)))
             r = _vxorsign(_vxorsign(mag, sgn), t)
             _vstore(R, e * W, r)
             _vstore(L, col_idx[e] * W, _vadd(t, r))
-        _vstore(acc, 0, _vcountneg(_vload(acc, 0), _vload(acc, 3 * W)))
+        _vstore(acc, 0, _vcountneg(_vload(acc, 0, like), _vload(acc, 3 * W, like)))
 
 
 @njit(cache=True, nogil=True)
-def _lane_finish(j, i, it, L, R, err_out, iters_out, r_state):
+def _lane_finish(j, i, it, W, L, R, err_out, iters_out, r_state):
     """Lane j (codeword i) is done: its hard decisions, iterations and check messages out; never touched again."""
     iters_out[i] = it
     for v in range(err_out.shape[1]):
-        err_out[i, v] = 1 if L[v * LANES + j] < 0 else 0
+        err_out[i, v] = 1 if L[v * W + j] < 0 else 0
     for e in range(r_state.shape[1]):
-        r_state[i, e] = R[e * LANES + j]
+        r_state[i, e] = R[e * W + j]
 
 
 @njit(cache=True, nogil=True)
-def decode_lanes_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, r_state, table):
-    """:func:`decode_batch_warm` (same arguments, same results per codeword), LANES codewords at a time.
-
-    Each block of up to LANES codewords is laid out lane-innermost (L[n·LANES], R[edges·LANES], the
-    targets as ±1 in S[m·LANES]); missing lanes of the last block are padding (all bits known, target 0)
-    that decode at once. A lane stops when its syndrome is met (iterations used), after ``max_iter``
-    iterations or when it stalls (−1; :data:`STALL_ITERATIONS`, counted per lane as in :func:`_decode_one`);
-    its hard decisions and check messages are written out then and never changed again (the lane goes on
-    computing on its private copy inside the block, since a vector lane is not skipped; the block ends when
-    every lane has). Normalised min-sum (alpha > 0) has no lane form: those calls run :func:`decode_batch_warm`.
-    """
-    if alpha > 0:
-        decode_batch_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, r_state, table)
-        return
-    W = LANES
-    count, n = llr0.shape
+def _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, b0, lanes, like):
+    """Codewords b0 … b0 + lanes − 1 (lanes ≤ W = len(like)) in one block of W lanes; see :func:`decode_lanes_warm`."""
+    W = len(like)
+    n = llr0.shape[1]
     m = row_ptr.size - 1
     edges = col_idx.size
     maxdeg = 0
@@ -391,51 +400,81 @@ def decode_lanes_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, it
     best_it = np.empty(W, np.int64)
     active = np.empty(W, np.bool_)
     known = np.float32(64.0)
-    for b0 in range(0, count, W):
-        lanes = min(W, count - b0)
-        for j in range(W):
-            for v in range(n):
-                L[v * W + j] = llr0[b0 + j, v] if j < lanes else known
-            for e in range(edges):
-                R[e * W + j] = r_state[b0 + j, e] if j < lanes else np.float32(0.0)
-            for c in range(m):
-                S[c * W + j] = -1.0 if j < lanes and synd[b0 + j, c] else 1.0
-            active[j] = j < lanes
-            best[j] = m + 1
-            best_it[j] = 0
+    for j in range(W):
+        for v in range(n):
+            L[v * W + j] = llr0[b0 + j, v] if j < lanes else known
         for e in range(edges):
-            v = col_idx[e]
-            for j in range(W):
-                L[v * W + j] += R[e * W + j]
-        left = lanes
-        for it in range(max_iter):
-            _lane_rows(row_ptr, col_idx, S, L, R, T, P, table, acc)
-            for j in range(lanes):
-                if not active[j]:
-                    continue
-                unsat = int(acc[j])
-                if unsat == 0:  # every row looked satisfied as it was read: check exactly
-                    exact = 0
-                    for c in range(m):
-                        p = 1 if S[c * W + j] < 0 else 0
-                        for e in range(row_ptr[c], row_ptr[c + 1]):
-                            if L[col_idx[e] * W + j] < 0:
-                                p ^= 1
-                        exact += p
-                    if exact == 0:
-                        _lane_finish(j, b0 + j, it + 1, L, R, err_out, iters_out, r_state)
-                        active[j] = False
-                        left -= 1
-                        continue
-                if unsat < best[j]:
-                    best[j] = unsat
-                    best_it[j] = it
-                elif it - best_it[j] >= STALL_ITERATIONS:  # no progress for a while: a failure, stop early
-                    _lane_finish(j, b0 + j, -1, L, R, err_out, iters_out, r_state)
+            R[e * W + j] = r_state[b0 + j, e] if j < lanes else np.float32(0.0)
+        for c in range(m):
+            S[c * W + j] = -1.0 if j < lanes and synd[b0 + j, c] else 1.0
+        active[j] = j < lanes
+        best[j] = m + 1
+        best_it[j] = 0
+    for e in range(edges):
+        v = col_idx[e]
+        for j in range(W):
+            L[v * W + j] += R[e * W + j]
+    left = lanes
+    for it in range(max_iter):
+        _lane_rows(row_ptr, col_idx, S, L, R, T, P, table, acc, like)
+        for j in range(lanes):
+            if not active[j]:
+                continue
+            unsat = int(acc[j])
+            if unsat == 0:  # every row looked satisfied as it was read: check exactly
+                exact = 0
+                for c in range(m):
+                    p = 1 if S[c * W + j] < 0 else 0
+                    for e in range(row_ptr[c], row_ptr[c + 1]):
+                        if L[col_idx[e] * W + j] < 0:
+                            p ^= 1
+                    exact += p
+                if exact == 0:
+                    _lane_finish(j, b0 + j, it + 1, W, L, R, err_out, iters_out, r_state)
                     active[j] = False
                     left -= 1
-            if left == 0:
-                break
-        for j in range(lanes):
-            if active[j]:
-                _lane_finish(j, b0 + j, -1, L, R, err_out, iters_out, r_state)
+                    continue
+            if unsat < best[j]:
+                best[j] = unsat
+                best_it[j] = it
+            elif it - best_it[j] >= STALL_ITERATIONS:  # no progress for a while: a failure, stop early
+                _lane_finish(j, b0 + j, -1, W, L, R, err_out, iters_out, r_state)
+                active[j] = False
+                left -= 1
+        if left == 0:
+            break
+    for j in range(lanes):
+        if active[j]:
+            _lane_finish(j, b0 + j, -1, W, L, R, err_out, iters_out, r_state)
+
+
+@njit(cache=True, nogil=True)
+def decode_lanes_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, r_state, table):
+    """:func:`decode_batch_warm` (same arguments, same results per codeword), up to LANES codewords at a time.
+
+    The codewords go in blocks of 8 lanes, the last ≤ 4 in a block of 4 (a 4-lane block costs about 0.6
+    of an 8-lane one, measured), each laid out lane-innermost (L[n·W], R[edges·W], the targets as ±1 in
+    S[m·W]); missing lanes are padding (all bits known, target 0) that decode at once. A lane stops when its
+    syndrome is met (iterations used), after ``max_iter`` iterations or when it stalls (−1;
+    :data:`STALL_ITERATIONS`, counted per lane as in :func:`_decode_one`); its hard decisions and check
+    messages are written out then and never changed again (the lane goes on computing on its private
+    copy inside the block, since a vector lane is not skipped; the block ends when every lane has).
+    Normalised min-sum (alpha > 0) has no lane form: those calls run :func:`decode_batch_warm`.
+    """
+    if alpha > 0:
+        decode_batch_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, r_state, table)
+        return
+    z = np.float32(0.0)
+    four = (z, z, z, z)
+    eight = (z, z, z, z, z, z, z, z)
+    count = llr0.shape[0]
+    b0 = 0
+    while b0 < count:
+        left = count - b0
+        if left <= 4:
+            _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, b0, left, four)
+            b0 += left
+        else:
+            lanes = min(LANES, left)
+            _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, b0, lanes, eight)
+            b0 += lanes
