@@ -381,8 +381,21 @@ def _lane_finish(j, i, it, W, L, R, err_out, iters_out, r_state):
 
 
 @njit(cache=True, nogil=True)
-def _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, b0, lanes, like):
-    """Codewords b0 … b0 + lanes − 1 (lanes ≤ W = len(like)) in one block of W lanes; see :func:`decode_lanes_warm`."""
+def _lane_load(j, i, W, col_idx, llr0, synd, r_state, L, R, S):
+    """Codeword i into lane j: its messages r_state[i], posteriors llr0[i] + ΣR (summed in the order of
+    :func:`_decode_one`, so the lane starts from the same floats), targets as ±1."""
+    for v in range(llr0.shape[1]):
+        L[v * W + j] = llr0[i, v]
+    for e in range(col_idx.size):
+        R[e * W + j] = r_state[i, e]
+        L[col_idx[e] * W + j] += r_state[i, e]
+    for c in range(synd.shape[1]):
+        S[c * W + j] = -1.0 if synd[i, c] else 1.0
+
+
+@njit(cache=True, nogil=True)
+def _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, b0, b1, like):
+    """Codewords b0 … b1 − 1 through W = len(like) lanes; see :func:`decode_lanes_warm`."""
     W = len(like)
     n = llr0.shape[1]
     m = row_ptr.size - 1
@@ -390,37 +403,35 @@ def _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_st
     maxdeg = 0
     for c in range(m):
         maxdeg = max(maxdeg, row_ptr[c + 1] - row_ptr[c])
-    L = np.empty(n * W, np.float32)
-    R = np.empty(edges * W, np.float32)
-    S = np.empty(m * W, np.float32)
+    L = np.full(n * W, np.float32(64.0), np.float32)  # idle lanes: every bit known, target 0, decoded at once
+    R = np.zeros(edges * W, np.float32)
+    S = np.ones(m * W, np.float32)
     T = np.empty(maxdeg * W, np.float32)
     P = np.empty(maxdeg * W, np.float32)
     acc = np.zeros(5 * W, np.float32)
+    lane_cw = np.full(W, -1, np.int64)  # the codeword in each lane, −1: idle
+    first = np.zeros(W, np.int64)  # the block iteration at which the lane's codeword started
     best = np.empty(W, np.int64)
     best_it = np.empty(W, np.int64)
-    active = np.empty(W, np.bool_)
-    known = np.float32(64.0)
+    nxt = b0
     for j in range(W):
-        for v in range(n):
-            L[v * W + j] = llr0[b0 + j, v] if j < lanes else known
-        for e in range(edges):
-            R[e * W + j] = r_state[b0 + j, e] if j < lanes else np.float32(0.0)
-        for c in range(m):
-            S[c * W + j] = -1.0 if j < lanes and synd[b0 + j, c] else 1.0
-        active[j] = j < lanes
-        best[j] = m + 1
-        best_it[j] = 0
-    for e in range(edges):
-        v = col_idx[e]
-        for j in range(W):
-            L[v * W + j] += R[e * W + j]
-    left = lanes
-    for it in range(max_iter):
+        if nxt < b1:
+            _lane_load(j, nxt, W, col_idx, llr0, synd, r_state, L, R, S)
+            lane_cw[j] = nxt
+            best[j] = m + 1
+            best_it[j] = 0
+            nxt += 1
+    busy = nxt - b0
+    it = 0
+    while busy > 0:
         _lane_rows(row_ptr, col_idx, S, L, R, T, P, table, acc, like)
-        for j in range(lanes):
-            if not active[j]:
+        for j in range(W):
+            i = lane_cw[j]
+            if i < 0:
                 continue
+            k = it - first[j]  # this codeword's iteration (0-based), as in _decode_one
             unsat = int(acc[j])
+            result = 0
             if unsat == 0:  # every row looked satisfied as it was read: check exactly
                 exact = 0
                 for c in range(m):
@@ -430,51 +441,51 @@ def _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_st
                             p ^= 1
                     exact += p
                 if exact == 0:
-                    _lane_finish(j, b0 + j, it + 1, W, L, R, err_out, iters_out, r_state)
-                    active[j] = False
-                    left -= 1
-                    continue
-            if unsat < best[j]:
-                best[j] = unsat
-                best_it[j] = it
-            elif it - best_it[j] >= STALL_ITERATIONS:  # no progress for a while: a failure, stop early
-                _lane_finish(j, b0 + j, -1, W, L, R, err_out, iters_out, r_state)
-                active[j] = False
-                left -= 1
-        if left == 0:
-            break
-    for j in range(lanes):
-        if active[j]:
-            _lane_finish(j, b0 + j, -1, W, L, R, err_out, iters_out, r_state)
+                    result = k + 1
+            if result == 0:
+                if unsat < best[j]:
+                    best[j] = unsat
+                    best_it[j] = k
+                elif k - best_it[j] >= STALL_ITERATIONS:  # no progress for a while: a failure, stop early
+                    result = -1
+                if result == 0 and k + 1 >= max_iter:
+                    result = -1
+            if result != 0:
+                _lane_finish(j, i, result, W, L, R, err_out, iters_out, r_state)
+                lane_cw[j] = -1
+                busy -= 1
+                if nxt < b1:  # the next codeword takes the lane over
+                    _lane_load(j, nxt, W, col_idx, llr0, synd, r_state, L, R, S)
+                    lane_cw[j] = nxt
+                    first[j] = it + 1
+                    best[j] = m + 1
+                    best_it[j] = 0
+                    nxt += 1
+                    busy += 1
+        it += 1
 
 
 @njit(cache=True, nogil=True)
 def decode_lanes_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, r_state, table):
     """:func:`decode_batch_warm` (same arguments, same results per codeword), up to LANES codewords at a time.
 
-    The codewords go in blocks of 8 lanes, the last ≤ 4 in a block of 4 (a 4-lane block costs about 0.6
-    of an 8-lane one, measured), each laid out lane-innermost (L[n·W], R[edges·W], the targets as ±1 in
-    S[m·W]); missing lanes are padding (all bits known, target 0) that decode at once. A lane stops when its
+    W = 8 lanes (4 for up to 4 codewords: a 4-lane block costs about 0.6 of an 8-lane one, measured),
+    laid out lane-innermost (L[n·W], R[edges·W], the targets as ±1 in S[m·W]). A lane stops when its
     syndrome is met (iterations used), after ``max_iter`` iterations or when it stalls (−1;
-    :data:`STALL_ITERATIONS`, counted per lane as in :func:`_decode_one`); its hard decisions and check
-    messages are written out then and never changed again (the lane goes on computing on its private
-    copy inside the block, since a vector lane is not skipped; the block ends when every lane has).
-    Normalised min-sum (alpha > 0) has no lane form: those calls run :func:`decode_batch_warm`.
+    :data:`STALL_ITERATIONS`), counted per lane as in :func:`_decode_one`; its hard decisions and check
+    messages are written out then and never changed again, and the next codeword not yet started takes
+    the lane over (so a block never waits for its slowest codeword while others are queued). Idle lanes
+    hold a dummy word (all bits known) or a finished lane's copy, computed but never read. Normalised
+    min-sum (alpha > 0) has no lane form: those calls, and ``max_iter`` ≤ 0, run :func:`decode_batch_warm`.
     """
-    if alpha > 0:
+    if alpha > 0 or max_iter <= 0:
         decode_batch_warm(row_ptr, col_idx, llr0, synd, max_iter, alpha, err_out, iters_out, r_state, table)
         return
     z = np.float32(0.0)
-    four = (z, z, z, z)
-    eight = (z, z, z, z, z, z, z, z)
     count = llr0.shape[0]
-    b0 = 0
-    while b0 < count:
-        left = count - b0
-        if left <= 4:
-            _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, b0, left, four)
-            b0 += left
-        else:
-            lanes = min(LANES, left)
-            _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, b0, lanes, eight)
-            b0 += lanes
+    if count <= 4:
+        _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, 0, count,
+                    (z, z, z, z))
+    else:
+        _lane_block(row_ptr, col_idx, llr0, synd, max_iter, err_out, iters_out, r_state, table, 0, count,
+                    (z, z, z, z, z, z, z, z))
