@@ -20,7 +20,8 @@ Roles and messages (all kinds start with ``"ldpc."``):
    catch that (a wrong word passes all of them with probability 2^-check_bits) so Bob reports it as
    failed and the blind rounds go on, instead of the verification stage rejecting the whole frame.
 3. Bob decodes each codeword with layered belief propagation (sum-product, or normalised min-sum)
-   (:func:`decode_batch_warm`, a Numba kernel, ``nogil``), looking for the error pattern
+   (:func:`~qkdstack.protocol.ldpc_decoder.decode_lanes_warm`, a Numba kernel, ``nogil``, 8 codewords
+   at a time in SIMD lanes, each with the result of decoding it alone), looking for the error pattern
    e = x ⊕ y with syndrome H·x ⊕ H·y, and answers ``ldpc.status`` with one disclosed bit per
    codeword still open: 1 decoded (the syndrome and the check parities are satisfied), 0 failed.
 4. Blind rounds (after Martinez-Mateo, Elkouss, Martin, "Blind reconciliation", QIC 12 (2012)):
