@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from qkdstack.commands.warmup import NODE_KERNELS, SIMULATION_KERNELS, cold_kernels
+from qkdstack.commands.warmup import (
+    DISTILLATION_KERNELS,
+    LDPC_KERNELS,
+    NODE_KERNELS,
+    SIMULATION_KERNELS,
+    cold_kernels,
+)
 
 NOTICE = "qkdstack: compiling the Numba kernels on this first run"
 
@@ -46,6 +52,18 @@ def test_cold_kernels_reads_the_cache_without_numba(tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.slow
+def test_a_cascade_distill_compiles_every_distillation_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """distill, demo and node say they compile while one of DISTILLATION_KERNELS is cold, so a default (Cascade)
+    round must compile all of them; the LDPC decoder's kernels, which it never runs, were once among them and
+    made every later run claim to compile."""
+    done = _run(tmp_path, "distill", "--distance-km", "10", "--pulses", "3e7", "--seed", "5")
+    assert done.returncode == 0, done.stderr
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert cold_kernels(DISTILLATION_KERNELS) == []
+    assert cold_kernels(LDPC_KERNELS) == list(LDPC_KERNELS)  # not run by a Cascade round, hence not listed there
+
+
+@pytest.mark.slow
 def test_warmup_compiles_what_later_runs_need(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """After warmup, distill (Cascade and LDPC) and simulate compile nothing more and say nothing.
 
@@ -60,6 +78,7 @@ def test_warmup_compiles_what_later_runs_need(tmp_path: Path, monkeypatch: pytes
     assert any(n.startswith("cascade_kernels.") for n in after_warmup)
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     assert cold_kernels(SIMULATION_KERNELS + NODE_KERNELS) == []  # what simulate, distill, demo and node check
+    assert cold_kernels(LDPC_KERNELS) == []  # the LDPC decoder's lane kernel, both widths
     for argv in (["distill", "--distance-km", "10", "--pulses", "3e7", "--seed", "5"],
                  ["distill", "--distance-km", "10", "--pulses", "3e7", "--seed", "5", "--reconciliation", "ldpc"],
                  ["simulate", "--pulses", "1e5", "--split"]):

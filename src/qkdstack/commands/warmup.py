@@ -33,10 +33,14 @@ SIMULATION_KERNELS = ("qkdstack.physics.sampling:_sample_detections_kernel",
 """Kernels every simulated frame runs (simulate, distill, node, demo): if one is not cached, the run compiles."""
 
 DISTILLATION_KERNELS = ("qkdstack.protocol.sifting:_split", "qkdstack.protocol.estimation:_class_counts",
-                        "qkdstack.protocol.cascade_kernels:top_parities",
-                        "qkdstack.protocol.ldpc_decoder:decode_lanes_warm", "qkdstack.protocol.ldpc_decoder:_lane_rows")
-"""Kernels every distilled round runs (Cascade being the default), and the LDPC decoder's lane kernel (Bob's
-decoder with ``reconciliation = "ldpc"``)."""
+                        "qkdstack.protocol.cascade_kernels:top_parities")
+"""Kernels every distilled round runs (Cascade being the default). Only kernels a default round compiles: a
+kernel listed here that it never runs would stay cold and make every later run say it compiles."""
+
+LDPC_KERNELS = ("qkdstack.protocol.ldpc_decoder:decode_lanes_warm", "qkdstack.protocol.ldpc_decoder:_lane_block",
+                "qkdstack.protocol.ldpc_decoder:_lane_rows")
+"""The LDPC decoder's lane kernel (Bob, ``reconciliation = "ldpc"``): compiled by warmup's LDPC round, and cold
+until a first LDPC round otherwise (not in DISTILLATION_KERNELS, which a Cascade round must leave all warm)."""
 
 NODE_KERNELS = ("qkdstack.physics.split:_emit_kernel", "qkdstack.physics.split:_lookup_kernel",
                 "qkdstack.transport.varint:_decode", *DISTILLATION_KERNELS)
