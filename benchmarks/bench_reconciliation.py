@@ -103,7 +103,7 @@ def _first_attempt(a, b, q, seed, mother=False):
     syndrome, f ≈ 1.15–1.3: the problem that decodes, where the first attempt mostly fails by design)."""
     params = ldpc.LdpcParams()
     plan = ldpc.make_plan(N, q, params)
-    code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
+    code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed, plan.lift)
     st = ldpc._state(code, ldpc_codes.merge_pairs(code, params.code_seed), plan.merged,
                      plan.merged if mother else 0)
     positions = ldpc._layout(seed, code.n)

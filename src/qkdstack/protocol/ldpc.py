@@ -70,13 +70,15 @@ from qkdstack.protocol.ldpc_decoder import (  # noqa: F401  (decode_batch*: re-e
     decode_lanes_warm,
 )
 
-__all__ = ["LdpcParams", "LdpcResult", "Plan", "alice", "bob", "decode_batch", "make_plan"]
+__all__ = ["LdpcParams", "LdpcResult", "Plan", "alice", "bob", "decode_batch", "lift_for", "make_plan"]
 
 STAGE = "ldpc"
 KNOWN_LLR = np.float32(64.0)
 """|LLR| of a bit both parties know (a shortened position): large enough never to be a check's minimum."""
 CHECK_BITS = 16
 """Default check parities per codeword (:attr:`LdpcParams.check_bits`)."""
+LIFT_WEIGHT = 0.3
+"""Efficiency cost of a short code against shortening in :func:`lift_for` (w + LIFT_WEIGHT/√Z)."""
 _CHECK_ROUND = 1 << 20  # the check rows' stream of the public seed (blind rounds use 1, 2, ...)
 
 
@@ -115,7 +117,12 @@ class LdpcParams:
     check_bits: int = CHECK_BITS
     """Check parities per codeword: a decoded word that is not Alice's passes them with probability 2^-c."""
     code_n: int = ldpc_codes.DEFAULT_N
+    """Length of the PEG base codes; a frame's codewords are lifts of them (``max_lift``)."""
     code_seed: int = ldpc_codes.DEFAULT_SEED
+    max_lift: int = 8
+    """Codewords are the Z-fold quasi-cyclic lifts (:func:`ldpc_codes.lift_code`) of the base codes, Z ≤
+    max_lift chosen from the frame size (:func:`lift_for`): longer codes decode closer to capacity. 1 = the
+    base codes only (the behaviour until 2026-12-04)."""
     max_iterations: int = 60
     alpha: float = 0.0
     """0: sum-product (the default; Gallager's phi form). > 0: normalised min-sum with check messages
@@ -125,7 +132,7 @@ class LdpcParams:
         return {"f_start": self.f_start, "blind_step": self.blind_step,
                 "blind_growth": self.blind_growth, "max_blind_rounds": self.max_blind_rounds,
                 "merge_headroom": self.merge_headroom, "max_merged": self.max_merged, "check_bits": self.check_bits,
-                "code_n": self.code_n, "code_seed": self.code_seed,
+                "code_n": self.code_n, "code_seed": self.code_seed, "max_lift": self.max_lift,
                 "max_iterations": self.max_iterations, "alpha": self.alpha}
 
 
@@ -144,6 +151,8 @@ class Plan:
     """Row pairs of the mother code merged in the first syndrome (:func:`ldpc_codes.merge_pairs`)."""
     m: int
     """Rows of the mother code; the first syndrome has m − merged bits per codeword."""
+    lift: int = 1
+    """The mother code is the ``lift``-fold lift of the base code of ``rate`` (:func:`lift_for`)."""
 
     @property
     def codewords(self) -> int:
@@ -153,6 +162,45 @@ class Plan:
     def syndrome_bits(self) -> int:
         """Syndrome bits of one codeword's first attempt."""
         return self.m - self.merged
+
+
+def lift_for(n_key: int, params: LdpcParams) -> int:
+    """The lift factor Z ≤ ``max_lift`` for a frame of ``n_key`` bits: the Z that minimises
+    w + 0.3/√Z, w the fraction of shortened positions when the frame fills ⌈N/(Z·n)⌉ codewords of Z·n bits.
+
+    Both terms cost efficiency: the gap to capacity of a finite code shrinks roughly like 1/√n (Polyanskiy,
+    Poor, Verdú, IEEE Trans. IT 56(5), 2010, eq. (1)), and a shortened code is not the one its degree
+    distribution was optimised for. The weight 0.3 is fitted to our measurements (docs/ldpc.md,
+    "Longer codes"): at QBER 1 % n = 65536 unshortened gave f = 1.205, with 24 % shortened 1.276, n = 16384
+    unshortened 1.249; at 3 % n = 16384 and 114688 (Z = 7), both 13 % shortened, 1.143 and 1.094. A 10⁵-bit
+    frame gets Z = 7 (one codeword), a 2.4·10⁶-bit frame Z = 8 (19 codewords); no Z beyond the first
+    that holds the frame in one codeword.
+    """
+    n = params.code_n
+    best, best_score = 1, math.inf
+    for z in range(1, max(1, params.max_lift) + 1):
+        count = -(-n_key // (z * n))
+        score = 1.0 - n_key / (count * z * n) + LIFT_WEIGHT / math.sqrt(z)
+        if score < best_score - 1e-12:
+            best, best_score = z, score
+        if count == 1:  # a longer codeword would only shorten more
+            break
+    return best
+
+
+def _pairs_of(rate: float, lift: int, params: LdpcParams) -> np.ndarray:
+    return ldpc_codes.merge_pairs(ldpc_codes.get_code(rate, params.code_n, params.code_seed, lift), params.code_seed)
+
+
+def _unmerge_order(code: LdpcCode, plan: Plan, params: LdpcParams) -> np.ndarray:
+    """The ``plan.merged`` merged row pairs in the order the blind rounds un-merge them: the last merged first.
+
+    So the code after u un-merges is the one a plan with u fewer merged pairs starts from (nested, like
+    rate-compatible codes), not a different subset of merged rows. Measured: un-merging from the first pair
+    instead left one 10⁵-bit frame at QBER 8 % (one lifted codeword) failing up to f = 1.25, where a first
+    syndrome of f = 1.09 decodes it; in this order it ends at f = 1.087 after two blind rounds.
+    """
+    return ldpc_codes.merge_pairs(code, params.code_seed)[: plan.merged][::-1]
 
 
 def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
@@ -168,12 +216,13 @@ def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
     h = binary_entropy(qber)
     if h <= 0.0:
         raise ConfigError("the LDPC stage needs a QBER estimate strictly between 0 and 1")
-    n = params.code_n
+    lift = lift_for(n_key, params)
+    n = params.code_n * lift
     need = params.f_start * h
     if need >= 1.0:
         raise ProtocolAbort(STAGE, f"QBER estimate {100 * qber:.2f}% is beyond the reach of syndrome "
                                    "reconciliation (the syndrome would be longer than the key)")
-    by_rows = sorted((round(n * (1.0 - r)), r) for r in ldpc_codes.RATES)
+    by_rows = sorted((ldpc_codes.code_rows(r, params.code_n, lift), r) for r in ldpc_codes.RATES)
     count = -(-n_key // n)
     while True:
         k = -(-n_key // count)
@@ -187,7 +236,7 @@ def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
                     continue
                 if strict and m - m0 > params.max_merged * m:
                     continue
-                pairs = ldpc_codes.merge_pairs(ldpc_codes.get_code(r, n, params.code_seed), params.code_seed)
+                pairs = _pairs_of(r, lift, params)
                 if m - m0 <= pairs.shape[0]:
                     choice = (r, m)
                     break
@@ -195,14 +244,14 @@ def make_plan(n_key: int, qber: float, params: LdpcParams) -> Plan:
                 break
         if choice is None and m0 < by_rows[0][0]:  # a very low QBER: the highest-rate code, merged all it can
             m, r = by_rows[0]
-            pairs = ldpc_codes.merge_pairs(ldpc_codes.get_code(r, n, params.code_seed), params.code_seed)
+            pairs = _pairs_of(r, lift, params)
             choice, m0 = (r, m), m - pairs.shape[0]
         if choice:
             rate, m = choice
             base, extra = divmod(n_key, count)
             payloads = tuple(base + (1 if i < extra else 0) for i in range(count))
             step = max(1, math.ceil(params.blind_step * k * h))
-            return Plan(rate, n_key, payloads, step, params.blind_growth, m - m0, m)
+            return Plan(rate, n_key, payloads, step, params.blind_growth, m - m0, m, lift)
         count += 1  # the syndrome needs more rows than any code has: shorter payloads
     raise ProtocolAbort(STAGE, f"QBER estimate {100 * qber:.2f}% is beyond the reach of the LDPC codes")
 
@@ -433,8 +482,8 @@ async def alice(
     params = params or LdpcParams()
     bits = _check_key(key)
     plan = make_plan(bits.size, qber_estimate, params)
-    code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
-    pairs = ldpc_codes.merge_pairs(code, params.code_seed)
+    code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed, plan.lift)
+    pairs = _unmerge_order(code, plan, params)
     seed = public_random.randbits(63) if seed is None else seed
     positions = _layout(seed, code.n)
     weight = extension_weight(qber_estimate)
@@ -493,8 +542,8 @@ async def bob(
     params = params or LdpcParams()
     bits = _check_key(key)
     plan = make_plan(bits.size, qber_estimate, params)
-    code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed)
-    pairs = ldpc_codes.merge_pairs(code, params.code_seed)
+    code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed, plan.lift)
+    pairs = _unmerge_order(code, plan, params)
     snap0 = _snapshot(channel)
     start = await channel.recv(expect="ldpc.start")
     if int(start["n_key"]) != bits.size:
