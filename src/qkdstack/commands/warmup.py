@@ -38,8 +38,8 @@ DISTILLATION_KERNELS = ("qkdstack.protocol.sifting:_split", "qkdstack.protocol.e
 kernel listed here that it never runs would stay cold and make every later run say it compiles."""
 
 LDPC_KERNELS = ("qkdstack.protocol.ldpc_decoder:decode_lanes_warm", "qkdstack.protocol.ldpc_decoder:_lane_block",
-                "qkdstack.protocol.ldpc_decoder:_lane_rows")
-"""The LDPC decoder's lane kernel (Bob, ``reconciliation = "ldpc"``): compiled by warmup's LDPC round, and cold
+                "qkdstack.protocol.ldpc_decoder:_lane_rows", "qkdstack.protocol.ldpc_decoder:_rows_one")
+"""The LDPC decoder's lane kernels (Bob, ``reconciliation = "ldpc"``): compiled by warmup's LDPC round, and cold
 until a first LDPC round otherwise (not in DISTILLATION_KERNELS, which a Cascade round must leave all warm)."""
 
 NODE_KERNELS = ("qkdstack.physics.split:_emit_kernel", "qkdstack.physics.split:_lookup_kernel",
