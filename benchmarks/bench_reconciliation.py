@@ -19,8 +19,8 @@ reports:
   ``decoder_mother_bit_per_s``: the same on the mother code's whole syndrome (which decodes); the
   protocol itself decodes on ``ldpc.DECODER_THREADS`` threads;
   ``decoder_lanes_bit_per_s``, ``decoder_lanes_mother_bit_per_s``: the same two with the lane kernel
-  (``ldpc.decode_lanes_warm``: 8 codewords of the frame at once in SIMD vectors, one thread), which the
-  protocol uses;
+  (``ldpc.decode_lanes_warm``: the frame's codewords 8 at a time in SIMD lanes, or, for a frame of one
+  codeword, its checks 8 at a time; one thread), which the protocol uses;
 * ``ldpc_pkg``: the PyPI ``ldpc`` package's ``BpDecoder`` (product-sum, serial schedule, the same
   parity-check matrix, syndromes and channel probabilities, shortened bits at probability 1e-9) and
   ours on the first ``PKG_CODEWORDS`` codewords of the frame against the mother code's whole
