@@ -28,9 +28,12 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-SIMULATION_KERNELS = ("qkdstack.physics.sampling:_sample_detections_kernel",
-                      "qkdstack.physics.records:_gather_sorted")
+FRAME_KERNELS = ("qkdstack.physics.sampling:_sample_detections_kernel",)
 """Kernels every simulated frame runs (simulate, distill, node, demo): if one is not cached, the run compiles."""
+
+SIMULATION_KERNELS = (*FRAME_KERNELS, "qkdstack.physics.records:_gather_sorted")
+"""What ``simulate`` runs: a frame, and the receiver's look-up into the transmitter's record (which ``distill``'s
+combined device never does, so it is not in :data:`FRAME_KERNELS`)."""
 
 DISTILLATION_KERNELS = ("qkdstack.protocol.sifting:_split", "qkdstack.protocol.estimation:_class_counts",
                         "qkdstack.protocol.cascade_kernels:top_parities")
@@ -96,7 +99,7 @@ def cold_kernels(kernels: Iterable[str]) -> list[str]:
     return cold
 
 
-def compile_notice(kernels: Iterable[str] = SIMULATION_KERNELS + DISTILLATION_KERNELS) -> bool:
+def compile_notice(kernels: Iterable[str] = FRAME_KERNELS + DISTILLATION_KERNELS) -> bool:
     """Say once on stderr that this run compiles Numba kernels first, if the cache shows it will; True if said."""
     global _noticed
     if _noticed or not cold_kernels(kernels):
