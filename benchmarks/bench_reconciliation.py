@@ -3,7 +3,8 @@
 For QBER 1, 2, 3, 5, 8 % and frames of ``N`` = 10^5 bits with i.i.d. errors (the QBER estimate
 handed to both parties is the true rate), it runs the whole LDPC stage (Alice and Bob over the
 in-memory channel pair, one process) with the default :class:`~qkdstack.protocol.ldpc.LdpcParams`
-(mother codes of n = 16384 bits, built once into the cache, rate-adapted by merging row pairs) and
+(PEG base codes of n = 16384 bits, built once into the cache, lifted Z-fold by ``ldpc.lift_for``: one
+codeword of 114688 bits for a 10⁵-bit frame; rate-adapted by merging row pairs) and
 reports:
 
 * ``f`` = *everything* the stage disclosed (syndromes, check parities, blind-round bits, Bob's status
@@ -219,6 +220,7 @@ def _one_qber(q: float) -> dict:
         "frames": FRAMES,
         "code_rate": code.rate,
         "codewords_per_frame": code.codewords,
+        "codeword_bits": code.lift * ldpc.LdpcParams().code_n,
         "first_syndrome_bits_per_codeword": code.syndrome_bits,
         "mother_rows_merged": code.merged,
         "f": float(np.mean(fs)) if fs else None,

@@ -3,7 +3,9 @@
 Roles and messages (all kinds start with ``"ldpc."``):
 
 1. Both parties derive the same *plan* from public data: the key length N and the QBER
-   estimate q (the test-basis QBER, floored). The frame is cut into as few codewords as hold it,
+   estimate q (the test-basis QBER, floored). The codeword length is n = Z·``code_n``, the codes being
+   Z-fold quasi-cyclic lifts of the PEG base codes (:func:`lift_for` picks Z from the frame size:
+   longer codes, less shortening). The frame is cut into as few codewords as hold it,
    ⌈N/n⌉, of near-equal payload k; the n − k other positions of a codeword are *shortened*:
    fixed to 0 and known to both, never sent (Elkouss, Martinez-Mateo, Martin, QIC 11 (2011)).
    The first syndrome has exactly m₀ = ⌈f_start·h(q)·k⌉ bits per codeword: a *mother* code of the
@@ -26,8 +28,9 @@ Roles and messages (all kinds start with ``"ldpc."``):
    codeword still open: 1 decoded (the syndrome and the check parities are satisfied), 0 failed.
 4. Blind rounds (after Martinez-Mateo, Elkouss, Martin, "Blind reconciliation", QIC 12 (2012)):
    for every failed codeword, ``ldpc.reveal`` (Alice → Bob) discloses ⌈Δ·(1 + blind_growth·(r − 1))⌉
-   bits in blind round r, Δ = ⌈blind_step·k·h(q)⌉: first her syndrome bits of the next merged pairs'
-   first rows (un-merging them: the code moves back towards its mother, a full bit each), and once
+   bits in blind round r, Δ = ⌈blind_step·k·h(q)⌉: first her syndrome bits of merged pairs' first rows,
+   the last merged first (un-merging them: the code moves back towards its mother, a full bit each,
+   through the codes a larger f_start would have started from; :func:`_unmerge_order`), and once
    every pair is un-merged, the parities of sparse rows over the key positions (weight
    :func:`extension_weight`) drawn from the public seed. Bob rebuilds his checks and decodes again,
    *continuing* from the check messages of his last attempt (rows that did not change keep theirs;
