@@ -107,7 +107,7 @@ def _first_attempt(a, b, q, seed, mother=False):
     code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed, plan.lift)
     st = ldpc._state(code, ldpc_codes.merge_pairs(code, params.code_seed), plan.merged,
                      plan.merged if mother else 0)
-    positions = ldpc._layout(seed, code.n)
+    positions = ldpc._layout(seed, code)
     wa, wb = ldpc._words(a, plan, positions, code.n), ldpc._words(b, plan, positions, code.n)
     sa = np.empty((plan.codewords, code.m), np.uint8)
     sb = np.empty_like(sa)

@@ -147,3 +147,16 @@ def test_unmerging_retraces_the_plans_of_larger_first_syndromes():
     u = tight.merged - loose.merged
     still = {tuple(p) for p in order[u:]}
     assert still == {tuple(p) for p in ldpc._unmerge_order(code, loose, params)}
+
+
+def test_high_rate_codes_shorten_their_lowest_degree_variables_first():
+    """On the rate ≥ 0.9 codes the shortened positions (the layout's tail) are the lowest-degree variables;
+    on the others the layout is a plain seeded permutation."""
+    high = ldpc_codes.get_code(0.9, N_BASE)
+    layout = ldpc._layout(7, high)
+    assert np.array_equal(np.sort(layout), np.arange(high.n))
+    deg = np.diff(high.var_ptr)[layout]
+    assert np.all(np.diff(deg) <= 0) and deg[-1] == 2 and deg[0] > 2
+    assert not np.array_equal(layout, ldpc._layout(8, high))  # random within a degree
+    low = ldpc_codes.get_code(0.8, N_BASE)
+    assert np.array_equal(ldpc._layout(7, low), np.random.default_rng(7).permutation(low.n))

@@ -333,9 +333,27 @@ def _syndromes(row_ptr, col_idx, words, out):
 # Helpers shared by both parties
 
 
-def _layout(seed: int, n: int) -> np.ndarray:
-    """The codeword positions of the key bits: a public permutation of 0..n-1; the first k carry key bits."""
-    return np.random.default_rng(seed).permutation(n).astype(np.int64)
+LOW_DEGREE_SHORTENING_RATE = 0.9
+"""Codes of at least this rate shorten their lowest-degree variables first (:func:`_layout`)."""
+
+
+def _layout(seed: int, code: LdpcCode) -> np.ndarray:
+    """The codeword positions of the key bits: a public permutation of 0..n-1; the first k carry key bits, the
+    other n − k are shortened.
+
+    Seeded and random, except on the codes of rate ≥ :data:`LOW_DEGREE_SHORTENING_RATE` (0.9, 0.95), whose
+    positions go by decreasing variable degree (random within a degree), so that shortening takes the
+    degree-2 variables first. Measured (10⁵-bit frames, one lifted codeword, 8 frames per point): f = 1.226
+    instead of 1.284 at QBER 0.5 %, 1.191 instead of 1.238 at 1 %; on the rate-0.85 code the same ordering
+    was no better at 1.5 % (1.167 / 1.166) and worse at 2 % (1.164 / 1.12, 4 frames), on the 0.8 code at 3 %
+    (1.166 / 1.10), hence random there. An empirical rule for these codes (the high-rate profiles, their
+    degree-2 variables capped at m − 1, are the weak ones), not from the cited papers.
+    """
+    perm = np.random.default_rng(seed).permutation(code.n).astype(np.int64)
+    if code.rate >= LOW_DEGREE_SHORTENING_RATE - 1e-9:
+        deg = np.diff(code.var_ptr)
+        perm = perm[np.argsort(-deg[perm], kind="stable")]
+    return perm
 
 
 def extension_weight(qber: float) -> int:
@@ -492,7 +510,7 @@ async def alice(
     code = ldpc_codes.get_code(plan.rate, params.code_n, params.code_seed, plan.lift)
     pairs = _unmerge_order(code, plan, params)
     seed = public_random.randbits(63) if seed is None else seed
-    positions = _layout(seed, code.n)
+    positions = _layout(seed, code)
     weight = extension_weight(qber_estimate)
     snap0 = _snapshot(channel)
     words = _words(bits, plan, positions, code.n)
@@ -564,7 +582,7 @@ async def bob(
     if start.disclosed is None or len(start.disclosed) != n_synd + plan.codewords * nchk:
         raise ProtocolAbort(STAGE, "ldpc.start carries the wrong number of syndrome and check bits")
     seed = int(start["seed"])
-    positions = _layout(seed, code.n)
+    positions = _layout(seed, code)
     weight = extension_weight(qber_estimate)
     words = _words(bits, plan, positions, code.n)
     disclosed = start.disclosed.to_bits()
