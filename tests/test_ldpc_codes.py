@@ -66,7 +66,7 @@ def test_lift_is_deterministic_and_seeded():
 
 def _random_lift(base, z, seed):
     shifts = np.random.default_rng(seed).integers(0, z, base.edges)
-    row_ptr, col_idx = ldpc_codes._lift_csr(base.row_ptr, base.col_idx, shifts, z, base.n)
+    row_ptr, col_idx = ldpc_codes._lift_csr(base.row_ptr, base.col_idx, shifts, z)
     col_idx = ldpc_codes._sorted_rows(row_ptr, col_idx)
     var_ptr, var_chk = ldpc_codes._columns(row_ptr, col_idx, base.n * z)
     return ldpc_codes.LdpcCode("random", base.rate, base.n * z, base.m * z, row_ptr, col_idx, var_ptr, var_chk)

@@ -475,7 +475,7 @@ def _lift_shifts(row_ptr, col_idx, var_ptr, var_chk, z, seed):
 
 
 @njit(cache=True, nogil=True)
-def _lift_csr(row_ptr, col_idx, shift, z, n_base):
+def _lift_csr(row_ptr, col_idx, shift, z):
     """CSR of the lift: check c·z + i joins variable v·z + (i + s) mod z for every base edge (c, v) of shift s."""
     m = row_ptr.size - 1
     new_ptr = np.empty(m * z + 1, np.int64)
@@ -507,7 +507,7 @@ def lift_code(base: LdpcCode, z: int, seed: int = DEFAULT_SEED) -> LdpcCode:
     if z == 1:
         return base
     shift = _lift_shifts(base.row_ptr, base.col_idx, base.var_ptr, base.var_chk, z, seed)
-    row_ptr, col_idx = _lift_csr(base.row_ptr, base.col_idx, shift, z, base.n)
+    row_ptr, col_idx = _lift_csr(base.row_ptr, base.col_idx, shift, z)
     n, m = base.n * z, base.m * z
     # rows are sorted within each base row only up to the cyclic wrap: sort every lifted row
     col_idx = _sorted_rows(row_ptr, col_idx)
