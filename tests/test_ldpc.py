@@ -119,13 +119,26 @@ def test_plan_sizes_the_first_syndrome_by_merging_rows(qber):
     assert plan.m == round(N_CODE * (1 - plan.rate)) and 0 <= plan.merged <= plan.m // 2
     assert plan.syndrome_bits == math.ceil(params.f_start * ldpc.binary_entropy(qber) * max(plan.payloads))
     # the mother code leaves room for the blind rounds to un-merge rows, without merging too much of it;
-    # else it is the code with the fewest rows that reaches the first syndrome
+    # else the fewest rows that leave that room; else the fewest rows that reach the first syndrome
     roomy = plan.m >= plan.syndrome_bits * params.merge_headroom and plan.merged <= params.max_merged * plan.m
     rows = [round(N_CODE * (1 - r)) for r in ldpc_codes.RATES]
-    assert roomy or plan.m == min(m for m in rows if m >= plan.syndrome_bits)
+    with_room = [m for m in rows if m >= plan.syndrome_bits * params.merge_headroom]
+    assert roomy or plan.m == min(with_room or [m for m in rows if m >= plan.syndrome_bits])
     # a syndrome longer than the lowest-rate code has rows: shorter payloads (more codewords), still exact
     steep = ldpc.make_plan(100_000, 0.08, dataclasses.replace(EASY, max_lift=1))
     assert steep.codewords > plan.codewords and steep.syndrome_bits <= steep.m
+
+
+def test_plan_keeps_rows_to_unmerge_when_the_first_syndrome_fills_a_code():
+    """An unshortened frame at QBER 2 % needs 305 syndrome bits per 2048-bit codeword: the rate-0.85 code
+    (307 rows) would leave 2 rows to un-merge, and the blind rounds would be extra parities (f = 1.22 against
+    1.13 measured on 114688-bit codewords). The rate-0.8 code leaves the headroom, with more than
+    ``max_merged`` of its rows merged."""
+    params = dataclasses.replace(EASY, f_start=1.05, max_lift=1)
+    plan = ldpc.make_plan(4 * N_CODE, 0.02, params)
+    assert plan.syndrome_bits == 305 and plan.codewords == 4
+    assert plan.rate == 0.8 and plan.m >= params.merge_headroom * plan.syndrome_bits
+    assert plan.merged > params.max_merged * plan.m
 
 
 def test_merge_pairs_are_disjoint_rows():

@@ -150,13 +150,43 @@ def test_unmerging_retraces_the_plans_of_larger_first_syndromes():
 
 
 def test_high_rate_codes_shorten_their_lowest_degree_variables_first():
-    """On the rate ≥ 0.9 codes the shortened positions (the layout's tail) are the lowest-degree variables;
-    on the others the layout is a plain seeded permutation."""
-    high = ldpc_codes.get_code(0.9, N_BASE)
+    """On the rate-0.95 code the shortened positions (the layout's tail) are the lowest-degree variables;
+    on the others (the redesigned 0.9 code included) the layout is a plain seeded permutation."""
+    high = ldpc_codes.get_code(0.95, N_BASE)
     layout = ldpc._layout(7, high)
     assert np.array_equal(np.sort(layout), np.arange(high.n))
     deg = np.diff(high.var_ptr)[layout]
     assert np.all(np.diff(deg) <= 0) and deg[-1] == 2 and deg[0] > 2
     assert not np.array_equal(layout, ldpc._layout(8, high))  # random within a degree
-    low = ldpc_codes.get_code(0.8, N_BASE)
-    assert np.array_equal(ldpc._layout(7, low), np.random.default_rng(7).permutation(low.n))
+    for rate in (0.8, 0.9):
+        low = ldpc_codes.get_code(rate, N_BASE)
+        assert np.array_equal(ldpc._layout(7, low), np.random.default_rng(7).permutation(low.n))
+
+
+@pytest.mark.parametrize("rate", ldpc_codes.RATES)
+def test_codes_realise_their_degree_distribution(rate):
+    """Each code has its distribution's variable degrees (at most m − 1 of degree 2, the excess made degree 3),
+    every check ⌊E/m⌋ or ⌈E/m⌉ edges, and a column form that is the row form's transpose. The redesigned
+    rate-0.9 profile has no degree-2 variable: PEG once laid an empty chain from variable −1 there and
+    corrupted memory. Redesigned profiles carry their revision in the code's name, so an older cache file
+    is not read for them."""
+    code = _base(rate)
+    dist = ldpc_codes.DISTRIBUTIONS[rate]
+    var_deg = np.diff(code.var_ptr)
+    counts = {int(d): int(c) for d, c in zip(*np.unique(var_deg, return_counts=True), strict=True)}
+    assert set(counts) <= set(dist) | {3}
+    assert counts.get(2, 0) <= code.m - 1
+    total = sum(dist.values())
+    for d, frac in dist.items():
+        if d not in (2, 3):
+            assert abs(counts.get(d, 0) - frac / total * code.n) <= 1
+    chk_deg = np.diff(code.row_ptr)
+    assert chk_deg.min() >= code.edges // code.m and chk_deg.max() <= -(-code.edges // code.m)
+    rows = np.repeat(np.arange(code.m), chk_deg)
+    cols = np.repeat(np.arange(code.n), var_deg)
+    a, b = np.lexsort((code.col_idx, rows)), np.lexsort((cols, code.var_chk))
+    assert np.array_equal(rows[a], code.var_chk[b]) and np.array_equal(code.col_idx[a], cols[b])
+    revision = ldpc_codes.DISTRIBUTION_REVISIONS.get(rate)
+    assert (f"r{round(rate * 100)}d{revision}-" in code.name) if revision else ("d" not in code.name.split("-")[1])
+    if rate == 0.9:
+        assert 2 not in counts

@@ -14,9 +14,21 @@ divided by 4000: a finite realisation of the published distributions, not their 
 coefficients. Only the degree counts were taken (no code, no matrix). Check degrees are
 concentrated (every check has ⌊E/m⌋ or ⌈E/m⌉ edges), as in those matrices.
 
-``0.95`` is our own extrapolation (not from the paper): the rate-0.9 variable fractions
+``0.95`` is our own extrapolation (not from the paper): the measured rate-0.9 variable fractions
 with the check degree that the rate implies; it exists because a QBER of 1 % needs a code
 rate above 0.9 (1 − 1.1·h(0.01) ≈ 0.91) and shortening can only lower a rate.
+
+Redesigned: 0.8, 0.85, 0.9 (:data:`DESIGNED_DISTRIBUTIONS`, 2026-12-04). Density evolution
+(scripts/ldpc_design.py: population dynamics, sum-product on the BSC) showed that the measured
+profiles of these rates lose a lot *as the protocol uses them*: a code holds at most m − 1
+degree-2 variables (the measured 0.9 profile asks for 19 % of n, m is 10 %), and the protocol
+merges 7–12 % of the rows in pairs (a merged check has twice the degree). The measured 0.9
+profile built and merged that way has f* = 1.205 at 12 % merged rows; a hill climb on the
+edge distribution under the same model (``ldpc_design.py climb RATE --merge X``) gave the
+designed profiles: f* 1.205 → 1.136 (0.9, 12 % merged), 1.101 → 1.069 (0.85, 8 %), 1.088 → 1.055
+(0.8, 7 %); population noise is about ±0.02 in f*. The designed 0.9 profile has no degree-2
+variable. These are ours, not the paper's; their revision is in the code's name
+(:data:`DISTRIBUTION_REVISIONS`).
 
 Construction. Progressive edge growth (Hu, Eleftheriou, Arnold, "Regular and irregular
 progressive edge-growth Tanner graphs", IEEE Trans. IT 51(1), 2005, Algorithm "PEG"):
@@ -56,7 +68,7 @@ DEFAULT_N = 16384
 DEFAULT_SEED = 20090628  # ISIT 2009's first day; any fixed value works
 
 # Variable-node degree → fraction of variable nodes (node perspective); see the module docstring.
-DISTRIBUTIONS: dict[float, dict[int, float]] = {
+MEASURED_DISTRIBUTIONS: dict[float, dict[int, float]] = {
     0.5: {2: 0.39775, 3: 0.3495, 4: 0.02525, 5: 0.0025, 6: 0.04325, 8: 0.03725, 9: 0.03425, 10: 0.007,
           11: 0.00075, 14: 0.02425, 15: 0.04825, 17: 0.00475, 47: 0.001, 49: 0.00075, 55: 0.00025,
           57: 0.01075, 58: 0.006, 59: 0.00475, 66: 0.00175},
@@ -71,9 +83,26 @@ DISTRIBUTIONS: dict[float, dict[int, float]] = {
     0.85: {2: 0.13325, 3: 0.40275, 4: 0.0865, 5: 0.111, 6: 0.083, 7: 0.01, 9: 0.0335, 21: 0.14},
     0.9: {2: 0.1925, 3: 0.469, 5: 0.0895, 9: 0.10925, 12: 0.12775, 21: 0.012},
 }
-DISTRIBUTIONS[0.95] = dict(DISTRIBUTIONS[0.9])
+
+# Redesigned here by density evolution (scripts/ldpc_design.py, see the module docstring): the measured
+# distributions of these rates had thresholds well short of capacity once the code is built as it is
+# (at most m − 1 degree-2 variables) and merged as the protocol merges it.
+DESIGNED_DISTRIBUTIONS: dict[float, dict[int, float]] = {
+    0.8: {2: 0.1998, 3: 0.45424, 6: 0.03779, 7: 0.0591, 8: 0.12367, 10: 0.01812, 20: 0.02983, 25: 0.00642,
+          26: 0.07102},
+    0.85: {2: 0.13826, 3: 0.41789, 4: 0.08732, 6: 0.12543, 7: 0.01038, 9: 0.03476, 10: 0.04896, 21: 0.1314,
+           25: 0.00345, 30: 0.00217},
+    0.9: {3: 0.67197, 7: 0.00843, 9: 0.11598, 12: 0.12992, 14: 0.03533, 16: 0.01816, 20: 0.01731, 25: 0.0029},
+}
+
+DISTRIBUTIONS: dict[float, dict[int, float]] = {**MEASURED_DISTRIBUTIONS, **DESIGNED_DISTRIBUTIONS}
+DISTRIBUTIONS[0.95] = dict(MEASURED_DISTRIBUTIONS[0.9])
 
 RATES: tuple[float, ...] = tuple(sorted(DISTRIBUTIONS))
+
+DISTRIBUTION_REVISIONS: dict[float, int] = {rate: 1 for rate in DESIGNED_DISTRIBUTIONS}
+"""Rates whose distribution was redesigned here (scripts/ldpc_design.py): the revision is part of the code's
+name, so a cache file or a peer built from an older distribution is not taken for the new code."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -166,7 +195,7 @@ def _peg(var_deg, m, max_chk_deg, seed, chain_perm):
     newc = np.empty(m, dtype=np.int64)
     cand = np.empty(m, dtype=np.int64)
     stamp = 0
-    nchain = chain_perm.size - 1
+    nchain = max(chain_perm.size - 1, 0)  # no degree-2 variables: no chain (an empty chain_perm)
     for v in range(nchain):
         for k in range(2):
             c = chain_perm[v + k]
@@ -247,6 +276,8 @@ def _peg(var_deg, m, max_chk_deg, seed, chain_perm):
                                 dup = True
                         if not dup and (best < 0 or chk_deg[c] < chk_deg[best]):
                             best = c
+            if best < 0:  # (never seen) writing to row -1 would corrupt memory
+                raise ValueError("PEG: no check with room left for a variable's edge")
             var_adj[v, vdeg_now[v]] = best
             vdeg_now[v] += 1
             chk_adj[best, chk_deg[best]] = v
@@ -260,7 +291,9 @@ def code_rows(rate: float, n: int = DEFAULT_N, lift: int = 1) -> int:
 
 
 def _code_name(rate: float, n: int, seed: int) -> str:
-    return f"peg-r{round(rate * 100):02d}-n{n}-s{seed}-v{CONSTRUCTION_VERSION}"
+    revision = DISTRIBUTION_REVISIONS.get(rate)
+    tag = f"d{revision}" if revision else ""
+    return f"peg-r{round(rate * 100):02d}{tag}-n{n}-s{seed}-v{CONSTRUCTION_VERSION}"
 
 
 def _cache_dir() -> Path:
