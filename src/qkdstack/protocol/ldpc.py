@@ -349,10 +349,11 @@ def _layout(seed: int, code: LdpcCode) -> np.ndarray:
     degree-2 variables first. Measured (10⁵-bit frames, one lifted codeword, 8 frames per point) on the
     measured rate-0.9 profile, which the 0.95 code still uses: f = 1.226 instead of 1.284 at QBER 0.5 %,
     1.191 instead of 1.238 at 1 %. On the redesigned rate-0.9 code (no degree-2 variables) random is better:
-    1.171 against 1.187 at 1 % (16 frames), so the rule stopped applying to it. On the rate-0.85 code the same ordering
-    was no better at 1.5 % (1.167 / 1.166) and worse at 2 % (1.164 / 1.12, 4 frames), on the 0.8 code at 3 %
-    (1.166 / 1.10), hence random there. An empirical rule for these codes (the high-rate profiles, their
-    degree-2 variables capped at m − 1, are the weak ones), not from the cited papers.
+    1.171 against 1.187 at 1 % (16 frames, first redesign), so the rule stopped applying to it. On the
+    rate-0.85 code the same ordering was no better at 1.5 % (1.167 / 1.166) and worse at 2 % (1.164 / 1.12,
+    4 frames), on the 0.8 code at 3 % (1.166 / 1.10), hence random there. An empirical rule for these codes
+    (the measured high-rate profiles, their degree-2 variables capped at m − 1, are the weak ones), not from
+    the cited papers.
     """
     perm = np.random.default_rng(seed).permutation(code.n).astype(np.int64)
     if code.rate >= LOW_DEGREE_SHORTENING_RATE - 1e-9:
