@@ -38,12 +38,15 @@ import math
 
 import numpy as np
 
+from qkdstack.protocol.ldpc import binary_entropy
+
 DEGREES = (2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 25, 30, 40)
 """Variable degrees the climb may move edges to."""
 
 
-def h2(p: float) -> float:
-    return -p * math.log2(p) - (1 - p) * math.log2(1 - p)
+def efficiency(p: float, rate: float, merged: float) -> float:
+    """f at crossover p of a code of ``rate`` with a fraction ``merged`` of its rows merged: rows / (n h(p))."""
+    return (1 - rate) * (1 - merged) / binary_entropy(p)
 
 
 def capped(node: dict[int, float], rate: float) -> dict[int, float]:
@@ -124,7 +127,7 @@ def threshold(node, rate, merged=0.0, lo=0.002, hi=None, tol=1e-4, population=30
     while hi - lo > tol:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if decodes(node, chk, mid, population) else (lo, mid)
-    return lo, (1 - rate) * (1 - merged) / h2(lo)
+    return lo, efficiency(lo, rate, merged)
 
 
 def climb(node, rate, merged, steps, step_p, max_share, seed, population, max_degree=DEGREES[-1]) -> dict[int, float]:
@@ -148,7 +151,7 @@ def climb(node, rate, merged, steps, step_p, max_share, seed, population, max_de
         chk = checks(cand_node, rate, merged)
         if all(decodes(cand_node, chk, p + step_p, population, seed=s) for s in (5, 6)):
             edge, p = cand, p + step_p
-            print(json.dumps({"step": step, "p": round(p, 5), "f": round((1 - rate) * (1 - merged) / h2(p), 4),
+            print(json.dumps({"step": step, "p": round(p, 5), "f": round(efficiency(p, rate, merged), 4),
                               "node": {d: round(v, 5) for d, v in sorted(cand_node.items())}}), flush=True)
     final = capped({d: e / d for d, e in edge.items() if e > 1e-6}, rate)
     return {d: round(v, 5) for d, v in sorted(final.items())}

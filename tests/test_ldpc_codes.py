@@ -44,12 +44,14 @@ def test_lift_keeps_the_degree_distribution_and_projects_onto_the_base(z):
             assert np.array_equal(np.sort(got // z), row)
             seen[np.searchsorted(row, got // z), got % z] += 1
         assert np.all(seen == 1)  # a permutation of the copies per base edge
-    # the column form is the transpose of the row form
-    col = np.repeat(np.arange(lifted.n), np.diff(lifted.var_ptr))
-    rows = np.repeat(np.arange(lifted.m), np.diff(lifted.row_ptr))
-    a = np.lexsort((lifted.col_idx, rows))
-    b = np.lexsort((col, lifted.var_chk))
-    assert np.array_equal(rows[a], lifted.var_chk[b]) and np.array_equal(lifted.col_idx[a], col[b])
+    _assert_column_form_is_the_transpose(lifted)
+
+
+def _assert_column_form_is_the_transpose(code: ldpc_codes.LdpcCode) -> None:
+    cols = np.repeat(np.arange(code.n), np.diff(code.var_ptr))
+    rows = np.repeat(np.arange(code.m), np.diff(code.row_ptr))
+    a, b = np.lexsort((code.col_idx, rows)), np.lexsort((cols, code.var_chk))
+    assert np.array_equal(rows[a], code.var_chk[b]) and np.array_equal(code.col_idx[a], cols[b])
 
 
 def test_lift_is_deterministic_and_seeded():
@@ -182,10 +184,7 @@ def test_codes_realise_their_degree_distribution(rate):
             assert abs(counts.get(d, 0) - frac / total * code.n) <= 1
     chk_deg = np.diff(code.row_ptr)
     assert chk_deg.min() >= code.edges // code.m and chk_deg.max() <= -(-code.edges // code.m)
-    rows = np.repeat(np.arange(code.m), chk_deg)
-    cols = np.repeat(np.arange(code.n), var_deg)
-    a, b = np.lexsort((code.col_idx, rows)), np.lexsort((cols, code.var_chk))
-    assert np.array_equal(rows[a], code.var_chk[b]) and np.array_equal(code.col_idx[a], cols[b])
+    _assert_column_form_is_the_transpose(code)
     revision = ldpc_codes.DISTRIBUTION_REVISIONS.get(rate)
     assert (f"r{round(rate * 100)}d{revision}-" in code.name) if revision else ("d" not in code.name.split("-")[1])
     if rate == 0.9:
