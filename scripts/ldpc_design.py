@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Design LDPC variable-degree distributions for syndrome reconciliation over the BSC (outside CI).
 
-Where the rate-0.85, 0.9 and 0.95 distributions of ``qkdstack.protocol.ldpc_codes.DISTRIBUTIONS`` come
-from, reproducibly. Two parts:
+Where the rate-0.8, 0.85 and 0.9 distributions of ``qkdstack.protocol.ldpc_codes.DESIGNED_DISTRIBUTIONS``
+come from, reproducibly. Two parts:
 
 * ``threshold``: the density-evolution threshold p* of an ensemble (Richardson & Urbanke, IEEE Trans.
   IT 47(2), 2001) under sum-product decoding on a BSC(p), estimated by *population dynamics*: each
@@ -76,6 +76,11 @@ def checks(node: dict[int, float], rate: float, merged: float) -> dict[int, floa
     return {d: w for d, w in out.items() if w > 1e-12}
 
 
+def _node(edge: dict[int, float], rate: float) -> dict[int, float]:
+    """Capped node fractions of an edge-perspective distribution."""
+    return capped({d: e / d for d, e in edge.items() if e > 1e-6}, rate)
+
+
 def _edges(node: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     degrees = np.array(sorted(node))
     weights = np.array([node[d] * d for d in degrees], dtype=np.float64)
@@ -147,14 +152,13 @@ def climb(node, rate, merged, steps, step_p, max_share, seed, population, max_de
         cand = dict(edge)
         cand[src] -= share
         cand[dst] = cand.get(dst, 0.0) + share
-        cand_node = capped({d: e / d for d, e in cand.items() if e > 1e-6}, rate)
+        cand_node = _node(cand, rate)
         chk = checks(cand_node, rate, merged)
         if all(decodes(cand_node, chk, p + step_p, population, seed=s) for s in (5, 6)):
             edge, p = cand, p + step_p
             print(json.dumps({"step": step, "p": round(p, 5), "f": round(efficiency(p, rate, merged), 4),
                               "node": {d: round(v, 5) for d, v in sorted(cand_node.items())}}), flush=True)
-    final = capped({d: e / d for d, e in edge.items() if e > 1e-6}, rate)
-    return {d: round(v, 5) for d, v in sorted(final.items())}
+    return {d: round(v, 5) for d, v in sorted(_node(edge, rate).items())}
 
 
 def main() -> None:
