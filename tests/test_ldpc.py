@@ -159,6 +159,20 @@ def test_merge_pairs_are_disjoint_rows():
     assert np.array_equal(mine[0], np.concatenate([full[st.c1] ^ full[st.c2], full[st.singles]]))
 
 
+@pytest.mark.parametrize("weight, count", [(5, 40), (1000, 4)])
+def test_extra_and_check_rows_are_sorted_draws_of_the_public_seed(weight, count):
+    """Both parties derive the same rows: ``weight`` distinct key positions per row, drawn in order from the
+    (seed, round, k) stream and sorted; the dense rows (the check parities) take another path to the same
+    rows, which must stay the rows a peer derives by sorting."""
+    n, k = 4096, 3000
+    positions = np.random.default_rng(3).permutation(n).astype(np.int64)
+    rows = ldpc._extension(7, 2, k, count, weight, positions)
+    rng = np.random.default_rng([7, 2, k])
+    expected = [np.sort(positions[rng.choice(k, size=weight, replace=False)]) for _ in range(count)]
+    assert np.array_equal(rows, np.array(expected))
+    assert np.isin(rows, positions[:k]).all()
+
+
 def test_codes_are_deterministic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("QKDSTACK_CACHE_DIR", str(tmp_path))
     one = ldpc_codes.build_code(0.8, 1024)

@@ -381,9 +381,17 @@ def _extension(seed: int, blind_round: int, k: int, count: int, weight: int, pos
     """
     rng = np.random.default_rng([seed, blind_round, k])
     w = min(weight, k)
+    n = positions.size
     cols = np.empty((count, w), dtype=np.int64)
+    mask = np.zeros(n, dtype=bool) if w > n // 64 else None
     for r in range(count):
-        cols[r] = np.sort(positions[rng.choice(k, size=w, replace=False)])
+        chosen = positions[rng.choice(k, size=w, replace=False)]
+        if mask is None:
+            cols[r] = np.sort(chosen)
+        else:  # dense rows (the check rows, half the payload): marking beats sorting, same result
+            mask[:] = False
+            mask[chosen] = True
+            cols[r] = np.flatnonzero(mask)
     return cols
 
 
