@@ -186,6 +186,7 @@ def test_codes_realise_their_degree_distribution(rate):
     assert chk_deg.min() >= code.edges // code.m and chk_deg.max() <= -(-code.edges // code.m)
     _assert_column_form_is_the_transpose(code)
     revision = ldpc_codes.DISTRIBUTION_REVISIONS.get(rate)
-    assert (f"r{round(rate * 100)}d{revision}-" in code.name) if revision else ("d" not in code.name.split("-")[1])
+    digits = f"{rate * 100:g}".replace(".", "")  # 0.9 → r90, 0.915 → r915
+    assert code.name.split("-")[1] == (f"r{digits}d{revision}" if revision else f"r{digits}")
     if rate == 0.9:
         assert 2 not in counts
