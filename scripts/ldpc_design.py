@@ -15,7 +15,9 @@ come from, reproducibly. Two parts:
   It models what the protocol really decodes: at most m − 1 degree-2 variables (``ldpc_codes.build_code``
   turns the excess into degree 3), concentrated check degrees, and optionally a fraction x of the rows
   merged in pairs (``ldpc_codes.merge_pairs``: a merged row is a check of twice the degree), the rate
-  adaptation the protocol uses; merging 10 % of the rate-0.9 code's rows moves f* from 1.13 to 1.18.
+  adaptation the protocol uses; merging 10 % of the rate-0.9 code's rows moves f* from 1.13 to 1.18;
+  and optionally a fraction s of the variables shortened (``--shortened``: known zeros, as in a frame that
+  does not fill its codeword; a 10⁵-bit frame in a 114688-bit codeword has s = 0.128).
 
 * ``climb``: a hill climb on the edge-perspective variable distribution: move a random share of edges
   from one degree to another; keep the move when the new ensemble still decodes at p* + step (two
@@ -44,9 +46,10 @@ DEGREES = (2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 25, 30, 40)
 """Variable degrees the climb may move edges to."""
 
 
-def efficiency(p: float, rate: float, merged: float) -> float:
-    """f at crossover p of a code of ``rate`` with a fraction ``merged`` of its rows merged: rows / (n h(p))."""
-    return (1 - rate) * (1 - merged) / binary_entropy(p)
+def efficiency(p: float, rate: float, merged: float, shortened: float = 0.0) -> float:
+    """f at crossover p of a code of ``rate`` with a fraction ``merged`` of its rows merged and a fraction
+    ``shortened`` of its variables shortened: rows / (key bits · h(p))."""
+    return (1 - rate) * (1 - merged) / ((1 - shortened) * binary_entropy(p))
 
 
 def capped(node: dict[int, float], rate: float) -> dict[int, float]:
@@ -87,15 +90,23 @@ def _edges(node: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     return degrees, weights / weights.sum()
 
 
-def decodes(var_node, chk_node, p: float, population: int = 30000, iterations: int = 300, seed: int = 5) -> bool:
-    """Population-dynamics density evolution at BSC(p): True when the error fraction falls below 1e-5."""
+def decodes(var_node, chk_node, p: float, population: int = 30000, iterations: int = 300, seed: int = 5,
+            shortened: float = 0.0) -> bool:
+    """Population-dynamics density evolution at BSC(p): True when the error fraction falls below 1e-5.
+
+    ``shortened``: that fraction of the variables, drawn at random as the protocol's layout does, is known
+    (a fixed zero): its messages are certain, which is what shortening does to the graph.
+    """
     rng = np.random.default_rng(seed)
     dv, wv = _edges(var_node)
     dc, wc = _edges(chk_node)
     llr = math.log((1 - p) / p)
 
     def channel(size):
-        return np.where(rng.random(size) < p, -llr, llr)
+        out = np.where(rng.random(size) < p, -llr, llr)
+        if shortened:
+            out[rng.random(size) < shortened] = 1e4
+        return out
 
     v2c = channel(population)
     best, stalled = 1.0, 0
@@ -124,22 +135,24 @@ def decodes(var_node, chk_node, p: float, population: int = 30000, iterations: i
     return False
 
 
-def threshold(node, rate, merged=0.0, lo=0.002, hi=None, tol=1e-4, population=30000) -> tuple[float, float]:
+def threshold(node, rate, merged=0.0, lo=0.002, hi=None, tol=1e-4, population=30000,
+              shortened=0.0) -> tuple[float, float]:
     """(p*, f*) of the ensemble by bisection on p."""
     node = capped(node, rate)
     chk = checks(node, rate, merged)
     hi = hi or (0.05 if rate >= 0.7 else 0.2)
     while hi - lo > tol:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if decodes(node, chk, mid, population) else (lo, mid)
-    return lo, efficiency(lo, rate, merged)
+        lo, hi = (mid, hi) if decodes(node, chk, mid, population, shortened=shortened) else (lo, mid)
+    return lo, efficiency(lo, rate, merged, shortened)
 
 
-def climb(node, rate, merged, steps, step_p, max_share, seed, population, max_degree=DEGREES[-1]) -> dict[int, float]:
+def climb(node, rate, merged, steps, step_p, max_share, seed, population, max_degree=DEGREES[-1],
+          shortened=0.0) -> dict[int, float]:
     rng = np.random.default_rng(seed)
     node = capped(node, rate)
     degrees = [d for d in DEGREES if d <= max_degree]
-    p, f = threshold(node, rate, merged, population=population)
+    p, f = threshold(node, rate, merged, population=population, shortened=shortened)
     print(json.dumps({"start": {"p": round(p, 5), "f": round(f, 4)}}), flush=True)
     total = sum(d * v for d, v in node.items())
     edge = {d: d * v / total for d, v in node.items()}
@@ -154,9 +167,9 @@ def climb(node, rate, merged, steps, step_p, max_share, seed, population, max_de
         cand[dst] = cand.get(dst, 0.0) + share
         cand_node = _node(cand, rate)
         chk = checks(cand_node, rate, merged)
-        if all(decodes(cand_node, chk, p + step_p, population, seed=s) for s in (5, 6)):
+        if all(decodes(cand_node, chk, p + step_p, population, seed=s, shortened=shortened) for s in (5, 6)):
             edge, p = cand, p + step_p
-            print(json.dumps({"step": step, "p": round(p, 5), "f": round(efficiency(p, rate, merged), 4),
+            print(json.dumps({"step": step, "p": round(p, 5), "f": round(efficiency(p, rate, merged, shortened), 4),
                               "node": {d: round(v, 5) for d, v in sorted(cand_node.items())}}), flush=True)
     return {d: round(v, 5) for d, v in sorted(_node(edge, rate).items())}
 
@@ -167,6 +180,8 @@ def main() -> None:
     parser.add_argument("rate", type=float)
     parser.add_argument("--dist", help="node-perspective variable distribution as JSON (default: DISTRIBUTIONS)")
     parser.add_argument("--merge", type=float, default=0.0, help="fraction of rows merged in pairs")
+    parser.add_argument("--shortened", type=float, default=0.0,
+                        help="fraction of variables shortened (a 10^5-bit frame in a 114688-bit codeword: 0.128)")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--step-p", type=float, default=1e-4)
     parser.add_argument("--max-share", type=float, default=0.08)
@@ -181,11 +196,12 @@ def main() -> None:
         from qkdstack.protocol.ldpc_codes import DISTRIBUTIONS
         node = dict(DISTRIBUTIONS[args.rate])
     if args.action == "threshold":
-        p, f = threshold(node, args.rate, args.merge, population=args.population)
-        print(json.dumps({"rate": args.rate, "merged": args.merge, "p_star": round(p, 5), "f_star": round(f, 4)}))
+        p, f = threshold(node, args.rate, args.merge, population=args.population, shortened=args.shortened)
+        print(json.dumps({"rate": args.rate, "merged": args.merge, "shortened": args.shortened,
+                          "p_star": round(p, 5), "f_star": round(f, 4)}))
     else:
         final = climb(node, args.rate, args.merge, args.steps, args.step_p, args.max_share, args.seed,
-                      args.population, args.max_degree)
+                      args.population, args.max_degree, args.shortened)
         print(json.dumps({"final": final}))
 
 

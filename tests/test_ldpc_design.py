@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qkdstack.protocol import ldpc_codes
+from qkdstack.protocol import ldpc, ldpc_codes
 
 _SPEC = importlib.util.spec_from_file_location(
     "ldpc_design", Path(__file__).resolve().parents[1] / "scripts" / "ldpc_design.py")
@@ -44,3 +44,13 @@ def test_designed_high_rate_profile_beats_the_measured_one_where_the_protocol_wo
     old = design.capped(ldpc_codes.MEASURED_DISTRIBUTIONS[0.9], 0.9)
     assert design.decodes(new, design.checks(new, 0.9, 0.12), p, population=20000)
     assert not design.decodes(old, design.checks(old, 0.9, 0.12), p, population=20000)
+
+
+def test_shortened_variables_are_known_to_the_decoder():
+    """A shortened variable is a fixed zero both parties know: with 30 % of them the (3,6) ensemble decodes
+    above its threshold, and f counts only the key bits (rows / ((1 − s)·n·h(p)))."""
+    var, chk = {3: 1.0}, {6: 1.0}
+    assert not design.decodes(var, chk, 0.095, population=20000)
+    assert design.decodes(var, chk, 0.095, population=20000, shortened=0.3)
+    assert design.efficiency(0.02, 0.85, 0.1, 0.128) == pytest.approx(
+        0.15 * 0.9 / (0.872 * ldpc.binary_entropy(0.02)))
