@@ -192,13 +192,21 @@ async def test_cli_tunnel_processes_carry_http(sites, pki, tmp_path):
         writer.close()
         assert got.endswith(b"\r\n\r\n" + body) and got.startswith(b"HTTP/1.0 200")
     finally:
-        logs = []
+        logs, stuck = [], []
         for p in procs:
             if p.returncode is None:
                 p.send_signal(signal.SIGINT)
-            _, err = await asyncio.wait_for(p.communicate(), 20)
+            try:
+                _, err = await asyncio.wait_for(p.communicate(), 20)
+            except TimeoutError:  # still running after SIGINT: a defect, but the test must not leave it behind
+                p.kill()
+                _, err = await p.communicate()
+                stuck.append(len(logs))
             logs.append(err.decode())
         srv.close()
+        if stuck:
+            raise AssertionError("tunnel processes did not exit on SIGINT; their logs:\n"
+                                 + "\n".join(logs[i] for i in stuck))
     entry_log = logs[1]
     assert "rekey to epoch 2 complete" in entry_log, entry_log
     assert "QKD key consumed" in entry_log
