@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 
 from qkdstack.apps.keysource import Etsi014Client
 from qkdstack.apps.tunnel import Tunnel, TunnelConfig, parse_hostport
@@ -69,11 +71,23 @@ def _check_file(path: str, flag: str) -> None:
 
 
 async def _main(config: TunnelConfig, keys: Etsi014Client) -> None:
+    """Serve until SIGINT or SIGTERM, then close the connections and log what the tunnel consumed.
+
+    Both signals get a handler of their own, as ``qkdstack node`` does: SIGTERM is how service managers stop
+    a process, and a process started in the background by a shell inherits SIGINT *ignored*, so asyncio's
+    own Ctrl-C handling (installed only over Python's default handler) would leave it running.
+    """
+    loop = asyncio.get_running_loop()
     async with keys:
         tunnel = Tunnel(config, keys)
         await tunnel.start()
+        serving = asyncio.ensure_future(tunnel.serve_forever())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):  # Windows' loops have no signal handlers
+                loop.add_signal_handler(sig, serving.cancel)
         try:
-            await tunnel.serve_forever()
+            with contextlib.suppress(asyncio.CancelledError):
+                await serving
         finally:
             await tunnel.close()
             s = tunnel.stats
