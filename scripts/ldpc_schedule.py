@@ -31,12 +31,11 @@ import argparse
 import asyncio
 import json
 import math
-import sys
 
 import numpy as np
 
 from qkdstack.protocol import ldpc
-from qkdstack.protocol.channel import InMemoryChannel
+from qkdstack.protocol.channel import channel_pair
 
 STEPS = (0.006, 0.008, 0.01, 0.012, 0.015)
 GROWTHS = (0.0, 0.1, 0.2, 0.3, 0.5)
@@ -49,9 +48,7 @@ def _frame(qber: float, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 async def _stage(a: np.ndarray, b: np.ndarray, qber: float, params: ldpc.LdpcParams, seed: int):
-    a_to_b: asyncio.Queue[bytes] = asyncio.Queue()
-    b_to_a: asyncio.Queue[bytes] = asyncio.Queue()
-    alice_end, bob_end = InMemoryChannel(b_to_a, a_to_b, 60.0), InMemoryChannel(a_to_b, b_to_a, 60.0)
+    alice_end, bob_end = channel_pair()
     return await asyncio.gather(ldpc.alice(alice_end, a, qber, params, seed=seed), ldpc.bob(bob_end, b, qber, params))
 
 
@@ -65,12 +62,12 @@ def measure(qber: float, frames: int, n: int, step: float, seed0: int) -> None:
         alice, bob = asyncio.run(_stage(a, b, qber, params, seed0 + i))
         if not np.array_equal(bob.key, a):
             raise SystemExit(f"frame {i}: the decoded key differs (a wrong codeword passed the check parities)")
-        print(json.dumps({"qber": qber, "n": n, "e": float(np.mean(a != b)), "step": step, "rate": plan.rate, "lift": plan.lift,
-                          "needed": alice.syndrome_bits + alice.revealed_bits, "check_bits": alice.check_bits,
-                          "round_trips": alice.round_trips}), flush=True)
+        print(json.dumps({"qber": qber, "n": n, "e": float(np.mean(a != b)), "step": step, "rate": plan.rate,
+                          "lift": plan.lift, "needed": alice.syndrome_bits + alice.revealed_bits,
+                          "check_bits": alice.check_bits, "round_trips": alice.round_trips}), flush=True)
 
 
-def replay(points: list[dict], params: ldpc.LdpcParams) -> dict:
+def replay(points: list[dict], params: ldpc.LdpcParams) -> dict | None:
     """Mean f and round trips of ``params``' schedule on measured decode points (one codeword per frame).
 
     None when ``params`` choose another mother code or lift than the measurement used (another f_start can):
@@ -94,6 +91,8 @@ def replay(points: list[dict], params: ldpc.LdpcParams) -> dict:
         leaked = limits[r] + p["check_bits"] + (r + 1)
         fs.append(leaked / (n * ldpc.binary_entropy(p["e"])))
         trips.append(r + 1)
+    if not fs:
+        return {"f": None, "round_trips": None, "round_trips_max": None, "given_up": given_up}
     return {"f": round(float(np.mean(fs)), 4), "round_trips": round(float(np.mean(trips)), 2),
             "round_trips_max": int(max(trips)), "given_up": given_up}
 
@@ -131,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
