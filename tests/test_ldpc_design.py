@@ -54,3 +54,13 @@ def test_shortened_variables_are_known_to_the_decoder():
     assert design.decodes(var, chk, 0.095, population=20000, shortened=0.3)
     assert design.efficiency(0.02, 0.85, 0.1, 0.128) == pytest.approx(
         0.15 * 0.9 / (0.872 * ldpc.binary_entropy(0.02)))
+
+
+def test_discretised_density_evolution_places_the_3_6_threshold_to_three_digits():
+    """The deterministic evaluation the climbs use since 2026-12-04: p* = 0.084 for (3,6) on the BSC (Richardson &
+    Urbanke 2001, Table I) between 0.083 and 0.085, where population dynamics needs a margin of ±0.006; and the
+    shortened variables are known to it as to :func:`decodes`."""
+    var, chk = {3: 1.0}, {6: 1.0}
+    assert design.decodes_discrete(var, chk, 0.083)
+    assert not design.decodes_discrete(var, chk, 0.085)
+    assert design.decodes_discrete(var, chk, 0.095, shortened=0.3)
