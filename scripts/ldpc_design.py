@@ -153,7 +153,7 @@ GRID_MAX = 20.0
 @functools.cache
 def _boxplus_table(step: float, top: float) -> np.ndarray:
     """Grid index of 2·atanh(tanh(x/2)·tanh(y/2)) for every pair of grid values x, y (nearest point)."""
-    half = int(round(top / step))
+    half = round(top / step)
     x = np.arange(-half, half + 1) * step
     t = np.tanh(x / 2)
     out = 2 * np.arctanh(np.clip(np.outer(t, t), -1 + 1e-15, 1 - 1e-15))
@@ -210,7 +210,7 @@ def decodes_discrete(var_node, chk_node, p: float, shortened: float = 0.0, step:
     dc, wc = _edges(chk_node)
     chk_edge = {int(d): float(w) for d, w in zip(dc, wc, strict=True)}
     channel = np.zeros(table.shape[0])
-    at = int(round(math.log((1 - p) / p) / step))
+    at = round(math.log((1 - p) / p) / step)
     channel[half + at] += 1 - p
     channel[half - at] += p
     size = 1
