@@ -160,7 +160,7 @@ def _boxplus_table(step: float, top: float) -> np.ndarray:
     return np.clip(np.rint(out / step).astype(np.int64) + half, 0, 2 * half).astype(np.int32)
 
 
-@njit(cache=True)
+@njit  # not cached: the tests load this script as a dynamic module, which Numba's cache cannot find again
 def _boxplus(a, b, table):
     """The density of x ⊞ y for independent x ~ a, y ~ b on the grid (the check-node rule for two inputs)."""
     out = np.zeros(a.size)

@@ -7,8 +7,8 @@ stops at the first step past its *decode point* (the bits it needs), so f is the
 the mean overshoot, and each step costs a round trip. Two parts:
 
 * ``measure QBER FRAMES``: runs the LDPC stage (Alice and Bob, in-memory channel) on frames of ``--n``
-  bits with i.i.d. errors at rate QBER and *fine* steps (``--step``, constant), so that where each frame
-  stopped is its decode point to within one fine step. One JSON line per frame: the actual error rate e,
+  bits with i.i.d. errors at rate QBER and *fine* steps (``--step``, constant) from f_start on every code
+  (no ``f_start_by_rate``), so that where each frame stopped is its decode point to within one fine step. One JSON line per frame: the actual error rate e,
   the bits Alice disclosed before Bob decoded (syndrome, un-merged rows, extra parities; ``needed``) and
   the check parities. The frame must fit one codeword (the decode point of one of several codewords is
   not visible in the outcome).
@@ -53,7 +53,7 @@ async def _stage(a: np.ndarray, b: np.ndarray, qber: float, params: ldpc.LdpcPar
 
 
 def measure(qber: float, frames: int, n: int, step: float, seed0: int) -> None:
-    params = ldpc.LdpcParams(blind_step=step, blind_growth=0.0, max_blind_rounds=400)
+    params = ldpc.LdpcParams(blind_step=step, blind_growth=0.0, max_blind_rounds=400, f_start_by_rate=())
     plan = ldpc.make_plan(n, qber, params)
     if plan.codewords != 1:
         raise SystemExit(f"a frame of {n} bits is more than one codeword: choose a smaller --n")

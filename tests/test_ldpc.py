@@ -141,6 +141,26 @@ def test_plan_keeps_rows_to_unmerge_when_the_first_syndrome_fills_a_code():
     assert plan.merged > params.max_merged * plan.m
 
 
+def test_a_code_listed_in_f_start_by_rate_starts_higher_with_the_same_code():
+    """``f_start_by_rate`` lengthens the first syndrome of frames on the listed codes (fewer pairs merged) and
+    changes nothing else: the code, its lift and the codewords are the ones f_start chooses; a listed f
+    below f_start, or a rate not listed, leaves the plan as it was. Both parties plan alike, so a frame
+    reconciles with it."""
+    base = dataclasses.replace(EASY, f_start=1.05, max_lift=1, f_start_by_rate=())
+    plan = ldpc.make_plan(20_000, 0.01, base)
+    higher = ldpc.make_plan(20_000, 0.01, dataclasses.replace(base, f_start_by_rate=((plan.rate, 1.2),)))
+    h, k = ldpc.binary_entropy(0.01), max(plan.payloads)
+    assert (higher.rate, higher.m, higher.lift, higher.payloads) == (plan.rate, plan.m, plan.lift, plan.payloads)
+    assert plan.syndrome_bits == math.ceil(1.05 * h * k) and higher.syndrome_bits == math.ceil(1.2 * h * k)
+    assert higher.merged == plan.merged - (higher.syndrome_bits - plan.syndrome_bits) and higher.step == plan.step
+    for same in (((plan.rate, 1.0),), ((0.123, 1.3),)):
+        assert ldpc.make_plan(20_000, 0.01, dataclasses.replace(base, f_start_by_rate=same)) == plan
+    a, b = _frame(20_000, 0.01, 5)
+    params = dataclasses.replace(base, f_start_by_rate=((plan.rate, 1.2),), blind_step=0.1)
+    ra, rb, _ca, _cb = asyncio.run(_reconcile(a, b, 0.01, params))
+    assert np.array_equal(rb.key, a) and ra.syndrome_bits == higher.codewords * higher.syndrome_bits
+
+
 def test_merge_pairs_are_disjoint_rows():
     code = ldpc_codes.get_code(0.7, N_CODE)
     pairs = ldpc_codes.merge_pairs(code)
