@@ -10,8 +10,8 @@ the mean overshoot, and each step costs a round trip. Two parts:
   bits with i.i.d. errors at rate QBER and *fine* steps (``--step``, constant) from f_start on every code
   (no ``f_start_by_rate``), so that where each frame stopped is its decode point to within one fine
   step. One JSON line per frame: the actual error rate e, the bits Alice disclosed before Bob decoded
-  (syndrome, un-merged rows, extra parities; ``needed``) and the check parities. The frame must fit one codeword (the decode point of one of several codewords is
-  not visible in the outcome).
+  (syndrome, un-merged rows, extra parities; ``needed``) and the check parities. The frame must fit one
+  codeword (the decode point of one of several codewords is not visible in the outcome).
 * ``evaluate FILE...``: replays schedules (f_start fixed, a grid of ``blind_step`` × ``blind_growth``)
   on those decode points with the protocol's own step arithmetic, and prints per schedule and file the
   mean f (everything counted: steps, check parities, one status bit per round; in units of N·h(e), as the
