@@ -72,6 +72,7 @@ from qkdstack.protocol.ldpc_decoder import (  # noqa: F401  (decode_batch*: re-e
     decode_batch_warm,
     decode_lanes_warm,
 )
+from qkdstack.protocol.ldpc_repair import MAX_PATH, MAX_UNSATISFIED, repair_batch
 
 __all__ = ["LdpcParams", "LdpcResult", "Plan", "alice", "bob", "decode_batch", "lift_for", "make_plan"]
 
@@ -513,22 +514,29 @@ DECODER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 async def _decode_threads(row_ptr, col_idx, llr: np.ndarray, target: np.ndarray, params: LdpcParams,
                           r_state: np.ndarray):
-    """decode_lanes_warm over the rows of ``llr``, split across up to :data:`DECODER_THREADS` worker threads
-    in units of 4 codewords (the kernel's smallest block; a 4-lane block costs about 0.6 of an 8-lane one):
-    7 codewords run as 4 + 3 on two threads, 3 on one, 16 as 8 + 8."""
+    """decode_lanes_warm over the rows of ``llr``, then :func:`~qkdstack.protocol.ldpc_repair.repair_batch`
+    on the words it failed, split across up to :data:`DECODER_THREADS` worker threads in units of 4
+    codewords (the kernel's smallest block; a 4-lane block costs about 0.6 of an 8-lane one): 7 codewords
+    run as 4 + 3 on two threads, 3 on one, 16 as 8 + 8."""
     count, n = llr.shape
     err = np.empty((count, n), dtype=np.uint8)
     iters = np.empty(count, dtype=np.int32)
     units = -(-count // 4)
     bounds = np.minimum(np.linspace(0, units, min(DECODER_THREADS, units) + 1).astype(int) * 4, count)
     await asyncio.gather(*(
-        # PHI_TABLE passed, not left to a default: a default array argument types as omitted(default=array),
-        # which Numba's on-disk cache never matches in a new process (a recompilation and a new cache file each run)
-        asyncio.to_thread(decode_lanes_warm, row_ptr, col_idx, llr[a:b], target[a:b], params.max_iterations,
-                          params.alpha, err[a:b], iters[a:b], r_state[a:b], PHI_TABLE)
+        asyncio.to_thread(_decode_block, row_ptr, col_idx, llr[a:b], target[a:b], params, err[a:b], iters[a:b],
+                          r_state[a:b])
         for a, b in itertools.pairwise(bounds) if b > a
     ))
     return err, iters
+
+
+def _decode_block(row_ptr, col_idx, llr, target, params: LdpcParams, err, iters, r_state) -> None:
+    # PHI_TABLE passed, not left to a default: a default array argument types as omitted(default=array),
+    # which Numba's on-disk cache never matches in a new process (a recompilation and a new cache file each run)
+    decode_lanes_warm(row_ptr, col_idx, llr, target, params.max_iterations, params.alpha, err, iters, r_state,
+                      PHI_TABLE)
+    repair_batch(row_ptr, col_idx, target, err, iters, MAX_UNSATISFIED, MAX_PATH)
 
 
 # --------------------------------------------------------------------------------------------
