@@ -33,8 +33,9 @@ def _syndrome(row_ptr, col_idx, word) -> np.ndarray:
                      for c in range(row_ptr.size - 1)], dtype=np.uint8)
 
 
-def _repair(row_ptr, col_idx, target, words, iters, max_unsatisfied=MAX_UNSATISFIED, max_path=MAX_PATH):
-    return repair_batch(row_ptr, col_idx, target, words, iters, max_unsatisfied, max_path)
+def _repair(row_ptr, col_idx, target, words, iters, max_unsatisfied=MAX_UNSATISFIED, max_path=MAX_PATH, skip=None):
+    skip = np.zeros(len(iters), dtype=np.bool_) if skip is None else skip
+    return repair_batch(row_ptr, col_idx, target, words, iters, skip, max_unsatisfied, max_path)
 
 
 def test_a_run_of_wrong_degree2_variables_is_flipped_back():
@@ -177,3 +178,38 @@ def test_bobs_decoder_repairs_what_belief_propagation_leaves_on_degree2_runs(tmp
             assert not np.any(_syndrome(code.row_ptr, code.col_idx, err[0]) ^ target[0])
             repaired += int(np.array_equal(err[0], truth))
     assert stalled >= 1 and repaired >= 1
+
+
+def test_no_repair_when_two_shortest_paths_lead_to_the_check():
+    """Merged rows can join two degree-2 variables to the same two checks (a weight-2 codeword): flipping
+    either meets the syndrome and one of the two words is wrong, so neither is chosen."""
+    row_ptr, col_idx, n = _chain_code()
+    rows = [list(col_idx[row_ptr[c]:row_ptr[c + 1]]) for c in range(row_ptr.size - 1)]
+    twin = n  # a second degree-2 variable beside chain variable 12 (checks 12 and 13)
+    rows[12].append(twin)
+    rows[13].append(twin)
+    row_ptr, col_idx = _csr(rows)
+    truth = np.zeros(n + 1, dtype=np.uint8)
+    target = _syndrome(row_ptr, col_idx, truth)[None, :]
+    stuck = truth.copy()
+    stuck[10:13] ^= 1  # chain variables 10, 11, 12: checks 10 and 13 unsatisfied; 12 or the twin would do
+    words = stuck[None, :].copy()
+    iters = np.array([-1], dtype=np.int32)
+    assert _repair(row_ptr, col_idx, target, words, iters) == 0
+    assert iters[0] == -1 and np.array_equal(words[0], stuck)
+    stuck[12] ^= 1  # without the ambiguity (checks 10 and 12 unsatisfied) the same run is repaired
+    stuck[10:12] = truth[10:12] ^ 1
+    words = stuck[None, :].copy()
+    assert _repair(row_ptr, col_idx, target, words, iters) == 1 and np.array_equal(words[0], truth)
+
+
+def test_words_marked_skip_are_not_repaired():
+    row_ptr, col_idx, n = _chain_code()
+    truth = np.zeros(n, dtype=np.uint8)
+    target = np.stack([_syndrome(row_ptr, col_idx, truth)] * 2)
+    words = np.stack([truth, truth])
+    words[:, 10:14] ^= 1
+    iters = np.array([-1, -1], dtype=np.int32)
+    assert _repair(row_ptr, col_idx, target, words, iters, skip=np.array([True, False])) == 1
+    assert iters.tolist() == [-1, 0]
+    assert np.array_equal(words[1], truth) and not np.array_equal(words[0], truth)

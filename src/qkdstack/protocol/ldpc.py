@@ -107,7 +107,8 @@ class LdpcParams:
     """Target efficiency of the first attempt: syndrome bits per key bit = f_start·h(q). Below the codes'
     threshold on purpose: the blind rounds add what a codeword needs, so f ends near the mean threshold.
     The mother code is chosen for this f_start (its rows and headroom), on every code."""
-    f_start_by_rate: tuple[tuple[float, float], ...] = ((0.85, 1.09), (0.9, 1.09), (0.915, 1.09), (0.95, 1.13))
+    f_start_by_rate: tuple[tuple[float, float], ...] = (
+        (0.85, 1.08), (0.87, 1.09), (0.9, 1.09), (0.915, 1.09), (0.95, 1.13))
     """(mother-code rate, f) pairs: the first syndrome of a frame on that code has ⌈f·h(q)·k⌉ bits instead of
     ⌈f_start·h(q)·k⌉ (fewer rows merged; the code stays the one f_start chooses). For the high-rate codes,
     whose codewords decode far above f_start, so that first attempts that nearly always fail (each a
@@ -117,7 +118,9 @@ class LdpcParams:
     5.7 (1.222, 9.0); 1 % (0.915) 1.09 → 1.144 and 4.4 (1.145, 6.3); 1.3 % (0.85, 39 % merged) 1.09 → 1.167
     and 5.3 (1.169, 7.1); 2 % (0.85) 1.09 → 1.110 and 2.5 (1.110, 4.9). At 3 % (0.8) a start of 1.07
     already costs 0.004 in f (a tenth of the frames decode at the first step from 1.05), so the codes of rate
-    0.8 and below start at f_start."""
+    0.8 and below start at f_start. Since the rate-0.85 code has the simulated profile and QBER 1.2–1.7 % the
+    rate-0.87 code (fourth session), replayed on 80 frames at 2 %: 0.85 at 1.08 → 1.0985 and 2.3 (1.1034,
+    2.0 at 1.09; 1.0986, 3.0 at 1.07); the 0.87 code at 1.09 (1.6 %: 1.116, 3.0; 1.07: 1.115, 4.1)."""
     blind_step: float = 0.012
     """Blind round r reveals Δ·(1 + blind_growth·(r − 1)) more bits of every failed codeword,
     Δ = ⌈blind_step·k·h(q)⌉: small first steps (f ends close to where each codeword decodes), growing so
@@ -513,30 +516,31 @@ DECODER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 async def _decode_threads(row_ptr, col_idx, llr: np.ndarray, target: np.ndarray, params: LdpcParams,
-                          r_state: np.ndarray):
+                          r_state: np.ndarray, no_repair: np.ndarray | None = None):
     """decode_lanes_warm over the rows of ``llr``, then :func:`~qkdstack.protocol.ldpc_repair.repair_batch`
-    on the words it failed, split across up to :data:`DECODER_THREADS` worker threads in units of 4
-    codewords (the kernel's smallest block; a 4-lane block costs about 0.6 of an 8-lane one): 7 codewords
-    run as 4 + 3 on two threads, 3 on one, 16 as 8 + 8."""
+    on the words it failed (not on the rows ``no_repair`` marks), split across up to :data:`DECODER_THREADS`
+    worker threads in units of 4 codewords (the kernel's smallest block; a 4-lane block costs about 0.6 of an
+    8-lane one): 7 codewords run as 4 + 3 on two threads, 3 on one, 16 as 8 + 8."""
     count, n = llr.shape
     err = np.empty((count, n), dtype=np.uint8)
     iters = np.empty(count, dtype=np.int32)
+    skip = np.zeros(count, dtype=np.bool_) if no_repair is None else no_repair
     units = -(-count // 4)
     bounds = np.minimum(np.linspace(0, units, min(DECODER_THREADS, units) + 1).astype(int) * 4, count)
     await asyncio.gather(*(
         asyncio.to_thread(_decode_block, row_ptr, col_idx, llr[a:b], target[a:b], params, err[a:b], iters[a:b],
-                          r_state[a:b])
+                          r_state[a:b], skip[a:b])
         for a, b in itertools.pairwise(bounds) if b > a
     ))
     return err, iters
 
 
-def _decode_block(row_ptr, col_idx, llr, target, params: LdpcParams, err, iters, r_state) -> None:
+def _decode_block(row_ptr, col_idx, llr, target, params: LdpcParams, err, iters, r_state, skip) -> None:
     # PHI_TABLE passed, not left to a default: a default array argument types as omitted(default=array),
     # which Numba's on-disk cache never matches in a new process (a recompilation and a new cache file each run)
     decode_lanes_warm(row_ptr, col_idx, llr, target, params.max_iterations, params.alpha, err, iters, r_state,
                       PHI_TABLE)
-    repair_batch(row_ptr, col_idx, target, err, iters, MAX_UNSATISFIED, MAX_PATH)
+    repair_batch(row_ptr, col_idx, target, err, iters, skip, MAX_UNSATISFIED, MAX_PATH)
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,6 +661,7 @@ async def bob(
     unmerged = 0
     total_iters = 0
     wrong = 0
+    caught = np.zeros(plan.codewords, dtype=np.bool_)  # a wrong word was caught: no more repairs (see below)
     # Warm start: each open codeword's check messages from its last attempt, by row key (see _carry).
     messages: dict[int, np.ndarray] = {}
     last_keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -684,7 +689,7 @@ async def bob(
                 _carry(old_keys, old_ptr, np.stack([messages[int(i)] for i in idx]), keys, row_ptr, t + 1, r_state)
             last_keys[k] = (keys, row_ptr)
             sub_err, sub_it = await _decode_threads(row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt, params,
-                                                    r_state)
+                                                    r_state, caught[idx])
             for row, i in enumerate(idx):
                 messages[int(i)] = r_state[row]
             err[idx] = sub_err
@@ -694,6 +699,8 @@ async def bob(
             mine = _parities(words[idx] ^ sub_err, check_rows[k])
             good = np.all(mine == checks_a[idx], axis=1)
             wrong += int(np.count_nonzero(decoded & ~good))
+            # BP's warm start stays near a wrong word, and the repair would pick it again every round
+            caught[idx[decoded & ~good]] = True
             ok[members] = decoded & good
         if blind == 0:
             failed_first = int(np.count_nonzero(~ok))
