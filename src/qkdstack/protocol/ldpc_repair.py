@@ -36,6 +36,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from qkdstack.protocol.ldpc_codes import _columns
+
 MAX_UNSATISFIED = 16
 """A decoding left with more unsatisfied checks is a waterfall failure (hundreds of them), not a run of
 degree-2 variables: the repair is not tried."""
@@ -65,22 +67,10 @@ def _unsatisfied(row_ptr, col_idx, target, err, out):
     return count
 
 
-@njit(cache=True, nogil=True)
-def _columns(row_ptr, col_idx, n):
-    """The matrix by columns: the checks of variable v are var_rows[var_ptr[v]:var_ptr[v + 1]]."""
-    var_ptr = np.zeros(n + 1, dtype=np.int64)
-    for e in range(col_idx.size):
-        var_ptr[col_idx[e] + 1] += 1
-    for v in range(n):
-        var_ptr[v + 1] += var_ptr[v]
-    fill = var_ptr[:-1].copy()
-    var_rows = np.empty(col_idx.size, dtype=np.int64)
-    for c in range(row_ptr.size - 1):
-        for e in range(row_ptr[c], row_ptr[c + 1]):
-            v = col_idx[e]
-            var_rows[fill[v]] = c
-            fill[v] += 1
-    return var_ptr, var_rows
+@njit(cache=True, nogil=True, inline="always")
+def _other_end(ends, v, c):
+    """The check at the other end of degree-2 variable v from check c."""
+    return ends[v, 1] if ends[v, 0] == c else ends[v, 0]
 
 
 @njit(cache=True, nogil=True)
@@ -127,7 +117,7 @@ def _pair_up(row_ptr, col_idx, ends, err, unsat, max_path, via, depth, queue, fl
                 v = col_idx[e]
                 if ends[v, 0] < 0:
                     continue
-                nxt = ends[v, 1] if ends[v, 0] == c else ends[v, 0]
+                nxt = _other_end(ends, v, c)
                 if via[nxt] != -2:
                     if depth[nxt] == depth[c] + 1 and via[nxt] != v:
                         ambiguous[nxt] = 1
@@ -152,7 +142,7 @@ def _pair_up(row_ptr, col_idx, ends, err, unsat, max_path, via, depth, queue, fl
                 err[v] ^= 1
                 flipped[nflipped] = v
                 nflipped += 1
-                c = ends[v, 1] if ends[v, 0] == c else ends[v, 0]
+                c = _other_end(ends, v, c)
             unsat[s] = 0
             unsat[found] = 0
         for i in range(tail):
@@ -184,7 +174,7 @@ def _hubs(row_ptr, col_idx, var_ptr, var_rows, ends, unsat, reach, via, depth, q
             v = col_idx[e]
             if ends[v, 0] < 0:
                 continue
-            nxt = ends[v, 1] if ends[v, 0] == c else ends[v, 0]
+            nxt = _other_end(ends, v, c)
             if via[nxt] == -2:
                 via[nxt] = v
                 depth[nxt] = depth[c] + 1
@@ -274,7 +264,7 @@ def repair_batch(row_ptr, col_idx, target, err, iters, skip, max_unsatisfied, ma
     unsat = np.empty(m, dtype=np.uint8)
     unsat0 = np.empty(m, dtype=np.uint8)
     var_ptr = np.empty(0, dtype=np.int64)
-    var_rows = np.empty(0, dtype=np.int64)
+    var_rows = np.empty(0, dtype=np.int32)  # the type ldpc_codes._columns gives
     ends = np.empty((0, 2), dtype=np.int64)
     via = np.full(m, -2, dtype=np.int64)
     depth = np.zeros(m, dtype=np.int64)
