@@ -118,7 +118,7 @@ class LdpcParams:
     5.7 (1.222, 9.0); 1 % (0.915) 1.09 → 1.144 and 4.4 (1.145, 6.3); 1.3 % (0.85, 39 % merged) 1.09 → 1.167
     and 5.3 (1.169, 7.1); 2 % (0.85) 1.09 → 1.110 and 2.5 (1.110, 4.9). At 3 % (0.8) a start of 1.07
     already costs 0.004 in f (a tenth of the frames decode at the first step from 1.05), so the codes of rate
-    0.8 and below start at f_start. Since the rate-0.85 code has the simulated profile and QBER 1.2–1.7 % the
+    0.8 and below start at f_start. Since the rate-0.85 code has the simulated profile and QBER 1.25–1.75 % the
     rate-0.87 code (fourth session), replayed on 80 frames at 2 %: 0.85 at 1.08 → 1.0985 and 2.3 (1.1034,
     2.0 at 1.09; 1.0986, 3.0 at 1.07); the 0.87 code at 1.09 (1.6 %: 1.116, 3.0; 1.07: 1.115, 4.1)."""
     blind_step: float = 0.012
