@@ -85,10 +85,25 @@ class DemoResult:
     wall_s: float = 0.0
 
 
+def _ephemeral_start() -> int:
+    """The first port the kernel hands out as a connection's source port (Linux: ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default, and above the ranges other systems use for listeners
+
+
 def free_port_block(count: int) -> int:
-    """A base port with ``count`` consecutive free ports on 127.0.0.1."""
+    """A base port with ``count`` consecutive free ports on 127.0.0.1, below the ephemeral range.
+
+    Free when checked is not enough: the sites bind their ports one after another while the first ones
+    already connect out, and an outgoing connection takes a source port from the ephemeral range. A block
+    there could be taken before its listener binds it (seen: "[link] quantum 127.0.0.1:42994 cannot be
+    listened on (Address already in use)" in the five-site demo), so the block lies below that range.
+    """
+    low, high = 10000, max(10000 + count + 1, _ephemeral_start() - count)
     for _ in range(200):
-        base = 20000 + secrets.randbelow(30000)
+        base = low + secrets.randbelow(high - low)
         try:
             socks = []
             for p in range(base, base + count):
