@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from _node_support import _free
+from qkdstack.demo import ephemeral_port_start
 from qkdstack.network.topology import Topology, load_topology
 from qkdstack.node.deployment import SiteLayout, network_ports, write_network_deployment
 
@@ -36,11 +37,12 @@ DISTANCE_KM = 5.0
 
 def free_base_port(topology: Topology) -> int:
     """A base port whose whole block (links and sites, :func:`network_ports`) is free on loopback."""
+    # below the ephemeral range, where outgoing connections take their source ports (demo.free_port_block)
     for _ in range(300):
-        base = random.randrange(20_000, 60_000, 100)
+        base = random.randrange(10_000, ephemeral_port_start() - 1_000, 100)
         links, sites = network_ports(topology, base)
         ports = [p for group in (*links.values(), *sites.values()) for p in group.values()]
-        if all(_free(p) for p in ports):
+        if max(ports) < ephemeral_port_start() and all(_free(p) for p in ports):
             return base
     raise RuntimeError("no free loopback ports")
 

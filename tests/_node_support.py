@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qkdstack.demo import ephemeral_port_start
 from qkdstack.node.config import load_config
 from qkdstack.node.deployment import SiteLayout, render_toml, write_deployment
 from qkdstack.node.service import Node
@@ -46,7 +47,8 @@ def free_base_port(extra: int = 0) -> int:
     """A base port P with P..P+2, P+8..P+13 (the deployment's: links, SKIP, ETSI 014, admin) and P+20..P+20+extra
     free and unused in this run."""
     for _ in range(500):
-        base = random.randrange(20_000, 60_000, 50)
+        # below the ephemeral range, where outgoing connections take their source ports (demo.free_port_block)
+        base = random.randrange(10_000, ephemeral_port_start() - 50 - extra, 50)
         wanted = [base, base + 1, base + 2, *range(base + 8, base + 14), *range(base + 20, base + 20 + extra)]
         if not _used_ports.intersection(wanted) and all(_free(p) for p in wanted):
             _used_ports.update(wanted)

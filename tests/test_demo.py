@@ -52,10 +52,10 @@ def test_port_blocks_lie_below_the_ephemeral_range_and_are_free():
     between the check and the listener's bind (a five-site demo failed so): blocks lie below it."""
     import socket
 
-    from qkdstack.demo import _ephemeral_start, free_port_block
+    from qkdstack.demo import ephemeral_port_start, free_port_block
 
     for _ in range(50):
         base = free_port_block(40)
-        assert base >= 10000 and base + 40 <= _ephemeral_start()
+        assert base >= 10000 and base + 40 <= ephemeral_port_start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", base))

@@ -85,7 +85,7 @@ class DemoResult:
     wall_s: float = 0.0
 
 
-def _ephemeral_start() -> int:
+def ephemeral_port_start() -> int:
     """The first port the kernel hands out as a connection's source port (Linux: ip_local_port_range)."""
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -101,7 +101,7 @@ def free_port_block(count: int) -> int:
     there could be taken before its listener binds it (seen: "[link] quantum 127.0.0.1:42994 cannot be
     listened on (Address already in use)" in the five-site demo), so the block lies below that range.
     """
-    low, high = 10000, max(10000 + count + 1, _ephemeral_start() - count)
+    low, high = 10000, max(10000 + count + 1, ephemeral_port_start() - count)
     for _ in range(200):
         base = low + secrets.randbelow(high - low)
         try:
