@@ -38,11 +38,12 @@ DISTANCE_KM = 5.0
 def free_base_port(topology: Topology) -> int:
     """A base port whose whole block (links and sites, :func:`network_ports`) is free on loopback."""
     # below the ephemeral range, where outgoing connections take their source ports (demo.free_port_block)
+    top = ephemeral_port_start()
     for _ in range(300):
-        base = random.randrange(10_000, ephemeral_port_start() - 1_000, 100)
+        base = random.randrange(10_000, top - 1_000, 100)
         links, sites = network_ports(topology, base)
         ports = [p for group in (*links.values(), *sites.values()) for p in group.values()]
-        if max(ports) < ephemeral_port_start() and all(_free(p) for p in ports):
+        if max(ports) < top and all(_free(p) for p in ports):
             return base
     raise RuntimeError("no free loopback ports")
 

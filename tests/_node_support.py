@@ -46,9 +46,10 @@ def _free(port: int) -> bool:
 def free_base_port(extra: int = 0) -> int:
     """A base port P with P..P+2, P+8..P+13 (the deployment's: links, SKIP, ETSI 014, admin) and P+20..P+20+extra
     free and unused in this run."""
+    # below the ephemeral range, where outgoing connections take their source ports (demo.free_port_block)
+    top = ephemeral_port_start() - 50 - extra
     for _ in range(500):
-        # below the ephemeral range, where outgoing connections take their source ports (demo.free_port_block)
-        base = random.randrange(10_000, ephemeral_port_start() - 50 - extra, 50)
+        base = random.randrange(10_000, top, 50)
         wanted = [base, base + 1, base + 2, *range(base + 8, base + 14), *range(base + 20, base + 20 + extra)]
         if not _used_ports.intersection(wanted) and all(_free(p) for p in wanted):
             _used_ports.update(wanted)

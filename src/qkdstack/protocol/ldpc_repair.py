@@ -109,9 +109,9 @@ def _pair_up(row_ptr, col_idx, ends, err, unsat, max_path, via, depth, queue, fl
         while head < tail:
             c = queue[head]
             head += 1
-            if depth[c] >= max_path or (found >= 0 and depth[c] + 1 > depth[found]):
-                if found >= 0:
-                    break
+            if found >= 0 and depth[c] >= depth[found]:  # found's level is done
+                break
+            if depth[c] >= max_path:
                 continue
             for e in range(row_ptr[c], row_ptr[c + 1]):
                 v = col_idx[e]
@@ -131,11 +131,8 @@ def _pair_up(row_ptr, col_idx, ends, err, unsat, max_path, via, depth, queue, fl
                 tail += 1
                 if unsat[nxt]:
                     found = nxt
-        if found >= 0 and ambiguous[found]:
-            for i in range(tail):
-                via[queue[i]] = -2
-            return False, nflipped
-        if found >= 0:  # flip the path back to s
+        paired = found >= 0 and ambiguous[found] == 0
+        if paired:  # flip the path back to s
             c = found
             while c != s:
                 v = via[c]
@@ -147,7 +144,7 @@ def _pair_up(row_ptr, col_idx, ends, err, unsat, max_path, via, depth, queue, fl
             unsat[found] = 0
         for i in range(tail):
             via[queue[i]] = -2
-        if found < 0:
+        if not paired:
             return False, nflipped
     return True, nflipped
 
