@@ -3,9 +3,10 @@
 A deployment as ``qkdstack init`` writes it (PSK, SQLite, frames that follow the distance) for each case of
 ``QKDSTACK_BENCH_NODE_KM``: ``KM`` (a 1 GHz source) or ``KM@GHZ`` (the source's ``[device] rep_rate_hz`` in
 GHz, the frame chosen by :func:`qkdstack.theory.frames.frame_pulses` for that source: 10^9 pulses, 0.4 s, at
-2.5 GHz); default ``10,25,50,25@2.5``, the cases of issue 12. After a warm-up (the first accepted rounds,
-Numba's compilation), the steady state is measured for ``QKDSTACK_BENCH_NODE_SECONDS`` (default 60) from the
-sites' ``status.json``:
+2.5 GHz); default ``10,25,50,25@2.5``, the cases of issue 12; ``QKDSTACK_BENCH_NODE_RECONCILIATION``
+(``ldpc`` or ``cascade``) sets both sites' ``[protocol] reconciliation`` (default: the deployment's, Cascade).
+After a warm-up (the first accepted rounds, Numba's compilation), the steady state is measured for
+``QKDSTACK_BENCH_NODE_SECONDS`` (default 60) from the sites' ``status.json``:
 
 * ``real_time_factor``: device seconds distilled per wall second, ``Δ device_seconds_distilled / Δ wall``
   at site A (1.0: the nodes keep up with their device);
@@ -48,6 +49,7 @@ from typing import Any
 
 SECONDS = float(os.environ.get("QKDSTACK_BENCH_NODE_SECONDS", "60"))
 CASES = os.environ.get("QKDSTACK_BENCH_NODE_KM", "10,25,50,25@2.5")
+RECONCILIATION = os.environ.get("QKDSTACK_BENCH_NODE_RECONCILIATION", "")
 """Comma-separated ``KM`` or ``KM@GHZ`` (see the module doc)."""
 WARMUP_ROUNDS = 3
 WARMUP_TIMEOUT_S = 240.0
@@ -254,6 +256,8 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0, rep
             if rep_rate_hz != 1e9:
                 data["device"]["rep_rate_hz"] = rep_rate_hz
             data["kms"].update(capacity_keys=5_000_000, high_water_keys=4_900_000, low_water_keys=1_000)
+            if RECONCILIATION:
+                data.setdefault("protocol", {})["reconciliation"] = RECONCILIATION
             layout.config.write_text(render_toml(data))
         dirs = {s: layouts[s].config.parent for s in ("A", "B")}
         dev = tomllib.loads(layouts["A"].config.read_text())["device"]
@@ -284,6 +288,7 @@ def measure(distance_km: float, seconds: float, *, rss_every_s: float = 0.0, rep
                 "distance_km": distance_km,
                 "rep_rate_hz": rep_rate_hz,
                 "pulses_per_frame": int(dev.get("pulses_per_frame", 0)),
+                "reconciliation": RECONCILIATION or "cascade (the default)",
                 "seconds": round(wall, 1),
                 "rounds_accepted": s1["rounds_accepted"] - s0["rounds_accepted"],
                 "rounds_aborted": s1["rounds_aborted"] - s0["rounds_aborted"],

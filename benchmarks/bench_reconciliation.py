@@ -8,13 +8,19 @@ codeword of 114688 bits for a 10⁵-bit frame; rate-adapted by merging row pairs
 reports:
 
 * ``f`` = *everything* the stage disclosed (syndromes, check parities, blind-round bits, Bob's status
-  bits) / (N h(e)), e the frame's actual error fraction; ``f_syndrome`` = the first syndrome alone;
+  bits) / (N h(e)), e the frame's actual error fraction, the mean over the frames, with ``f_stderr``
+  its standard error (a frame's f varies by about 0.02, so 4 frames could not tell 1.09 from 1.11);
+  ``f_syndrome`` = the first syndrome alone;
 * ``wrong_codewords_caught``: decodings that met the syndrome but failed the check parities;
 * ``codeword_fer_first``: codewords whose first decoding failed / codewords;
   ``frame_fer_first``: frames with at least one such codeword; ``frame_fer_final``: frames given
   up after the blind rounds or with a residual error (with the rule-of-three 95 % bound 3/frames
   when none);
 * round trips (mean, max), wall time of the stage and ``throughput_bit_per_s`` = N / wall time;
+* ``cascade``: Cascade ("batched", the default reconciliation) on the same frames: ``f`` as the key length
+  counts it (everything disclosed in both directions: Bob's decision bits as well, docs/cascade.md), and
+  ``f_parities`` (Alice's parities alone, the figure the Cascade literature reports), round trips,
+  throughput and frames left with a residual error;
 * ``decoder_bit_per_s``: key bits per second of our decoder alone on the frame's first attempt
   (one thread, every codeword, failures included: at f_start = 1.05 most fail, by design);
   ``decoder_mother_bit_per_s``: the same on the mother code's whole syndrome (which decodes); the
@@ -34,8 +40,10 @@ reports:
 5 ms (10 ms round trip), LDPC and Cascade ("batched") side by side with their zero-delay times
 (best of three runs each).
 
-Frames per QBER: ``FRAMES`` (multiply with ``QKDSTACK_BENCH_RECON_SCALE``). The machine is
-shared: timings are noisy. Run: ``.venv/bin/python benchmarks/run_all.py reconciliation``.
+Frames per QBER: ``FRAMES`` (24) for f, frame errors and round trips, the decoders and the ``ldpc``
+package timed on the first ``TIMED_FRAMES`` (4) of them (both multiplied by
+``QKDSTACK_BENCH_RECON_SCALE``). The machine is shared: timings are noisy.
+Run: ``.venv/bin/python benchmarks/run_all.py reconciliation``.
 Frame error rates over more frames (not part of ``make bench``):
 ``.venv/bin/python benchmarks/bench_reconciliation.py fer 50`` (one JSON line per QBER on stderr).
 """
@@ -57,7 +65,9 @@ from qkdstack.protocol.channel import InMemoryChannel
 
 QBERS = (0.01, 0.02, 0.03, 0.05, 0.08)
 N = 100_000
-FRAMES = max(1, round(4 * float(os.environ.get("QKDSTACK_BENCH_RECON_SCALE", "1"))))
+_SCALE = float(os.environ.get("QKDSTACK_BENCH_RECON_SCALE", "1"))
+FRAMES = max(1, round(24 * _SCALE))
+TIMED_FRAMES = min(FRAMES, max(1, round(4 * _SCALE)))
 PKG_CODEWORDS = 2
 DELAY_S = 0.005
 
@@ -183,9 +193,27 @@ def _pkg(a, b, q, seed) -> dict | None:
             "ours_lanes_same_codewords_bit_per_s": bits / lanes_t, "speedup_lanes": theirs_t / lanes_t}
 
 
+def _mean_and_stderr(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    spread = float(np.std(values, ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else None
+    return float(np.mean(values)), spread
+
+
+def _cascade_row(a, b, q) -> dict:
+    """Cascade ("batched", the default schedule) on the same frame: f counted as the key length counts it
+    (everything disclosed, both directions), f of Alice's parities alone (the literature's figure), round trips,
+    wall time, and whether an error was left."""
+    nh = N * ldpc.binary_entropy(np.count_nonzero(a != b) / N)
+    t0 = time.perf_counter()
+    _ra, rb = asyncio.run(_cascade(a, b, q))
+    return {"f": rb.leaked_bits / nh, "f_parities": rb.parity_bits / nh, "round_trips": rb.round_trips,
+            "wall": time.perf_counter() - t0, "residual": not np.array_equal(rb.key, a)}
+
+
 def _one_qber(q: float) -> dict:
     fs, fsyn, cw_first, fr_first, rts, walls, decs, wrong, decs_m = [], [], [], [], [], [], [], [], []
-    decs_l, decs_lm = [], []
+    decs_l, decs_lm, cas = [], [], []
     final_fail = 0
     pkg = None
     for frame in range(FRAMES):
@@ -193,6 +221,7 @@ def _one_qber(q: float) -> dict:
         a, b = _frame(q, seed)
         e = np.count_nonzero(a != b) / N
         h = ldpc.binary_entropy(e)
+        cas.append(_cascade_row(a, b, q))
         t0 = time.perf_counter()
         try:
             _ra, rb = asyncio.run(_ldpc(a, b, q, seed))
@@ -208,6 +237,8 @@ def _one_qber(q: float) -> dict:
         fr_first.append(rb.failed_first > 0)
         rts.append(rb.round_trips)
         wrong.append(rb.wrong_codewords)
+        if frame >= TIMED_FRAMES:  # the decoders are timed on the first frames only
+            continue
         decs.append(_decoder_rate(a, b, q, seed))
         decs_m.append(_decoder_rate(a, b, q, seed, mother=True))
         decs_l.append(_decoder_rate(a, b, q, seed, lanes=True))
@@ -215,15 +246,19 @@ def _one_qber(q: float) -> dict:
         if pkg is None:
             pkg = _pkg(a, b, q, seed)
     code = ldpc.make_plan(N, q, ldpc.LdpcParams())
+    f_mean, f_stderr = _mean_and_stderr(fs)
+    cas_mean, cas_stderr = _mean_and_stderr([c["f"] for c in cas])
     return {
         "qber": q,
         "frames": FRAMES,
+        "timed_frames": TIMED_FRAMES,
         "code_rate": code.rate,
         "codewords_per_frame": code.codewords,
         "codeword_bits": code.lift * ldpc.LdpcParams().code_n,
         "first_syndrome_bits_per_codeword": code.syndrome_bits,
         "mother_rows_merged": code.merged,
-        "f": float(np.mean(fs)) if fs else None,
+        "f": f_mean,
+        "f_stderr": f_stderr,
         "f_max": float(np.max(fs)) if fs else None,
         "f_syndrome": float(np.mean(fsyn)) if fsyn else None,
         "codeword_fer_first": float(np.mean(cw_first)) if cw_first else None,
@@ -241,6 +276,11 @@ def _one_qber(q: float) -> dict:
         "decoder_lanes_mother_bit_per_s": float(np.median(decs_lm)) if decs_lm else None,
         "decoder_target_bit_per_s": 30e6 if q == 0.03 else None,
         "ldpc_pkg": pkg,
+        "cascade": {"f": cas_mean, "f_stderr": cas_stderr,
+                    "f_parities": float(np.mean([c["f_parities"] for c in cas])),
+                    "round_trips_mean": float(np.mean([c["round_trips"] for c in cas])),
+                    "throughput_bit_per_s": N / float(np.mean([c["wall"] for c in cas])),
+                    "residual_error_frames": sum(c["residual"] for c in cas)},
     }
 
 
