@@ -49,8 +49,9 @@ from typing import Any
 
 SECONDS = float(os.environ.get("QKDSTACK_BENCH_NODE_SECONDS", "60"))
 CASES = os.environ.get("QKDSTACK_BENCH_NODE_KM", "10,25,50,25@2.5")
-RECONCILIATION = os.environ.get("QKDSTACK_BENCH_NODE_RECONCILIATION", "")
 """Comma-separated ``KM`` or ``KM@GHZ`` (see the module doc)."""
+RECONCILIATION = os.environ.get("QKDSTACK_BENCH_NODE_RECONCILIATION", "")
+"""``ldpc`` or ``cascade`` for both sites, or empty: the deployment's own (Cascade)."""
 WARMUP_ROUNDS = 3
 WARMUP_TIMEOUT_S = 240.0
 

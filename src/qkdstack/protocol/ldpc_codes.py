@@ -18,15 +18,14 @@ concentrated (every check has ⌊E/m⌋ or ⌈E/m⌉ edges), as in those matrice
 with the check degree that the rate implies; it exists because a QBER of 1 % needs a code
 rate above 0.9 (1 − 1.1·h(0.01) ≈ 0.91) and shortening can only lower a rate.
 
-``0.915`` (ours, 2026-12-04, second session) was the designed rate-0.9 profile at rate 0.915 (since the fifth
-session a variation of it chosen by simulation, below), so that a
-frame near QBER 1 % is not reached by merging a fifth of the rate-0.9 code's rows: a 10⁵-bit frame
-at 1 % (one codeword of 114688 bits, 13 % shortened) decodes at 19 % of the rate-0.9 code's rows
-merged, and merging costs most at high rates. Measured (``scripts/ldpc_schedule.py measure 0.01 40``,
-the same 40 frames and layouts): codewords decode 0.020 ± 0.003 lower in f on the rate-0.915 code
-(mean 1.132 against 1.152, largest 1.163 against 1.209). The same test of a rate-0.855 code at 2 %
-(10 % of the rate-0.85 code's rows merged there) changed nothing (−0.000 ± 0.003), so there is no
-such code.
+``0.915`` (ours, 2026-12-04, second session) was the designed rate-0.9 profile at rate 0.915 (since the
+fifth session a variation of it chosen by simulation, below), so that a frame near QBER 1 % is not reached
+by merging a fifth of the rate-0.9 code's rows: a 10⁵-bit frame at 1 % (one codeword of 114688 bits, 13 %
+shortened) decodes at 19 % of the rate-0.9 code's rows merged, and merging costs most at high rates.
+Measured (``scripts/ldpc_schedule.py measure 0.01 40``, the same 40 frames and layouts): codewords decode
+0.020 ± 0.003 lower in f on the rate-0.915 code (mean 1.132 against 1.152, largest 1.163 against 1.209). The
+same test of a rate-0.855 code at 2 % (10 % of the rate-0.85 code's rows merged there) changed nothing
+(−0.000 ± 0.003), so there is no such code.
 
 Redesigned: 0.8, 0.85 (now at rate 0.87), 0.9 (:data:`DESIGNED_DISTRIBUTIONS`, 2026-12-04). Density evolution
 (scripts/ldpc_design.py: population dynamics, sum-product on the BSC) showed that the measured
@@ -55,10 +54,10 @@ Rate 0.915 by simulation (2026-12-05, fifth session). The same search for the ra
 rate-0.9 profile until then): 25 random variations (1–3 moves of 1–6 % of the edges between degrees), each
 built and measured through the protocol on the same 24 frames at QBER 1 % (first syndrome at f = 1.09, then
 steps of 0.004). The best three by that measure were measured again on 60 fresh frames, where only one
-held: degree 7 gone, its edges and a few of degree 12 moved to degrees 14 and 30 (:data:`SIMULATED_DISTRIBUTIONS`,
-revision 2). Decode points against the designed profile, paired: −0.0078 ± 0.002 (60 frames), −0.0098 ±
-0.003 (60 more). With more of its rows merged it is no better: QBER 0.85 % (about 20 % merged) +0.003 ±
-0.004, 0.7 % (about 33 %) +0.008 ± 0.006 (40 frames each).
+held: degree 7 gone, its edges and a few of degree 12 moved to degrees 14 and 30
+(:data:`SIMULATED_DISTRIBUTIONS`, revision 2). Decode points against the designed profile, paired:
+−0.0078 ± 0.002 (60 frames), −0.0098 ± 0.003 (60 more). With more of its rows merged it is no better:
+QBER 0.85 % (about 20 % merged) +0.003 ± 0.004, 0.7 % (about 33 %) +0.008 ± 0.006 (40 frames each).
 
 Construction. Progressive edge growth (Hu, Eleftheriou, Arnold, "Regular and irregular
 progressive edge-growth Tanner graphs", IEEE Trans. IT 51(1), 2005, Algorithm "PEG"):
