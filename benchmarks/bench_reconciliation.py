@@ -200,11 +200,11 @@ def _mean_and_stderr(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.mean(values)), spread
 
 
-def _cascade_row(a, b, q) -> dict:
-    """Cascade ("batched", the default schedule) on the same frame: f counted as the key length counts it
-    (everything disclosed, both directions), f of Alice's parities alone (the literature's figure), round trips,
-    wall time, and whether an error was left."""
-    nh = N * ldpc.binary_entropy(np.count_nonzero(a != b) / N)
+def _cascade_row(a, b, q, h) -> dict:
+    """Cascade ("batched", the default schedule) on the same frame (h: the binary entropy of its error
+    fraction): f counted as the key length counts it (everything disclosed, both directions), f of Alice's
+    parities alone (the literature's figure), round trips, wall time, and whether an error was left."""
+    nh = N * h
     t0 = time.perf_counter()
     _ra, rb = asyncio.run(_cascade(a, b, q))
     return {"f": rb.leaked_bits / nh, "f_parities": rb.parity_bits / nh, "round_trips": rb.round_trips,
@@ -221,7 +221,7 @@ def _one_qber(q: float) -> dict:
         a, b = _frame(q, seed)
         e = np.count_nonzero(a != b) / N
         h = ldpc.binary_entropy(e)
-        cas.append(_cascade_row(a, b, q))
+        cas.append(_cascade_row(a, b, q, h))
         t0 = time.perf_counter()
         try:
             _ra, rb = asyncio.run(_ldpc(a, b, q, seed))
