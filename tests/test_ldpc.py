@@ -309,15 +309,16 @@ def test_warm_start_carries_messages_of_unchanged_rows():
     t = 60
     before, after = ldpc._state(code, pairs, t, 0), ldpc._state(code, pairs, t, 20)
     keys = [np.concatenate([-(np.arange(j, t) + 1), st.singles]) for j, st in ((0, before), (20, after))]
-    old = np.random.default_rng(2).standard_normal((2, before.col_idx.size)).astype(np.float32)
+    old = np.random.default_rng(2).standard_normal((3, before.col_idx.size)).astype(np.float32)
     new = np.full((2, after.col_idx.size), np.nan, dtype=np.float32)
-    ldpc._carry(keys[0], before.row_ptr, old, keys[1], after.row_ptr, t + 1, new)
+    old_rows = np.array([2, 0])  # the codewords still open: the last attempt's third and first
+    ldpc._carry(keys[0], before.row_ptr, old, old_rows, keys[1], after.row_ptr, t + 1, new)
     assert not np.isnan(new).any()
     for r, key in enumerate(keys[1]):
         got = new[:, after.row_ptr[r] : after.row_ptr[r + 1]]
         if key < 0 or key not in set(pairs[:20].ravel().tolist()):  # still merged, or a single row all along
             o = int(np.flatnonzero(keys[0] == key)[0])
-            assert np.array_equal(got, old[:, before.row_ptr[o] : before.row_ptr[o + 1]])
+            assert np.array_equal(got, old[old_rows, before.row_ptr[o] : before.row_ptr[o + 1]])
         else:  # un-merged just now
             assert not got.any()
     rng = np.random.default_rng(3)

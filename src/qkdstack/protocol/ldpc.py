@@ -322,10 +322,13 @@ class LdpcResult:
 
 
 @njit(cache=True, nogil=True)
-def _carry(old_keys, old_ptr, old_r, new_keys, new_ptr, offset, out):
+def _carry(old_keys, old_ptr, old_r, old_rows, new_keys, new_ptr, offset, out):
     """Check messages of the rows a new check set shares with the old one (same key), 0 on new rows.
 
-    Keys: −(p + 1) for merged pair p, c for mother row c, m + x for extra row x; ``offset`` > every −key.
+    ``out[i]`` is filled from ``old_r[old_rows[i]]`` (the codeword's messages in the last attempt's array,
+    so the open codewords are not copied out of it first), codeword by codeword: both arrays are read and
+    written in order. Keys: −(p + 1) for merged pair p, c for mother row c, m + x for extra row x;
+    ``offset`` > every −key.
     """
     size = offset
     for k in old_keys:
@@ -335,18 +338,22 @@ def _carry(old_keys, old_ptr, old_r, new_keys, new_ptr, offset, out):
     where = np.full(size, -1, np.int64)
     for r in range(old_keys.size):
         where[old_keys[r] + offset] = r
+    source = np.empty(new_keys.size, np.int64)  # the old row of each new row, −1: new
     for r in range(new_keys.size):
-        o = where[new_keys[r] + offset]
-        a, b = new_ptr[r], new_ptr[r + 1]
-        if o >= 0:
-            oa = old_ptr[o]
-            for i in range(out.shape[0]):
+        source[r] = where[new_keys[r] + offset]
+    for i in range(out.shape[0]):
+        src = old_r[old_rows[i]]
+        dst = out[i]
+        for r in range(new_keys.size):
+            a, b = new_ptr[r], new_ptr[r + 1]
+            o = source[r]
+            if o >= 0:
+                oa = old_ptr[o]
                 for e in range(b - a):
-                    out[i, a + e] = old_r[i, oa + e]
-        else:
-            for i in range(out.shape[0]):
+                    dst[a + e] = src[oa + e]
+            else:
                 for e in range(a, b):
-                    out[i, e] = 0.0
+                    dst[e] = 0.0
 
 
 @njit(cache=True, nogil=True)
@@ -662,9 +669,9 @@ async def bob(
     total_iters = 0
     wrong = 0
     caught = np.zeros(plan.codewords, dtype=np.bool_)  # a wrong word was caught: no more repairs (see below)
-    # Warm start: each open codeword's check messages from its last attempt, by row key (see _carry).
-    messages: dict[int, np.ndarray] = {}
-    last_keys: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    # Warm start: each open codeword's check messages from its last attempt, by row key (see _carry):
+    # per payload size, the last attempt's row keys, row pointers, codewords and their messages.
+    last: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
     while True:
         st = _state(code, pairs, t, unmerged)
         state_keys = np.concatenate([-(np.arange(unmerged, t, dtype=np.int64) + 1), st.singles])
@@ -683,15 +690,15 @@ async def bob(
                 [base_tgt[idx], *([np.stack([np.concatenate(extra_target[int(i)]) for i in idx])]
                                   if k_rows else [])], axis=1))
             keys = np.concatenate([state_keys, code.m + np.arange(row_ptr.size - 1 - state_keys.size)])
-            r_state = np.zeros((idx.size, col_idx.size), dtype=np.float32)
-            if k in last_keys:
-                old_keys, old_ptr = last_keys[k]
-                _carry(old_keys, old_ptr, np.stack([messages[int(i)] for i in idx]), keys, row_ptr, t + 1, r_state)
-            last_keys[k] = (keys, row_ptr)
+            if k in last:  # the open codewords of this size are a subset of the last attempt's
+                old_keys, old_ptr, old_idx, old_r = last[k]
+                r_state = np.empty((idx.size, col_idx.size), dtype=np.float32)
+                _carry(old_keys, old_ptr, old_r, np.searchsorted(old_idx, idx), keys, row_ptr, t + 1, r_state)
+            else:
+                r_state = np.zeros((idx.size, col_idx.size), dtype=np.float32)
+            last[k] = (keys, row_ptr, idx, r_state)
             sub_err, sub_it = await _decode_threads(row_ptr, col_idx, np.ascontiguousarray(llr[idx]), tgt, params,
                                                     r_state, caught[idx])
-            for row, i in enumerate(idx):
-                messages[int(i)] = r_state[row]
             err[idx] = sub_err
             total_iters += int(np.abs(sub_it).sum())
             decoded = sub_it >= 0
@@ -705,8 +712,6 @@ async def bob(
         if blind == 0:
             failed_first = int(np.count_nonzero(~ok))
         await channel.send("ldpc.status", disclosed=BitArray.from_bits(ok.astype(np.uint8)))
-        for i in open_[ok]:
-            messages.pop(int(i), None)
         open_ = open_[~ok]
         if open_.size == 0:
             break
