@@ -43,12 +43,14 @@ ITERATIONS = 300
 @njit(cache=True)
 def _min_sum(row_ptr, col_idx, llr0, synd, iterations, alpha, beta):
     """Layered min-sum, R = sign · max(α·min − β, 0), ``iterations`` in full; the unsatisfied checks after
-    the last one (counted as the rows are read, like the decoder's own)."""
+    the last one (counted as the rows are read, like the decoder's own). The min-sum branch of
+    ``ldpc_decoder._decode_one`` with an offset added and its stall stop removed: a failing rule is
+    measured at a fixed iteration count, not where it gives up."""
     m = row_ptr.size - 1
     L = llr0.copy()
     R = np.zeros(col_idx.size, np.float32)
     tmp = np.empty(np.max(row_ptr[1:] - row_ptr[:-1]), np.float32)
-    unsatisfied = m
+    unsatisfied = m  # no iteration run: every check counts as unsatisfied
     for _ in range(iterations):
         unsatisfied = 0
         for c in range(m):
@@ -157,7 +159,7 @@ def threads() -> None:
         _params, _plan, (row_ptr, col_idx), llr, target, err = problem
         out, it = np.empty(llr.shape, np.uint8), np.empty(llr.shape[0], np.int32)
         decoder.decode_lanes_warm(row_ptr, col_idx, llr, target, 100, 0.0, out, it,
-                            np.zeros((llr.shape[0], col_idx.size), np.float32), decoder.PHI_TABLE)
+                                  np.zeros((llr.shape[0], col_idx.size), np.float32), decoder.PHI_TABLE)
         assert (out == err).all()
         return int(it[0])
 
